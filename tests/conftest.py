@@ -1,0 +1,42 @@
+"""Shared fixtures: the lesson module imported by file name, and the real model file.
+
+The module's file name starts with a digit, so it cannot be imported with `import`; we load
+it with importlib. `LLM_LESSON_MODULE` may point at another file (used while drafting).
+"""
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MODULE_PATH = Path(os.environ.get("LLM_LESSON_MODULE", ROOT / "01_llm_inference_optimization.py"))
+
+
+def load_lesson():
+    if "llm_lesson" in sys.modules:
+        return sys.modules["llm_lesson"]
+    spec = importlib.util.spec_from_file_location("llm_lesson", MODULE_PATH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["llm_lesson"] = module  # dataclasses need the module registered
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def llm():
+    """The lesson module."""
+    return load_lesson()
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf(llm):
+    """Path of the SmolLM2-135M-Instruct GGUF file (fetched once and cached by the module)."""
+    if os.environ.get("SMOLLM2_GGUF"):
+        return Path(os.environ["SMOLLM2_GGUF"])
+    try:
+        return llm.fetch_smollm2()
+    except llm.LessonError as exc:  # offline: the real-model tests cannot run
+        pytest.skip(f"SmolLM2 GGUF not available: {exc}")
