@@ -48,8 +48,6 @@ Table of contents (`grep -n "## §"` finds them; each section names its test fil
 """
 
 # %%
-from __future__ import annotations
-
 import argparse
 import contextlib
 import dataclasses
@@ -126,7 +124,7 @@ class Timer:
     def __init__(self, device: torch.device | str | None = None):
         self.device, self.seconds = device, float("nan")
 
-    def __enter__(self) -> Timer:
+    def __enter__(self) -> "Timer":
         synchronize(self.device)
         self._t0 = time.perf_counter()
         return self
@@ -284,7 +282,7 @@ class ModelConfig:
         return list(_PRESETS)
 
     @classmethod
-    def from_name(cls, name: str, **overrides) -> ModelConfig:
+    def from_name(cls, name: str, **overrides) -> "ModelConfig":
         key = name.lower().replace("_", "-")
         if key not in _PRESETS:
             raise ConfigError(f"unknown model preset {name!r}; choose one of {', '.join(_PRESETS)}")
@@ -431,7 +429,7 @@ class AttentionMetadata:
         return [e - 1 for e in self.query_start[1:]]
 
     @staticmethod
-    def without_cache(query_lens: Sequence[int]) -> AttentionMetadata:
+    def without_cache(query_lens: Sequence[int]) -> "AttentionMetadata":
         """Each sequence attends only to this step's tokens (the naive, cache-free forward)."""
         starts = [0, *np.cumsum(query_lens).tolist()]
         return AttentionMetadata(starts, list(query_lens))
@@ -632,3 +630,138 @@ def build_model(config: ModelConfig | str = "tiny", seed: int = 0, device=None,
                 continue  # norms start at 1
             p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
     return model.to(device=pick_device(device), dtype=dtype).eval()
+
+
+# %% [markdown]
+"""
+### Generation: prefill once, then decode one token at a time
+`prefill` runs the whole prompt through the model in one step, filling the cache; each
+`decode_one_token` step then feeds only the newest token and attends over the cache. The naive
+alternative (`use_cache=False`) re-runs the whole prefix every step; §3 measures the difference.
+
+Sampling: temperature 0 is greedy (argmax). Otherwise logits are divided by the temperature,
+`top_k` keeps the k most likely tokens, `top_p` keeps the smallest set whose probability mass
+reaches p (nucleus sampling), and one token is drawn. Sampling uses a private generator seeded
+by `seed` and runs on the CPU, so the same seed gives the same text on any device.
+"""
+
+
+# %%
+def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None):
+    """Set to -inf every logit outside the top-k / nucleus (top-p) support. logits: (V,)."""
+    if top_k is not None and not 1 <= top_k:
+        raise InvalidArgumentError(f"top_k must be >= 1 (or None to disable), got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise InvalidArgumentError(f"top_p must be in (0, 1] (or None to disable), got {top_p}")
+    logits = logits.clone()
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[-1]
+        logits[logits < kth] = float("-inf")
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p  # mass *before* this token already ≥ p
+        logits[order[drop]] = float("-inf")
+    return logits
+
+
+def sample_next_token(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
+                      top_p: float | None = None, generator: torch.Generator | None = None) -> int:
+    """One token id from logits (V,): greedy when temperature == 0, else sampled."""
+    if temperature < 0:
+        raise InvalidArgumentError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    logits = logits.detach().float().cpu()
+    if temperature == 0.0:
+        return int(torch.argmax(logits))
+    probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@torch.inference_mode()
+def prefill(model: Transformer, cache: ContiguousKVCache, prompt_ids: Sequence[int], row: int = 0):
+    """Run the prompt through the model, filling `cache` row `row`. Returns last logits (V,)."""
+    positions, meta = cache.metadata([row], [0], [len(prompt_ids)])
+    tokens = torch.tensor(list(prompt_ids), device=model.device)
+    return model(tokens, positions, meta, cache, logits_at=meta.last_token_indices)[0]
+
+
+@torch.inference_mode()
+def decode_one_token(model: Transformer, cache: ContiguousKVCache, token: int, pos: int, row: int = 0):
+    """Feed one token at position `pos`, attending over the cache. Returns logits (V,)."""
+    positions, meta = cache.metadata([row], [pos], [1])
+    return model(torch.tensor([token], device=model.device), positions, meta, cache)[0]
+
+
+@torch.inference_mode()
+def forward_without_cache(model: Transformer, ids: Sequence[int]) -> torch.Tensor:
+    """The naive step: recompute the whole sequence, return the last position's logits (V,)."""
+    tokens = torch.tensor(list(ids), device=model.device)
+    positions = torch.arange(len(ids), device=model.device)
+    meta = AttentionMetadata.without_cache([len(ids)])
+    return model(tokens, positions, meta, logits_at=[len(ids) - 1])[0]
+
+
+def _check_generation_args(model: Transformer, prompt_ids: Sequence[int], max_new_tokens: int):
+    if max_new_tokens < 0:
+        raise InvalidArgumentError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if len(prompt_ids) == 0:
+        raise InvalidArgumentError("the prompt is empty; pass at least one token id (e.g. BOS)")
+    bad = [t for t in prompt_ids if not 0 <= int(t) < model.cfg.vocab_size]
+    if bad:
+        raise InvalidArgumentError(
+            f"token ids {bad[:5]} are outside the vocabulary [0, {model.cfg.vocab_size}); "
+            "were they made by another model's tokenizer?")
+    if len(prompt_ids) + max_new_tokens > model.cfg.max_seq_len:
+        raise ContextOverflowError(
+            f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
+            f"{model.cfg.name}'s context window of {model.cfg.max_seq_len}; shorten one of them")
+
+
+def stream_generate(model: Transformer, prompt_ids: Sequence[int], max_new_tokens: int,
+                    temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                    seed: int = 0, stop_ids: Sequence[int] = (), use_cache: bool = True):
+    """Yield new token ids one at a time (an iterator: print them as they come).
+
+    Stops after `max_new_tokens` or right after yielding a token in `stop_ids` (e.g. EOS).
+    """
+    _check_generation_args(model, prompt_ids, max_new_tokens)
+    if max_new_tokens == 0:
+        return
+    gen = seeded_generator(seed)
+    ids = list(prompt_ids)
+    if use_cache:
+        cache = ContiguousKVCache(model.cfg, 1, len(ids) + max_new_tokens, model.device, model.dtype)
+        logits = prefill(model, cache, ids)
+    else:
+        logits = forward_without_cache(model, ids)
+    for i in range(max_new_tokens):
+        token = sample_next_token(logits, temperature, top_k, top_p, gen)
+        ids.append(token)
+        yield token
+        if token in stop_ids or i == max_new_tokens - 1:
+            return
+        if use_cache:
+            logits = decode_one_token(model, cache, token, len(ids) - 1)
+        else:
+            logits = forward_without_cache(model, ids)
+
+
+def generate(model: Transformer, prompt_ids: Sequence[int], max_new_tokens: int,
+             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+             seed: int = 0, stop_ids: Sequence[int] = (), use_cache: bool = True,
+             on_token: Callable[[int], None] | None = None) -> list[int]:
+    """Generate up to `max_new_tokens` new token ids after `prompt_ids`; returns only the new ids.
+
+    `on_token(id)` is called for each token as it is produced (streaming). Example:
+
+    >>> model = build_model("tiny")
+    >>> len(generate(model, [1, 2, 3], max_new_tokens=5))
+    5
+    """
+    out = []
+    for token in stream_generate(model, prompt_ids, max_new_tokens, temperature, top_k, top_p,
+                                 seed, stop_ids, use_cache):
+        out.append(token)
+        if on_token is not None:
+            on_token(token)
+    return out

@@ -1,0 +1,48 @@
+"""§0 Setup: device choice, timer, tables, plots; nothing runs at import."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import MODULE_PATH
+
+
+def test_import_prints_nothing_and_runs_nothing():
+    code = ("import importlib.util as u; s = u.spec_from_file_location('m', r'%s'); "
+            "m = u.module_from_spec(s); s.loader.exec_module(m)" % MODULE_PATH)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "" and out.stderr == ""
+
+
+def test_pick_device(llm):
+    assert llm.pick_device("cpu") == torch.device("cpu")
+    assert llm.pick_device(None).type in ("cpu", "cuda")
+    if not torch.cuda.is_available():
+        with pytest.raises(llm.LessonError, match="--device cpu"):
+            llm.pick_device("cuda")
+
+
+def test_timer_and_benchmark(llm):
+    with llm.Timer("cpu") as t:
+        sum(range(10000))
+    assert 0 < t.seconds < 5
+    calls = []
+    med = llm.benchmark(lambda: calls.append(1), warmup=2, repeat=3)
+    assert len(calls) == 5 and med >= 0
+
+
+def test_print_table(llm, capsys):
+    text = llm.print_table([{"a (ms)": 1.5, "b": "x"}, {"a (ms)": 2.25, "b": "y"}], "Title")
+    assert "Title" in text and "a (ms)" in text and "2.25" in text
+    assert capsys.readouterr().out.strip() == text.strip()
+
+
+def test_save_plot(llm, tmp_path, monkeypatch):
+    monkeypatch.setattr(llm, "ASSETS_DIR", tmp_path)
+    fig, ax = llm.new_figure()
+    ax.plot([0, 1], [1, 0])
+    path = llm.save_plot(fig, "check")
+    assert path == tmp_path / "check.png" and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
