@@ -19,7 +19,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def ours(llm, smollm2_gguf):
-    return llm.model_from_gguf(smollm2_gguf, device="cpu")
+    return llm.get_model(smollm2_gguf, device="cpu")[0]  # shared with other test files
 
 
 @pytest.fixture(scope="module")
