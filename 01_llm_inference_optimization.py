@@ -2113,14 +2113,559 @@ def demonstrate_generation(model: str = "smollm2", prompt: str = "What is a KV c
 
 # %% [markdown]
 """
-## §3 The KV cache: implementation and measured speedup
+## §2 Memory-bound vs compute-bound: prefill, decode, roofline
+
+**The problem.** Generation has two phases that look alike in code (both are one call of
+`model(tokens, positions, meta, cache)`) but load the hardware in opposite ways. *Prefill*
+runs the whole prompt, T tokens, through the model in one step: every weight matrix multiplies
+a T-row matrix of activations. *Decode* then makes one token per sequence per step: every
+weight matrix multiplies B vectors, one per sequence in the batch. Either way, each step must
+bring every weight from memory to the arithmetic units at least once. So for each step the
+question is: which takes longer, moving the bytes or doing the arithmetic on them?
+
+**Arithmetic intensity** answers it: I = FLOPs done / bytes moved to or from memory. A linear
+layer with a (d_in × d_out) weight of b bytes per element, applied to N token rows, does
+2·N·d_in·d_out FLOPs (a multiply and an add per weight per row) and reads b·d_in·d_out bytes of
+weights (the activations, N·(d_in + d_out)·b bytes, are small while N ≪ d). So
+
+    I_linear ≈ 2·N / b   FLOP/byte        (N tokens in the step; b = 2 for fp16/bf16)
+
+Decode at batch 1 in fp16 does **one FLOP per byte**; prefill of a 512-token prompt, by this
+count, 512.
+
+**The roofline** (Williams, Waterman & Patterson, "Roofline", CACM 2009). A machine with peak
+compute P (FLOP/s) and memory bandwidth BW (bytes/s) runs a kernel of intensity I at most at
+
+    attainable FLOP/s = min(P, I · BW)
+
+The two roofs meet at the *ridge point*, the machine balance I* = P / BW. Below it a kernel is
+**memory-bound**: its time is bytes / BW, and extra FLOPs would be free. Above it, it is
+**compute-bound**: its time is FLOPs / P. Published figures (NVIDIA datasheets, dense, no
+sparsity): H100 SXM 989 TFLOP/s bf16 and 3.35 TB/s, so I* ≈ 295 FLOP/byte; A100-80GB SXM
+312 TFLOP/s and 2.04 TB/s, I* ≈ 153. A CPU's balance is much lower; we measure this one below.
+
+**Why decode is bandwidth-bound.** At I ≈ 1 against I* ≈ 295, an H100 decoding one sequence
+leaves more than 99% of its arithmetic idle, and the step takes as long as reading the weights:
+
+    time per decode step ≥ weight bytes / BW     ⇒     tokens/s at batch 1 ≤ BW / weight bytes
+
+Llama-2-7B in fp16 is 13.5 GB, so an A100-80GB (2.04 TB/s) makes at most ~151 tokens/s for one
+sequence; gpt-fast measures 104.9 tokens/s there, at 1,397 GB/s achieved (gpt-fast README).
+Most of the rest of the lesson attacks this ceiling: batching (§5) reuses each weight read for B
+tokens, so I ≈ B in fp16 and, with short contexts, decode turns compute-bound near B ≈ I*;
+quantization (§8) shrinks b; speculative decoding (§6) checks several tokens per weight read.
+
+**The KV cache pulls the other way.** At decode, attention reads each sequence's own cached K
+and V: per layer and cached token, 4·H·D FLOPs (QKᵀ and PV) against 2·Hkv·D·b bytes, so
+I_attn = 2g/b with g = H/Hkv, whatever the batch, because every sequence brings its own cache.
+With long contexts and large batches these reads dominate, and decode can stay memory-bound at
+*any* batch size: `decode_ridge_batch` returns None in that case. §3a counts these bytes.
+
+**What `prefill_decode_intensity` counts**, for one step of `batch_size` sequences that each hold
+`context_len` cached tokens and add `new_tokens`:
+- FLOPs: 2 per weight per token for every layer's projections; the LM head (V × d) only for the
+  last token of each sequence (generation samples nothing else); attention 4·L·H·D per
+  (query, visible key) pair, with the causal mask (new token i sees context_len + i + 1 keys).
+- Bytes: every matmul weight read once per step; each sequence's K/V read once (old and new
+  tokens); the new tokens' K/V written once.
+- Ignored: norms, RoPE, softmax, SiLU (O(N·d) element-wise work), the embedding lookup (N rows),
+  and activations between kernels. The last one matters for long prefills: it caps prefill's
+  intensity at roughly d FLOP/byte in fp16, still far above any machine's balance.
+
+The measurements below time real forward steps of a SmolLM2-shaped model with *random* weights:
+a matmul's speed does not depend on the values it multiplies, so timing needs only the shapes.
+"""
+
+
+# %%
+DTYPE_BYTES: dict[str, float] = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 1, "int8": 1, "int4": 0.5}
+
+# Published peak figures for comparison with what we measure (NVIDIA datasheets; dense bf16).
+H100_SXM_PEAK_FLOPS, H100_SXM_BANDWIDTH = 989e12, 3.35e12
+A100_80GB_PEAK_FLOPS, A100_80GB_BANDWIDTH = 312e12, 2.039e12
+
+
+def _as_config(model: ModelConfig | str) -> ModelConfig:
+    """A ModelConfig from a preset name or a config (unknown names raise ConfigError)."""
+    if isinstance(model, ModelConfig):
+        return model
+    if isinstance(model, str):
+        return ModelConfig.from_name(model)
+    raise ConfigError(f"expected a preset name or a ModelConfig, got {type(model).__name__}; "
+                      f"choose one of {', '.join(ModelConfig.presets())}")
+
+
+def dtype_bytes(dtype: str | torch.dtype) -> float:
+    """Bytes per element: 'fp16' → 2, 'int4' → 0.5, torch.float32 → 4."""
+    if isinstance(dtype, torch.dtype):
+        return dtype.itemsize
+    key = str(dtype).lower()
+    if key not in DTYPE_BYTES:
+        raise InvalidArgumentError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPE_BYTES)}")
+    return DTYPE_BYTES[key]
+
+
+def matmul_params(config: ModelConfig | str) -> int:
+    """Weights that multiply activations in a forward step: every layer's projections + LM head.
+
+    The embedding table does no FLOPs (a lookup reads N rows); norms are negligible. With tied
+    embeddings the LM head *is* the embedding table, read in full once per step.
+    """
+    cfg = _as_config(config)
+    d, D = cfg.dim, cfg.head_dim
+    attn = 2 * d * cfg.n_heads * D + 2 * d * cfg.n_kv_heads * D  # wq, wo; wk, wv
+    return cfg.n_layers * (attn + 3 * d * cfg.ffn_dim) + cfg.vocab_size * d
+
+
+def _check_step(cfg: ModelConfig, batch_size: int, context_len: int, new_tokens: int) -> None:
+    if batch_size <= 0 or new_tokens <= 0 or context_len < 0:
+        raise InvalidArgumentError(
+            f"a step needs batch_size > 0, new_tokens > 0 and context_len >= 0, got "
+            f"{batch_size}, {new_tokens}, {context_len}")
+    if context_len + new_tokens > cfg.max_seq_len:
+        raise ContextOverflowError(
+            f"context_len + new_tokens = {context_len + new_tokens} exceeds {cfg.name}'s context "
+            f"window of {cfg.max_seq_len} tokens; use a shorter context")
+
+
+def prefill_decode_intensity(config: ModelConfig | str, batch_size: int, context_len: int,
+                             new_tokens: int, bytes_per_param: float = 2,
+                             kv_bytes_per_elem: float | None = None) -> dict:
+    """FLOPs, bytes moved and arithmetic intensity of ONE forward step (a pure cost model).
+
+    `batch_size` sequences each hold `context_len` cached tokens and add `new_tokens`: prefill
+    is (context_len=0, new_tokens=T), decode is (context_len=c, new_tokens=1). See the §2
+    markdown for what is counted and what is ignored.
+
+    >>> r = prefill_decode_intensity("llama-2-7b", 1, 0, 1)  # first decode step, fp16
+    >>> round(r["intensity"], 3)
+    1.0
+    """
+    cfg = _as_config(config)
+    _check_step(cfg, batch_size, context_len, new_tokens)
+    B, c, n = batch_size, context_len, new_tokens
+    b_kv = bytes_per_param if kv_bytes_per_elem is None else kv_bytes_per_elem
+    head = cfg.vocab_size * cfg.dim
+    layer_params = matmul_params(cfg) - head
+    linear_flops = 2 * layer_params * B * n + 2 * head * B  # LM head: last token of each sequence
+    keys_seen = n * c + n * (n + 1) // 2  # new token i sees c + i + 1 keys (causal)
+    attn_flops = 4 * cfg.n_layers * cfg.n_heads * cfg.head_dim * keys_seen * B  # QKᵀ and PV
+    kv_token = cfg.kv_bytes_per_token(b_kv)
+    weight_bytes = matmul_params(cfg) * bytes_per_param
+    kv_read, kv_write = B * (c + n) * kv_token, B * n * kv_token
+    flops, nbytes = linear_flops + attn_flops, weight_bytes + kv_read + kv_write
+    return {"phase": "decode" if n == 1 else "prefill", "batch": B, "context_len": c,
+            "new_tokens": n, "tokens": B * n, "linear_flops": linear_flops, "attn_flops": attn_flops,
+            "flops": flops, "weight_bytes": weight_bytes, "kv_read_bytes": kv_read,
+            "kv_write_bytes": kv_write, "bytes": nbytes, "intensity": flops / nbytes}
+
+
+def decode_ridge_batch(config: ModelConfig | str, context_len: int, balance: float,
+                       bytes_per_param: float = 2, kv_bytes_per_elem: float | None = None) -> int | None:
+    """Smallest decode batch whose intensity reaches the machine balance I* (None: never).
+
+    Per sequence a decode step does f FLOPs and moves k bytes of KV cache; the W bytes of
+    weights are shared, so I(B) = B·f / (W + B·k). Solving I(B) >= I* gives
+    B >= I*·W / (f − I*·k); when f <= I*·k the KV reads alone keep decode memory-bound.
+    """
+    if balance <= 0:
+        raise InvalidArgumentError(f"balance must be positive (FLOP/byte), got {balance}")
+    one = prefill_decode_intensity(config, 1, context_len, 1, bytes_per_param, kv_bytes_per_elem)
+    f, k, W = one["flops"], one["kv_read_bytes"] + one["kv_write_bytes"], one["weight_bytes"]
+    if f <= balance * k:
+        return None
+    return max(1, math.ceil(balance * W / (f - balance * k)))
+
+
+def analyze_decode_ridge(models: Sequence[str] = ("smollm2-135m", "llama-2-7b", "llama-3-8b"),
+                         contexts: Sequence[int] = (0, 128, 1024, 4096),
+                         peak_flops: float = H100_SXM_PEAK_FLOPS,
+                         bandwidth: float = H100_SXM_BANDWIDTH, bytes_per_param: float = 2) -> list[dict]:
+    """Rows: the decode batch at which each model turns compute-bound, per context length.
+
+    Defaults are the published H100 SXM figures in bf16 (cited, not measured).
+    """
+    balance = peak_flops / bandwidth
+    rows = []
+    for name in models:
+        cfg = _as_config(name)
+        row = {"model": cfg.name, "H/Hkv": f"{cfg.n_heads}/{cfg.n_kv_heads}"}
+        for c in contexts:
+            if c >= cfg.max_seq_len:
+                row[f"ridge B @ ctx {c}"] = "n/a"  # past the context window
+                continue
+            ridge = decode_ridge_batch(cfg, c, balance, bytes_per_param)
+            row[f"ridge B @ ctx {c}"] = ridge if ridge is not None else "never"
+        rows.append(row)
+    return rows
+
+
+# %% [markdown]
+"""
+### Measuring the machine: peak matmul FLOP/s and memory bandwidth
+Two microbenchmarks give this machine's roofs. A square matmul is as compute-bound as a kernel
+gets: 2n³ FLOPs on three n×n matrices of b bytes, 2n/(3b) FLOP/byte (≈ 85 for n = 512 in fp32,
+far above a CPU's balance, while still fitting its caches), so its rate approximates the usable
+peak P. It runs in the model's dtype: bf16 on a GPU, fp32 on a CPU. A large tensor copy is as
+memory-bound as a kernel gets; it reads and writes `nbytes` each, so we count 2·nbytes moved
+(the STREAM "Copy" convention; a CPU's write-allocate also reads the destination, so the
+hardware may move up to 3·nbytes and the true bandwidth is somewhat higher). Its buffers are far
+larger than the caches, so it measures DRAM/HBM, not cache. Both report the best of many runs,
+as STREAM does: a roof is what the machine *can* do, and on a shared or busy machine the best
+run is the one least disturbed by other work.
+"""
+
+
+# %%
+def default_compute_dtype(device: torch.device | str) -> torch.dtype:
+    """bf16 on a GPU (what serving uses); fp32 on a CPU (fast everywhere, unlike CPU bf16)."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def _best_time(fn: Callable[[], object], device, repeat: int, warmup: int = 1) -> float:
+    """Shortest wall time of `fn()` over `repeat` synchronized runs, after `warmup` runs."""
+    for _ in range(warmup):
+        fn()
+    best = float("inf")
+    for _ in range(repeat):
+        with Timer(device) as t:
+            fn()
+        best = min(best, t.seconds)
+    return best
+
+
+def measure_matmul_flops(device=None, n: int | None = None, dtype: torch.dtype | None = None,
+                         quick: bool = False, repeat: int | None = None) -> float:
+    """Achieved FLOP/s of an (n × n) @ (n × n) matmul: 2·n³ FLOPs (n³ multiply-adds)."""
+    device = pick_device(device)
+    dtype = dtype or default_compute_dtype(device)
+    on_gpu = device.type == "cuda"
+    if n is None:
+        n = (4096 if quick else 8192) if on_gpu else (512 if quick else 1024)
+    if n <= 0:
+        raise InvalidArgumentError(f"matrix size n must be positive, got {n}")
+    repeat = repeat or (10 if quick else 20)
+    gen = seeded_generator(0, device)
+    a = torch.randn(n, n, generator=gen, device=device).to(dtype)
+    b = torch.randn(n, n, generator=gen, device=device).to(dtype)
+    out = torch.empty(n, n, device=device, dtype=dtype)
+    seconds = _best_time(lambda: torch.mm(a, b, out=out), device, repeat)
+    return 2 * n**3 / seconds
+
+
+def measure_memory_bandwidth(device=None, nbytes: int | None = None, quick: bool = False,
+                             repeat: int | None = None) -> float:
+    """Achieved bytes/s of copying an `nbytes` buffer: 2·nbytes moved (read src + write dst)."""
+    device = pick_device(device)
+    on_gpu = device.type == "cuda"
+    if nbytes is None:
+        nbytes = (2**30 if on_gpu else 2**26) if quick else (2**31 if on_gpu else 2**28)
+    if nbytes <= 0:
+        raise InvalidArgumentError(f"nbytes must be positive, got {nbytes}")
+    repeat = repeat or (10 if quick else 20)
+    numel = max(1, int(nbytes) // 4)  # fp32 elements
+    src = torch.ones(numel, device=device)
+    dst = torch.empty_like(src)
+    seconds = _best_time(lambda: dst.copy_(src), device, repeat)  # warmup also faults pages in
+    return 2 * numel * 4 / seconds
+
+
+# %% [markdown]
+"""
+### Measuring prefill and decode
+One prefill step per prompt length (batch 1, empty cache) and one decode step per batch size
+(every sequence with the same cached context), each timed with a synchronize, best of a few
+runs. The cache is never filled by a real prefill: attention costs the same whatever numbers sit
+in K and V, so the decode timings need only the cache's *shape*. Achieved GFLOP/s and GB/s
+divide the cost model's FLOPs and bytes by the measured time; `bound` compares the step's
+intensity with the measured machine balance; `% of roof` is achieved GFLOP/s over min(P, I·BW).
+
+A step far below its roof is limited by neither memory nor arithmetic but by *overhead*: eager
+PyTorch dispatches a SmolLM2 decode step as some 2,300 small operators (≈ 77 per layer, views
+included), one after another from Python. That is real, not a measurement error, and on a GPU
+it dominates small models. On an H100 (measured for this lesson, 2026-11-28, bf16, PyTorch 2.11
+eager) a SmolLM2 decode step took 20–35 ms at every batch from 1 to 64, under 1% of its roof,
+although reading its 269 MB of weights takes 0.09 ms at 3 TB/s; 1,024 sequences took 24 ms. HF
+transformers' `generate` runs at the same ~30 tokens/s at batch 1 there (measured in this
+project's environment). Serving engines capture decode steps in CUDA graphs or compile them for this
+reason; what the roofline still tells us is which roof a step would hit once overhead is gone.
+"""
+
+
+# %%
+def _measure_step(net: Transformer, batch: int, context_len: int, new_tokens: int,
+                  peak_flops: float, bandwidth: float, repeat: int) -> dict:
+    """Time one forward step of `batch` sequences adding `new_tokens` each; return a table row."""
+    cfg, device = net.cfg, net.device
+    cache = ContiguousKVCache(cfg, batch, context_len + new_tokens, device, net.dtype)
+    positions, meta = cache.metadata(range(batch), [context_len] * batch, [new_tokens] * batch)
+    tokens = torch.zeros(batch * new_tokens, dtype=torch.long, device=device)  # ids don't change the work
+    step = lambda: net(tokens, positions, meta, cache, logits_at=meta.last_token_indices)  # noqa: E731
+    seconds = _best_time(step, device, repeat)  # best of `repeat`, like the roofs
+    est = prefill_decode_intensity(cfg, batch, context_len, new_tokens, bytes_per_param=net.dtype.itemsize)
+    intensity, roof = est["intensity"], min(peak_flops, est["intensity"] * bandwidth)
+    return {"phase": est["phase"], "batch": batch, "tokens": est["tokens"],
+            "context": context_len + new_tokens, "time (ms)": seconds * 1e3,
+            "tokens/s": est["tokens"] / seconds, "GFLOP/s": est["flops"] / seconds / 1e9,
+            "GB/s": est["bytes"] / seconds / 1e9, "FLOP/byte": intensity,
+            "% of roof": 100 * est["flops"] / seconds / roof,
+            "bound": "memory" if intensity < peak_flops / bandwidth else "compute"}
+
+
+def analyze_prefill_vs_decode(model: ModelConfig | str = "smollm2-135m", device=None, seed: int = 0,
+                              quick: bool = False, dtype: torch.dtype | None = None,
+                              peak_flops: float | None = None, bandwidth: float | None = None,
+                              prompt_lens: Sequence[int] | None = None,
+                              batch_sizes: Sequence[int] | None = None,
+                              context_len: int = 128) -> list[dict]:
+    """Measure one prefill step per prompt length and one decode step per batch size.
+
+    `peak_flops`/`bandwidth` default to this machine's microbenchmarks (same device and dtype).
+    Rows: phase, batch, tokens, context, time (ms), tokens/s, GFLOP/s, GB/s, FLOP/byte,
+    % of roof, bound.
+    """
+    cfg, device = _as_config(model), pick_device(device)
+    dtype = dtype or default_compute_dtype(device)
+    peak_flops = peak_flops or measure_matmul_flops(device, dtype=dtype, quick=quick)
+    bandwidth = bandwidth or measure_memory_bandwidth(device, quick=quick)
+    prompt_lens = prompt_lens or ((32, 256) if quick else (32, 64, 128, 256, 512))
+    batch_sizes = batch_sizes or ((1, 4, 16, 64) if quick else (1, 2, 4, 8, 16, 32, 64))
+    repeat = 2 if quick else 3
+    net = build_model(cfg, seed=seed, device=device, dtype=dtype)
+    rows = []
+    with torch.inference_mode():
+        for T in [t for t in prompt_lens if t <= cfg.max_seq_len]:
+            rows.append(_measure_step(net, 1, 0, T, peak_flops, bandwidth, repeat))
+        for B in batch_sizes:
+            rows.append(_measure_step(net, B, context_len, 1, peak_flops, bandwidth, repeat))
+    return rows
+
+
+def plot_roofline(rows: Sequence[dict], peak_flops: float, bandwidth: float,
+                  name: str = "roofline", title: str = "Roofline: measured prefill and decode steps") -> Path:
+    """Log-log roofline min(P, I·BW) with the measured steps as labelled points; returns the path."""
+    fig, ax = new_figure(figsize=(7.5, 4.8))
+    balance = peak_flops / bandwidth
+    xs_pts = [r["FLOP/byte"] for r in rows]
+    xs = np.logspace(np.log10(min(xs_pts + [balance]) / 3), np.log10(max(xs_pts + [balance]) * 3), 200)
+    ax.loglog(xs, np.minimum(peak_flops, xs * bandwidth) / 1e9, "k-", lw=2,
+              label=f"roof: min({peak_flops / 1e9:,.0f} GFLOP/s, I × {bandwidth / 1e9:,.0f} GB/s)")
+    ax.axvline(balance, color="gray", ls=":", label=f"ridge I* = {balance:.1f} FLOP/byte")
+    for phase, marker, color in (("prefill", "o", "tab:blue"), ("decode", "^", "tab:red")):
+        pts = [r for r in rows if r["phase"] == phase]
+        ax.scatter([r["FLOP/byte"] for r in pts], [r["GFLOP/s"] for r in pts], marker=marker,
+                   color=color, zorder=3, label=f"{phase} (measured)")
+        for r in pts:
+            label = f"T={r['tokens']}" if phase == "prefill" else f"B={r['batch']}"
+            ax.annotate(label, (r["FLOP/byte"], r["GFLOP/s"]), textcoords="offset points",
+                        xytext=(4, -10 if phase == "decode" else 4), fontsize=7, color=color)
+    ax.set_xlabel("arithmetic intensity (FLOP / byte)")
+    ax.set_ylabel("achieved GFLOP/s")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    return save_plot(fig, name)
+
+
+def demonstrate_prefill_vs_decode(seed: int = 0, device=None, quick: bool = False, plots: bool = True,
+                                  model: ModelConfig | str = "smollm2-135m",
+                                  context_len: int = 128) -> list[dict]:
+    """Measure the machine, then prefill and decode steps; print tables and a takeaway."""
+    cfg, device = _as_config(model), pick_device(device)
+    dtype = default_compute_dtype(device)
+    peak = measure_matmul_flops(device, dtype=dtype, quick=quick)
+    bw = measure_memory_bandwidth(device, quick=quick)
+    print(f"Measured here ({device.type}, {dtype}): matmul {peak / 1e9:.1f} GFLOP/s, copy "
+          f"{bw / 1e9:.1f} GB/s → machine balance I* = {peak / bw:.1f} FLOP/byte "
+          f"(H100 SXM, datasheet: {H100_SXM_PEAK_FLOPS / H100_SXM_BANDWIDTH:.0f})")
+    rows = analyze_prefill_vs_decode(cfg, device, seed, quick, dtype=dtype, peak_flops=peak,
+                                     bandwidth=bw, context_len=context_len)
+    print_table(rows, f"§2 One forward step of {cfg.name} (random weights), measured", floatfmt=".4g")
+    print_table(analyze_decode_ridge(), "Decode batch where decode turns compute-bound on an H100 "
+                "(bf16; cited peak figures, cost model of this section)")
+    _print_prefill_decode_takeaway(rows, cfg, peak / bw, dtype, context_len)
+    if plots:
+        print(f"saved {plot_roofline(rows, peak, bw, title=f'Roofline: {cfg.name} steps on {device.type}')}")
+    return rows
+
+
+def _print_prefill_decode_takeaway(rows, cfg, balance, dtype, context_len) -> None:
+    dec = [r for r in rows if r["phase"] == "decode"]
+    pre = [r for r in rows if r["phase"] == "prefill"]
+    ridge = decode_ridge_batch(cfg, context_len, balance, dtype.itemsize)
+    lo, hi, big = dec[0], dec[-1], pre[-1]
+    print(f"Takeaway: decode at B={lo['batch']} does {lo['FLOP/byte']:.2g} FLOP/byte "
+          f"({lo['% of roof']:.2g}% of its roof); prefill of {big['tokens']} tokens does "
+          f"{big['FLOP/byte']:.3g} ({big['% of roof']:.2g}% of its roof). From B={lo['batch']} to "
+          f"B={hi['batch']}, decode tokens/s grew {hi['tokens/s'] / lo['tokens/s']:.1f}× while the step "
+          f"took {hi['time (ms)'] / lo['time (ms)']:.1f}× as long. The cost model puts the ridge at B = "
+          f"{ridge if ridge is not None else 'never (KV reads dominate)'} on this machine.")
+    if lo["% of roof"] < 20:
+        print("Steps far below their roof are limited by per-operator overhead (Python, dispatch, "
+              "kernel launches), not by memory or arithmetic; CUDA graphs and torch.compile remove it.")
+
+
+# %% [markdown]
+"""
+## §3 The KV cache: memory analysis, implementation, measured speedup
 
 Attention at step t needs the keys and values of *every* earlier token. Without a cache, each new
 token re-runs the whole prefix through all L layers: step t costs O(t) token-forwards, so n new
-tokens cost O(n²). But the K and V of a past token never change (the model is causal: a token's
-K/V depend only on tokens before it), so we compute them once and keep them: each decode step
-then processes one token and only *reads* the cached K/V. The query is not cached: only the
-newest token's query is ever used again.
+tokens cost O(n²). With a cache, each decode step processes one token and only *reads* the K/V
+kept from earlier steps. The price is memory, which is what the rest of this lesson (paged
+blocks, sharing, quantized caches) is about. First the memory, then the implementation.
+"""
+
+
+# %% [markdown]
+"""
+### Memory: where the cache's bytes go
+
+**Why K and V, and not Q.** Token t's output needs its own query q_t and the keys and values of
+tokens 0..t. Causality makes the past fixed: the K and V of an earlier token never change once
+computed, and every later token needs them again. The query of an earlier token is used once,
+for that token's own output, and never again. So a decoder keeps K and V of every past token
+(after RoPE, with positions baked in) and recomputes nothing; Q is computed, used and dropped.
+
+**Bytes per token.** Per layer a token stores one key and one value vector per KV head:
+
+    KV bytes per token = 2 · L · Hkv · D · b          (2 for K and V; b bytes per element)
+
+Llama-2-7B (L=32, Hkv=32, D=128, fp16): 2·32·32·128·2 = 524,288 bytes = **512 KiB per token**;
+a 4,096-token sequence holds 2 GiB, and seven such sequences outweigh the 12.6 GiB of weights.
+Llama-3-8B has the same L and D but GQA with Hkv=8: **128 KiB per token**.
+
+**The classic mistake** writes the formula as 2 · L · d · b with d the model width. That holds
+for multi-head attention, where Hkv·D = H·D = d, and overstates the cache g = H/Hkv times under
+GQA: 4× for Llama-3-8B and Mistral-7B, 8× for the 70B models. The table shows both numbers.
+
+**How many sequences fit.** A serving engine (vLLM's `gpu_memory_utilization`, default 0.9)
+takes a fraction of the GPU, loads the weights and gives the rest to the KV cache:
+
+    sequences that fit = floor((GPU memory · utilization − weight bytes) / (KV bytes per token · T))
+
+GPU capacities here are GiB (an "80 GB" card has about 80 GiB), so every size in the table is
+in GiB. Two simplifications make this an upper bound: activations and the CUDA context also
+need room (vLLM measures their peak and subtracts it), and quantized formats carry scales
+(Q4_K_M is 4.89 bits per weight, not 4; llama.cpp `tools/quantize/README.md`). Weight-only
+quantization (int8, int4) keeps the KV cache in fp16 unless `kv_dtype` says otherwise.
+"""
+
+
+# %%
+MEMORY_PRESETS = ("smollm2-135m", "llama-2-7b", "llama-2-13b", "llama-2-70b", "llama-3-8b",
+                  "llama-3-70b", "mistral-7b")
+GiB, KiB = 2**30, 2**10
+
+
+def weight_bytes(config: ModelConfig | str, dtype: str = "fp16") -> float:
+    """Bytes of all parameters at `dtype` (no quantization scales)."""
+    return _as_config(config).n_params * dtype_bytes(dtype)
+
+
+def kv_cache_bytes(config: ModelConfig | str, seq_len: int, batch_size: int = 1,
+                   kv_dtype: str = "fp16") -> float:
+    """Bytes of K and V for `batch_size` sequences of `seq_len` tokens: B · T · 2·L·Hkv·D·b."""
+    return batch_size * seq_len * _as_config(config).kv_bytes_per_token(dtype_bytes(kv_dtype))
+
+
+def _default_kv_dtype(dtype: str, kv_dtype: str | None) -> str:
+    """KV cache dtype: as given; else the weights' float dtype; fp16 under weight-only quantization."""
+    if kv_dtype is not None:
+        return kv_dtype
+    return dtype if str(dtype).lower() in ("fp32", "fp16", "bf16") else "fp16"
+
+
+def max_concurrent_sequences(config: ModelConfig | str, seq_len: int, gpu_gib: float,
+                             dtype: str = "fp16", kv_dtype: str | None = None,
+                             gpu_memory_utilization: float = 0.9) -> int:
+    """Sequences of `seq_len` tokens whose KV cache fits beside the weights (0 if weights don't fit)."""
+    _check_memory_args(seq_len, 1, dtype, kv_dtype, (gpu_gib,), gpu_memory_utilization)
+    free = gpu_gib * GiB * gpu_memory_utilization - weight_bytes(config, dtype)
+    per_seq = kv_cache_bytes(config, seq_len, 1, _default_kv_dtype(dtype, kv_dtype))
+    return max(0, math.floor(free / per_seq))
+
+
+def _check_memory_args(seq_len, batch_size, dtype, kv_dtype, gpus, utilization) -> None:
+    if seq_len <= 0 or batch_size <= 0:
+        raise InvalidArgumentError(
+            f"seq_len and batch_size must be positive, got {seq_len} and {batch_size}")
+    dtype_bytes(dtype)  # raises InvalidArgumentError on an unknown name
+    dtype_bytes(_default_kv_dtype(dtype, kv_dtype))
+    if not 0 < utilization <= 1:
+        raise InvalidArgumentError(
+            f"gpu_memory_utilization is a fraction in (0, 1], got {utilization}; vLLM's default is 0.9")
+    if any(g <= 0 for g in gpus):
+        raise InvalidArgumentError(f"GPU sizes are positive GiB, got {tuple(gpus)}")
+
+
+def _memory_row(cfg: ModelConfig, seq_len, batch_size, dtype, kv_dtype, gpus, utilization) -> dict:
+    b_kv = dtype_bytes(kv_dtype)
+    row = {"model": cfg.name, "params (B)": cfg.n_params / 1e9,
+           "H/Hkv": f"{cfg.n_heads}/{cfg.n_kv_heads}"}
+    for name in ("fp32", "fp16", "int8", "int4"):
+        row[f"{name} (GiB)"] = weight_bytes(cfg, name) / GiB
+    row["KV/token 2·L·d (KiB)"] = 2 * cfg.n_layers * cfg.dim * b_kv / KiB  # the MHA-only formula
+    row["KV/token 2·L·Hkv·D (KiB)"] = cfg.kv_bytes_per_token(b_kv) / KiB
+    row["KV cache (GiB)"] = kv_cache_bytes(cfg, seq_len, batch_size, kv_dtype) / GiB
+    for g in gpus:
+        row[f"seqs on {g:g} GiB"] = max_concurrent_sequences(cfg, seq_len, g, dtype, kv_dtype, utilization)
+    return row
+
+
+def analyze_memory_requirements(model: ModelConfig | str | None = None, seq_len: int = 4096,
+                                batch_size: int = 1, dtype: str = "fp16", kv_dtype: str | None = None,
+                                gpus: Sequence[float] = (24, 40, 80),
+                                gpu_memory_utilization: float = 0.9, verbose: bool = True) -> list[dict]:
+    """Weights, KV cache and sequences-that-fit for one model, or for the standard presets.
+
+    Rows: model, params (B), H/Hkv, weights at fp32/fp16/int8/int4 (GiB), KV per token by the
+    naive 2·L·d formula and the right 2·L·Hkv·D one (KiB), the KV cache of `batch_size` ×
+    `seq_len` tokens (GiB), and `seqs on <g> GiB` for each GPU size. With no model, presets
+    whose context window is shorter than `seq_len` are skipped (with a note when verbose).
+
+    >>> analyze_memory_requirements("llama-3-8b", verbose=False)[0]["KV/token 2·L·Hkv·D (KiB)"]
+    128.0
+    """
+    kv_dtype = _default_kv_dtype(dtype, kv_dtype)
+    _check_memory_args(seq_len, batch_size, dtype, kv_dtype, gpus, gpu_memory_utilization)
+    configs = [_as_config(m) for m in ([model] if model is not None else MEMORY_PRESETS)]
+    too_long = [c for c in configs if seq_len > c.max_seq_len]
+    if too_long and (model is not None or len(too_long) == len(configs)):
+        cfg = max(too_long, key=lambda c: c.max_seq_len)
+        raise ContextOverflowError(
+            f"seq_len={seq_len} exceeds {cfg.name}'s context window of {cfg.max_seq_len} tokens; "
+            f"use seq_len <= {cfg.max_seq_len}")
+    rows = [_memory_row(c, seq_len, batch_size, dtype, kv_dtype, gpus, gpu_memory_utilization)
+            for c in configs if c not in too_long]
+    if verbose:
+        print_table(rows, f"§3a Memory: weights, and KV cache for {batch_size} × {seq_len} tokens "
+                    f"(weights {dtype}, KV {kv_dtype}, {gpu_memory_utilization:.0%} of each GPU)",
+                    floatfmt=".4g")
+        if too_long:
+            print(f"(skipped {', '.join(c.name for c in too_long)}: context window < {seq_len})")
+    return rows
+
+
+def demonstrate_memory_requirements(seq_len: int = 4096, batch_size: int = 1, dtype: str = "fp16",
+                                    gpus: Sequence[float] = (24, 40, 80)) -> list[dict]:
+    """Print the memory table for the standard presets and a one-line takeaway; return the rows."""
+    rows = analyze_memory_requirements(None, seq_len, batch_size, dtype, gpus=gpus)
+    by_name = {r["model"]: r for r in rows}
+    if {"llama-2-7b", "llama-3-8b"} <= by_name.keys():
+        l2, l3 = by_name["llama-2-7b"], by_name["llama-3-8b"]
+        big = gpus[-1]
+        print(f"Takeaway: per token, Llama-2-7B (MHA) stores {l2['KV/token 2·L·Hkv·D (KiB)']:.0f} KiB "
+              f"of K/V and Llama-3-8B (GQA, 8 KV heads) {l3['KV/token 2·L·Hkv·D (KiB)']:.0f} KiB; the "
+              f"naive 2·L·d formula would say {l3['KV/token 2·L·d (KiB)']:.0f} KiB for both. On a "
+              f"{big:g} GiB GPU that is {l2[f'seqs on {big:g} GiB']} vs "
+              f"{l3[f'seqs on {big:g} GiB']} concurrent {seq_len}-token sequences.")
+    return rows
+
+
+# %% [markdown]
+"""
+### Implementation and measured speedup
 
 `ContiguousKVCache` (§1) is the simplest cache: per layer, preallocated K/V of shape
 (B, Hkv, T_max, D), written at explicit positions. `generate(..., use_cache=False)` is the
@@ -2186,7 +2731,6 @@ def demonstrate_kv_cache(model: str = "smollm2", seed: int = 0, device=None, qui
     print(f"Takeaway: at {last['new tokens']} new tokens the cache is {last['speedup (×)']:.1f}× "
           "faster and gives the same tokens; without it each step re-reads the whole prefix.")
     return rows
-
 
 # %% [markdown]
 """
