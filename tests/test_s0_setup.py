@@ -45,3 +45,18 @@ def test_save_plot(llm, tmp_path, monkeypatch):
     ax.plot([0, 1], [1, 0])
     path = llm.save_plot(fig, "check")
     assert path == tmp_path / "check.png" and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_list_and_unknown_section(llm, capsys):
+    assert llm.main(["--list"]) == 0
+    out = capsys.readouterr().out
+    assert "kv_cache" in out and "paged_attention" in out and "not yet written" in out
+    with pytest.raises(SystemExit):
+        llm.main(["--section", "no_such_section"])
+
+
+def test_cli_runs_demos_on_tiny(llm, capsys):
+    assert llm.main(["--section", "memory", "--section", "kv_cache", "--model", "tiny", "--quick",
+                     "--no-plots"]) == 0
+    out = capsys.readouterr().out
+    assert "KV cache vs recomputation" in out and "llama-3-8b" in out

@@ -4,7 +4,6 @@ Peer: `transformers` dequantizes the GGUF with gguf-py and runs its own LlamaFor
 Tolerance: fp32 logits within 1e-3 (max abs) and the same argmax everywhere.
 """
 
-import os
 import zipfile
 
 import pytest
@@ -23,14 +22,8 @@ def ours(llm, smollm2_gguf):
 
 
 @pytest.fixture(scope="module")
-def hf(smollm2_gguf):
-    transformers = pytest.importorskip("transformers")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    kw = dict(gguf_file=smollm2_gguf.name)
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        smollm2_gguf.parent, dtype=torch.float32, **kw).eval()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2_gguf.parent, **kw)
-    return model, tokenizer
+def hf(hf_smollm2):
+    return hf_smollm2
 
 
 def test_config_matches_hf(ours, hf):
