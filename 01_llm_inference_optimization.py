@@ -163,24 +163,20 @@ def print_table(rows: Sequence[dict], title: str, floatfmt: str = ".3g") -> str:
 
 
 def save_plot(fig, name: str) -> Path:
-    """Save a matplotlib figure as `assets/<name>.png`, close it, and return the path."""
-    import matplotlib.pyplot as plt
-
+    """Save a matplotlib figure as `assets/<name>.png` and return the path."""
     ASSETS_DIR.mkdir(exist_ok=True)
     path = ASSETS_DIR / f"{name}.png"
     fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
     return path
 
 
-def new_figure(*args, **kwargs):
-    """A matplotlib figure on the non-interactive Agg backend (works without a screen)."""
-    import matplotlib
+def new_figure(nrows: int = 1, ncols: int = 1, **kwargs):
+    """(figure, axes) drawn off-screen, without pyplot: no window, and your session's backend
+    (a notebook's inline plots, say) is left alone. kwargs go to `Figure` (e.g. figsize)."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt.subplots(*args, **kwargs)
+    fig = Figure(**kwargs)
+    return fig, fig.subplots(nrows, ncols)
 
 
 def seeded_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -396,7 +392,7 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
 """
 ### The packed step and the cache interface
 `AttentionMetadata` carries everything attention needs to know about a step, explicitly (no
-globals). Simple generation builds it with `AttentionMetadata.uniform(...)`; the engine of §5
+globals). Simple generation builds it with `ContiguousKVCache.metadata(...)`; the engine of §5
 builds ragged ones.
 """
 
@@ -606,9 +602,9 @@ class Transformer(nn.Module):
             raise InvalidArgumentError(
                 f"tokens and positions must be 1-D and of equal length (a packed step), got "
                 f"{tuple(tokens.shape)} and {tuple(positions.shape)}")
-        if int(positions.max()) >= self.cfg.max_seq_len:
+        if max(meta.context_lens) > self.cfg.max_seq_len:  # python ints: no GPU sync
             raise ContextOverflowError(
-                f"position {int(positions.max())} is past {self.cfg.name}'s context window of "
+                f"position {max(meta.context_lens) - 1} is past {self.cfg.name}'s context window of "
                 f"{self.cfg.max_seq_len} tokens; shorten the prompt or the generation")
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
         x = self.embed(tokens)  # (N, d)
@@ -710,6 +706,10 @@ def forward_without_cache(model: Transformer, ids: Sequence[int]) -> torch.Tenso
 
 
 def _check_generation_args(model: Transformer, prompt_ids: Sequence[int], max_new_tokens: int):
+    if isinstance(prompt_ids, str) or not all(isinstance(t, (int, np.integer)) for t in prompt_ids):
+        raise InvalidArgumentError(
+            "the prompt must be a list of token ids; encode text first, e.g. "
+            "`generate(model, tok.encode_chat([{'role': 'user', 'content': text}]), 32)`")
     if max_new_tokens < 0:
         raise InvalidArgumentError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if len(prompt_ids) == 0:
@@ -774,6 +774,68 @@ def generate(model: Transformer, prompt_ids: Sequence[int], max_new_tokens: int,
             on_token(token)
     return out
 
+
+
+# %% [markdown]
+"""
+### Several prompts at once
+`batched_generate` decodes a batch of prompts of different lengths together, greedily: one
+ragged prefill step, then one packed step per token for every sequence still running (each
+stops at its own EOS). It is the contiguous-cache baseline that §4's paged cache is compared with,
+and it shares its decode loop with §4's `paged_generate`.
+"""
+
+
+# %%
+def greedy_batch_loop(step: Callable, seqs: list, first_query_lens: list[int], max_new_tokens: int,
+                      stop_ids: Sequence[int] = (), on_append: Callable = lambda seq: None,
+                      on_finish: Callable = lambda seq: None) -> list[list[int]]:
+    """The decode loop shared by the batched generators.
+
+    `step(seqs, query_lens)` runs one packed forward and returns next-token logits (S, V);
+    `on_append(seq)` reserves cache room for the token just appended to `seq.token_ids`;
+    `on_finish(seq)` releases a finished sequence. Sequences are `SequenceState`s (§4) whose
+    seq_id is their index in `seqs`. Returns the new tokens of each sequence.
+    """
+    outputs: list[list[int]] = [[] for _ in seqs]
+    live = [] if max_new_tokens == 0 else list(seqs)
+    logits = step(live, first_query_lens) if live else None
+    while live:
+        still = []
+        for seq, row in zip(live, logits):
+            token = int(row.argmax())
+            outputs[seq.seq_id].append(token)
+            if token in stop_ids or len(outputs[seq.seq_id]) == max_new_tokens:
+                on_finish(seq)
+                continue
+            seq.token_ids.append(token)
+            on_append(seq)
+            still.append(seq)
+        live = still
+        if live:
+            logits = step(live, [1] * len(live))
+    return outputs
+
+
+@torch.inference_mode()
+def batched_generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                     stop_ids: Sequence[int] = ()) -> tuple[list[list[int]], ContiguousKVCache]:
+    """Greedy generation for several prompts on one contiguous cache (a row each, reserved for
+    the longest prompt + max_new_tokens). Returns the new tokens of each prompt, and the cache."""
+    for p in prompts:
+        _check_generation_args(model, p, max_new_tokens)
+    T_max = max(len(p) for p in prompts) + max_new_tokens
+    cache = ContiguousKVCache(model.cfg, len(prompts), T_max, model.device, model.dtype)
+
+    def step(seqs, query_lens):
+        positions, meta = cache.metadata([s.seq_id for s in seqs],
+                                         [s.num_tokens - n for s, n in zip(seqs, query_lens)], query_lens)
+        tokens = [t for s, n in zip(seqs, query_lens) for t in s.token_ids[-n:]]
+        return model(torch.tensor(tokens, device=model.device), positions, meta, cache,
+                     logits_at=meta.last_token_indices)
+
+    seqs = [SequenceState(i, list(p)) for i, p in enumerate(prompts)]
+    return greedy_batch_loop(step, seqs, [len(p) for p in prompts], max_new_tokens, stop_ids), cache
 
 # %% [markdown]
 """
@@ -1244,8 +1306,8 @@ float32 operation order as ggml's reference C code (e.g. `(d·s_j)·q − dmin·
 multiply-add), so results are bit-exact. Two cheap speed-ups: the codes stay uint8/int8 until
 the multiply by the float32 scale, which converts them exactly on the fly (an explicit
 `astype(float32)` would be one more pass over memory); and big tensors are done 4096 blocks at
-a time, so the temporaries stay in cache (on the machine this was written on, SmolLM2's Q8_0
-token embedding, 28M weights, took 50 ms in chunks against 360 ms in one pass).
+a time, so the temporaries stay in cache (on the machine this was written on, several times
+faster for SmolLM2's 28M-weight Q8_0 token embedding than one pass over the whole tensor).
 """
 
 
@@ -2001,7 +2063,15 @@ def config_from_gguf(metadata: dict, tensor_names, name: str = "gguf") -> ModelC
     if arch != "llama":
         raise ConfigError(f"{name}: architecture {arch!r} is not supported; this lesson's model "
                           "is LLaMA-family (general.architecture == 'llama')")
-    get = lambda key, default=None: metadata.get(f"{arch}.{key}", default)  # noqa: E731
+    def get(key, default=None):
+        return metadata.get(f"{arch}.{key}", default)
+
+    required = ("embedding_length", "block_count", "attention.head_count", "feed_forward_length",
+                "context_length", "attention.layer_norm_rms_epsilon")
+    missing = [f"{arch}.{k}" for k in required if get(k) is None]
+    if missing:
+        raise ConfigError(f"{name}: GGUF metadata lacks {', '.join(missing)}; is it a complete "
+                          "LLaMA-family model file?")
     scaling = get("rope.scaling.type", "none")
     if scaling not in ("none", None):
         raise ConfigError(f"{name}: RoPE scaling {scaling!r} is not implemented here")
@@ -2030,14 +2100,18 @@ _GGUF_NAMES = {
 def gguf_to_param_name(gguf_name: str) -> str:
     """`blk.3.attn_q.weight` → `layers.3.attn.wq.weight`."""
     parts = gguf_name.split(".")
-    if parts[0] == "blk":
-        return f"layers.{parts[1]}.{_GGUF_NAMES[parts[2]]}.{parts[3]}"
-    return f"{_GGUF_NAMES[parts[0]]}.{parts[1]}"
+    try:
+        if parts[0] == "blk":
+            return f"layers.{parts[1]}.{_GGUF_NAMES[parts[2]]}.{parts[3]}"
+        return f"{_GGUF_NAMES[parts[0]]}.{parts[1]}"
+    except (KeyError, IndexError):
+        raise ConfigError(f"tensor {gguf_name!r} has no place in this lesson's LLaMA model (e.g. "
+                          "rope_freqs of RoPE scaling, or biases); this file is not supported") from None
 
 
-def model_from_gguf(path: str | Path, device=None, dtype=torch.float32) -> Transformer:
+def model_from_gguf(path: str | Path, device=None, dtype=torch.float32, gguf=None) -> Transformer:
     """Build a `Transformer` and fill it with the (dequantized) weights of a GGUF file."""
-    gguf = read_gguf(path)
+    gguf = gguf or read_gguf(path)
     cfg = config_from_gguf(gguf.metadata, gguf.tensors, name=Path(path).stem)
     model = Transformer(cfg)
     params = dict(model.named_parameters())
@@ -2048,38 +2122,54 @@ def model_from_gguf(path: str | Path, device=None, dtype=torch.float32) -> Trans
             if name.endswith(("attn_q.weight", "attn_k.weight")):
                 heads = cfg.n_heads if "attn_q" in name else cfg.n_kv_heads
                 w = unpermute_rope_rows(w, heads)
-            if params[target].shape != w.shape:
+            if target not in params or params[target].shape != w.shape:
+                expected = tuple(params[target].shape) if target in params else "no such weight"
                 raise ConfigError(f"{name}: shape {tuple(w.shape)} does not match the config's "
-                                  f"{tuple(params[target].shape)}")
+                                  f"{expected}")
             params[target].copy_(w)
     return model.to(device=pick_device(device), dtype=dtype).eval()
 
 
+def resolve_model(name: str | Path) -> str | Path:
+    """"tiny", or the path of the GGUF file that `name` ("smollm2" or a path) stands for."""
+    if str(name) == "tiny":
+        return "tiny"
+    if str(name) in ("smollm2", "smollm2-135m"):
+        return fetch_smollm2()
+    if str(name).endswith(".gguf"):
+        if not Path(name).exists():
+            raise ModelFetchError(f"no such model file: {name}")
+        return Path(name).resolve()
+    raise ConfigError(f"unknown model {name!r}: use 'smollm2', 'tiny' or a path to a .gguf file")
+
+
 def load_model(name: str | Path = "smollm2", device=None, dtype=torch.float32):
     """(model, tokenizer) for "smollm2" (real weights), "tiny" (random, offline) or a GGUF path."""
-    if str(name) == "tiny":
+    path = resolve_model(name)
+    if path == "tiny":
         return build_model("tiny", device=device, dtype=dtype), ByteTokenizer()
-    if str(name) in ("smollm2", "smollm2-135m"):
-        path = fetch_smollm2()
-    elif str(name).endswith(".gguf"):
-        path = Path(name)
-        if not path.exists():
-            raise ModelFetchError(f"no such model file: {path}")
-    else:
-        raise ConfigError(f"unknown model {name!r}: use 'smollm2', 'tiny' or a path to a .gguf file")
-    tokenizer = GGUFTokenizer.from_metadata(read_gguf(path).metadata)
-    return model_from_gguf(path, device, dtype), tokenizer
+    gguf = read_gguf(path)
+    tokenizer = GGUFTokenizer.from_metadata(gguf.metadata)
+    return model_from_gguf(path, device, dtype, gguf=gguf), tokenizer
 
 
-_LOADED: dict = {}
+_LOADED: dict = {}  # (file, device, dtype) → (model, tokenizer); clear_model_cache() empties it
 
 
 def get_model(name: str | Path = "smollm2", device=None, dtype=torch.float32):
-    """`load_model`, memoized: the demos of one run share one copy of the weights."""
-    key = (str(name), str(pick_device(device)), dtype)
+    """`load_model`, memoized: the demos of one run share one copy of the weights.
+
+    Demos must not modify the weights they get (a section that quantizes works on a copy).
+    """
+    key = (str(resolve_model(name)), str(pick_device(device)), dtype)
     if key not in _LOADED:
         _LOADED[key] = load_model(name, device, dtype)
     return _LOADED[key]
+
+
+def clear_model_cache() -> None:
+    """Forget the models `get_model` loaded (frees their memory once nothing else holds them)."""
+    _LOADED.clear()
 
 
 # %% [markdown]
@@ -2158,33 +2248,52 @@ def demonstrate_perplexity(model: str = "smollm2", device=None, quick: bool = Fa
 
 
 # %%
+class TextStreamer:
+    """Print generated tokens as text as they come, holding back an incomplete UTF-8 character.
+
+    Byte-level BPE tokens can split a character (an emoji is 4 bytes); decoding the pending
+    tokens alone is exact once they end on a character boundary, so each token costs O(1).
+    """
+
+    def __init__(self, tokenizer, skip_ids: Sequence[int] = ()):
+        self.tok, self.skip, self.pending = tokenizer, set(skip_ids), []
+
+    def __call__(self, token: int) -> None:
+        if token in self.skip:
+            return
+        self.pending.append(token)
+        text = self.tok.decode(self.pending)
+        if not text.endswith("\ufffd"):
+            print(text, end="", flush=True)
+            self.pending = []
+
+
 def demonstrate_generation(model: str = "smollm2", prompt: str = "What is a KV cache? Answer briefly.",
                            max_new_tokens: int = 64, temperature: float = 0.0, seed: int = 0,
                            device=None, quick: bool = False) -> dict:
     """Chat with the model: stream its answer and report prefill time and decode tokens/s."""
+    n = 16 if quick else max_new_tokens
+    if n < 1:
+        raise InvalidArgumentError(f"max_new_tokens must be >= 1 for this demo, got {n}")
     net, tok = get_model(model, device)
     ids = tok.encode_chat([{"role": "user", "content": prompt}])
-    n = 16 if quick else max_new_tokens
     print(f"\n[{net.cfg.name} on {net.device}] user: {prompt}\nassistant: ", end="", flush=True)
-    stamps, out_ids, shown = [], [], [""]
+    stamps, stream = [], TextStreamer(tok, skip_ids=[tok.eos_id])
 
-    def on_token(t):  # print text as it completes; hold back a partial UTF-8 character
+    def on_token(t):
+        synchronize(net.device)
         stamps.append(time.perf_counter())
-        out_ids.append(t)
-        text = tok.decode([i for i in out_ids if i != tok.eos_id])
-        if not text.endswith("\ufffd"):
-            print(text[len(shown[0]):], end="", flush=True)
-            shown[0] = text
+        stream(t)
 
     t0 = time.perf_counter()
     out = generate(net, ids, n, temperature=temperature, seed=seed, stop_ids=[tok.eos_id],
                    on_token=on_token)
-    decode_s = stamps[-1] - stamps[0] if len(stamps) > 1 else float("nan")
-    row = {"model": net.cfg.name, "prompt tokens": len(ids), "new tokens": len(out),
-           "time to first token (s)": stamps[0] - t0,
+    decode_s = stamps[-1] - stamps[0]
+    row = {"model": net.cfg.name, "device": str(net.device), "prompt tokens": len(ids),
+           "new tokens": len(out), "time to first token (s)": stamps[0] - t0,
            "decode (tok/s)": (len(out) - 1) / decode_s if len(out) > 1 else float("nan")}
     print()
-    print_table([row], "Generation (greedy)" if temperature == 0 else "Generation (sampled)")
+    print_table([row], f"Generation ({'greedy' if temperature == 0 else 'sampled'}; measured)")
     print("Takeaway: the first token costs a whole prompt pass (prefill); each later token is "
           "one small decode step over the KV cache.")
     return row
@@ -2238,7 +2347,7 @@ quantization (§8) shrinks b; speculative decoding (§6) checks several tokens p
 and V: per layer and cached token, 4·H·D FLOPs (QKᵀ and PV) against 2·Hkv·D·b bytes, so
 I_attn = 2g/b with g = H/Hkv, whatever the batch, because every sequence brings its own cache.
 With long contexts and large batches these reads dominate, and decode can stay memory-bound at
-*any* batch size: `decode_ridge_batch` returns None in that case. §3a counts these bytes.
+*any* batch size: `decode_ridge_batch` returns None in that case. §3 counts these bytes.
 
 **What `prefill_decode_intensity` counts**, for one step of `batch_size` sequences that each hold
 `context_len` cached tokens and add `new_tokens`:
@@ -2463,14 +2572,14 @@ divide the cost model's FLOPs and bytes by the measured time; `bound` compares t
 intensity with the measured machine balance; `% of roof` is achieved GFLOP/s over min(P, I·BW).
 
 A step far below its roof is limited by neither memory nor arithmetic but by *overhead*: eager
-PyTorch dispatches a SmolLM2 decode step as some 2,300 small operators (≈ 77 per layer, views
-included), one after another from Python. That is real, not a measurement error, and on a GPU
-it dominates small models. On an H100 (measured for this lesson, 2026-11-28, bf16, PyTorch 2.11
-eager) a SmolLM2 decode step took 20–35 ms at every batch from 1 to 64, under 1% of its roof,
-although reading its 269 MB of weights takes 0.09 ms at 3 TB/s; 1,024 sequences took 24 ms. HF
-transformers' `generate` runs at the same ~30 tokens/s at batch 1 there (measured in this
-project's environment). Serving engines capture decode steps in CUDA graphs or compile them for this
-reason; what the roofline still tells us is which roof a step would hit once overhead is gone.
+PyTorch dispatches a decode step as dozens of small operators per layer, one after another from
+Python. On a GPU this dominates small models: reading SmolLM2's ~270 MB of bf16 weights takes
+under 0.1 ms at 3 TB/s, yet HF transformers' `generate` on an H100 ran at 30 tokens/s at batch 1
+and 9,323 tokens/s at batch 256 (this project's environment, 2026-11-28, see
+`shared/REFERENCES.md`): 300× the tokens for about the same step time. Serving engines capture
+decode steps in CUDA graphs or compile them for this reason; what the roofline still tells us
+is which roof a step would hit once overhead is gone. Run this section with `--device cuda` to
+see it on your GPU.
 """
 
 
@@ -2697,19 +2806,21 @@ def _memory_row(cfg: ModelConfig, seq_len, batch_size, dtype, kv_dtype, gpus, ut
 
 def analyze_memory_requirements(model: ModelConfig | str | None = None, seq_len: int = 4096,
                                 batch_size: int = 1, dtype: str = "fp16", kv_dtype: str | None = None,
-                                gpus: Sequence[float] = (24, 40, 80),
+                                gpu: float | Sequence[float] = (24, 40, 80),
                                 gpu_memory_utilization: float = 0.9, verbose: bool = True) -> list[dict]:
     """Weights, KV cache and sequences-that-fit for one model, or for the standard presets.
 
     Rows: model, params (B), H/Hkv, weights at fp32/fp16/int8/int4 (GiB), KV per token by the
     naive 2·L·d formula and the right 2·L·Hkv·D one (KiB), the KV cache of `batch_size` ×
-    `seq_len` tokens (GiB), and `seqs on <g> GiB` for each GPU size. With no model, presets
+    `seq_len` tokens (GiB), and `seqs on <g> GiB` for each GPU size `gpu` (GiB: one number or
+    several). With no model, presets
     whose context window is shorter than `seq_len` are skipped (with a note when verbose).
 
     >>> analyze_memory_requirements("llama-3-8b", verbose=False)[0]["KV/token 2·L·Hkv·D (KiB)"]
     128.0
     """
     kv_dtype = _default_kv_dtype(dtype, kv_dtype)
+    gpus = (gpu,) if isinstance(gpu, (int, float)) else tuple(gpu)  # GPU memory sizes in GiB
     _check_memory_args(seq_len, batch_size, dtype, kv_dtype, gpus, gpu_memory_utilization)
     configs = [_as_config(m) for m in ([model] if model is not None else MEMORY_PRESETS)]
     too_long = [c for c in configs if seq_len > c.max_seq_len]
@@ -2721,7 +2832,7 @@ def analyze_memory_requirements(model: ModelConfig | str | None = None, seq_len:
     rows = [_memory_row(c, seq_len, batch_size, dtype, kv_dtype, gpus, gpu_memory_utilization)
             for c in configs if c not in too_long]
     if verbose:
-        print_table(rows, f"§3a Memory: weights, and KV cache for {batch_size} × {seq_len} tokens "
+        print_table(rows, f"§3 Memory: weights, and KV cache for {batch_size} × {seq_len} tokens "
                     f"(weights {dtype}, KV {kv_dtype}, {gpu_memory_utilization:.0%} of each GPU)",
                     floatfmt=".4g")
         if too_long:
@@ -2732,7 +2843,7 @@ def analyze_memory_requirements(model: ModelConfig | str | None = None, seq_len:
 def demonstrate_memory_requirements(seq_len: int = 4096, batch_size: int = 1, dtype: str = "fp16",
                                     gpus: Sequence[float] = (24, 40, 80)) -> list[dict]:
     """Print the memory table for the standard presets and a one-line takeaway; return the rows."""
-    rows = analyze_memory_requirements(None, seq_len, batch_size, dtype, gpus=gpus)
+    rows = analyze_memory_requirements(None, seq_len, batch_size, dtype, gpu=gpus)
     by_name = {r["model"]: r for r in rows}
     if {"llama-2-7b", "llama-3-8b"} <= by_name.keys():
         l2, l3 = by_name["llama-2-7b"], by_name["llama-3-8b"]
@@ -3711,25 +3822,18 @@ def paged_generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new
     cache = PagedKVCache(model.cfg, num_blocks, block_size, model.device, model.dtype)
     seqs = [SequenceState(i, list(p)) for i, p in enumerate(prompts)]
     skipped = [bm.allocate(seq) for seq in seqs]  # raises OutOfBlocks if the pool is too small
-    outputs: list[list[int]] = [[] for _ in seqs]
-    live, peak = list(seqs), bm.num_used_blocks
-    logits = _paged_step(model, cache, live, [s.num_tokens - c for s, c in zip(seqs, skipped)])
-    while live:
-        still = []
-        for seq, row in zip(live, logits):
-            token = int(row.argmax())
-            outputs[seq.seq_id].append(token)
-            if token in stop_ids or len(outputs[seq.seq_id]) == max_new_tokens:
-                bm.free(seq)
-                continue
-            seq.token_ids.append(token)
-            _, cow = bm.append_slot(seq)
-            if cow is not None:
-                cache.copy_block(*cow)
-            still.append(seq)
-        peak, live = max(peak, bm.num_used_blocks), still
-        if live:
-            logits = _paged_step(model, cache, live, [1] * len(live))
+    peak = [bm.num_used_blocks]
+
+    def append(seq):  # reserve a slot for the new token; copy a shared block first if needed
+        _, cow = bm.append_slot(seq)
+        if cow is not None:
+            cache.copy_block(*cow)
+        peak[0] = max(peak[0], bm.num_used_blocks)
+
+    step = lambda seqs, query_lens: _paged_step(model, cache, seqs, query_lens)  # noqa: E731
+    first = [s.num_tokens - c for s, c in zip(seqs, skipped)]
+    outputs = greedy_batch_loop(step, seqs, first, max_new_tokens, stop_ids, append, bm.free)
+    peak = peak[0]
     stats = {"prompt tokens": sum(len(p) for p in prompts), "prompt tokens skipped": sum(skipped),
              "peak blocks": peak, "block bytes": cache.nbytes // num_blocks}
     return outputs, stats
@@ -3737,20 +3841,20 @@ def paged_generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new
 
 def analyze_paged_generation(model="smollm2", device=None, max_new_tokens: int = 32,
                              questions: Sequence[str] | None = None) -> list[dict]:
-    """Chat requests (sharing the chat template's system prompt) on the contiguous cache and on
-    the paged cache with prefix caching off and on: tokens equal? prefill skipped? KV memory?"""
+    """Chat requests (sharing the chat template's system prompt) batched on the contiguous cache
+    and on the paged cache with prefix caching off and on. "identical tokens" compares each with
+    `generate` run one prompt at a time; paged memory is the peak of blocks in use."""
     net, tok = get_model(model, device)
     questions = questions or ["What is the capital of France?", "Name a prime number.",
                               "Why is the sky blue?", "Give me a synonym for happy."]
     prompts = [tok.encode_chat([{"role": "user", "content": q}]) for q in questions]
     stop = [tok.eos_id]
-    bytes_per_token = net.cfg.kv_bytes_per_token(torch.finfo(net.dtype).bits // 8)
+    reference = [generate(net, p, max_new_tokens, stop_ids=stop) for p in prompts]  # one at a time
     with Timer(net.device) as t:
-        reference = [generate(net, p, max_new_tokens, stop_ids=stop) for p in prompts]
-    reserved = sum(len(p) + max_new_tokens for p in prompts) * bytes_per_token
-    rows = [{"cache": "contiguous, a row of prompt + max_new per request", "identical tokens": True,
-             "prompt tokens computed": sum(map(len, prompts)), "peak KV memory (KiB)": reserved / 2**10,
-             "time (s)": t.seconds}]
+        outs, cache = batched_generate(net, prompts, max_new_tokens, stop_ids=stop)
+    rows = [{"cache": "contiguous (a row per request, longest prompt + max_new)",
+             "identical tokens": outs == reference, "prompt tokens computed": sum(map(len, prompts)),
+             "KV memory held (KiB)": cache.nbytes / 2**10, "time (s)": t.seconds}]
     for caching in (False, True):
         with Timer(net.device) as t:
             outs, st = paged_generate(net, prompts, max_new_tokens, enable_prefix_caching=caching,
@@ -3758,7 +3862,7 @@ def analyze_paged_generation(model="smollm2", device=None, max_new_tokens: int =
         rows.append({"cache": f"paged (bs 16), prefix caching {'on' if caching else 'off'}",
                      "identical tokens": outs == reference,
                      "prompt tokens computed": st["prompt tokens"] - st["prompt tokens skipped"],
-                     "peak KV memory (KiB)": st["peak blocks"] * st["block bytes"] / 2**10,
+                     "KV memory held (KiB)": st["peak blocks"] * st["block bytes"] / 2**10,
                      "time (s)": t.seconds})
     return rows
 
@@ -3798,7 +3902,8 @@ def demonstrate_paged_attention(model: str = "smollm2", seed: int = 0, device=No
     out["speed"] = analyze_paged_attention_speed(cases, device=device, seed=seed, repeat=3 if quick else 5)
     print_table(out["speed"], f"Decode attention, one layer, SmolLM2-135M heads, on {pick_device(device)}")
     print("Takeaway: the block-table indirection costs time here because PyTorch gathers the blocks "
-          "first (paper: 20–26% extra kernel latency with a fused kernel, §7.1); §7 avoids the copy.")
+          "first (Kwon et al. 2023, §7.1: 20–26% extra kernel latency with a fused kernel that reads "
+          "blocks in place).")
     return out
 
 

@@ -104,7 +104,8 @@ def test_demonstrate_memory_requirements(llm, capsys):
     ({"kv_dtype": "int3"}, "InvalidArgumentError"),
     ({"gpu_memory_utilization": 0}, "InvalidArgumentError"),
     ({"gpu_memory_utilization": 1.5}, "InvalidArgumentError"),
-    ({"gpus": (0,)}, "InvalidArgumentError"),
+    ({"gpu": (0,)}, "InvalidArgumentError"),
+    ({"gpu": -8}, "InvalidArgumentError"),
     ({"model": "gpt-17"}, "ConfigError"),
     ({"model": "llama-2-7b", "seq_len": 8192}, "ContextOverflowError"),
     ({"seq_len": 10**6}, "ContextOverflowError"),  # past every preset's window
@@ -113,3 +114,8 @@ def test_bad_inputs(llm, kwargs, error):
     with pytest.raises(getattr(llm, error)) as info:
         llm.analyze_memory_requirements(verbose=False, **kwargs)
     assert any(w in str(info.value) for w in ("choose", "use", "must", "positive", "fraction"))
+
+
+def test_single_gpu_size(llm):
+    row = llm.analyze_memory_requirements("llama-2-7b", seq_len=4096, gpu=80, verbose=False)[0]
+    assert row["seqs on 80 GiB"] == 29 and "seqs on 24 GiB" not in row
