@@ -60,3 +60,26 @@ def test_cli_runs_demos_on_tiny(llm, capsys):
                      "--no-plots"]) == 0
     out = capsys.readouterr().out
     assert "KV cache vs recomputation" in out and "llama-3-8b" in out
+
+
+def test_docstring_examples(llm):
+    """The worked examples in the module's docstrings run and give what they show."""
+    import doctest
+
+    result = doctest.testmod(llm, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 10 and result.failed == 0
+
+
+def test_demos_run_offline_on_tiny(llm, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(llm, "ASSETS_DIR", tmp_path)
+    row = llm.demonstrate_generation(model="tiny", max_new_tokens=5, device="cpu")
+    assert row["new tokens"] <= 5 and row["prompt tokens"] > 0
+    assert llm.demonstrate_perplexity(model="tiny", device="cpu", quick=True)["perplexity"] > 1
+    out = llm.demonstrate_paged_attention(model="tiny", device="cpu", quick=True, plots=True)
+    assert all(r["identical tokens"] for r in out["real_model"])
+    assert (tmp_path / "s4_kv_utilization.png").exists()
+    rows = llm.demonstrate_kv_cache(model="tiny", device="cpu", quick=True, plots=True)
+    assert all(r["identical tokens"] for r in rows) and (tmp_path / "kv_cache_per_token.png").exists()
+    assert "Takeaway" in capsys.readouterr().out
+    with pytest.raises(llm.InvalidArgumentError):
+        llm.demonstrate_generation(model="tiny", max_new_tokens=0)

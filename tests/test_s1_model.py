@@ -217,3 +217,19 @@ def test_cache_overflow_raises(llm, tiny):
     cache = llm.ContiguousKVCache(tiny.cfg, 1, 8)
     with pytest.raises(llm.ContextOverflowError, match="cache holds 8"):
         cache.metadata([0], [5], [4])
+
+
+def test_text_prompt_gets_a_clear_error(llm, tiny):
+    with pytest.raises(llm.InvalidArgumentError, match="encode text first"):
+        llm.generate(tiny, "hello", 5)
+
+
+def test_batched_generate_equals_one_at_a_time(llm, tiny):
+    prompts = [[1, 2, 3], [9] * 11, [100, 7]]
+    outs, cache = llm.batched_generate(tiny, prompts, 8)
+    assert outs == [llm.generate(tiny, p, 8) for p in prompts]
+    assert cache.k.shape[1:4:2] == (3, 11 + 8)  # a row per prompt, longest prompt + max_new
+    stop = outs[1][2]
+    outs, _ = llm.batched_generate(tiny, prompts, 8, stop_ids=[stop])
+    assert outs == [llm.generate(tiny, p, 8, stop_ids=[stop]) for p in prompts]
+    assert llm.batched_generate(tiny, prompts, 0)[0] == [[], [], []]

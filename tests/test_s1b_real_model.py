@@ -114,3 +114,20 @@ def test_fetch_failure_says_what_to_do(llm, tmp_path, monkeypatch):
     with pytest.raises(llm.ModelFetchError, match="--model tiny"):
         llm.fetch_smollm2(cache_dir=tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_unsupported_gguf_contents_raise_config_error(llm, smollm2_gguf):
+    md = dict(llm.read_gguf(smollm2_gguf).metadata)
+    del md["llama.block_count"]
+    with pytest.raises(llm.ConfigError, match="llama.block_count"):
+        llm.config_from_gguf(md, [])
+    with pytest.raises(llm.ConfigError, match="architecture"):
+        llm.config_from_gguf({"general.architecture": "gpt2"}, [])
+    with pytest.raises(llm.ConfigError, match="rope_freqs"):
+        llm.gguf_to_param_name("rope_freqs.weight")
+    assert llm.gguf_to_param_name("blk.3.attn_q.weight") == "layers.3.attn.wq.weight"
+
+
+def test_get_model_shares_one_copy(llm, smollm2_gguf):
+    a = llm.get_model(smollm2_gguf, device="cpu")
+    assert llm.get_model(str(smollm2_gguf), device="cpu") is a

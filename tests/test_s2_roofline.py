@@ -149,7 +149,7 @@ def test_analyze_prefill_vs_decode_rows(llm):
 def test_plot_roofline_writes_png(llm, tmp_path, monkeypatch):
     monkeypatch.setattr(llm, "ASSETS_DIR", tmp_path)
     rows = [{"phase": "prefill", "batch": 1, "tokens": 64, "FLOP/byte": 30.0, "GFLOP/s": 50.0},
-            {"phase": "decode", "batch": 1, "tokens": 1, "FLOP/byte": 0.5, "GFLOP/s": 2.0}]
+            {"phase": "decode", "batch": 1, "tokens": 1, "context": 129, "FLOP/byte": 0.5, "GFLOP/s": 2.0}]
     path = llm.plot_roofline(rows, peak_flops=1e11, bandwidth=1e10)
     assert path == tmp_path / "roofline.png"
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

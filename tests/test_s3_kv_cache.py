@@ -29,9 +29,15 @@ def test_cached_equals_uncached_real_model(llm, smollm2_gguf):
     ids = tok.encode_chat([{"role": "user", "content": "Name three colors."}])
     with_cache = llm.generate(model, ids, 12)
     assert with_cache == llm.generate(model, ids, 12, use_cache=False)
-    cache = llm.ContiguousKVCache(model.cfg, 1, len(ids) + 1)
-    assert torch.allclose(llm.prefill(model, cache, ids), llm.forward_without_cache(model, ids),
-                          atol=1e-4)
+    # Logits of every cached step (prefill, then one decode step per token) vs recomputation.
+    full = ids + with_cache
+    cache = llm.ContiguousKVCache(model.cfg, 1, len(full))
+    cached = [llm.prefill(model, cache, ids)]
+    cached += [llm.decode_one_token(model, cache, full[p], p) for p in range(len(ids), len(full) - 1)]
+    for n, got in zip(range(len(ids), len(full)), cached):
+        expected = llm.forward_without_cache(model, full[:n])
+        assert (got - expected).abs().max().item() <= 1e-3
+        assert got.argmax() == expected.argmax()
 
 
 def test_analyze_kv_cache_rows(llm):

@@ -558,3 +558,13 @@ def test_paged_generate_equals_contiguous_real_model(llm, smollm2_gguf):
     assert off["prompt tokens computed"] == contiguous["prompt tokens computed"]
     assert on["prompt tokens computed"] < off["prompt tokens computed"]  # shared system prompt
     assert off["KV memory held (KiB)"] <= contiguous["KV memory held (KiB)"]
+
+
+def test_paged_generate_zero_tokens_and_bad_analysis_input(llm, tiny):
+    assert llm.paged_generate(tiny, [[1, 2], [3]], 0)[0] == [[], []]
+    with pytest.raises(llm.InvalidArgumentError):
+        llm.analyze_kv_utilization(num_requests=10, block_sizes=(0,))
+    with pytest.raises(llm.InvalidArgumentError):
+        llm.sample_request_lengths(-1)
+    with pytest.raises(llm.InvalidArgumentError):
+        llm.analyze_sharing(widths=(0,), num_requests=2)
