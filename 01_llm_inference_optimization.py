@@ -2692,14 +2692,24 @@ def plot_roofline(rows: Sequence[dict], peak_flops: float, bandwidth: float,
     ax.loglog(xs, np.minimum(peak_flops, xs * bandwidth) / 1e9, "k-", lw=2,
               label=f"roof: min({peak_flops / 1e9:,.0f} GFLOP/s, I × {bandwidth / 1e9:,.0f} GB/s)")
     ax.axvline(balance, color="gray", ls=":", label=f"ridge I* = {balance:.1f} FLOP/byte")
-    for phase, marker, color in (("prefill", "o", "tab:blue"), ("decode", "^", "tab:red")):
-        pts = [r for r in rows if r["phase"] == phase]
+    decode_ctx = [r["context"] for r in rows if r["phase"] == "decode"]
+    base_ctx = max(set(decode_ctx), key=decode_ctx.count) if decode_ctx else None  # the batch sweep's
+    groups = [("prefill", "o", "tab:blue", lambda r: r["phase"] == "prefill", lambda r: f"T={r['tokens']}"),
+              (f"decode, context {base_ctx}", "^", "tab:red",
+               lambda r: r["phase"] == "decode" and r["context"] == base_ctx, lambda r: f"B={r['batch']}"),
+              ("decode, longer contexts", "s", "tab:orange",
+               lambda r: r["phase"] == "decode" and r["context"] != base_ctx,
+               lambda r: f"ctx={r['context']}")]
+    for group, marker, color, member, label in groups:
+        pts = [r for r in rows if member(r)]
+        if not pts:
+            continue
         ax.scatter([r["FLOP/byte"] for r in pts], [r["GFLOP/s"] for r in pts], marker=marker,
-                   color=color, zorder=3, label=f"{phase} (measured)")
+                   color=color, zorder=3, label=f"{group} (measured)")
         for r in pts:
-            label = f"T={r['tokens']}" if phase == "prefill" else f"B={r['batch']},ctx={r['context']}"
-            ax.annotate(label, (r["FLOP/byte"], r["GFLOP/s"]), textcoords="offset points",
-                        xytext=(4, -10 if phase == "decode" else 4), fontsize=7, color=color)
+            ax.annotate(label(r), (r["FLOP/byte"], r["GFLOP/s"]), textcoords="offset points",
+                        xytext={"o": (4, 4), "^": (4, -10), "s": (-46, 0)}[marker], fontsize=7,
+                        color=color)
     ax.set_xlabel("arithmetic intensity (FLOP / byte)")
     ax.set_ylabel("achieved GFLOP/s")
     ax.set_title(title)

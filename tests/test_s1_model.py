@@ -8,7 +8,7 @@ import torch
 
 @pytest.fixture(scope="module")
 def tiny(llm):
-    return llm.build_model("tiny", seed=0)
+    return llm.build_model("tiny", seed=0, device="cpu")
 
 
 def test_presets_and_derived_sizes(llm):
@@ -85,7 +85,7 @@ def test_gqa_with_all_heads_equals_plain_multihead(llm):
 
 def test_gqa_equals_mha_with_repeated_kv_weights(llm):
     """A GQA model equals an MHA model whose K/V projections repeat each KV head g times."""
-    gqa = llm.build_model("tiny", seed=4)
+    gqa = llm.build_model("tiny", seed=4, device="cpu")
     cfg = gqa.cfg
     mha_cfg = llm.ModelConfig.from_name("tiny", n_kv_heads=cfg.n_heads)
     mha = llm.Transformer(mha_cfg).eval()

@@ -7,7 +7,7 @@ import torch
 
 
 def test_uniform_model_has_perplexity_vocab_size(llm):
-    model = llm.build_model("tiny", seed=0)
+    model = llm.build_model("tiny", seed=0, device="cpu")
     with torch.no_grad():
         model.lm_head.weight.zero_()  # tied: every logit is 0, every token has probability 1/V
     ids = list(range(100))
@@ -16,7 +16,7 @@ def test_uniform_model_has_perplexity_vocab_size(llm):
 
 
 def test_perplexity_is_exp_of_mean_nll_over_windows(llm):
-    model = llm.build_model("tiny", seed=3)
+    model = llm.build_model("tiny", seed=3, device="cpu")
     ids = torch.randint(0, model.cfg.vocab_size, (23,), generator=torch.Generator().manual_seed(0))
     nll, n = 0.0, 0
     for s in range(0, 23, 8):  # windows [0:8], [8:16], [16:23]; first token of each unscored
@@ -40,7 +40,7 @@ def test_text_slices_fixed_and_disjoint(llm):
 
 
 def test_bad_input(llm):
-    model = llm.build_model("tiny")
+    model = llm.build_model("tiny", device="cpu")
     with pytest.raises(llm.InvalidArgumentError, match="window"):
         llm.evaluate_perplexity(model, [1, 2, 3], window=1)
     with pytest.raises(llm.InvalidArgumentError, match="at least 2"):

@@ -5,7 +5,7 @@ import torch
 
 
 def test_cached_equals_uncached_tiny_logits(llm):
-    model = llm.build_model("tiny", seed=7)
+    model = llm.build_model("tiny", seed=7, device="cpu")
     ids = [5, 17, 99, 3, 250, 41]
     cache = llm.ContiguousKVCache(model.cfg, 1, 16)
     logits = [llm.prefill(model, cache, ids[:3])]
@@ -17,7 +17,7 @@ def test_cached_equals_uncached_tiny_logits(llm):
 
 def test_cache_writes_only_its_slots(llm):
     """After prefill of 4 tokens, positions 4.. of the cache are untouched (still zero)."""
-    model = llm.build_model("tiny", seed=1)
+    model = llm.build_model("tiny", seed=1, device="cpu")
     cache = llm.ContiguousKVCache(model.cfg, 2, 10)
     llm.prefill(model, cache, [1, 2, 3, 4], row=1)
     assert cache.k[:, 1, :, :4].abs().sum() > 0

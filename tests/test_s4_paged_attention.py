@@ -341,7 +341,7 @@ def test_gather_kv_follows_the_table(llm):
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny(llm):
-    return llm.build_model("tiny", seed=0)
+    return llm.build_model("tiny", seed=0, device="cpu")
 
 
 def contiguous_generate(llm, model, prompt, n_new, forced=()):
@@ -349,12 +349,9 @@ def contiguous_generate(llm, model, prompt, n_new, forced=()):
     return list(forced) + llm.generate(model, list(prompt) + list(forced), n_new - len(forced))
 
 
-@torch.inference_mode()
 def paged_step(model, cache, seqs, query_lens):
     """One packed forward over the last query_lens[s] tokens of seqs[s]; logits (S, V)."""
-    pos, meta = cache.metadata(seqs, query_lens)
-    tokens = torch.tensor([t for seq, n in zip(seqs, query_lens) for t in seq.token_ids[-n:]])
-    return model(tokens, pos, meta, cache, logits_at=meta.last_token_indices)
+    return load_lesson()._paged_step(model, cache, list(seqs), list(query_lens))  # the module's own
 
 
 def append_tokens(bm, cache, seqs, tokens):
