@@ -141,8 +141,10 @@ class Timer:
         self.seconds = time.perf_counter() - self._t0
 
 
-def benchmark(fn: Callable[[], object], device=None, warmup: int = 1, repeat: int = 5) -> float:
-    """Median wall time of `fn()` in seconds over `repeat` runs, after `warmup` runs."""
+def benchmark(fn: Callable[[], object], device=None, warmup: int = 1, repeat: int = 5,
+              reduce: Callable = np.median) -> float:
+    """Wall time of `fn()` in seconds over `repeat` synchronized runs after `warmup` runs,
+    reduced by `reduce`: the median by default; `min` for a best-case roof measurement."""
     for _ in range(warmup):
         fn()
     times = []
@@ -150,7 +152,7 @@ def benchmark(fn: Callable[[], object], device=None, warmup: int = 1, repeat: in
         with Timer(device) as t:
             fn()
         times.append(t.seconds)
-    return float(np.median(times))
+    return float(reduce(times))
 
 
 def print_table(rows: Sequence[dict], title: str, floatfmt: str = ".3g") -> str:
@@ -2552,18 +2554,6 @@ def default_compute_dtype(device: torch.device | str) -> torch.dtype:
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
-def _best_time(fn: Callable[[], object], device, repeat: int, warmup: int = 1) -> float:
-    """Shortest wall time of `fn()` over `repeat` synchronized runs, after `warmup` runs."""
-    for _ in range(warmup):
-        fn()
-    best = float("inf")
-    for _ in range(repeat):
-        with Timer(device) as t:
-            fn()
-        best = min(best, t.seconds)
-    return best
-
-
 def measure_matmul_flops(device=None, n: int | None = None, dtype: torch.dtype | None = None,
                          quick: bool = False, repeat: int | None = None) -> float:
     """Achieved FLOP/s of an (n × n) @ (n × n) matmul: 2·n³ FLOPs (n³ multiply-adds)."""
@@ -2579,7 +2569,7 @@ def measure_matmul_flops(device=None, n: int | None = None, dtype: torch.dtype |
     a = torch.randn(n, n, generator=gen, device=device).to(dtype)
     b = torch.randn(n, n, generator=gen, device=device).to(dtype)
     out = torch.empty(n, n, device=device, dtype=dtype)
-    seconds = _best_time(lambda: torch.mm(a, b, out=out), device, repeat)
+    seconds = benchmark(lambda: torch.mm(a, b, out=out), device, repeat=repeat, reduce=min)
     return 2 * n**3 / seconds
 
 
@@ -2596,7 +2586,7 @@ def measure_memory_bandwidth(device=None, nbytes: int | None = None, quick: bool
     numel = max(1, int(nbytes) // 4)  # fp32 elements
     src = torch.ones(numel, device=device)
     dst = torch.empty_like(src)
-    seconds = _best_time(lambda: dst.copy_(src), device, repeat)  # warmup also faults pages in
+    seconds = benchmark(lambda: dst.copy_(src), device, repeat=repeat, reduce=min)  # warmup faults pages in
     return 2 * numel * 4 / seconds
 
 
@@ -2631,7 +2621,7 @@ def _measure_step(net: Transformer, batch: int, context_len: int, new_tokens: in
     positions, meta = cache.metadata(range(batch), [context_len] * batch, [new_tokens] * batch)
     tokens = torch.zeros(batch * new_tokens, dtype=torch.long, device=device)  # ids don't change the work
     step = lambda: net(tokens, positions, meta, cache, logits_at=meta.last_token_indices)  # noqa: E731
-    seconds = _best_time(step, device, repeat)  # best of `repeat`, like the roofs
+    seconds = benchmark(step, device, repeat=repeat, reduce=min)  # best of `repeat`, like the roofs
     est = prefill_decode_intensity(cfg, batch, context_len, new_tokens, bytes_per_param=net.dtype.itemsize)
     intensity, roof = est["intensity"], min(peak_flops, est["intensity"] * bandwidth)
     return {"phase": est["phase"], "batch": batch, "tokens": est["tokens"],
@@ -3070,8 +3060,6 @@ table (sequences own only their block tables); `paged_attention`, a pure functio
 `PagedKVCache`, which implements the same two verbs as `ContiguousKVCache` (`write`, `attend`), so
 the model's forward runs on it unchanged.
 """
-
-# %%
 
 
 # %%
