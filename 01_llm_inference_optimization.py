@@ -211,8 +211,8 @@ takes a *packed* step: `tokens` (N,) back to back, their `positions` (N,), and a
 context is after this step (`context_lens`), and where its K/V go in the cache
 (`slot_mapping`, plus a cache row or a block table). The cache is an object with two verbs,
 `write` (store this step's K/V) and `attend` (attention of this step's queries over each
-sequence's context). The contiguous cache here, the paged cache of §4 and the split-K attention
-of §7 all implement those verbs, so the model never changes.
+sequence's context). The contiguous cache here and the paged cache of §4 implement those verbs
+(the split-K attention planned for §7 will too), so the model never changes.
 """
 
 
@@ -398,8 +398,8 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
 """
 ### The packed step and the cache interface
 `AttentionMetadata` carries everything attention needs to know about a step, explicitly (no
-globals). Simple generation builds it with `ContiguousKVCache.metadata(...)`; the engine of §5
-builds ragged ones.
+globals). Simple generation builds it with `ContiguousKVCache.metadata(...)`; `batched_generate`
+and §4's `paged_generate` build ragged ones (prefill and decode steps of different lengths).
 """
 
 
@@ -959,7 +959,7 @@ GGML_BLOCK_SIZES: dict[GGMLType, tuple[int, int]] = {
     GGMLType.Q5_0: (32, 2 + 4 + 16),  # d; 32 high bits; 32 × low 4 bits
     GGMLType.Q5_1: (32, 2 + 2 + 4 + 16),  # d, m; high bits; low 4 bits
     GGMLType.Q8_0: (32, 2 + 32),  # d; 32 × int8
-    GGMLType.Q8_1: (32, 4 + 4 + 32),  # d, sum (fp32); 32 × int8
+    GGMLType.Q8_1: (32, 2 + 2 + 32),  # d, s = d·Σq (fp16); 32 × int8 (ggml's block_q8_1)
     GGMLType.Q2_K: (QK_K, 16 + 64 + 2 + 2),
     GGMLType.Q3_K: (QK_K, 32 + 64 + 12 + 2),
     GGMLType.Q4_K: (QK_K, 2 + 2 + 12 + 128),  # d, dmin; 8 × (6-bit scale, 6-bit min); 256 × 4-bit
@@ -1318,8 +1318,8 @@ float32 operation order as ggml's reference C code (e.g. `(d·s_j)·q − dmin·
 multiply-add), so results are bit-exact. Two cheap speed-ups: the codes stay uint8/int8 until
 the multiply by the float32 scale, which converts them exactly on the fly (an explicit
 `astype(float32)` would be one more pass over memory); and big tensors are done 4096 blocks at
-a time, so the temporaries stay in cache (on the machine this was written on, several times
-faster for SmolLM2's 28M-weight Q8_0 token embedding than one pass over the whole tensor).
+a time, so the temporaries stay in the CPU's caches instead of spilling to memory
+(`DEQUANT_CHUNK_BLOCKS`; `benchmarks/bench_gguf_load.py` times the whole file).
 """
 
 
@@ -2381,7 +2381,9 @@ leaves more than 99% of its arithmetic idle, and the step takes as long as readi
 Llama-2-7B in fp16 is 13.5 GB, so an A100-80GB (2.04 TB/s) makes at most ~151 tokens/s for one
 sequence; gpt-fast measures 104.9 tokens/s there, at 1,397 GB/s achieved (gpt-fast README).
 Most of the rest of the lesson attacks this ceiling: batching (§5) reuses each weight read for B
-tokens, so I ≈ B in fp16 and, with short contexts, decode turns compute-bound near B ≈ I*;
+tokens, so I ≈ B in fp16 and, with a nearly empty cache, decode would turn compute-bound near
+B ≈ I* (on an H100 the KV reads below already prevent that at *any* batch once a sequence holds
+some 40 (SmolLM2) to 400 (Llama-3-8B) cached tokens: see `analyze_decode_ridge()`);
 quantization (§8) shrinks b; speculative decoding (§6) checks several tokens per weight read.
 
 **The KV cache pulls the other way.** At decode, attention reads each sequence's own cached K
@@ -2398,8 +2400,10 @@ With long contexts and large batches these reads dominate, and decode can stay m
 - Bytes: every matmul weight read once per step; each sequence's K/V read once (old and new
   tokens); the new tokens' K/V written once.
 - Ignored: norms, RoPE, softmax, SiLU (O(N·d) element-wise work), the embedding lookup (N rows),
-  and activations between kernels. The last one matters for long prefills: it caps prefill's
-  intensity at roughly d FLOP/byte in fp16, still far above any machine's balance.
+  and activations between kernels. The last one matters for long prefills: reading and writing
+  activations caps each projection at d_in·d_out/(d_in+d_out) FLOP/byte in fp16 (d/2 when
+  square): ~2,000 for Llama-2-7B, far above an H100's 295, but only ~150–420 for SmolLM2, about
+  at the ridge.
 
 The measurements below time real forward steps of a SmolLM2-shaped model with *random* weights:
 a matmul's speed does not depend on the values it multiplies, so timing needs only the shapes.
@@ -2604,8 +2608,8 @@ A step far below its roof is limited by neither memory nor arithmetic but by *ov
 PyTorch dispatches a decode step as dozens of small operators per layer, one after another from
 Python. On a GPU this dominates small models: reading SmolLM2's ~270 MB of bf16 weights takes
 under 0.1 ms at 3 TB/s, yet HF transformers' `generate` on an H100 ran at 30 tokens/s at batch 1
-and 9,323 tokens/s at batch 256 (this project's environment, 2026-11-28, see
-`shared/REFERENCES.md`): 300× the tokens for about the same step time. Serving engines capture
+and 9,323 tokens/s at batch 256 (HF transformers 5.17, SmolLM2-135M shapes in bf16, measured in
+this project's environment on 2026-11-28): ~300× the tokens in no more step time. Serving engines capture
 decode steps in CUDA graphs or compile them for this reason; what the roofline still tells us
 is which roof a step would hit once overhead is gone. Run this section with `--device cuda` to
 see it on your GPU.
@@ -2795,7 +2799,7 @@ takes a fraction of the GPU, loads the weights and gives the rest to the KV cach
 GPU capacities here are GiB (an "80 GB" card has about 80 GiB), so every size in the table is
 in GiB. Two simplifications make this an upper bound: activations and the CUDA context also
 need room (vLLM measures their peak and subtracts it), and quantized formats carry scales
-(Q4_K_M is 4.89 bits per weight, not 4; llama.cpp `tools/quantize/README.md`). Weight-only
+(Q4_K_M is 4.89 bits per weight for Llama-3.1-8B, not 4; llama.cpp `tools/quantize/README.md`). Weight-only
 quantization (int8, int4) keeps the KV cache in fp16 unless `kv_dtype` says otherwise.
 """
 
@@ -3040,12 +3044,12 @@ copies the solution:
   recently used ones are recycled.
 
 ### The cost model
-With `b = kv_bytes_per_token = 2 · L · Hkv · D · bytes` (§1) and a sequence of `T` tokens:
+With `β = kv_bytes_per_token = 2 · L · Hkv · D · bytes` (§1) and a sequence of `T` tokens:
 
 | layout | memory held | waste |
 |---|---|---|
-| contiguous, reserve `T_max` | `T_max · b` | `(T_max − T) · b` |
-| paged, block size `bs` | `⌈T/bs⌉ · bs · b` (+ a table of `⌈T/bs⌉` ints) | `< bs · b`, ≈ `(bs − 1)/2 · b` |
+| contiguous, reserve `T_max` | `T_max · β` | `(T_max − T) · β` |
+| paged, block size `bs` | `⌈T/bs⌉ · bs · β` (+ a table of `⌈T/bs⌉` ints) | `< bs · β`, ≈ `(bs − 1)/2 · β` |
 
 Attention does the same arithmetic on the same bytes; what paging adds is one indirection per
 block. A fused kernel (vLLM's) reads the blocks where they lie and pays 20–26% extra
