@@ -83,3 +83,15 @@ def test_demos_run_offline_on_tiny(llm, tmp_path, monkeypatch, capsys):
     assert "Takeaway" in capsys.readouterr().out
     with pytest.raises(llm.InvalidArgumentError):
         llm.demonstrate_generation(model="tiny", max_new_tokens=0)
+
+
+def test_opens_as_a_notebook():
+    """jupytext reads the file as a notebook (prose cells as markdown) and writes it back unchanged."""
+    jupytext = pytest.importorskip("jupytext")
+    text = MODULE_PATH.read_text()
+    nb = jupytext.reads(text, fmt="py:percent")
+    headings = [c.source.splitlines()[0] for c in nb.cells
+                if c.cell_type == "markdown" and c.source.startswith("## §")]
+    assert [h.split()[1] for h in headings] == ["§0", "§1", "§1b", "§2", "§3", "§4", "§5", "§6", "§7",
+                                                "§8", "§9"]
+    assert jupytext.writes(nb, fmt="py:percent").splitlines()[13:] == text.splitlines()[13:]
