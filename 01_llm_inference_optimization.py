@@ -447,16 +447,24 @@ class AttentionMetadata:
         return AttentionMetadata(starts, list(query_lens))
 
 
+def ragged_attention(q: torch.Tensor, query_start: Sequence[int],
+                     kv_of: Callable[[int, int, int], tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """A ragged step, one sequence at a time: q (N, H, D); `kv_of(s, a, b)` gives sequence s's
+    K and V, each (T, Hkv, D), for its queries q[a:b]. Every cache's slow path is this loop."""
+    out = torch.empty_like(q)
+    for s, (a, b) in enumerate(zip(query_start[:-1], query_start[1:])):
+        k, v = kv_of(s, a, b)
+        out[a:b] = sdpa_attention(q[None, a:b], k[None], v[None])[0]
+    return out
+
+
 def attend_within_step(q, k, v, meta: AttentionMetadata) -> torch.Tensor:
     """Attention when the whole context is in this step (no cache): q (N, H, D), k/v (N, Hkv, D)."""
     if meta.is_uniform:
         S, T = meta.num_seqs, meta.query_lens[0]
         shape = lambda x: x.view(S, T, *x.shape[1:])  # noqa: E731
         return sdpa_attention(shape(q), shape(k), shape(v)).reshape(q.shape)
-    out = torch.empty_like(q)
-    for a, b in zip(meta.query_start[:-1], meta.query_start[1:]):
-        out[a:b] = sdpa_attention(q[None, a:b], k[None, a:b], v[None, a:b])[0]
-    return out
+    return ragged_attention(q, meta.query_start, lambda s, a, b: (k[a:b], v[a:b]))
 
 
 class ContiguousKVCache:
@@ -520,12 +528,11 @@ class ContiguousKVCache:
                 k, v = K[rows, :, :T], V[rows, :, :T]
             out = sdpa_attention(q.view(S, Tq, *q.shape[1:]), k.transpose(1, 2), v.transpose(1, 2))
             return out.reshape(q.shape)
-        out = torch.empty_like(q)
-        for s, (a, b) in enumerate(zip(meta.query_start[:-1], meta.query_start[1:])):
+        def kv_of(s, a, b):  # row of sequence s, its first T tokens, as (T, Hkv, D)
             row, T = meta.seq_rows[s], meta.context_lens[s]
-            k, v = K[row, :, :T].transpose(0, 1), V[row, :, :T].transpose(0, 1)  # (T, Hkv, D)
-            out[a:b] = sdpa_attention(q[None, a:b], k[None], v[None])[0]
-        return out
+            return K[row, :, :T].transpose(0, 1), V[row, :, :T].transpose(0, 1)
+
+        return ragged_attention(q, meta.query_start, kv_of)
 
 
 # %% [markdown]
@@ -3435,12 +3442,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     q_lens = [b - a for a, b in zip(starts[:-1], starts[1:])]
     if len(set(q_lens)) == 1:
         return _paged_attention_uniform(q, k_cache, v_cache, block_tables, T, q_lens[0])
-    out = torch.empty_like(q)
-    for s, (a, b) in enumerate(zip(starts[:-1], starts[1:])):  # ragged: one sequence at a time
-        k = gather_kv(k_cache, block_tables[s], T[s])  # (T, Hkv, D)
-        v = gather_kv(v_cache, block_tables[s], T[s])
-        out[a:b] = sdpa_attention(q[None, a:b], k[None], v[None])[0]
-    return out
+    return ragged_attention(q, starts, lambda s, a, b: (gather_kv(k_cache, block_tables[s], T[s]),
+                                                        gather_kv(v_cache, block_tables[s], T[s])))
 
 
 def _paged_attention_uniform(q, k_cache, v_cache, block_tables, T: list[int], Tq: int):
