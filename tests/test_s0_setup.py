@@ -40,7 +40,7 @@ def test_print_table(llm, capsys):
 
 
 def test_save_plot(llm, tmp_path, monkeypatch):
-    monkeypatch.setattr(llm, "ASSETS_DIR", tmp_path)
+    monkeypatch.setenv("LESSON_PLOT_DIR", str(tmp_path))
     fig, ax = llm.new_figure()
     ax.plot([0, 1], [1, 0])
     path = llm.save_plot(fig, "check")
@@ -71,7 +71,7 @@ def test_docstring_examples(llm):
 
 
 def test_demos_run_offline_on_tiny(llm, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(llm, "ASSETS_DIR", tmp_path)
+    monkeypatch.setenv("LESSON_PLOT_DIR", str(tmp_path))
     row = llm.demonstrate_generation(model="tiny", max_new_tokens=5, device="cpu")
     assert row["new tokens"] <= 5 and row["prompt tokens"] > 0
     assert llm.demonstrate_perplexity(model="tiny", device="cpu", quick=True)["perplexity"] > 1

@@ -147,7 +147,7 @@ def test_analyze_prefill_vs_decode_rows(llm):
 
 
 def test_plot_roofline_writes_png(llm, tmp_path, monkeypatch):
-    monkeypatch.setattr(llm, "ASSETS_DIR", tmp_path)
+    monkeypatch.setenv("LESSON_PLOT_DIR", str(tmp_path))
     rows = [{"phase": "prefill", "batch": 1, "tokens": 64, "FLOP/byte": 30.0, "GFLOP/s": 50.0},
             {"phase": "decode", "batch": 1, "tokens": 1, "context": 129, "FLOP/byte": 0.5, "GFLOP/s": 2.0}]
     path = llm.plot_roofline(rows, peak_flops=1e11, bandwidth=1e10)
@@ -156,7 +156,7 @@ def test_plot_roofline_writes_png(llm, tmp_path, monkeypatch):
 
 
 def test_demonstrate_prefill_vs_decode_tiny(llm, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(llm, "ASSETS_DIR", tmp_path)
+    monkeypatch.setenv("LESSON_PLOT_DIR", str(tmp_path))
     rows = llm.demonstrate_prefill_vs_decode(seed=0, device="cpu", quick=True, model="tiny")
     out = capsys.readouterr().out
     assert "machine balance" in out and "Takeaway" in out
