@@ -1301,18 +1301,16 @@ def text_slices(tokenizer) -> dict[str, list[int]]:
 
 @torch.inference_mode()
 def evaluate_perplexity(model: Transformer, token_ids: Sequence[int], window: int = 512,
-                        progress: bool = True) -> float:
+                        show_progress: bool = True) -> float:
     """exp(mean next-token NLL) over non-overlapping windows of `window` tokens."""
     if window < 2 or window > model.cfg.max_seq_len:
         raise InvalidArgumentError(f"window must be in [2, {model.cfg.max_seq_len}], got {window}")
     if len(token_ids) < 2:
         raise InvalidArgumentError("need at least 2 tokens to measure perplexity")
-    from tqdm.auto import tqdm
-
     ids = torch.tensor(list(token_ids), device=model.device)
     nll, count = 0.0, 0
     starts = range(0, len(ids) - 1, window)
-    for s in tqdm(starts, desc="perplexity", disable=not progress, leave=False):
+    for s in progress(starts, "perplexity", enabled=show_progress):
         chunk = ids[s:s + window]
         if len(chunk) < 2:
             break
@@ -4180,8 +4178,8 @@ def progress(iterable, desc: str, total: int | None = None, enabled: bool = True
     one long line of carriage returns."""
     if not enabled:
         return iterable
-    if sys.stderr.isatty() or "ipykernel" in sys.modules:
-        from tqdm.auto import tqdm
+    if sys.stderr.isatty() or "ipykernel" in sys.modules:  # Jupyter renders the text bar too
+        from tqdm import tqdm
 
         return tqdm(iterable, desc=desc, total=total, leave=False)
     return _log_progress(iterable, desc, total)

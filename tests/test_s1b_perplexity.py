@@ -11,7 +11,7 @@ def test_uniform_model_has_perplexity_vocab_size(llm):
     with torch.no_grad():
         model.lm_head.weight.zero_()  # tied: every logit is 0, every token has probability 1/V
     ids = list(range(100))
-    assert llm.evaluate_perplexity(model, ids, window=16, progress=False) == pytest.approx(
+    assert llm.evaluate_perplexity(model, ids, window=16, show_progress=False) == pytest.approx(
         model.cfg.vocab_size, rel=1e-5)
 
 
@@ -24,7 +24,7 @@ def test_perplexity_is_exp_of_mean_nll_over_windows(llm):
         logp = model.forward_batch(chunk[None])[0, :-1].log_softmax(-1)
         nll -= logp.gather(1, chunk[1:, None]).sum().item()
         n += len(chunk) - 1
-    got = llm.evaluate_perplexity(model, ids.tolist(), window=8, progress=False)
+    got = llm.evaluate_perplexity(model, ids.tolist(), window=8, show_progress=False)
     assert got == pytest.approx(math.exp(nll / n), rel=1e-6)
 
 
@@ -53,6 +53,6 @@ def test_perplexity_matches_hf(llm, smollm2_gguf, hf_smollm2):
     hf = hf_smollm2[0]
     with torch.no_grad():
         loss = hf(torch.tensor([ids]), labels=torch.tensor([ids])).loss.item()
-    got = llm.evaluate_perplexity(ours, ids, window=256, progress=False)
+    got = llm.evaluate_perplexity(ours, ids, window=256, show_progress=False)
     assert got == pytest.approx(math.exp(loss), rel=1e-4)
     assert 2 < got < 100  # a real language model on English prose
