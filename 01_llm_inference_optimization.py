@@ -461,6 +461,7 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor | None = None
     seq_rows: list[int] | None = None
     block_tables: torch.Tensor | None = None
+    _groups: list | None = field(default=None, repr=False, compare=False)  # see attention_groups
 
     @property
     def num_seqs(self) -> int:
@@ -494,6 +495,75 @@ def ragged_attention(q: torch.Tensor, query_start: Sequence[int],
     for s, (a, b) in enumerate(zip(query_start[:-1], query_start[1:])):
         k, v = kv_of(s, a, b)
         out[a:b] = sdpa_attention(q[None, a:b], k[None], v[None])[0]
+    return out
+
+
+@dataclass
+class AttentionGroup:
+    """Sequences of a step attended in one padded call: `seqs` (G,) sequence indices; query
+    rows `src` (n,) of the packed step go to rows `dst` (n,) of the padded (G·Tq) layout; `mask`
+    (G, 1, Tq, Tk) says which keys each query sees (None: all of them)."""
+
+    seqs: list[int]
+    seq_index: torch.Tensor
+    src: torch.Tensor | None
+    dst: torch.Tensor | None
+    Tq: int
+    Tk: int
+    mask: torch.Tensor | None
+
+
+def attention_groups(meta: AttentionMetadata, device) -> list[AttentionGroup]:
+    """Plan a packed step's attention as at most two padded calls: the decodes (one query each)
+    together, the multi-token queries (prefill chunks, speculative verifies) together. Padding a
+    decode's single query to a 512-token prefill chunk would waste 511 rows of work, so the two
+    kinds are not mixed. Computed once per step (every layer reuses it)."""
+    if meta._groups is not None:
+        return meta._groups
+    q_lens, starts = meta.query_lens, meta.query_start
+    groups = []
+    for members in ([s for s, n in enumerate(q_lens) if n == 1], [s for s, n in enumerate(q_lens) if n > 1]):
+        if not members:
+            continue
+        lens, T = [q_lens[s] for s in members], [meta.context_lens[s] for s in members]
+        Tq, Tk = max(lens), max(T)
+        src = [starts[s] + i for s in members for i in range(q_lens[s])]
+        dst = [j * Tq + i for j, s in enumerate(members) for i in range(q_lens[s])]
+        identity = src == dst and len(src) == starts[-1] == len(members) * Tq  # one rectangle
+        mask = None
+        if Tq > 1 or min(T) != Tk:  # key j is visible to query i of sequence s iff j <= T_s - n_s + i
+            first = torch.tensor([t - n for t, n in zip(T, lens)], device=device)
+            q_pos = first[:, None] + torch.arange(Tq, device=device)  # (G, Tq)
+            mask = (torch.arange(Tk, device=device) <= q_pos[:, :, None])[:, None]  # (G, 1, Tq, Tk)
+        src, dst = (None, None) if identity else (torch.tensor(src, device=device),
+                                                  torch.tensor(dst, device=device))
+        groups.append(AttentionGroup(members, torch.tensor(members, device=device), src, dst, Tq, Tk, mask))
+    meta._groups = groups
+    return groups
+
+
+def batched_attention(q: torch.Tensor, meta: AttentionMetadata,
+                      gather: Callable[[AttentionGroup], tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """The fast path of every cache: a packed step's attention in one padded, masked call per
+    group (`attention_groups`). q: (N, H, D); `gather(group)` returns the group's K and V as
+    (G, Tk, Hkv, D), each sequence's context padded to Tk. Same result as `ragged_attention`."""
+    out = torch.empty_like(q)
+    H, D = q.shape[1:]
+    for g in attention_groups(meta, q.device):
+        k, v = gather(g)
+        G = len(g.seqs)
+        if g.src is None:
+            qp = q.view(G, g.Tq, H, D)
+        else:
+            qp = q.new_zeros(G * g.Tq, H, D)
+            qp[g.dst] = q[g.src]
+            qp = qp.view(G, g.Tq, H, D)
+        o = F.scaled_dot_product_attention(qp.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           attn_mask=g.mask, enable_gqa=H != k.shape[2])
+        o = o.transpose(1, 2).reshape(G * g.Tq, H, D)  # (G·Tq, H, D)
+        if g.src is None:
+            return o.view(q.shape)
+        out[g.src] = o[g.dst]
     return out
 
 
@@ -556,17 +626,24 @@ class ContiguousKVCache:
         self.v[layer, rows, :, pos] = v.to(self.v.dtype)
 
     def attend(self, layer: int, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """Attention of this step's queries q (N, H, D) over each sequence's cached context."""
+        """Attention of this step's queries q (N, H, D) over each sequence's cached context:
+        sequences of unequal length share one masked call (`batched_attention`)."""
         K, V = self.k[layer], self.v[layer]  # (B, Hkv, T_max, D)
-        if meta.is_uniform:
-            S, Tq, T = meta.num_seqs, meta.query_lens[0], meta.context_lens[0]
-            rows = meta.seq_rows
-            if rows == list(range(rows[0], rows[0] + S)):  # a slice is a view: no copy
-                k, v = K[rows[0]:rows[0] + S, :, :T], V[rows[0]:rows[0] + S, :, :T]
+
+        def gather(g: AttentionGroup):  # the group's rows, first Tk positions, as (G, Tk, Hkv, D)
+            rows = [meta.seq_rows[s] for s in g.seqs]
+            if rows == list(range(rows[0], rows[0] + len(rows))):  # a slice is a view: no copy
+                k, v = K[rows[0]:rows[0] + len(rows), :, :g.Tk], V[rows[0]:rows[0] + len(rows), :, :g.Tk]
             else:
-                k, v = K[rows, :, :T], V[rows, :, :T]
-            out = sdpa_attention(q.view(S, Tq, *q.shape[1:]), k.transpose(1, 2), v.transpose(1, 2))
-            return out.reshape(q.shape)
+                k, v = K[rows, :, :g.Tk], V[rows, :, :g.Tk]
+            return k.transpose(1, 2), v.transpose(1, 2)
+
+        return batched_attention(q, meta, gather)
+
+    def attend_naive(self, layer: int, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """The reference: one sequence at a time (`ragged_attention`)."""
+        K, V = self.k[layer], self.v[layer]
+
         def kv_of(s, a, b):  # row of sequence s, its first T tokens, as (T, Hkv, D)
             row, T = meta.seq_rows[s], meta.context_lens[s]
             return K[row, :, :T].transpose(0, 1), V[row, :, :T].transpose(0, 1)
@@ -1198,7 +1275,7 @@ def model_from_gguf(path: str | Path, device=None, dtype=torch.float32, gguf=Non
     gguf = gguf or read_gguf(path)
     cfg = config_from_gguf(gguf.metadata, gguf.tensors, name=Path(path).stem)
     model = Transformer(cfg)
-    params = dict(model.named_parameters())
+    params, loaded = dict(model.named_parameters()), set()  # tied weights appear once
     with torch.no_grad():
         for name in gguf.tensors:
             target = gguf_to_param_name(name)
@@ -1211,6 +1288,12 @@ def model_from_gguf(path: str | Path, device=None, dtype=torch.float32, gguf=Non
                 raise ConfigError(f"{name}: shape {tuple(w.shape)} does not match the config's "
                                   f"{expected}")
             params[target].copy_(w)
+            loaded.add(target)
+    missing = sorted(set(params) - loaded)
+    if missing:  # a weight left at its random init would give garbage, silently
+        raise ConfigError(f"{Path(path).name} has no tensor for {len(missing)} of the model's weights "
+                          f"({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}); is the file "
+                          "complete, and a LLaMA-architecture model?")
     return model.to(device=pick_device(device), dtype=dtype).eval()
 
 
@@ -1964,59 +2047,97 @@ def demonstrate_memory_requirements(seq_len: int = 4096, batch_size: int = 1, dt
 
 `ContiguousKVCache` (§1) is the simplest cache: per layer, preallocated K/V of shape
 (B, Hkv, T_max, D), written at explicit positions. `generate(..., use_cache=False)` is the
-naive loop. The demo below runs both on the real model, checks that they produce identical
-tokens, and times every step, so the O(n) vs flat curve is measured, not drawn.
+naive loop. The demo runs both on the real model and checks that they produce identical tokens.
+
+**Measuring the slow path without paying for it.** Without a cache, the token at position p
+costs one forward over all p tokens, so n tokens cost Σ_p step(p), quadratic in n: 1,024 new
+tokens take minutes on a laptop CPU. We measure instead what each step costs: at a handful of
+context lengths p we time one uncached step (a forward over p tokens) and one cached decode step
+(one token attending over p cached ones; what sits in the cache does not change the work, so it
+need not be filled by a real prefill). The total for n tokens is the sum of these per-step
+costs over every position, linearly interpolated between the measured ones. A short greedy run
+with and without the cache, timed end to end, checks the tokens are identical and anchors the
+estimate.
 """
 
 
 # %%
-def _timed_generation(model, prompt_ids, n: int, use_cache: bool) -> tuple[list[int], list[float]]:
-    """Greedy generation, returning the tokens and the wall time of each step (prefill included)."""
-    stamps = [time.perf_counter()]
-    out = generate(model, prompt_ids, n, use_cache=use_cache,
-                   on_token=lambda _: (synchronize(model.device), stamps.append(time.perf_counter())))
-    return out, np.diff(stamps).tolist()
+def _timed_generation(model, prompt_ids, n: int, use_cache: bool) -> tuple[list[int], float]:
+    """Greedy generation of n tokens: (tokens, wall seconds, prefill included)."""
+    with Timer(model.device) as t:
+        out = generate(model, prompt_ids, n, use_cache=use_cache)
+    return out, t.seconds
 
 
-def analyze_kv_cache(model="smollm2", new_tokens: Sequence[int] = (64, 256, 512), device=None,
-                     prompt: str = "Explain why the sky is blue.") -> tuple[list[dict], dict]:
-    """Cached vs uncached greedy generation on the real model: times, speedup, tokens equal?
+@torch.inference_mode()
+def time_step_at(model: Transformer, p: int, use_cache: bool, repeat: int = 3) -> float:
+    """Median seconds of the step that produces the token after a context of p tokens: without a
+    cache a forward over all p tokens; with one, a decode step over p - 1 cached tokens."""
+    ids = [1] * p  # token ids do not change the work
+    if not use_cache:
+        return benchmark(lambda: forward_without_cache(model, ids), model.device, repeat=repeat)
+    cache = ContiguousKVCache(model.cfg, 1, p, model.device, model.dtype)
+    return benchmark(lambda: decode_one_token(model, cache, 1, p - 1), model.device, repeat=repeat)
 
-    Returns (rows, per_step): rows per n; per_step holds each step's seconds for the largest n.
-    """
-    if not new_tokens or min(new_tokens) <= 0:
-        raise InvalidArgumentError(f"new_tokens must be positive counts, got {new_tokens}")
+
+def analyze_kv_cache(model="smollm2", new_tokens: Sequence[int] = (64, 256, 1024), device=None,
+                     prompt: str = "Explain why the sky is blue.", checked_tokens: int = 32,
+                     num_positions: int = 7) -> tuple[list[dict], list[dict]]:
+    """Cached vs uncached greedy generation: one end-to-end run of `checked_tokens` (tokens must
+    be identical), then per-step costs at `num_positions` context lengths, summed over every
+    position for each n in `new_tokens`. Returns (rows per n, rows per measured position)."""
+    if not new_tokens or min(new_tokens) <= 0 or checked_tokens <= 0:
+        raise InvalidArgumentError(f"new_tokens must be positive counts, got {new_tokens}, {checked_tokens}")
     net, tok = get_model(model, device)
     ids = tok.encode_chat([{"role": "user", "content": prompt}])
-    rows, per_step = [], {}
-    for n in sorted(new_tokens):
-        cached, t_cached = _timed_generation(net, ids, n, use_cache=True)
-        naive, t_naive = _timed_generation(net, ids, n, use_cache=False)
-        kv_used = net.cfg.kv_bytes_per_token(torch.finfo(net.dtype).bits // 8) * (len(ids) + n)
-        rows.append({"new tokens": n, "no cache (s)": sum(t_naive), "KV cache (s)": sum(t_cached),
-                     "speedup (×)": sum(t_naive) / sum(t_cached),
-                     "identical tokens": cached == naive, "KV memory (MiB)": kv_used / 2**20})
-        per_step = {"cached": t_cached, "naive": t_naive, "prompt_len": len(ids)}
-    return rows, per_step
+    P, room = len(ids), net.cfg.max_seq_len - len(ids)
+    if room < 2:
+        raise ContextOverflowError(f"the prompt ({P} tokens) leaves no room in {net.cfg.name}'s context")
+    new_tokens = sorted({min(n, room) for n in new_tokens})  # the tiny model's context is short
+    checked = min(checked_tokens, new_tokens[-1])
+    generate(net, ids, 2)  # warm-up
+    cached, t_cached = _timed_generation(net, ids, checked, use_cache=True)
+    naive, t_naive = _timed_generation(net, ids, checked, use_cache=False)
+    last = P + new_tokens[-1] - 1  # context of the last step
+    points = np.unique(np.geomspace(P, last, num_positions).round().astype(int)).tolist()
+    steps = Rows([{"context (tokens)": p,
+                   "no cache (ms)": 1e3 * time_step_at(net, p, False, 3 if p <= 256 else 1),
+                   "KV cache (ms)": 1e3 * time_step_at(net, p, True, 5)}
+                  for p in progress(points, "per-position timings")], "Per-step cost vs context")
+    for r in steps:
+        r["ratio (×)"] = r["no cache (ms)"] / r["KV cache (ms)"]
+    kv_bytes = net.cfg.kv_bytes_per_token(net.dtype.itemsize)
+    dtype = str(net.dtype).replace("torch.float", "fp")
+    rows = Rows([{"new tokens": checked, "how": "measured end to end", "no cache (s)": t_naive,
+                  "KV cache (s)": t_cached, "speedup (×)": t_naive / t_cached,
+                  "identical tokens": cached == naive, f"KV memory {dtype} (MiB)": kv_bytes * (P + checked) / 2**20}],
+                f"KV cache vs recomputation ({net.cfg.name}, greedy, {net.device})")
+    for n in new_tokens:
+        t_no, t_kv = _integrate_steps(steps, P, n)
+        rows.append({"new tokens": n, "how": f"sum of per-step costs ({len(points)} measured)",
+                     "no cache (s)": t_no, "KV cache (s)": t_kv, "speedup (×)": t_no / t_kv,
+                     "identical tokens": None, f"KV memory {dtype} (MiB)": kv_bytes * (P + n) / 2**20})
+    return rows, steps
 
 
-def _per_position_rows(per_step: dict, points: int = 5) -> list[dict]:
-    """A few evenly spaced decode steps of the per-step timings (step 0, the prefill, excluded)."""
-    n = len(per_step["cached"]) - 1
-    picks = sorted({round(i * (n - 1) / (points - 1)) + 1 for i in range(points)}) if n > 0 else []
-    return [{"position": per_step["prompt_len"] + i, "no cache (ms)": 1e3 * per_step["naive"][i],
-             "KV cache (ms)": 1e3 * per_step["cached"][i]} for i in picks]
+def _integrate_steps(steps: Sequence[dict], P: int, n: int) -> tuple[float, float]:
+    """Seconds to generate n tokens after a P-token prompt, from per-step costs at some contexts:
+    token i (0-based) comes from the step over a context of P + i tokens."""
+    xs = [r["context (tokens)"] for r in steps]
+    contexts = np.arange(P, P + n)
+    no_cache = np.interp(contexts, xs, [r["no cache (ms)"] for r in steps]).sum() / 1e3
+    kv = (np.interp(P, xs, [r["no cache (ms)"] for r in steps])  # token 0: the prefill
+          + np.interp(contexts[1:], xs, [r["KV cache (ms)"] for r in steps]).sum()) / 1e3
+    return float(no_cache), float(kv)
 
 
-def plot_kv_cache(per_step: dict) -> Path:
-    """Seconds per generated token vs its position, with and without the cache."""
+def plot_kv_cache(steps: Sequence[dict], title: str) -> Path:
+    """Milliseconds per generated token vs context length, with and without the cache."""
     fig, ax = new_figure(figsize=(7, 4))
-    p0 = per_step["prompt_len"]
-    for key, label in (("naive", "no cache: recompute the prefix"), ("cached", "KV cache")):
-        t = np.array(per_step[key][1:]) * 1e3  # skip step 0 (the prefill)
-        ax.plot(np.arange(len(t)) + p0 + 1, t, label=label)
-    ax.set(xlabel="position of the generated token", ylabel="ms per token",
-           title="Per-token decode time (measured)")
+    xs = [r["context (tokens)"] for r in steps]
+    for key, label in (("no cache (ms)", "no cache: recompute the prefix"), ("KV cache (ms)", "KV cache")):
+        ax.plot(xs, [r[key] for r in steps], "o-", label=label)
+    ax.set(xlabel="context length (tokens)", ylabel="ms per generated token", title=title)
     ax.legend()
     return save_plot(fig, "kv_cache_per_token")
 
@@ -2024,21 +2145,19 @@ def plot_kv_cache(per_step: dict) -> Path:
 def demonstrate_kv_cache(model: str = "smollm2", seed: int = 0, device=None, quick: bool = False,
                          plots: bool = True) -> list[dict]:
     """Measure the KV cache's speedup on the real model (greedy, so `seed` does not matter)."""
-    new_tokens = (16, 64) if quick else (64, 256, 512)
-    rows, per_step = analyze_kv_cache(model, new_tokens, device)
-    print_table(rows, f"KV cache vs recomputation ({get_model(model, device)[0].cfg.name}, greedy, "
-                f"{pick_device(device)}; measured)", floatfmt=".2f")
-    print_table(_per_position_rows(per_step), "Time per generated token vs its position (measured)",
-                floatfmt=".1f")
+    new_tokens = (16, 64, 256) if quick else (64, 256, 1024)
+    rows, steps = analyze_kv_cache(model, new_tokens, device, checked_tokens=16 if quick else 32,
+                                   num_positions=4 if quick else 7)
+    print(rows)
+    print(steps)
     if plots:
-        print(f"plot: {plot_kv_cache(per_step)}")
+        name = get_model(model, device)[0].cfg.name
+        print(f"plot: {plot_kv_cache(steps, f'Per-token decode time, {name} on {pick_device(device)} (measured)')}")
     last = rows[-1]
-    print(f"Takeaway: at {last['new tokens']} new tokens the cache is {last['speedup (×)']:.1f}× "
-          "faster and gives the same tokens; without it each step recomputes the whole prefix.")
+    print(f"Takeaway: the cache gives the same tokens; at {last['new tokens']} new tokens it is "
+          f"{last['speedup (×)']:.1f}× faster, and the gap grows with length: an uncached step redoes "
+          "the whole prefix, a cached one reads it.")
     return rows
-
-# %%
-notebook_demo("memory")  # runs only in a notebook: the section's demo, here
 
 
 # %%
@@ -2116,7 +2235,7 @@ the model's forward runs on it unchanged.
 
 
 # %%
-class OutOfBlocks(LessonError):
+class OutOfBlocksError(LessonError):
     """The block pool cannot hold what was asked for; the manager's state is left unchanged.
 
     Free or preempt a running sequence (§5), or build the cache with more blocks.
@@ -2272,12 +2391,12 @@ class BlockManager:
     def allocate(self, seq: SequenceState) -> int:
         """Blocks for all of seq's tokens; returns seq.num_cached_tokens (prefill may skip them).
 
-        All or nothing: raises OutOfBlocks, changing nothing, when the pool is too small.
+        All or nothing: raises OutOfBlocksError, changing nothing, when the pool is too small.
         """
         self._check_new(seq)
         hashes, hits, need = self._plan_allocation(seq)
         if need > self.num_free_blocks:
-            raise OutOfBlocks(
+            raise OutOfBlocksError(
                 f"sequence {seq.seq_id} ({seq.num_tokens} tokens) needs {need} blocks but only "
                 f"{self.num_free_blocks} of {self.num_blocks} are free; free or preempt a "
                 "sequence, or give the cache more blocks")
@@ -2350,7 +2469,7 @@ class BlockManager:
         """
         self._check_appendable(seq)
         if self._blocks_to_append(seq) > self.num_free_blocks:
-            raise OutOfBlocks(
+            raise OutOfBlocksError(
                 f"sequence {seq.seq_id} needs a new block but all {self.num_blocks} are in use; "
                 "free or preempt a sequence, or give the cache more blocks")
         pos, bs = seq.num_slots, self.block_size
@@ -2469,39 +2588,44 @@ def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, T: int) -> torch.T
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     block_tables: torch.Tensor, context_lens: Sequence[int],
-                    query_start: Sequence[int]) -> torch.Tensor:
+                    query_start: Sequence[int] | None = None) -> torch.Tensor:
     """Attention of a packed step over K/V stored in blocks.
 
-    q: (N, H, D), sequence s owns rows query_start[s] : query_start[s+1];
-    k_cache, v_cache: (num_blocks, bs, Hkv, D); block_tables: (S, max_blocks) long, rows padded
-    with -1; context_lens[s]: tokens of context of sequence s including its new ones.
-    Returns (N, H, D), each sequence exactly as naive_attention over its own K/V.
+    q: (N, H, D), sequence s owns rows query_start[s] : query_start[s+1] (default: one query per
+    sequence, a decode step); k_cache, v_cache: (num_blocks, bs, Hkv, D); block_tables:
+    (S, max_blocks) long, rows padded with -1; context_lens[s]: tokens of context of sequence s
+    including its new ones. Returns (N, H, D), each sequence exactly as naive_attention over its
+    own K/V.
     """
-    starts = [int(x) for x in query_start]
+    meta = _paged_metadata(q, block_tables, context_lens, query_start)
+    return batched_attention(q, meta, lambda g: (gather_blocks(k_cache, meta.block_tables, g),
+                                                 gather_blocks(v_cache, meta.block_tables, g)))
+
+
+def paged_attention_naive(q, k_cache, v_cache, block_tables, context_lens, query_start=None):
+    """The reference: gather each sequence's blocks and attend, one sequence at a time."""
+    meta = _paged_metadata(q, block_tables, context_lens, query_start)
+    T = meta.context_lens
+    return ragged_attention(q, meta.query_start, lambda s, a, b: (gather_kv(k_cache, block_tables[s], T[s]),
+                                                                  gather_kv(v_cache, block_tables[s], T[s])))
+
+
+def _paged_metadata(q, block_tables, context_lens, query_start) -> AttentionMetadata:
     T = [int(x) for x in context_lens]
-    q_lens = [b - a for a, b in zip(starts[:-1], starts[1:])]
-    if len(set(q_lens)) == 1:
-        return _paged_attention_uniform(q, k_cache, v_cache, block_tables, T, q_lens[0])
-    return ragged_attention(q, starts, lambda s, a, b: (gather_kv(k_cache, block_tables[s], T[s]),
-                                                        gather_kv(v_cache, block_tables[s], T[s])))
+    starts = list(range(len(T) + 1)) if query_start is None else [int(x) for x in query_start]
+    if len(starts) != len(T) + 1 or starts[-1] != q.shape[0]:
+        raise InvalidArgumentError(
+            f"{len(T)} sequences need {len(T) + 1} query offsets ending at N={q.shape[0]}, got "
+            f"{len(starts)} ending at {starts[-1]}; omit query_start for one query per sequence")
+    return AttentionMetadata(starts, T, block_tables=block_tables)
 
 
-def _paged_attention_uniform(q, k_cache, v_cache, block_tables, T: list[int], Tq: int):
-    """All S sequences have Tq new tokens: gather padded K/V (S, Tk, Hkv, D), one masked call."""
-    S, bs = len(T), k_cache.shape[1]
-    nb = -(-max(T) // bs)
-    blocks = block_tables[:, :nb].clamp(min=0)  # padding entries read block 0, then get masked
-    k = k_cache[blocks].flatten(1, 2)  # (S, nb·bs, Hkv, D)
-    v = v_cache[blocks].flatten(1, 2)
-    Tk = nb * bs
-    mask = None
-    if Tq > 1 or min(T) != Tk:  # key j is visible to query i of seq s iff j <= T_s - Tq + i
-        q_pos = torch.tensor(T, device=q.device)[:, None] - Tq + torch.arange(Tq, device=q.device)
-        mask = (torch.arange(Tk, device=q.device) <= q_pos[:, :, None])[:, None]  # (S, 1, Tq, Tk)
-    out = F.scaled_dot_product_attention(
-        q.view(S, Tq, *q.shape[1:]).transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-        attn_mask=mask, enable_gqa=q.shape[1] != k.shape[2])  # (S, H, Tq, D)
-    return out.transpose(1, 2).reshape(q.shape)
+def gather_blocks(cache: torch.Tensor, block_tables: torch.Tensor, g: AttentionGroup) -> torch.Tensor:
+    """The K (or V) of a group's sequences through their block tables, padded: (G, Tk, Hkv, D).
+    Padding entries (-1) read block 0; the mask hides them."""
+    bs = cache.shape[1]
+    blocks = block_tables[g.seq_index, :-(-g.Tk // bs)].clamp(min=0)  # (G, nb)
+    return cache[blocks].flatten(1, 2)[:, :g.Tk]
 
 
 class PagedKVCache:
@@ -2557,8 +2681,8 @@ class PagedKVCache:
 
     def attend(self, layer: int, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Attention of this step's queries q (N, H, D) over each sequence's blocks."""
-        return paged_attention(q, self.k[layer], self.v[layer], meta.block_tables,
-                               meta.context_lens, meta.query_start)
+        return batched_attention(q, meta, lambda g: (gather_blocks(self.k[layer], meta.block_tables, g),
+                                                     gather_blocks(self.v[layer], meta.block_tables, g)))
 
     def copy_block(self, src: int, dst: int) -> None:
         """Copy-on-write: block dst gets block src's K/V, every layer."""
@@ -2782,7 +2906,7 @@ def _free_oldest_until(bm: BlockManager, live: deque, fits: Callable[[SequenceSt
     """Free the oldest live sequences until `fits(seq)` (what a scheduler's preemption does)."""
     while not fits(seq):
         if not live:
-            raise OutOfBlocks(f"one request does not fit in {bm.num_blocks} blocks; use more blocks")
+            raise OutOfBlocksError(f"one request does not fit in {bm.num_blocks} blocks; use more blocks")
         bm.free(live.popleft())
 
 
@@ -2923,7 +3047,7 @@ demo and the tests check exactly that on SmolLM2.
 
 # %%
 @torch.inference_mode()
-def _paged_step(model: Transformer, cache: PagedKVCache, seqs: list[SequenceState],
+def paged_step(model: Transformer, cache: PagedKVCache, seqs: list[SequenceState],
                 query_lens: list[int]) -> torch.Tensor:
     """One packed forward over the last query_lens[s] tokens of seqs[s]; next-token logits (S, V)."""
     positions, meta = cache.metadata(seqs, query_lens)
@@ -2947,7 +3071,7 @@ def paged_generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new
     bm = BlockManager(num_blocks, block_size, enable_prefix_caching)
     cache = PagedKVCache(model.cfg, num_blocks, block_size, model.device, model.dtype)
     seqs = [SequenceState(i, list(p)) for i, p in enumerate(prompts)]
-    skipped = [bm.allocate(seq) for seq in seqs]  # raises OutOfBlocks if the pool is too small
+    skipped = [bm.allocate(seq) for seq in seqs]  # raises OutOfBlocksError if the pool is too small
     peak = [bm.num_used_blocks]
 
     def append(seq):  # reserve a slot for the new token; copy a shared block first if needed
@@ -2956,7 +3080,7 @@ def paged_generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new
             cache.copy_block(*cow)
         peak[0] = max(peak[0], bm.num_used_blocks)
 
-    step = lambda seqs, query_lens: _paged_step(model, cache, seqs, query_lens)  # noqa: E731
+    step = lambda seqs, query_lens: paged_step(model, cache, seqs, query_lens)  # noqa: E731
     first = [s.num_tokens - c for s, c in zip(seqs, skipped)]
     outputs = greedy_batch_loop(step, seqs, first, max_new_tokens, stop_ids, append, bm.free)
     peak = peak[0]

@@ -5,7 +5,6 @@ demo cell produces its section's output. Importing the file still runs nothing (
 import os
 
 import pytest
-
 from conftest import MODULE_PATH, ROOT
 
 jupytext = pytest.importorskip("jupytext")
@@ -56,7 +55,8 @@ def test_notebook_runs_every_section_demo_where_the_section_ends(executed):
 
 def test_no_cell_failed_and_main_did_not_run(executed):
     nb, _ = executed
-    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.get("output_type") == "error"]
+    errors = [o for c in nb.cells if c.cell_type == "code"
+              for o in c.outputs if o.get("output_type") == "error"]
     assert not errors, errors
     last = nb.cells[-1]  # the `if __name__ == "__main__"` cell: a kernel is not the command line
     assert "__main__" in last.source and not _outputs(last)

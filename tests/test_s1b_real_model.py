@@ -131,3 +131,14 @@ def test_unsupported_gguf_contents_raise_config_error(llm, smollm2_gguf):
 def test_get_model_shares_one_copy(llm, smollm2_gguf):
     a = llm.get_model(smollm2_gguf, device="cpu")
     assert llm.get_model(str(smollm2_gguf), device="cpu") is a
+
+
+def test_model_from_gguf_names_missing_weights(llm, smollm2_gguf):
+    """A file without some of the model's tensors is refused, naming what is missing."""
+    import dataclasses
+
+    gguf = llm.read_gguf(smollm2_gguf)
+    partial = dataclasses.replace(gguf, tensors={k: v for k, v in gguf.tensors.items()
+                                                 if not k.startswith("blk.29.")})
+    with pytest.raises(llm.ConfigError, match="no tensor for 9 of the model's weights.*layers.29"):
+        llm.model_from_gguf(smollm2_gguf, device="cpu", gguf=partial)

@@ -41,9 +41,41 @@ def test_cached_equals_uncached_real_model(llm, smollm2_gguf):
 
 
 def test_analyze_kv_cache_rows(llm):
-    rows, per_step = llm.analyze_kv_cache("tiny", new_tokens=(4, 8), device="cpu")
-    assert [r["new tokens"] for r in rows] == [4, 8]
-    assert all(r["identical tokens"] for r in rows)
-    assert len(per_step["cached"]) == len(per_step["naive"]) == 8
+    rows, steps = llm.analyze_kv_cache("tiny", new_tokens=(4, 8, 10_000), device="cpu", checked_tokens=6,
+                                       num_positions=3)
+    assert rows[0]["identical tokens"] is True and rows[0]["new tokens"] == 6
+    prompt = llm.ByteTokenizer().encode_chat([{"role": "user", "content": "Explain why the sky is blue."}])
+    assert [r["new tokens"] for r in rows[1:]] == [4, 8, 512 - len(prompt)]  # capped to the context
+    assert all(r["no cache (ms)"] > 0 and r["KV cache (ms)"] > 0 for r in steps)
     with pytest.raises(llm.InvalidArgumentError):
         llm.analyze_kv_cache("tiny", new_tokens=(0,))
+
+
+def test_integrate_steps_is_the_sum_over_positions(llm):
+    """Hand-worked: linear per-step costs, summed exactly by the interpolation."""
+    steps = [{"context (tokens)": 10, "no cache (ms)": 10.0, "KV cache (ms)": 1.0},
+             {"context (tokens)": 20, "no cache (ms)": 20.0, "KV cache (ms)": 2.0}]
+    no_cache, kv = llm._integrate_steps(steps, 10, 11)  # contexts 10..20
+    assert no_cache == pytest.approx(sum(range(10, 21)) / 1e3)
+    assert kv == pytest.approx((10 + sum(c / 10 for c in range(11, 21))) / 1e3)
+
+
+@pytest.mark.parametrize("start_pos, query_lens", [
+    ([3, 9, 0], [1, 1, 1]),  # decode, contexts of unequal length: one masked call
+    ([0, 4, 2], [5, 1, 3]),  # a mixed step: prefill, decode, chunk
+    ([2, 2], [3, 3]),  # a rectangle
+])
+def test_contiguous_attend_batches_unequal_contexts(llm, start_pos, query_lens):
+    cfg = llm.ModelConfig.from_name("tiny")
+    gen = torch.Generator().manual_seed(0)
+    cache = llm.ContiguousKVCache(cfg, 4, 16)
+    cache.k.copy_(torch.randn(cache.k.shape, generator=gen))
+    cache.v.copy_(torch.randn(cache.v.shape, generator=gen))
+    rows = [3, 0, 1][:len(query_lens)]
+    _, meta = cache.metadata(rows, start_pos, query_lens)
+    q = torch.randn(sum(query_lens), cfg.n_heads, cfg.head_dim, generator=gen)
+    torch.testing.assert_close(cache.attend(1, q, meta), cache.attend_naive(1, q, meta))
+    a, b = meta.query_start[1], meta.query_start[2]  # sequence 1 against the textbook formula
+    k = cache.k[1, rows[1], :, :meta.context_lens[1]].transpose(0, 1)
+    v = cache.v[1, rows[1], :, :meta.context_lens[1]].transpose(0, 1)
+    torch.testing.assert_close(cache.attend(1, q, meta)[a:b], llm.naive_attention(q[a:b], k, v))

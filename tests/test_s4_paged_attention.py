@@ -71,7 +71,7 @@ def test_hand_worked_prefix_cache_and_eviction(llm):
     assert a.block_table == [0, 2, 3] and b.block_table == [0, 1]
     b.token_ids.append(7)  # needs a fifth block
     before = snapshot(bm)
-    with pytest.raises(llm.OutOfBlocks):
+    with pytest.raises(llm.OutOfBlocksError):
         bm.append_slot(b)
     assert snapshot(bm) == before
     bm.free(a)  # block 3 (partial) is free; block 2 = [3 4] after [1 2] stays findable
@@ -80,7 +80,7 @@ def test_hand_worked_prefix_cache_and_eviction(llm):
     c = llm.SequenceState(2, [1, 2, 3, 4, 9])  # would hit blocks 0 and 2, needs one more
     before = snapshot(bm)
     assert not bm.can_allocate(c)
-    with pytest.raises(llm.OutOfBlocks):
+    with pytest.raises(llm.OutOfBlocksError):
         bm.allocate(c)
     assert snapshot(bm) == before and c.block_table == []
     bm.free(b)  # 3 -> free; 1 = [3 5] then 0 = [1 2] join the cache (tail first)
@@ -111,7 +111,7 @@ def test_exhaustion_leaves_state_unchanged(llm):
     big = llm.SequenceState(0, list(range(13)))  # 4 blocks
     before = snapshot(bm)
     assert not bm.can_allocate(big)
-    with pytest.raises(llm.OutOfBlocks, match="needs 4 blocks"):
+    with pytest.raises(llm.OutOfBlocksError, match="needs 4 blocks"):
         bm.allocate(big)
     assert snapshot(bm) == before and big.block_table == [] and big.seq_id not in bm.live
     seq = llm.SequenceState(1, list(range(12)))
@@ -119,7 +119,7 @@ def test_exhaustion_leaves_state_unchanged(llm):
     seq.token_ids.append(99)
     before = snapshot(bm)
     assert not bm.can_append(seq)
-    with pytest.raises(llm.OutOfBlocks):
+    with pytest.raises(llm.OutOfBlocksError):
         bm.append_slot(seq)
     assert snapshot(bm) == before
 
@@ -194,7 +194,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
             self.seqs[seq.seq_id] = seq
         else:
             before = snapshot(self.bm)
-            with pytest.raises(llm_module.OutOfBlocks):
+            with pytest.raises(llm_module.OutOfBlocksError):
                 self.bm.allocate(seq)
             assert snapshot(self.bm) == before and seq.block_table == []
 
@@ -207,7 +207,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
         while seq.num_slots < seq.num_tokens:
             if not self.bm.can_append(seq):
                 before = snapshot(self.bm)
-                with pytest.raises(llm_module.OutOfBlocks):
+                with pytest.raises(llm_module.OutOfBlocksError):
                     self.bm.append_slot(seq)
                 assert snapshot(self.bm) == before
                 del seq.token_ids[seq.num_slots:]  # the step does not run: drop its tokens
@@ -351,7 +351,7 @@ def contiguous_generate(llm, model, prompt, n_new, forced=()):
 
 def paged_step(model, cache, seqs, query_lens):
     """One packed forward over the last query_lens[s] tokens of seqs[s]; logits (S, V)."""
-    return load_lesson()._paged_step(model, cache, list(seqs), list(query_lens))  # the module's own
+    return load_lesson().paged_step(model, cache, list(seqs), list(query_lens))  # the module's own
 
 
 def append_tokens(bm, cache, seqs, tokens):
@@ -544,7 +544,7 @@ def test_paged_generate_equals_contiguous_tiny(llm, tiny):
 
 
 def test_paged_generate_out_of_blocks(llm, tiny):
-    with pytest.raises(llm.OutOfBlocks):
+    with pytest.raises(llm.OutOfBlocksError):
         llm.paged_generate(tiny, [[1] * 20], 4, block_size=4, num_blocks=3)
 
 
@@ -565,3 +565,20 @@ def test_paged_generate_zero_tokens_and_bad_analysis_input(llm, tiny):
         llm.sample_request_lengths(-1)
     with pytest.raises(llm.InvalidArgumentError):
         llm.analyze_sharing(widths=(0,), num_requests=2)
+
+
+def test_paged_attention_defaults_to_one_query_per_sequence(llm):
+    """No query_start: a decode step, one query per sequence; equal to the per-sequence loop."""
+    q, k_cache, v_cache, tables, starts, ks, vs = paged_problem(llm, [5, 19, 2], [1, 1, 1], 4, 2, 3)
+    out = llm.paged_attention(q, k_cache, v_cache, tables, [5, 19, 2])
+    torch.testing.assert_close(out, llm.paged_attention_naive(q, k_cache, v_cache, tables, [5, 19, 2]))
+    with pytest.raises(llm.InvalidArgumentError, match="query offsets"):
+        llm.paged_attention(q, k_cache, v_cache, tables, [5, 19, 2], [0, 1, 3])
+
+
+def test_mixed_step_is_at_most_two_attention_calls(llm):
+    """A step of decodes and prefill chunks is planned as two padded groups, never a per-sequence loop."""
+    meta = llm.AttentionMetadata([0, 1, 8, 9, 12], [10, 7, 30, 3])
+    groups = llm.attention_groups(meta, "cpu")
+    assert [g.seqs for g in groups] == [[0, 2], [1, 3]]
+    assert [(g.Tq, g.Tk) for g in groups] == [(1, 30), (7, 7)]
