@@ -783,7 +783,9 @@ alternative (`use_cache=False`) re-runs the whole prefix every step; §3 measure
 Sampling: temperature 0 is greedy (argmax). Otherwise logits are divided by the temperature,
 `top_k` keeps the k most likely tokens, `top_p` keeps the smallest set whose probability mass
 reaches p (nucleus sampling), and one token is drawn. Sampling uses a private generator seeded
-by `seed` and runs on the CPU, so the same seed gives the same text on any device.
+by `seed` and runs on the CPU, so the same seed and the same logits give the same tokens on any
+device. Logits themselves differ slightly between devices and dtypes (float rounding), so across
+machines the text is the same only while no two candidates are that close in probability.
 """
 
 
@@ -1085,7 +1087,9 @@ Where each code's bits live (element index i inside its block):
 The dequantizers below turn the bytes into a (n_blocks, bytes_per_block) array and do each step
 for all blocks at once with NumPy; there is no Python loop over blocks. They follow the same
 float32 operation order as ggml's reference C code (e.g. `(d·s_j)·q − dmin·m_j`, not a fused
-multiply-add), so results are bit-exact. Two cheap speed-ups: the codes stay uint8/int8 until
+multiply-add), and the tests find every tensor of the real model and random blocks of every
+type bit-identical to gguf-py's NumPy dequantizers (llama.cpp's own Python package). Two cheap
+speed-ups: the codes stay uint8/int8 until
 the multiply by the float32 scale, which converts them exactly on the fly (an explicit
 `astype(float32)` would be one more pass over memory); and big tensors are done 4096 blocks at
 a time, so the temporaries stay in the CPU's caches instead of spilling to memory
@@ -1240,7 +1244,8 @@ def analyze_gguf_storage(gguf: "GGUFFile") -> list[dict]:
     for t, row in rows.items():
         block_size, type_size = GGML_BLOCK_SIZES[t]
         row["bits/weight"] = 8 * type_size / block_size
-    return sorted(rows.values(), key=lambda r: -r["MiB"])
+    return Rows(sorted(rows.values(), key=lambda r: -r["MiB"]),
+                "Storage by block format (read from the file)")
 
 
 # %% [markdown]
@@ -1653,7 +1658,7 @@ def analyze_decode_ridge(models: Sequence[str] = ("smollm2-135m", "llama-2-7b", 
             ridge = decode_ridge_batch(cfg, c, balance, bytes_per_param)
             row[f"ridge B @ ctx {c}"] = ridge if ridge is not None else "never"
         rows.append(row)
-    return rows
+    return Rows(rows, "Decode batch where decode turns compute-bound (cost model of §2; cited peak figures)")
 
 
 # %% [markdown]
@@ -1727,12 +1732,11 @@ intensity with the measured machine balance; `% of roof` is achieved GFLOP/s ove
 A step far below its roof is limited by neither memory nor arithmetic but by *overhead*: eager
 PyTorch dispatches a decode step as dozens of small operators per layer, one after another from
 Python. On a GPU this dominates small models: reading SmolLM2's ~270 MB of bf16 weights takes
-under 0.1 ms at 3 TB/s, yet HF transformers' `generate` on an H100 ran at 30 tokens/s at batch 1
-and 9,323 tokens/s at batch 256 (HF transformers 5.17, SmolLM2-135M shapes in bf16, measured in
-this project's environment on 2026-11-28): ~300× the tokens in no more step time. Serving engines capture
-decode steps in CUDA graphs or compile them for this reason; what the roofline still tells us
-is which roof a step would hit once overhead is gone. Run this section with `--device cuda` to
-see it on your GPU.
+under 0.1 ms at 3 TB/s, yet an eager SmolLM2 decode step takes tens of milliseconds there, about
+the same at batch 1 and batch 64 (run this section with `--device cuda` to measure it on your
+GPU): the GPU waits for Python. Serving engines capture decode steps in CUDA graphs or compile
+them for this reason (§10); what the roofline still tells us is which roof a step would hit once
+overhead is gone.
 """
 
 
@@ -1778,8 +1782,9 @@ def analyze_prefill_vs_decode(model: ModelConfig | str = "smollm2-135m", device=
     bandwidth = bandwidth or measure_memory_bandwidth(device, quick=quick)
     net = build_model(cfg, seed=seed, device=device, dtype=dtype)
     with torch.inference_mode():
-        return [_measure_step(net, B, ctx, n, peak_flops, bandwidth, 2 if quick else 3)
-                for B, ctx, n in steps]
+        return Rows([_measure_step(net, B, ctx, n, peak_flops, bandwidth, 2 if quick else 3)
+                     for B, ctx, n in steps],
+                    f"§2 One forward step of {cfg.name} (random weights) on {device}, measured")
 
 
 def _sweep_steps(cfg: ModelConfig, quick: bool, prompt_lens, batch_sizes, context_len: int,
@@ -1846,9 +1851,10 @@ def demonstrate_prefill_vs_decode(seed: int = 0, device=None, quick: bool = Fals
           f"(H100 SXM, datasheet: {H100_SXM_PEAK_FLOPS / H100_SXM_BANDWIDTH:.0f})")
     rows = analyze_prefill_vs_decode(cfg, device, seed, quick, dtype=dtype, peak_flops=peak,
                                      bandwidth=bw, context_len=context_len)
-    print_table(rows, f"§2 One forward step of {cfg.name} (random weights), measured", floatfmt=".4g")
-    print_table(analyze_decode_ridge(), "Decode batch where decode turns compute-bound on an H100 "
-                "(bf16; cited peak figures, cost model of this section)")
+    print(rows)
+    ridge = analyze_decode_ridge()
+    ridge.title = "Decode batch where decode turns compute-bound on an H100 (bf16; cited peak figures)"
+    print(ridge)
     _print_prefill_decode_takeaway(rows, cfg, peak / bw, dtype, context_len)
     if plots:
         print(f"saved {plot_roofline(rows, peak, bw, title=f'Roofline: {cfg.name} steps on {device.type}')}")
@@ -2016,19 +2022,17 @@ def analyze_memory_requirements(model: ModelConfig | str | None = None, seq_len:
             f"use seq_len <= {cfg.max_seq_len}")
     rows = [_memory_row(c, seq_len, batch_size, dtype, kv_dtype, gpus, gpu_memory_utilization)
             for c in configs if c not in too_long]
-    if verbose:
-        print_table(rows, f"§3 Memory: weights, and KV cache for {batch_size} × {seq_len} tokens "
-                    f"(weights {dtype}, KV {kv_dtype}, {gpu_memory_utilization:.0%} of each GPU)",
-                    floatfmt=".4g")
-        if too_long:
-            print(f"(skipped {', '.join(c.name for c in too_long)}: context window < {seq_len})")
-    return rows
+    if verbose and too_long:
+        print(f"(skipped {', '.join(c.name for c in too_long)}: context window < {seq_len})")
+    return Rows(rows, f"§3 Memory: weights, and KV cache for {batch_size} × {seq_len} tokens (weights "
+                f"{dtype}, KV {kv_dtype}, {gpu_memory_utilization:.0%} of each GPU; sizes in GiB)")
 
 
 def demonstrate_memory_requirements(seq_len: int = 4096, batch_size: int = 1, dtype: str = "fp16",
                                     gpu: float | Sequence[float] = (24, 40, 80)) -> list[dict]:
     """Print the memory table for the standard presets and a one-line takeaway; return the rows."""
     rows = analyze_memory_requirements(None, seq_len, batch_size, dtype, gpu=gpu)
+    print(rows)
     by_name = {r["model"]: r for r in rows}
     if {"llama-2-7b", "llama-3-8b"} <= by_name.keys():
         l2, l3 = by_name["llama-2-7b"], by_name["llama-3-8b"]
@@ -2110,7 +2114,8 @@ def analyze_kv_cache(model="smollm2", new_tokens: Sequence[int] = (64, 256, 1024
     dtype = str(net.dtype).replace("torch.float", "fp")
     rows = Rows([{"new tokens": checked, "how": "measured end to end", "no cache (s)": t_naive,
                   "KV cache (s)": t_cached, "speedup (×)": t_naive / t_cached,
-                  "identical tokens": cached == naive, f"KV memory {dtype} (MiB)": kv_bytes * (P + checked) / 2**20}],
+                  "identical tokens": cached == naive,
+                  f"KV memory {dtype} (MiB)": kv_bytes * (P + checked) / 2**20}],
                 f"KV cache vs recomputation ({net.cfg.name}, greedy, {net.device})")
     for n in new_tokens:
         t_no, t_kv = _integrate_steps(steps, P, n)
@@ -2152,12 +2157,17 @@ def demonstrate_kv_cache(model: str = "smollm2", seed: int = 0, device=None, qui
     print(steps)
     if plots:
         name = get_model(model, device)[0].cfg.name
-        print(f"plot: {plot_kv_cache(steps, f'Per-token decode time, {name} on {pick_device(device)} (measured)')}")
+        title = f"Per-token decode time, {name} on {pick_device(device)} (measured)"
+        print(f"plot: {plot_kv_cache(steps, title)}")
     last = rows[-1]
     print(f"Takeaway: the cache gives the same tokens; at {last['new tokens']} new tokens it is "
           f"{last['speedup (×)']:.1f}× faster, and the gap grows with length: an uncached step redoes "
           "the whole prefix, a cached one reads it.")
     return rows
+
+
+# %%
+notebook_demo("memory")  # runs only in a notebook: the section's demo, here
 
 
 # %%
@@ -2717,7 +2727,8 @@ do not model. Paged blocks all have one size, so they have none to lose.
 """
 
 # %%
-# Fig. 11's means and Table 1's 12 GB KV budget were read from a summary of the paper (verify).
+# Fig. 11's legends give these means (the text, §6.1, gives their ratios: ShareGPT prompts 8.4× and
+# outputs 5.8× longer than Alpaca's); Table 1: a 13B model on a 40 GB A100 keeps 12 GB for KV.
 _REQUEST_LENGTH_MEANS = {  # (mean prompt, mean output) tokens, Kwon et al. 2023, Fig. 11
     "sharegpt": (161.31, 337.99),
     "alpaca": (19.31, 58.45),
@@ -2777,10 +2788,10 @@ def analyze_kv_utilization(num_requests: int = 2000, dataset: str = "sharegpt", 
             "tokens held %": 100 * held.sum() / total,
             "reserved for later %": 100 * (np.minimum(reserved, final) - held).sum() / total,
             "never used %": 100 * np.maximum(reserved - final, 0).sum() / total,
-            f"seqs in {kv_budget_gib:g} GiB": budget * len(held) / total,
+            f"seqs in {kv_budget_gib:g} GiB": int(budget * len(held) / total),
             "paper tokens held %": _PAPER_TOKEN_STATES[key] if bs in (0, 16) else None,
         })
-    return rows
+    return Rows(rows, f"KV memory holding real tokens, {num_requests} {dataset}-like requests (simulated)")
 
 
 # %% [markdown]
@@ -2884,7 +2895,7 @@ def analyze_sharing(datasets: Sequence[str] = ("alpaca", "sharegpt"), widths: Se
                              "saving %": 100 * (1 - shared / unshared),
                              "COW copies/request": bm.cow_copies / num_requests,
                              "paper saving %": _PAPER_SHARING_SAVING[dataset, mode]})
-    return rows
+    return Rows(rows, "Memory saved by sharing blocks (fork + copy-on-write), measured on the BlockManager")
 
 
 # %% [markdown]
@@ -2893,7 +2904,7 @@ def analyze_sharing(datasets: Sequence[str] = ("alpaca", "sharegpt"), widths: Se
 message (Alpaca-like prompt lengths), then an Alpaca-like output. Requests arrive one after
 another, at most 8 hold memory at a time (the oldest is freed when a ninth arrives, or earlier
 if the pool runs short). System prompts of 80 and 341 tokens are the lengths of the paper's
-one-shot and five-shot translation prefixes (§6.4). Only whole blocks are shared, so of a
+one-shot and five-shot translation prefixes (§6.4, Fig. 16). Only whole blocks are shared, so of a
 341-token prefix 336 tokens (21 blocks of 16) can be skipped. The last two rows spread the
 requests over 16 system prompts: a roomy pool keeps them all, a tight one (250 blocks) must
 evict the least recently used between uses, and hits drop.
@@ -2938,7 +2949,7 @@ def analyze_prefix_caching(num_requests: int = 400, block_size: int = 16, concur
     `roomy` and `tight` are pool sizes in blocks. With 16-token blocks a 341-token system prompt
     takes 22 blocks, so 8 live requests with different system prompts already hold ~220.
     """
-    # 80 and 341 tokens: §6.4's prefix lengths, read from a summary of the paper (verify).
+    # 80 and 341 tokens: the one-shot and five-shot prefixes of §6.4 (Fig. 16's caption).
     configs = [(341, 1, roomy, False), (80, 1, roomy, True), (341, 1, roomy, True),
                (341, 16, roomy, True), (341, 16, tight, True)]
     rows = []
@@ -2952,7 +2963,7 @@ def analyze_prefix_caching(num_requests: int = 400, block_size: int = 16, concur
                      "block hit rate %": 100 * bm.hit_rate,
                      "prefill skipped %": 100 * bm.cached_prompt_tokens / bm.prompt_tokens,
                      "evictions": bm.evictions})
-    return rows
+    return Rows(rows, "Automatic prefix caching (measured on the BlockManager)")
 
 
 # %% [markdown]
@@ -2994,7 +3005,7 @@ def _time_decode_attention(cfg: ModelConfig, B: int, T: int, block_size: int, de
     t_dense, t_paged = (benchmark(fn, device, repeat=repeat) for fn in (dense, paged))
     return {"B": B, "T": T, "contiguous ms": 1e3 * t_dense, "paged ms": 1e3 * t_paged,
             "gather ms": 1e3 * benchmark(gather, device, repeat=repeat),
-            "paged / contiguous": t_paged / t_dense, "max |diff|": err}
+            "paged / contiguous": t_paged / t_dense, "max abs diff": err}
 
 
 def analyze_paged_attention_speed(cases: Sequence[tuple[int, int]] = ((1, 1024), (8, 1024), (32, 1024),
@@ -3007,7 +3018,8 @@ def analyze_paged_attention_speed(cases: Sequence[tuple[int, int]] = ((1, 1024),
         raise InvalidArgumentError(f"batch sizes, lengths and block_size must be >= 1, got {cases}, "
                                    f"{block_size}")
     gen = seeded_generator(seed)
-    return [_time_decode_attention(cfg, B, T, block_size, device, dtype, gen, repeat) for B, T in cases]
+    return Rows([_time_decode_attention(cfg, B, T, block_size, device, dtype, gen, repeat) for B, T in cases],
+                f"Decode attention, one layer, {cfg.name} heads, on {device} (measured)")
 
 
 # %%
@@ -3099,12 +3111,13 @@ def analyze_paged_generation(model="smollm2", device=None, max_new_tokens: int =
                               "Why is the sky blue?", "Give me a synonym for happy."]
     prompts = [tok.encode_chat([{"role": "user", "content": q}]) for q in questions]
     stop = [tok.eos_id]
+    kv_key = f"KV held, {str(net.dtype).replace('torch.float', 'fp')} (KiB)"
     reference = [generate(net, p, max_new_tokens, stop_ids=stop) for p in prompts]  # one at a time
     with Timer(net.device) as t:
         outs, cache = batched_generate(net, prompts, max_new_tokens, stop_ids=stop)
     rows = [{"cache": "contiguous (a row per request, longest prompt + max_new)",
              "identical tokens": outs == reference, "prompt tokens computed": sum(map(len, prompts)),
-             "KV memory held (KiB)": cache.nbytes / 2**10, "time (s)": t.seconds}]
+             kv_key: cache.nbytes / 2**10, "time (s)": t.seconds}]
     for caching in (False, True):
         with Timer(net.device) as t:
             outs, st = paged_generate(net, prompts, max_new_tokens, enable_prefix_caching=caching,
@@ -3112,15 +3125,16 @@ def analyze_paged_generation(model="smollm2", device=None, max_new_tokens: int =
         rows.append({"cache": f"paged (bs 16), prefix caching {'on' if caching else 'off'}",
                      "identical tokens": outs == reference,
                      "prompt tokens computed": st["prompt tokens"] - st["prompt tokens skipped"],
-                     "KV memory held (KiB)": st["peak blocks"] * st["block bytes"] / 2**10,
+                     kv_key: st["peak blocks"] * st["block bytes"] / 2**10,
                      "time (s)": t.seconds})
-    return rows
+    return Rows(rows, f"{net.cfg.name}: {len(prompts)} chat requests, greedy, contiguous vs paged cache "
+                "(measured)")
 
 
 def demonstrate_paged_attention(model: str = "smollm2", seed: int = 0, device=None, quick: bool = False,
-                                plots: bool = True) -> dict[str, list[dict]]:
+                                plots: bool = True) -> "Report":
     """Print the §4 analyses with the paper's numbers beside ours; return their rows."""
-    out = {"real_model": analyze_paged_generation(model, device, max_new_tokens=16 if quick else 48)}
+    out = Report({"real_model": analyze_paged_generation(model, device, max_new_tokens=16 if quick else 48)})
     print_table(out["real_model"], f"{get_model(model, device)[0].cfg.name}: 4 chat requests, greedy, "
                 "contiguous vs paged cache (measured)")
     print("Takeaway: the same tokens either way; the paged cache holds only the blocks in use, and "
@@ -3143,7 +3157,10 @@ def demonstrate_paged_attention(model: str = "smollm2", seed: int = 0, device=No
     print_table(out["sharing"], "Memory saved by sharing blocks (fork + copy-on-write), block size 16, "
                 "measured on the BlockManager; 'paper' = Kwon et al. 2023, §6.3")
     print("Takeaway: forked samples share only the prompt, so the saving grows with prompt / output; "
-          "beams share most of their history too, so beam search saves far more.")
+          "beams share most of their history too, so beam search saves far more. Ours fall outside the "
+          "paper's ranges where our workload differs from its traces: lognormal lengths (not the real "
+          "ones) set the prompt/output ratio that parallel sampling's saving depends on, and our beams' "
+          "survivors are drawn at random, so lineages merge faster than a real model's beams do.")
 
     out["prefix_caching"] = analyze_prefix_caching(num_requests=100 if quick else 400, seed=seed)
     print_table(out["prefix_caching"], "Automatic prefix caching: shared system prompt, 8 requests live "
@@ -3838,8 +3855,9 @@ class GGUFTokenizer:
                 ids += [self.vocab[s] for s in bpe_merge(list(spell_bytes(chunk.encode())), self.ranks)]
         return self._with_bos(ids) if add_bos else ids
 
-    def decode(self, ids, skip_special: bool = False) -> str:
-        """Text of `ids`. Bytes that are not valid UTF-8 (half an emoji) become '\\ufffd'."""
+    def decode(self, ids, skip_special: bool = True) -> str:
+        """Text of `ids`, without special tokens such as `<|im_end|>` unless `skip_special=False`
+        (as HF does). Bytes that are not valid UTF-8 (half an emoji) become '\\ufffd'."""
         ids = _check_ids(ids, self.vocab_size)
         return self.backend.decode(ids, skip_special_tokens=skip_special)
 
@@ -3939,8 +3957,8 @@ class ByteTokenizer:
     >>> tok = ByteTokenizer()
     >>> tok.encode("hi")
     [104, 105]
-    >>> tok.decode([104, 105, 257])
-    'hi</s>'
+    >>> tok.decode([104, 105, 257]), tok.decode([104, 105, 257], skip_special=False)
+    ('hi', 'hi</s>')
     """
 
     SPECIALS = ("<s>", "</s>", "<|im_start|>", "<|im_end|>")  # ids 256..259
@@ -3973,7 +3991,7 @@ class ByteTokenizer:
             ids += [self.special[piece]] if piece in self.special else list(piece.encode("utf-8"))
         return ids
 
-    def decode(self, ids, skip_special: bool = False) -> str:
+    def decode(self, ids, skip_special: bool = True) -> str:
         ids = _check_ids(ids, self.vocab_size)
         data = b"".join(self.token_bytes(i) for i in ids if i < 256 or not skip_special)
         return data.decode("utf-8", errors="replace")
@@ -4003,7 +4021,7 @@ def analyze_tokenization(tokenizer, texts: dict[str, str] | None = None) -> list
         rows.append({"text": name, "chars": len(text), "bytes": len(text.encode()),
                      "tokens": len(ids), "chars/token": len(text) / max(len(ids), 1),
                      "round trip": tokenizer.decode(ids) == text})
-    return rows
+    return Rows(rows, f"Tokens per text ({type(tokenizer).__name__}, V={tokenizer.vocab_size})")
 
 
 def demonstrate_tokenizer(tokenizer=None, texts: dict[str, str] | None = None, model: str | None = None,

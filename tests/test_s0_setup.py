@@ -30,7 +30,7 @@ def test_timer_and_benchmark(llm):
     assert 0 < t.seconds < 5
     calls = []
     med = llm.benchmark(lambda: calls.append(1), warmup=2, repeat=3)
-    assert len(calls) == 5 and med >= 0
+    assert len(calls) == 5 and 0 < med < 1  # median of 3 runs of an append: positive, tiny
 
 
 def test_print_table(llm, capsys):
@@ -79,7 +79,8 @@ def test_demos_run_offline_on_tiny(llm, tmp_path, monkeypatch, capsys):
     assert all(r["identical tokens"] for r in out["real_model"])
     assert (tmp_path / "s4_kv_utilization.png").exists()
     rows = llm.demonstrate_kv_cache(model="tiny", device="cpu", quick=True, plots=True)
-    assert all(r["identical tokens"] for r in rows) and (tmp_path / "kv_cache_per_token.png").exists()
+    assert rows[0]["identical tokens"] is True and (tmp_path / "kv_cache_per_token.png").exists()
+    assert rows[-1]["speedup (×)"] > rows[1]["speedup (×)"]  # the gap grows with length
     assert "Takeaway" in capsys.readouterr().out
     with pytest.raises(llm.InvalidArgumentError):
         llm.demonstrate_generation(model="tiny", max_new_tokens=0)

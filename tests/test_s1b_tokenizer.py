@@ -93,7 +93,7 @@ def test_vocabulary_and_special_ids_match_hf(tok, hf_tok, metadata):
 @pytest.mark.parametrize("name", SAMPLES)
 def test_decode_matches_hf(tok, hf_tok, name):
     ids = tok.encode(SAMPLES[name])
-    assert tok.decode(ids) == hf_tok.decode(ids)
+    assert tok.decode(ids, skip_special=False) == hf_tok.decode(ids)
     assert tok.decode(ids, skip_special=True) == hf_tok.decode(ids, skip_special_tokens=True)
 
 
@@ -167,13 +167,13 @@ def test_byte_level_alphabet(llm):
 # -- round trips and decoding -------------------------------------------------------------------
 @pytest.mark.parametrize("name", SAMPLES)
 def test_round_trip(tok, name):
-    assert tok.decode(tok.encode(SAMPLES[name])) == SAMPLES[name]
+    assert tok.decode(tok.encode(SAMPLES[name]), skip_special=False) == SAMPLES[name]
 
 
 def test_decode_is_the_join_of_token_bytes(tok):
     ids = tok.encode(SAMPLES["mixed"] + SAMPLES["specials"] + SAMPLES["emoji"])
     joined = b"".join(tok.token_bytes(i) for i in ids).decode("utf-8")
-    assert joined == tok.decode(ids)
+    assert joined == tok.decode(ids, skip_special=False)
 
 
 def test_decode_half_an_emoji_does_not_crash(tok):
@@ -270,7 +270,7 @@ def test_byte_tokenizer_ids_and_round_trip(llm):
     assert bt.encode("<|im_start|>x<|im_end|></s>") == [258, 120, 259, 257]
     assert bt.encode("<s>", parse_special=False) == list(b"<s>")
     for text in SAMPLES.values():
-        assert bt.decode(bt.encode(text)) == text
+        assert bt.decode(bt.encode(text), skip_special=False) == text
         assert bt.decode(bt.encode(text, parse_special=False)) == text
     assert [bt.id_to_token(i) for i in (65, 10, 259)] == ["A", "<0x0A>", "<|im_end|>"]
 
@@ -293,7 +293,7 @@ def test_byte_tokenizer_chat(llm):
     assert text == "<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n" \
                    "<|im_start|>assistant\n"
     ids = bt.encode_chat(messages)
-    assert ids.count(258) == 3 and ids.count(259) == 2 and bt.decode(ids) == text
+    assert ids.count(258) == 3 and ids.count(259) == 2 and bt.decode(ids, skip_special=False) == text
     # no default system prompt for the tiny model
     assert bt.apply_chat_template(CONVERSATIONS[0], add_generation_prompt=False) == \
         "<|im_start|>user\nWhat is 2+2?<|im_end|>\n"
@@ -309,3 +309,10 @@ def test_analyze_and_demonstrate(llm, tok, capsys):
     assert [r["tokens"] for r in byte_rows] == [r["bytes"] for r in byte_rows]
     assert "Takeaway" in capsys.readouterr().out
     llm.demonstrate_tokenizer(tok, {"empty": "", "English": "Hello world"})  # no division by zero
+
+
+def test_decode_skips_special_tokens_by_default_as_hf_does(llm, tok):
+    ids = tok.encode("Hi<|im_end|>")
+    assert tok.decode(ids) == "Hi" and tok.decode(ids, skip_special=False) == "Hi<|im_end|>"
+    bt = llm.ByteTokenizer()
+    assert bt.decode(bt.encode("Hi<|im_end|>")) == "Hi"

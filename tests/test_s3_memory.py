@@ -80,9 +80,10 @@ def test_weights_that_do_not_fit_give_zero(llm):
 def test_model_forms_and_survey(llm, capsys):
     cfg = llm.ModelConfig.from_name("mistral-7b")
     assert row_for(llm, cfg) == row_for(llm, "mistral-7b")
-    rows = llm.analyze_memory_requirements()  # verbose: prints the table
-    assert [r["model"] for r in rows] == list(llm.MEMORY_PRESETS)
-    assert "seqs on 80 GiB" in capsys.readouterr().out
+    rows = llm.analyze_memory_requirements()  # prints nothing: the REPL shows the returned table
+    assert [r["model"] for r in rows] == list(llm.MEMORY_PRESETS) and not capsys.readouterr().out
+    shown = repr(rows)  # what `>>> analyze_memory_requirements()` echoes: the table, not dicts
+    assert "seqs on 80 GiB" in shown and "{" not in shown and "e+" not in shown
     # 8192 tokens is past Llama-2's 4096-token window: those rows are skipped in the survey.
     long_rows = llm.analyze_memory_requirements(seq_len=8192, verbose=True)
     names = {r["model"] for r in long_rows}
