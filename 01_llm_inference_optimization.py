@@ -1825,9 +1825,10 @@ def plot_roofline(rows: Sequence[dict], peak_flops: float, bandwidth: float,
             continue
         ax.scatter([r["FLOP/byte"] for r in pts], [r["GFLOP/s"] for r in pts], marker=marker,
                    color=color, zorder=3, label=f"{group} (measured)")
-        for r in pts:
+        for i, r in enumerate(pts):  # neighbours alternate above/below so labels do not overprint
+            dx, dy = {"o": (4, 4), "^": (4, -10), "s": (-46, 0)}[marker]
             ax.annotate(label(r), (r["FLOP/byte"], r["GFLOP/s"]), textcoords="offset points",
-                        xytext={"o": (4, 4), "^": (4, -10), "s": (-46, 0)}[marker], fontsize=7,
+                        xytext=(dx, dy + (9 if i % 2 else 0) * (1 if dy >= 0 else -1)), fontsize=7,
                         color=color)
     ax.set_xlabel("arithmetic intensity (FLOP / byte)")
     ax.set_ylabel("achieved GFLOP/s")

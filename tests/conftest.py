@@ -56,3 +56,11 @@ def hf_smollm2(smollm2_gguf):
         smollm2_gguf.parent, dtype=torch.float32, **kw).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2_gguf.parent, **kw)
     return model, tokenizer
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that need SmolLM2's file or HF transformers are marked `real_model`, so that
+    `python -m pytest -m "not real_model"` runs the fast offline core."""
+    for item in items:
+        if {"smollm2_gguf", "hf_smollm2"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.real_model)
