@@ -24,29 +24,37 @@ its GGUF file by code in this file).
 
 Three ways to use it:
 
-1. **As a script**: `python 01_llm_inference_optimization.py` runs every section's demo in order.
-   `--list` shows the sections, `--section kv_cache` runs one (repeatable), `--quick` uses small
-   sizes, `--model tiny` runs offline on a random-weight model, `--device cuda`, `--seed 1`,
-   `--no-plots`.
+1. **As a script**: `python 01_llm_inference_optimization.py` runs every section's demo in order
+   and ends with each section's wall time. `--list` shows the sections, `--section kv_cache`
+   runs one (repeatable), `--quick` uses small sizes, `--model tiny` runs offline on a
+   random-weight model, `--device cuda`, `--seed 1`, `--no-plots`; plots go to `outputs/`
+   (`--save-assets` refreshes the gallery in `assets/`).
 2. **Interactively**: `python -i 01_llm_inference_optimization.py` loads the file without
    running the demos and leaves you at the prompt: call `analyze_memory_requirements()`,
-   `demonstrate_paged_attention()`, `generate(...)`, ...
+   `demonstrate_paged_attention()`, `generate(...)`, ... An `analyze_*` result prints as its
+   table.
 3. **As a notebook**: the file is in jupytext "percent" format (`# %%` cells). Open it in VS Code
-   or JupyterLab with jupytext and run the cells top to bottom.
+   or JupyterLab with jupytext and run the cells top to bottom: each section ends with a cell
+   that runs its demo (`notebook_demo`; $LESSON_MODEL=tiny and $LESSON_QUICK=1 pick the
+   offline model and small sizes). Importing the file runs nothing.
 
 Table of contents (`grep -n "## §"` finds them; each section names its test file):
 
 - §0 Setup: devices, timing, tables, plots, notation ................ tests/test_s0_setup.py
 - §1 The model: a LLaMA-architecture transformer, generation ........ tests/test_s1_model.py
-- §1b Real weights: the GGUF format, dequantization, the tokenizer ... tests/test_s1b_*.py
+- §1b Real weights: GGUF layout, block formats, loading SmolLM2 ...... tests/test_s1b_*.py
 - §2 Memory-bound vs compute-bound: prefill, decode, roofline ........ tests/test_s2_roofline.py
 - §3 The KV cache: memory analysis and implementation ............... tests/test_s3_*.py
 - §4 PagedAttention: block manager, copy-on-write, prefix caching ... tests/test_s4_paged_attention.py
-- §5 Continuous batching: scheduler, preemption, chunked prefill .... (not yet written)
+- §5 Continuous batching: scheduler, preemption, chunked prefill .... tests/test_s5_continuous_batching.py
 - §6 Speculative decoding: draft, verify, exact rejection sampling .. (not yet written)
 - §7 Flash-decoding: split-K attention with a log-sum-exp merge ...... (not yet written)
 - §8 Quantization: INT8, INT4, GPTQ, AWQ, GGUF block formats ......... (not yet written)
 - §9 Summary: every technique's speedup and memory saving, measured .. (not yet written)
+- Appendix A: reading a GGUF file defensively ....................... tests/test_s1b_gguf.py
+- Appendix B: the tokenizer (byte-level BPE, chat template) ......... tests/test_s1b_tokenizer.py
+- Appendix C: fetching the model, config from metadata, streaming ... tests/test_s1b_real_model.py
+- Appendix D: tables, progress, notebook demo cells, CLI .. tests/test_s0_setup.py, test_notebook.py
 """
 
 # %%
