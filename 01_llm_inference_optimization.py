@@ -447,7 +447,7 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
 """
 ### The packed step and the cache interface
 `AttentionMetadata` carries everything attention needs to know about a step, explicitly (no
-globals). Simple generation builds it with `ContiguousKVCache.metadata(...)`; `batched_generate`
+globals). Simple generation builds it with `ContiguousKVCache.metadata_at(...)`; `batched_generate`
 and §4's `paged_generate` build ragged ones (prefill and decode steps of different lengths).
 """
 
@@ -610,7 +610,12 @@ class ContiguousKVCache:
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
 
-    def metadata(self, rows: Sequence[int], start_pos: Sequence[int], query_lens: Sequence[int]):
+    def metadata(self, seqs: Sequence["SequenceState"], query_lens: Sequence[int]):
+        """Positions (N,) and metadata for a step running token_ids[num_computed_tokens : +
+        query_lens[s]] of each sequence (the contract both caches share); row = seq_id."""
+        return self.metadata_at([s.seq_id for s in seqs], [s.num_computed_tokens for s in seqs], query_lens)
+
+    def metadata_at(self, rows: Sequence[int], start_pos: Sequence[int], query_lens: Sequence[int]):
         """Positions (N,) and metadata for appending query_lens[s] tokens to row rows[s]."""
         positions, slots = [], []
         for row, p0, n in zip(rows, start_pos, query_lens):
@@ -831,7 +836,7 @@ def sample_next_token(logits: torch.Tensor, temperature: float = 0.0, top_k: int
 @torch.inference_mode()
 def prefill(model: Transformer, cache: ContiguousKVCache, prompt_ids: Sequence[int], row: int = 0):
     """Run the prompt through the model, filling `cache` row `row`. Returns last logits (V,)."""
-    positions, meta = cache.metadata([row], [0], [len(prompt_ids)])
+    positions, meta = cache.metadata_at([row], [0], [len(prompt_ids)])
     tokens = torch.tensor(list(prompt_ids), device=model.device)
     return model(tokens, positions, meta, cache, logits_at=meta.last_token_indices)[0]
 
@@ -839,7 +844,7 @@ def prefill(model: Transformer, cache: ContiguousKVCache, prompt_ids: Sequence[i
 @torch.inference_mode()
 def decode_one_token(model: Transformer, cache: ContiguousKVCache, token: int, pos: int, row: int = 0):
     """Feed one token at position `pos`, attending over the cache. Returns logits (V,)."""
-    positions, meta = cache.metadata([row], [pos], [1])
+    positions, meta = cache.metadata_at([row], [pos], [1])
     return model(torch.tensor([token], device=model.device), positions, meta, cache)[0]
 
 
@@ -914,21 +919,80 @@ and it shares its decode loop with §4's `paged_generate`.
 
 
 # %%
-def greedy_batch_loop(step: Callable, seqs: list, first_query_lens: list[int], max_new_tokens: int,
-                      stop_ids: Sequence[int] = (), on_append: Callable = lambda seq: None,
+class SequenceStatus(enum.Enum):
+    """Where a sequence is in its life (§5's scheduler moves it between these)."""
+
+    WAITING = "waiting"  # queued; holds no KV blocks (new, or preempted by recompute)
+    RUNNING = "running"  # scheduled in steps; holds its blocks
+    SWAPPED = "swapped"  # preempted by swap: its K/V wait in CPU memory
+    FINISHED = "finished"
+
+
+@dataclass
+class SequenceState:
+    """One sequence: its tokens, how many of them have K/V in the cache, and where (§4).
+
+    token_ids:           prompt + generated tokens so far.
+    num_computed_tokens: leading tokens whose K/V a finished step wrote (or the prefix cache
+                         held); a step runs token_ids[num_computed_tokens : + query_len].
+    block_table:         physical block of each logical block; token t lives in block
+                         block_table[t // bs] at offset t % bs (paged cache, §4).
+    num_slots:           leading tokens that own a cache slot (⌈num_slots / bs⌉ blocks).
+    num_cached_tokens:   leading prompt tokens the prefix cache held at allocation.
+    block_hashes:        chained hash of each full block whose K/V is committed (prefix cache).
+    The contiguous cache (§3) uses seq_id as the sequence's row.
+    """
+
+    seq_id: int
+    token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    status: SequenceStatus = SequenceStatus.WAITING
+    block_table: list[int] = field(default_factory=list)
+    num_slots: int = 0
+    num_cached_tokens: int = 0
+    block_hashes: list[int] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+
+@torch.inference_mode()
+def run_step(model: Transformer, cache, seqs: Sequence[SequenceState], query_lens: Sequence[int],
+             logits_at: Sequence[int] | None = None) -> torch.Tensor:
+    """One packed forward over token_ids[num_computed_tokens : + query_lens[s]] of each sequence,
+    on either cache (both build metadata from the same contract); then those tokens count as
+    computed. Returns the logits of each sequence's last token of the step (S, V), or of the
+    sequences listed in `logits_at`."""
+    positions, meta = cache.metadata(seqs, query_lens)
+    tokens = [t for seq, n in zip(seqs, query_lens)
+              for t in seq.token_ids[seq.num_computed_tokens:seq.num_computed_tokens + n]]
+    rows = meta.last_token_indices if logits_at is None else [meta.last_token_indices[i] for i in logits_at]
+    logits = model(torch.tensor(tokens, device=model.device), positions, meta, cache, logits_at=rows)
+    for seq, n in zip(seqs, query_lens):
+        seq.num_computed_tokens += n
+    return logits
+
+
+def greedy_batch_loop(step: Callable, seqs: list, max_new_tokens: int, stop_ids: Sequence[int] = (),
+                      on_append: Callable = lambda seq: None,
                       on_finish: Callable = lambda seq: None) -> list[list[int]]:
     """The decode loop shared by the batched generators.
 
-    `step(seqs, query_lens)` runs one packed forward and returns next-token logits (S, V);
-    `on_append(seq)` reserves cache room for the token just appended to `seq.token_ids`;
-    `on_finish(seq)` releases a finished sequence. Sequences are `SequenceState`s (§4) whose
-    seq_id is their index in `seqs`. Returns the new tokens of each sequence.
+    `step(seqs)` runs one packed forward over each sequence's uncomputed tokens (the prompt,
+    then one token at a time) and returns next-token logits (S, V); `on_append(seq)` reserves
+    cache room for the token just appended; `on_finish(seq)` releases a finished sequence.
+    Sequences are `SequenceState`s whose seq_id is their index in `seqs`. Returns the new
+    tokens of each sequence.
     """
     outputs: list[list[int]] = [[] for _ in seqs]
     live = [] if max_new_tokens == 0 else list(seqs)
-    logits = step(live, first_query_lens) if live else None
     while live:
-        still = []
+        logits, still = step(live), []
         for seq, row in zip(live, logits):
             token = int(row.argmax())
             outputs[seq.seq_id].append(token)
@@ -939,12 +1003,9 @@ def greedy_batch_loop(step: Callable, seqs: list, first_query_lens: list[int], m
             on_append(seq)
             still.append(seq)
         live = still
-        if live:
-            logits = step(live, [1] * len(live))
     return outputs
 
 
-@torch.inference_mode()
 def batched_generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                      stop_ids: Sequence[int] = ()) -> tuple[list[list[int]], ContiguousKVCache]:
     """Greedy generation for several prompts on one contiguous cache (a row each, reserved for
@@ -953,16 +1014,10 @@ def batched_generate(model: Transformer, prompts: Sequence[Sequence[int]], max_n
         _check_generation_args(model, p, max_new_tokens)
     T_max = max(len(p) for p in prompts) + max_new_tokens
     cache = ContiguousKVCache(model.cfg, len(prompts), T_max, model.device, model.dtype)
-
-    def step(seqs, query_lens):
-        positions, meta = cache.metadata([s.seq_id for s in seqs],
-                                         [s.num_tokens - n for s, n in zip(seqs, query_lens)], query_lens)
-        tokens = [t for s, n in zip(seqs, query_lens) for t in s.token_ids[-n:]]
-        return model(torch.tensor(tokens, device=model.device), positions, meta, cache,
-                     logits_at=meta.last_token_indices)
-
+    step = lambda seqs: run_step(model, cache, seqs, [s.num_uncomputed_tokens for s in seqs])  # noqa: E731
     seqs = [SequenceState(i, list(p)) for i, p in enumerate(prompts)]
-    return greedy_batch_loop(step, seqs, [len(p) for p in prompts], max_new_tokens, stop_ids), cache
+    return greedy_batch_loop(step, seqs, max_new_tokens, stop_ids), cache
+
 
 # %% [markdown]
 """
@@ -1754,7 +1809,7 @@ def _measure_step(net: Transformer, batch: int, context_len: int, new_tokens: in
     """Time one forward step of `batch` sequences adding `new_tokens` each; return a table row."""
     cfg, device = net.cfg, net.device
     cache = ContiguousKVCache(cfg, batch, context_len + new_tokens, device, net.dtype)
-    positions, meta = cache.metadata(range(batch), [context_len] * batch, [new_tokens] * batch)
+    positions, meta = cache.metadata_at(range(batch), [context_len] * batch, [new_tokens] * batch)
     tokens = torch.zeros(batch * new_tokens, dtype=torch.long, device=device)  # ids don't change the work
     step = lambda: net(tokens, positions, meta, cache, logits_at=meta.last_token_indices)  # noqa: E731
     seconds = benchmark(step, device, repeat=repeat, reduce=min)  # best of `repeat`, like the roofs
@@ -2261,32 +2316,6 @@ class OutOfBlocksError(LessonError):
     """
 
 
-@dataclass
-class SequenceState:
-    """What the block manager knows of one sequence: its tokens and where their K/V live.
-
-    token_ids:         prompt + generated tokens so far.
-    block_table:       physical block of each logical block; token t lives in block
-                       block_table[t // bs] at offset t % bs.
-    num_slots:         leading tokens that own a cache slot (their K/V is written, or is
-                       written by the next step); the table holds ⌈num_slots / bs⌉ blocks.
-    num_cached_tokens: leading prompt tokens whose K/V the prefix cache already held at
-                       allocation: prefill computes only token_ids[num_cached_tokens:].
-    block_hashes:      chained hash of each full block (kept only with prefix caching on).
-    """
-
-    seq_id: int
-    token_ids: list[int] = field(default_factory=list)
-    block_table: list[int] = field(default_factory=list)
-    num_slots: int = 0
-    num_cached_tokens: int = 0
-    block_hashes: list[int] = field(default_factory=list)
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.token_ids)
-
-
 def block_hash(parent: int | None, token_ids: Sequence[int]) -> int:
     """Identity of a full block: a 128-bit digest of (its parent block's hash, its tokens).
 
@@ -2328,6 +2357,7 @@ class BlockManager:
     >>> a = SequenceState(0, [1, 2, 3]); bm.allocate(a); a.block_table
     0
     [0, 1]
+    >>> a.num_computed_tokens = 3  # the step that prefills a ran; now it may be forked
     >>> b = SequenceState(1); bm.fork(a, b); bm.ref_count
     [2, 2, 0, 0]
     >>> a.token_ids.append(4); bm.append_slot(a)  # block 1 is shared: copy it to block 2 first
@@ -2411,6 +2441,8 @@ class BlockManager:
         """Blocks for all of seq's tokens; returns seq.num_cached_tokens (prefill may skip them).
 
         All or nothing: raises OutOfBlocksError, changing nothing, when the pool is too small.
+        The new blocks become findable by other prompts only when `commit` is called after the
+        step that wrote their K/V.
         """
         self._check_new(seq)
         hashes, hits, need = self._plan_allocation(seq)
@@ -2424,12 +2456,10 @@ class BlockManager:
                 del self.cached_blocks[b]
             self.ref_count[b] += 1
         table = list(hits)
-        for i in range(len(hits), self.blocks_for(seq.num_tokens)):
-            table.append(self._take_free_block())
-            if i < len(hashes):
-                self._register(table[-1], hashes[i])
-        seq.block_table, seq.block_hashes, seq.num_slots = table, hashes, seq.num_tokens
-        seq.num_cached_tokens = len(hits) * self.block_size
+        for _ in range(len(hits), self.blocks_for(seq.num_tokens)):
+            table.append(self._take_free_block())  # findable only after `commit`: K/V not written yet
+        seq.block_table, seq.block_hashes, seq.num_slots = table, hashes[:len(hits)], seq.num_tokens
+        seq.num_cached_tokens = seq.num_computed_tokens = len(hits) * self.block_size
         self.live[seq.seq_id] = seq
         self._count_lookup(seq.num_tokens, len(hits))
         return seq.num_cached_tokens
@@ -2500,12 +2530,85 @@ class BlockManager:
             self.ref_count[src] -= 1
             seq.block_table[-1], copy_on_write = dst, (src, dst)
             self.cow_copies += 1
-        if self.enable_prefix_caching and pos % bs == bs - 1:  # this token fills its block
-            parent = seq.block_hashes[-1] if seq.block_hashes else None
-            seq.block_hashes.append(block_hash(parent, seq.token_ids[pos + 1 - bs:pos + 1]))
-            self._register(seq.block_table[-1], seq.block_hashes[-1])
         seq.num_slots += 1
         return seq.block_table[pos // bs] * bs + pos % bs, copy_on_write
+
+    # -- committing, rolling back, swapping ---------------------------------------------------
+    def commit(self, seq: SequenceState) -> None:
+        """Publish seq's full blocks whose K/V is now computed (call after each step): only
+        then may another prompt find them in the prefix cache. vLLM caches "full, computed"
+        blocks for the same reason: a block found before its K/V is written would be read as
+        garbage by a request scheduled in the meantime, or after this one is preempted."""
+        if not self.enable_prefix_caching:
+            return
+        bs = self.block_size
+        for i in range(len(seq.block_hashes), min(seq.num_computed_tokens, seq.num_slots) // bs):
+            parent = seq.block_hashes[-1] if seq.block_hashes else None
+            seq.block_hashes.append(block_hash(parent, seq.token_ids[i * bs:(i + 1) * bs]))
+            self._register(seq.block_table[i], seq.block_hashes[-1])
+
+    def truncate(self, seq: SequenceState, num_tokens: int) -> None:
+        """Roll seq back to its first `num_tokens` tokens (rejected speculative tokens, §6):
+        whole blocks past them are released, and so is the prefix-cache entry of any block that
+        will be written again (a kept, partly overwritten last block of seq's own)."""
+        self._check_appendable_state(seq)
+        if not 0 <= num_tokens <= seq.num_tokens:
+            raise InvalidArgumentError(f"truncate to {num_tokens} tokens: sequence {seq.seq_id} has "
+                                       f"{seq.num_tokens}; pass 0 .. {seq.num_tokens}")
+        bs, keep = self.block_size, self.blocks_for(min(num_tokens, seq.num_slots))
+        for b in reversed(seq.block_table[keep:]):
+            self._release(b, keep_cached=False)
+        seq.block_table = seq.block_table[:keep]
+        del seq.token_ids[num_tokens:]
+        seq.num_slots = min(seq.num_slots, num_tokens)
+        seq.num_computed_tokens = min(seq.num_computed_tokens, num_tokens)
+        del seq.block_hashes[num_tokens // bs:]
+        if num_tokens % bs and keep and self.ref_count[seq.block_table[-1]] == 1:
+            self._unregister(seq.block_table[-1])  # its tail slots will be written again
+
+    def swap_out(self, seq: SequenceState) -> list[int]:
+        """Preempt seq by swapping: returns its blocks, whose K/V the caller copies to CPU memory
+        *before the next forward*, and releases them. seq keeps its token and computed counts."""
+        self._check_appendable_state(seq)
+        blocks = list(seq.block_table)
+        for b in reversed(blocks):
+            self._release(b, keep_cached=True)
+        seq.block_table, seq.block_hashes = [], []
+        del self.live[seq.seq_id]
+        return blocks
+
+    def can_swap_in(self, seq: SequenceState) -> bool:
+        return self.blocks_for(seq.num_slots) <= self.num_free_blocks
+
+    def swap_in(self, seq: SequenceState) -> list[int]:
+        """Fresh blocks for a swapped-out seq (as many as it had); the caller copies its K/V
+        back into them, in order, before the next forward."""
+        if seq.seq_id in self.live or not self.can_swap_in(seq):
+            raise OutOfBlocksError(f"sequence {seq.seq_id} cannot be swapped in: it needs "
+                                   f"{self.blocks_for(seq.num_slots)} blocks, {self.num_free_blocks} are free")
+        seq.block_table = [self._take_free_block() for _ in range(self.blocks_for(seq.num_slots))]
+        self.live[seq.seq_id] = seq
+        self.commit(seq)  # its computed full blocks are findable again
+        return list(seq.block_table)
+
+    def _release(self, b: int, keep_cached: bool) -> None:
+        """Drop one reference to block b; at 0 it is cached (if findable and wanted) or free."""
+        self.ref_count[b] -= 1
+        if self.ref_count[b] == 0:
+            if keep_cached and self.block_hash[b] is not None:
+                self.cached_blocks[b] = None  # most recently used end
+            else:
+                self._unregister(b)
+                self.free_blocks.append(b)
+
+    def _unregister(self, b: int) -> None:
+        if self.block_hash[b] is not None:
+            del self.hash_to_block[self.block_hash[b]]
+            self.block_hash[b] = None
+
+    def _check_appendable_state(self, seq: SequenceState) -> None:
+        if self.live.get(seq.seq_id) is not seq:
+            raise InvalidArgumentError(f"sequence {seq.seq_id} holds no blocks; allocate it first")
 
     # -- sharing and freeing ----------------------------------------------------------------
     def fork(self, parent: SequenceState, child: SequenceState) -> None:
@@ -2517,9 +2620,13 @@ class BlockManager:
             raise InvalidArgumentError(f"parent sequence {parent.seq_id} holds no blocks")
         if child.seq_id in self.live or child.block_table:
             raise InvalidArgumentError(f"child sequence {child.seq_id} already holds blocks")
+        if parent.num_computed_tokens < parent.num_slots:  # both would then write the shared slots
+            raise InvalidArgumentError(f"fork sequence {parent.seq_id} after the step that computes its "
+                                       "pending tokens, not before")
         child.token_ids, child.block_table = list(parent.token_ids), list(parent.block_table)
         child.block_hashes = list(parent.block_hashes)
         child.num_slots, child.num_cached_tokens = parent.num_slots, parent.num_cached_tokens
+        child.num_computed_tokens, child.status = parent.num_computed_tokens, parent.status
         for b in child.block_table:
             self.ref_count[b] += 1
         self.live[child.seq_id] = child
@@ -2529,13 +2636,9 @@ class BlockManager:
         if self.live.get(seq.seq_id) is not seq:
             raise InvalidArgumentError(f"sequence {seq.seq_id} holds no blocks; nothing to free")
         for b in reversed(seq.block_table):  # tail first, so a prompt's tail is evicted first
-            self.ref_count[b] -= 1
-            if self.ref_count[b] == 0:
-                if self.block_hash[b] is None:
-                    self.free_blocks.append(b)
-                else:
-                    self.cached_blocks[b] = None  # most recently used end
+            self._release(b, keep_cached=True)
         seq.block_table, seq.block_hashes, seq.num_slots, seq.num_cached_tokens = [], [], 0, 0
+        seq.num_computed_tokens = 0  # its K/V is gone (or only findable through the prefix cache)
         del self.live[seq.seq_id]
 
     # -- checks -----------------------------------------------------------------------------
@@ -2566,15 +2669,19 @@ class BlockManager:
                    f"sequence {seq_id}: wrong id or a block listed twice in {table}")
         _invariant(seq.num_slots <= n and len(table) == self.blocks_for(seq.num_slots),
                    f"sequence {seq_id}: {len(table)} blocks for {seq.num_slots} slots, {n} tokens")
-        _invariant(seq.num_cached_tokens % bs == 0 and seq.num_cached_tokens < n,
+        _invariant(seq.num_cached_tokens % bs == 0 and seq.num_cached_tokens < max(n, 1),
                    f"sequence {seq_id}: {seq.num_cached_tokens} cached tokens")
+        _invariant(seq.num_computed_tokens <= seq.num_slots,
+                   f"sequence {seq_id}: {seq.num_computed_tokens} computed tokens without slots")
         if not self.enable_prefix_caching:
             return
         parent, hashes = None, []
-        for i in range(seq.num_slots // bs):  # the chain must match the tokens the blocks hold
+        for i in range(len(seq.block_hashes)):  # the chain must match the tokens the blocks hold
             parent = block_hash(parent, seq.token_ids[i * bs:(i + 1) * bs])
             hashes.append(parent)
         _invariant(hashes == seq.block_hashes, f"sequence {seq_id}: block hashes out of date")
+        _invariant(len(hashes) <= min(seq.num_computed_tokens, seq.num_slots) // bs,
+                   f"sequence {seq_id}: a block is published before its K/V is computed")
         for b, h in zip(table, hashes):
             _invariant(self.block_hash[b] in (None, h), f"sequence {seq_id}: block {b} holds "
                        "another prefix's K/V")
@@ -2669,26 +2776,24 @@ class PagedKVCache:
         return self.k.nbytes + self.v.nbytes
 
     def metadata(self, seqs: Sequence[SequenceState], query_lens: Sequence[int]):
-        """Positions (N,) and metadata for a step running the last query_lens[s] tokens of seqs[s].
-
-        Every token of each sequence must have a slot (BlockManager.allocate / append_slot).
-        The step's tokens are `seq.token_ids[-query_lens[s]:]`, back to back.
-        """
+        """Positions (N,) and metadata for a step running token_ids[num_computed_tokens : +
+        query_lens[s]] of each sequence (a prefill chunk, a decode, a speculative verify). Each
+        of those tokens must own a slot (BlockManager.allocate / append_slot)."""
         positions, slots, bs = [], [], self.block_size
         for seq, n_new in zip(seqs, query_lens, strict=True):
-            n = seq.num_tokens
-            if not 0 < n_new <= n or seq.num_slots != n:
+            start = seq.num_computed_tokens
+            if not 0 < n_new <= seq.num_tokens - start or seq.num_slots < start + n_new:
                 raise InvalidArgumentError(
-                    f"sequence {seq.seq_id}: {n_new} new of {n} tokens, {seq.num_slots} with a "
-                    "slot; run BlockManager.allocate / append_slot for each token before the step")
-            positions += range(n - n_new, n)
-            slots += [seq.block_table[t // bs] * bs + t % bs for t in range(n - n_new, n)]
+                    f"sequence {seq.seq_id}: a step of {n_new} tokens from {start} of {seq.num_tokens}, "
+                    f"{seq.num_slots} with a slot; run BlockManager.allocate / append_slot first")
+            positions += range(start, start + n_new)
+            slots += [seq.block_table[t // bs] * bs + t % bs for t in range(start, start + n_new)]
         width = max(len(seq.block_table) for seq in seqs)
         tables = [seq.block_table + [-1] * (width - len(seq.block_table)) for seq in seqs]
         device = self.k.device
         meta = AttentionMetadata(
             query_start=[0, *np.cumsum(query_lens).tolist()],
-            context_lens=[seq.num_tokens for seq in seqs],
+            context_lens=[seq.num_computed_tokens + n for seq, n in zip(seqs, query_lens)],
             slot_mapping=torch.tensor(slots, device=device),
             block_tables=torch.tensor(tables, device=device, dtype=torch.long))
         return torch.tensor(positions, device=device), meta
@@ -2828,6 +2933,7 @@ def _simulate_parallel(bm: BlockManager, prompt: list[int], outputs: Sequence[in
     """Decode len(outputs) samples of one prompt; returns (shared, unshared, steps) block-steps."""
     root = SequenceState(new_id(), list(prompt))
     bm.allocate(root)
+    _as_if_computed(bm, root)
     samples = [root]
     for _ in outputs[1:]:
         samples.append(SequenceState(new_id()))
@@ -2838,6 +2944,7 @@ def _simulate_parallel(bm: BlockManager, prompt: list[int], outputs: Sequence[in
         for seq in live.values() if t > 1 else ():
             seq.token_ids.append(int(rng.integers(1000)))
             bm.append_slot(seq)
+            _as_if_computed(bm, seq)
         shared += bm.num_used_blocks
         unshared += sum(bm.blocks_for(seq.num_tokens) for seq in live.values())
         for i in [i for i in live if outputs[i] == t]:
@@ -2849,6 +2956,7 @@ def _simulate_beams(bm: BlockManager, prompt: list[int], width: int, output: int
     """Beam search of `width` beams for `output` steps, survivors' parents drawn at random."""
     root = SequenceState(new_id(), list(prompt))
     bm.allocate(root)
+    _as_if_computed(bm, root)
     beams = [root]
     for _ in range(width - 1):
         beams.append(SequenceState(new_id()))
@@ -2871,6 +2979,8 @@ def _simulate_beams(bm: BlockManager, prompt: list[int], width: int, output: int
             for seq in beams:
                 seq.token_ids.append(int(rng.integers(1000)))
                 bm.append_slot(seq)
+                _as_if_computed(bm, seq)
+            _as_if_computed(bm, seq)
         shared += bm.num_used_blocks
         unshared += width * bm.blocks_for(beams[0].num_tokens)
     for seq in beams:
@@ -2930,6 +3040,12 @@ def _free_oldest_until(bm: BlockManager, live: deque, fits: Callable[[SequenceSt
         bm.free(live.popleft())
 
 
+def _as_if_computed(bm: BlockManager, seq: SequenceState) -> None:
+    """What a forward step does for the manager: seq's slotted tokens are computed, committed."""
+    seq.num_computed_tokens = seq.num_slots
+    bm.commit(seq)
+
+
 def _serve_with_prefix_cache(bm: BlockManager, system_prompts: list[list[int]], num_requests: int,
                              concurrency: int, rng) -> None:
     """Run requests through bm: allocate the prompt, decode the output, keep `concurrency` live."""
@@ -2942,10 +3058,12 @@ def _serve_with_prefix_cache(bm: BlockManager, system_prompts: list[list[int]], 
             bm.free(live.popleft())
         _free_oldest_until(bm, live, bm.can_allocate, seq)
         bm.allocate(seq)
+        _as_if_computed(bm, seq)
         for _ in range(o - 1):
             seq.token_ids.append(int(rng.integers(1000)))
             _free_oldest_until(bm, live, bm.can_append, seq)
             bm.append_slot(seq)
+            _as_if_computed(bm, seq)
         live.append(seq)
     while live:
         bm.free(live.popleft())
@@ -3067,14 +3185,10 @@ demo and the tests check exactly that on SmolLM2.
 
 
 # %%
-@torch.inference_mode()
-def paged_step(model: Transformer, cache: PagedKVCache, seqs: list[SequenceState],
-                query_lens: list[int]) -> torch.Tensor:
-    """One packed forward over the last query_lens[s] tokens of seqs[s]; next-token logits (S, V)."""
-    positions, meta = cache.metadata(seqs, query_lens)
-    tokens = [t for seq, n in zip(seqs, query_lens) for t in seq.token_ids[-n:]]
-    return model(torch.tensor(tokens, device=model.device), positions, meta, cache,
-                 logits_at=meta.last_token_indices)
+def paged_step(model: Transformer, cache: "PagedKVCache", seqs: list[SequenceState],
+               query_lens: list[int]) -> torch.Tensor:
+    """One packed forward on the paged cache (`run_step`); next-token logits (S, V)."""
+    return run_step(model, cache, seqs, query_lens)
 
 
 def paged_generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
@@ -3092,7 +3206,13 @@ def paged_generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new
     bm = BlockManager(num_blocks, block_size, enable_prefix_caching)
     cache = PagedKVCache(model.cfg, num_blocks, block_size, model.device, model.dtype)
     seqs = [SequenceState(i, list(p)) for i, p in enumerate(prompts)]
-    skipped = [bm.allocate(seq) for seq in seqs]  # raises OutOfBlocksError if the pool is too small
+    skipped = [bm.allocate(seqs[0])]  # raises OutOfBlocksError if the pool is too small
+    if enable_prefix_caching and len(seqs) > 1 and seqs[0].num_uncomputed_tokens > 1:
+        # Blocks are findable only once their K/V is written: prefill the first prompt (all but
+        # its last token) first, so the others find a shared prefix (a system prompt) cached.
+        paged_step(model, cache, seqs[:1], [seqs[0].num_uncomputed_tokens - 1])
+        bm.commit(seqs[0])
+    skipped += [bm.allocate(seq) for seq in seqs[1:]]
     peak = [bm.num_used_blocks]
 
     def append(seq):  # reserve a slot for the new token; copy a shared block first if needed
@@ -3101,12 +3221,15 @@ def paged_generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new
             cache.copy_block(*cow)
         peak[0] = max(peak[0], bm.num_used_blocks)
 
-    step = lambda seqs, query_lens: paged_step(model, cache, seqs, query_lens)  # noqa: E731
-    first = [s.num_tokens - c for s, c in zip(seqs, skipped)]
-    outputs = greedy_batch_loop(step, seqs, first, max_new_tokens, stop_ids, append, bm.free)
-    peak = peak[0]
+    def step(live):
+        logits = paged_step(model, cache, live, [s.num_uncomputed_tokens for s in live])
+        for seq in live:
+            bm.commit(seq)  # their K/V is written: full blocks become findable
+        return logits
+
+    outputs = greedy_batch_loop(step, seqs, max_new_tokens, stop_ids, append, bm.free)
     stats = {"prompt tokens": sum(len(p) for p in prompts), "prompt tokens skipped": sum(skipped),
-             "peak blocks": peak, "block bytes": cache.nbytes // num_blocks}
+             "peak blocks": peak[0], "block bytes": cache.nbytes // num_blocks}
     return outputs, stats
 
 

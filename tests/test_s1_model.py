@@ -107,7 +107,7 @@ def test_kv_cached_forward_equals_full_forward(llm, tiny):
     cache = llm.ContiguousKVCache(tiny.cfg, 2, 32)
     got, start = [], 0
     for n in (6, 3, 1, 1, 3):
-        pos, meta = cache.metadata([0, 1], [start, start], [n, n])
+        pos, meta = cache.metadata_at([0, 1], [start, start], [n, n])
         out = tiny(tokens[:, start:start + n].reshape(-1), pos, meta, cache)
         got.append(out.view(2, n, -1))
         start += n
@@ -120,9 +120,9 @@ def test_ragged_step_equals_separate_runs(llm, tiny):
     a = torch.randint(0, tiny.cfg.vocab_size, (5,), generator=g)
     b = torch.randint(0, tiny.cfg.vocab_size, (4,), generator=g)
     cache = llm.ContiguousKVCache(tiny.cfg, 2, 16)
-    pos, meta = cache.metadata([1], [0], [3])
+    pos, meta = cache.metadata_at([1], [0], [3])
     tiny(b[:3], pos, meta, cache)  # row 1 already holds 3 tokens
-    pos, meta = cache.metadata([0, 1], [0, 3], [5, 1])
+    pos, meta = cache.metadata_at([0, 1], [0, 3], [5, 1])
     packed = tiny(torch.cat([a, b[3:]]), pos, meta, cache)
     assert torch.allclose(packed[:5], tiny.forward_batch(a[None])[0], atol=1e-5)
     assert torch.allclose(packed[5], tiny.forward_batch(b[None])[0, -1], atol=1e-5)
@@ -216,7 +216,7 @@ def test_bad_generation_input_raises(llm, tiny):
 def test_cache_overflow_raises(llm, tiny):
     cache = llm.ContiguousKVCache(tiny.cfg, 1, 8)
     with pytest.raises(llm.ContextOverflowError, match="cache holds 8"):
-        cache.metadata([0], [5], [4])
+        cache.metadata_at([0], [5], [4])
 
 
 def test_text_prompt_gets_a_clear_error(llm, tiny):

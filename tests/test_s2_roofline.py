@@ -180,7 +180,7 @@ def test_flop_model_matches_torch_flop_counter(llm, B, context, new):
 
     net = llm.build_model("smollm2-135m", device="cpu")
     cache = llm.ContiguousKVCache(net.cfg, B, context + new)
-    positions, meta = cache.metadata(range(B), [context] * B, [new] * B)
+    positions, meta = cache.metadata_at(range(B), [context] * B, [new] * B)
     tokens = torch.zeros(B * new, dtype=torch.long)
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
         net(tokens, positions, meta, cache, logits_at=meta.last_token_indices)

@@ -72,7 +72,7 @@ def test_contiguous_attend_batches_unequal_contexts(llm, start_pos, query_lens):
     cache.k.copy_(torch.randn(cache.k.shape, generator=gen))
     cache.v.copy_(torch.randn(cache.v.shape, generator=gen))
     rows = [3, 0, 1][:len(query_lens)]
-    _, meta = cache.metadata(rows, start_pos, query_lens)
+    _, meta = cache.metadata_at(rows, start_pos, query_lens)
     q = torch.randn(sum(query_lens), cfg.n_heads, cfg.head_dim, generator=gen)
     torch.testing.assert_close(cache.attend(1, q, meta), cache.attend_naive(1, q, meta))
     a, b = meta.query_start[1], meta.query_start[2]  # sequence 1 against the textbook formula

@@ -40,6 +40,7 @@ def test_hand_worked_fork_and_copy_on_write(llm):
     bm = llm.BlockManager(4, block_size=2, enable_prefix_caching=False)
     a = llm.SequenceState(0, [1, 2, 3])
     assert bm.allocate(a) == 0 and a.block_table == [0, 1]  # [1 2][3 _]
+    computed(bm, a)  # its prefill ran
     b = llm.SequenceState(1)
     bm.fork(a, b)
     assert b.token_ids == [1, 2, 3] and b.block_table == [0, 1] and bm.ref_count == [2, 2, 0, 0]
@@ -59,16 +60,26 @@ def test_hand_worked_fork_and_copy_on_write(llm):
     bm.check_invariants()
 
 
+def computed(bm, *seqs):
+    """What a forward step does for the block manager: every slotted token is now computed, and
+    the full blocks are committed (published in the prefix cache)."""
+    for seq in seqs:
+        seq.num_computed_tokens = seq.num_slots
+        bm.commit(seq)
+
+
 def test_hand_worked_prefix_cache_and_eviction(llm):
     """Same pool with prefix caching on: cached blocks are revived, then evicted LRU."""
     bm = llm.BlockManager(4, block_size=2)
     a, b = llm.SequenceState(0, [1, 2, 3]), llm.SequenceState(1)
     bm.allocate(a)
+    computed(bm, a)
     bm.fork(a, b)
     for seq, tok in ((a, 4), (b, 5), (a, 6)):
         seq.token_ids.append(tok)
         bm.append_slot(seq)
     assert a.block_table == [0, 2, 3] and b.block_table == [0, 1]
+    computed(bm, a, b)
     b.token_ids.append(7)  # needs a fifth block
     before = snapshot(bm)
     with pytest.raises(llm.OutOfBlocksError):
@@ -77,6 +88,7 @@ def test_hand_worked_prefix_cache_and_eviction(llm):
     bm.free(a)  # block 3 (partial) is free; block 2 = [3 4] after [1 2] stays findable
     assert list(bm.free_blocks) == [3] and list(bm.cached_blocks) == [2] and bm.ref_count == [1, 1, 0, 0]
     assert bm.append_slot(b) == (3 * 2, None)  # takes the free block, keeps the cached one
+    computed(bm, b)
     c = llm.SequenceState(2, [1, 2, 3, 4, 9])  # would hit blocks 0 and 2, needs one more
     before = snapshot(bm)
     assert not bm.can_allocate(c)
@@ -98,6 +110,7 @@ def test_last_prompt_token_is_never_a_cache_hit(llm):
     bm = llm.BlockManager(8, block_size=2)
     first = llm.SequenceState(0, [1, 2, 3, 4])
     bm.allocate(first)
+    computed(bm, first)
     bm.free(first)
     assert list(bm.cached_blocks) == [1, 0]
     again = llm.SequenceState(1, [1, 2, 3, 4])
@@ -137,6 +150,7 @@ def test_misuse_raises_named_errors(llm):
     with pytest.raises(llm.InvalidArgumentError, match="append the token first"):
         bm.append_slot(seq)  # no new token
     seq.token_ids += [4, 5]
+    seq.num_computed_tokens = 3  # the prompt's step ran
     cache = llm.PagedKVCache(llm.ModelConfig.from_name("tiny"), 8, 2)
     with pytest.raises(llm.InvalidArgumentError, match="append_slot"):
         cache.metadata([seq], [2])  # tokens 4 and 5 have no slots yet
@@ -158,11 +172,14 @@ def test_block_hash_is_chained(llm):
 # Block manager: random operation sequences (hypothesis state machine)
 # ---------------------------------------------------------------------------------------------
 class BlockManagerMachine(RuleBasedStateMachine):
-    """Random allocate / append / fork / free against a model of what each cache slot holds.
+    """Random allocate / append / compute / truncate / fork / free against a model of what each
+    cache slot holds.
 
-    `content[slot]` is the prefix whose last token's K/V the slot holds (what a real cache would
-    compute there). A prefix hit must find the right content; a write must never land in a
-    shared block; a copy-on-write copies content like PagedKVCache.copy_block.
+    `content[slot]` is the prefix whose last token's K/V the slot holds: written only by a
+    `compute` step (a forward), never by reserving a slot. A prefix hit must find the right
+    content, so a block published before its K/V is computed (then freed, or rolled back) is
+    caught; a write must never land in a shared block; a copy-on-write copies content like
+    PagedKVCache.copy_block.
     """
 
     @initialize(num_blocks=st.integers(1, 12), block_size=st.sampled_from([1, 2, 3, 4]),
@@ -176,21 +193,15 @@ class BlockManagerMachine(RuleBasedStateMachine):
     def slot(self, seq, pos):
         return seq.block_table[pos // self.bs] * self.bs + pos % self.bs
 
-    def write(self, seq, pos):
-        slot = self.slot(seq, pos)
-        assert self.bm.ref_count[slot // self.bs] == 1, "wrote into a shared block"
-        self.content[slot] = tuple(seq.token_ids[:pos + 1])
-
     @rule(tokens=st.lists(st.integers(0, 2), min_size=1, max_size=10))
     def allocate(self, tokens):
         seq = llm_module.SequenceState(self.next_id, tokens)
         self.next_id += 1
         if self.bm.can_allocate(seq):
             cached = self.bm.allocate(seq)
+            assert seq.num_computed_tokens == cached
             for pos in range(cached):  # a prefix hit must hold exactly this prefix's K/V
                 assert self.content[self.slot(seq, pos)] == tuple(tokens[:pos + 1])
-            for pos in range(cached, len(tokens)):
-                self.write(seq, pos)
             self.seqs[seq.seq_id] = seq
         else:
             before = snapshot(self.bm)
@@ -220,13 +231,37 @@ class BlockManagerMachine(RuleBasedStateMachine):
                 bs = self.bs
                 self.content[dst * bs:(dst + 1) * bs] = self.content[src * bs:(src + 1) * bs]
             assert slot == self.slot(seq, pos)
-            self.write(seq, pos)
+
+    @precondition(lambda self: self.seqs)
+    @rule(data=st.data())
+    def compute(self, data):
+        """A forward step: the sequence's slotted, uncomputed tokens get their K/V; commit."""
+        seq = self.seqs[data.draw(st.sampled_from(sorted(self.seqs)))]
+        for pos in range(seq.num_computed_tokens, seq.num_slots):
+            slot = self.slot(seq, pos)
+            assert self.bm.ref_count[slot // self.bs] == 1, "wrote into a shared block"
+            self.content[slot] = tuple(seq.token_ids[:pos + 1])
+        seq.num_computed_tokens = seq.num_slots
+        self.bm.commit(seq)
+
+    @precondition(lambda self: self.seqs)
+    @rule(data=st.data())
+    def truncate(self, data):
+        """Roll back (rejected speculative tokens, §6)."""
+        seq = self.seqs[data.draw(st.sampled_from(sorted(self.seqs)))]
+        keep = data.draw(st.integers(0, seq.num_tokens))
+        self.bm.truncate(seq, keep)
+        assert seq.num_tokens == keep and seq.num_slots <= keep and seq.num_computed_tokens <= keep
 
     @precondition(lambda self: self.seqs)
     @rule(data=st.data())
     def fork(self, data):
         parent = self.seqs[data.draw(st.sampled_from(sorted(self.seqs)))]
         child = llm_module.SequenceState(self.next_id)
+        if parent.num_computed_tokens < parent.num_slots:  # forks happen after a step
+            with pytest.raises(llm_module.InvalidArgumentError, match="after the step"):
+                self.bm.fork(parent, child)
+            return
         self.next_id += 1
         self.bm.fork(parent, child)
         assert child.block_table == parent.block_table
@@ -235,6 +270,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.seqs)
     @rule(data=st.data())
     def free(self, data):
+        """Finish, or preempt by recompute: possibly before its tokens were ever computed."""
         self.bm.free(self.seqs.pop(data.draw(st.sampled_from(sorted(self.seqs)))))
 
     @invariant()
@@ -243,8 +279,8 @@ class BlockManagerMachine(RuleBasedStateMachine):
             return
         self.bm.check_invariants()
         assert self.bm.num_free_blocks + self.bm.num_used_blocks == self.bm.num_blocks
-        for seq in self.seqs.values():  # every live token's slot holds that token's K/V
-            for pos in range(seq.num_tokens):
+        for seq in self.seqs.values():  # every computed token's slot holds that token's K/V
+            for pos in range(seq.num_computed_tokens):
                 assert self.content[self.slot(seq, pos)] == tuple(seq.token_ids[:pos + 1])
 
     def teardown(self):
@@ -256,7 +292,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
         assert self.bm.num_free_blocks == self.bm.num_blocks and not any(self.bm.ref_count)
 
 
-BlockManagerMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+BlockManagerMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=40, deadline=None)
 TestBlockManagerMachine = BlockManagerMachine.TestCase
 
 
@@ -349,9 +385,13 @@ def contiguous_generate(llm, model, prompt, n_new, forced=()):
     return list(forced) + llm.generate(model, list(prompt) + list(forced), n_new - len(forced))
 
 
-def paged_step(model, cache, seqs, query_lens):
-    """One packed forward over the last query_lens[s] tokens of seqs[s]; logits (S, V)."""
-    return load_lesson().paged_step(model, cache, list(seqs), list(query_lens))  # the module's own
+def paged_step(model, cache, seqs, query_lens, bm=None):
+    """One packed forward over the next query_lens[s] uncomputed tokens of seqs[s]; logits (S, V).
+    With `bm`, the step's full blocks are then committed (published for prefix caching)."""
+    logits = load_lesson().paged_step(model, cache, list(seqs), list(query_lens))  # the module's own
+    for seq in seqs if bm is not None else ():
+        bm.commit(seq)
+    return logits
 
 
 def append_tokens(bm, cache, seqs, tokens):
@@ -440,10 +480,10 @@ def test_prefix_caching_gives_identical_outputs(llm, tiny, bs):
             seq = llm.SequenceState(i, list(prompt))
             cached = bm.allocate(seq)
             skipped.append(cached)
-            logits = paged_step(tiny, cache, [seq], [seq.num_tokens - cached])  # prefill the rest
+            logits = paged_step(tiny, cache, [seq], [seq.num_tokens - cached], bm)  # prefill the rest
             for _ in range(n_new):
                 append_tokens(bm, cache, [seq], [int(logits[0].argmax())])
-                logits = paged_step(tiny, cache, [seq], [1])
+                logits = paged_step(tiny, cache, [seq], [1], bm)
             outs.append(seq.token_ids[len(prompt):])
             live.append(seq)
             if i == 0:
@@ -473,7 +513,7 @@ def test_paged_cache_write_then_attend_matches_contiguous(llm):
     N, H, Hkv, D = 12, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     q, k, v = (torch.randn(N, h, D, generator=gen) for h in (H, Hkv, Hkv))
     _, meta_p = paged.metadata(seqs, [9, 3])
-    _, meta_c = contiguous.metadata([0, 1], [0, 0], [9, 3])
+    _, meta_c = contiguous.metadata_at([0, 1], [0, 0], [9, 3])
     paged.write(0, k, v, meta_p)
     contiguous.write(0, k, v, meta_c)
     torch.testing.assert_close(paged.attend(0, q, meta_p), contiguous.attend(0, q, meta_c))
@@ -582,3 +622,36 @@ def test_mixed_step_is_at_most_two_attention_calls(llm):
     groups = llm.attention_groups(meta, "cpu")
     assert [g.seqs for g in groups] == [[0, 2], [1, 3]]
     assert [(g.Tq, g.Tk) for g in groups] == [(1, 30), (7, 7)]
+
+
+def test_a_block_is_findable_only_after_its_kv_is_computed(llm):
+    """Regression (issue #9): freeing a sequence before any forward ran (as a preemption does)
+    must not leave its blocks findable; they would be read as cached K/V never written."""
+    bm = llm.BlockManager(8, block_size=2)
+    a = llm.SequenceState(0, [1, 2, 3, 4, 5])
+    bm.allocate(a)
+    bm.free(a)  # preempted before its prefill ran
+    b = llm.SequenceState(1, [1, 2, 3, 4, 9])
+    assert bm.allocate(b) == 0 and b.num_computed_tokens == 0
+    computed(bm, b)  # its prefill ran: now [1 2] and [3 4] are findable
+    c = llm.SequenceState(2, [1, 2, 3, 4, 7])
+    assert bm.allocate(c) == 4 and c.block_table[:2] == b.block_table[:2]
+    bm.check_invariants()
+
+
+def test_truncate_rolls_back_blocks_and_hashes(llm):
+    bm = llm.BlockManager(8, block_size=2)
+    seq = llm.SequenceState(0, [1, 2, 3, 4, 5, 6, 7])
+    bm.allocate(seq)
+    computed(bm, seq)
+    assert len(seq.block_hashes) == 3 and bm.num_used_blocks == 4
+    bm.truncate(seq, 3)  # keep [1 2] [3 _]: blocks 3 and 4 are released, their hashes dropped
+    assert seq.token_ids == [1, 2, 3] and seq.num_slots == seq.num_computed_tokens == 3
+    assert len(seq.block_table) == 2 and len(seq.block_hashes) == 1 and bm.num_used_blocks == 2
+    assert bm.block_hash[seq.block_table[1]] is None  # [3 4] will be overwritten: not findable
+    assert len(bm.hash_to_block) == 1 and bm.num_cached_blocks == 0
+    seq.token_ids.append(8)
+    assert bm.append_slot(seq) == (seq.block_table[1] * 2 + 1, None)
+    with pytest.raises(llm.InvalidArgumentError):
+        bm.truncate(seq, 9)
+    bm.check_invariants()
