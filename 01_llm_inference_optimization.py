@@ -2562,6 +2562,7 @@ class BlockManager:
         del seq.token_ids[num_tokens:]
         seq.num_slots = min(seq.num_slots, num_tokens)
         seq.num_computed_tokens = min(seq.num_computed_tokens, num_tokens)
+        seq.num_cached_tokens = min(seq.num_cached_tokens, num_tokens // bs * bs)
         del seq.block_hashes[num_tokens // bs:]
         if num_tokens % bs and keep and self.ref_count[seq.block_table[-1]] == 1:
             self._unregister(seq.block_table[-1])  # its tail slots will be written again
@@ -2670,7 +2671,7 @@ class BlockManager:
                    f"sequence {seq_id}: wrong id or a block listed twice in {table}")
         _invariant(seq.num_slots <= n and len(table) == self.blocks_for(seq.num_slots),
                    f"sequence {seq_id}: {len(table)} blocks for {seq.num_slots} slots, {n} tokens")
-        _invariant(seq.num_cached_tokens % bs == 0 and seq.num_cached_tokens < max(n, 1),
+        _invariant(seq.num_cached_tokens % bs == 0 and seq.num_cached_tokens <= n,
                    f"sequence {seq_id}: {seq.num_cached_tokens} cached tokens")
         _invariant(seq.num_computed_tokens <= seq.num_slots,
                    f"sequence {seq_id}: {seq.num_computed_tokens} computed tokens without slots")
