@@ -3559,8 +3559,8 @@ class Scheduler:
             seq = self.waiting[0]
             if not self.bm.can_allocate(seq):
                 break  # FCFS: nobody overtakes the head of the queue
-            if not self.chunked and seq.num_tokens - self._cached_guess(seq) > budget:
-                break
+            if not self.chunked and seq.num_tokens > budget:
+                break  # unchunked: the whole prompt must fit this step's budget
             self.waiting.popleft()
             self.bm.allocate(seq)
             seq.status = SequenceStatus.RUNNING
@@ -3569,9 +3569,6 @@ class Scheduler:
             out.seqs.append(seq)
             out.query_lens.append(n)
             budget -= n
-
-    def _cached_guess(self, seq: SequenceState) -> int:
-        return 0  # without chunking, assume the whole prompt must fit (prefix hits only help)
 
 
 # %% [markdown]
