@@ -40,7 +40,7 @@ Three ways to use it:
 
 Table of contents (`grep -n "## §"` finds them; each section names its test file):
 
-- §0 Setup: devices, timing, tables, plots, notation ................ tests/test_s0_setup.py
+- §0 Setup: devices, timing, notation ............................... tests/test_s0_setup.py
 - §1 The model: a LLaMA-architecture transformer, generation ........ tests/test_s1_model.py
 - §1b Real weights: GGUF layout, block formats, loading SmolLM2 ...... tests/test_s1b_*.py
 - §2 Memory-bound vs compute-bound: prefill, decode, roofline ........ tests/test_s2_roofline.py
@@ -83,10 +83,11 @@ from torch import nn
 
 # %% [markdown]
 """
-## §0 Setup: devices, timing, tables, plots, notation
+## §0 Setup: devices, timing, notation
 
 Nothing in this file runs at import: no seeding, no global torch settings, no downloads.
-Demos take `seed=` and `device=` and are deterministic for a given seed.
+Demos take `seed=` and `device=` and are deterministic for a given seed. The helpers that print
+tables and save plots are plumbing: Appendix D.
 
 ### Notation (the code uses these short names)
 
@@ -166,33 +167,6 @@ def benchmark(fn: Callable[[], object], device=None, warmup: int = 1, repeat: in
             fn()
         times.append(t.seconds)
     return float(reduce(times))
-
-
-def print_table(rows: Sequence[dict], title: str, floatfmt: str | None = None) -> str:
-    """Print `rows` (dicts sharing keys; put units in the keys) under a title; return the text.
-    Numbers print without scientific notation (`format_table`, Appendix D)."""
-    text = format_table(rows, title, floatfmt)
-    print(text)
-    return text
-
-
-def save_plot(fig, name: str) -> Path:
-    """Save a matplotlib figure as `<plot dir>/<name>.png` and return the path. The plot dir is
-    `outputs/` unless $LESSON_PLOT_DIR says otherwise (`--save-assets` points it at `assets/`)."""
-    folder = Path(os.environ.get("LESSON_PLOT_DIR") or OUTPUT_DIR)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{name}.png"
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    return path
-
-
-def new_figure(nrows: int = 1, ncols: int = 1, **kwargs):
-    """(figure, axes) drawn off-screen, without pyplot: no window, and your session's backend
-    (a notebook's inline plots, say) is left alone. kwargs go to `Figure` (e.g. figsize)."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(**kwargs)
-    return fig, fig.subplots(nrows, ncols)
 
 
 def seeded_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -1075,14 +1049,6 @@ bytes (no terminating zero).
 `alignment` is the metadata value `general.alignment` if present, else 32; every tensor's
 offset is a multiple of it, so each tensor starts on an aligned address once the file is
 memory-mapped.
-
-**Shape order.** GGUF lists dimensions fastest-varying first, as ggml does: `ne[0]` is the
-length of a row (the elements that are contiguous in memory). NumPy and PyTorch list them
-slowest first, so `GGUFTensor.shape = tuple(reversed(ne))`. Example: SmolLM2's
-`blk.0.ffn_down.weight` has `ne = [1536, 576]`; its NumPy shape is `(576, 1536)`, exactly the
-`(out_features, in_features)` of the PyTorch `nn.Linear(1536, 576)` it stands for, so no
-transpose is needed. Quantization blocks run along rows, so `ne[0]` must be a multiple of the
-block size.
 """
 
 # %%
@@ -1165,16 +1131,9 @@ Where each code's bits live (element index i inside its block):
   element 32k + l (k = 0..3, l = 0..31) takes its low 4 bits from `ql[l + 32·(k mod 2)]` (low
   nibble for k < 2, high nibble for k ≥ 2) and its top 2 bits from bits 2k, 2k+1 of `qh[l]`.
 
-The dequantizers below turn the bytes into a (n_blocks, bytes_per_block) array and do each step
-for all blocks at once with NumPy; there is no Python loop over blocks. They follow the same
-float32 operation order as ggml's reference C code (e.g. `(d·s_j)·q − dmin·m_j`, not a fused
-multiply-add), and the tests find every tensor of the real model and random blocks of every
-type bit-identical to gguf-py's NumPy dequantizers (llama.cpp's own Python package). Two cheap
-speed-ups: the codes stay uint8/int8 until
-the multiply by the float32 scale, which converts them exactly on the fly (an explicit
-`astype(float32)` would be one more pass over memory); and big tensors are done 4096 blocks at
-a time, so the temporaries stay in the CPU's caches instead of spilling to memory
-(`DEQUANT_CHUNK_BLOCKS`; `benchmarks/bench_gguf_load.py` times the whole file).
+The dequantizers below do each step for all blocks at once with NumPy (no Python loop over
+blocks), in ggml's float32 operation order; the tests find them bit-identical to gguf-py's
+(Appendix A says how they are made fast).
 """
 
 
@@ -4289,6 +4248,25 @@ notebook_demo("speculative")  # runs only in a notebook: the section's demo, her
 The plumbing behind `read_gguf` (§1b): value types, a cursor that checks every read, tensor
 infos and the file object. A reader who only wants the lesson can skip it.
 
+**Shape order.** GGUF lists dimensions fastest-varying first, as ggml does: `ne[0]` is the
+length of a row (the elements that are contiguous in memory). NumPy and PyTorch list them
+slowest first, so `GGUFTensor.shape = tuple(reversed(ne))`. Example: SmolLM2's
+`blk.0.ffn_down.weight` has `ne = [1536, 576]`; its NumPy shape is `(576, 1536)`, exactly the
+`(out_features, in_features)` of the PyTorch `nn.Linear(1536, 576)` it stands for, so no
+transpose is needed. Quantization blocks run along rows, so `ne[0]` must be a multiple of the
+block size.
+
+**How the dequantizers of §1b are built.** They turn the bytes into a (n_blocks,
+bytes_per_block) array and do each step for all blocks at once with NumPy; there is no Python
+loop over blocks. They follow the same float32 operation order as ggml's reference C code (e.g.
+`(d·s_j)·q − dmin·m_j`, not a fused multiply-add), and the tests find every tensor of the real
+model and random blocks of every type bit-identical to gguf-py's NumPy dequantizers (llama.cpp's
+own Python package). Two cheap speed-ups: the codes stay uint8/int8 until the multiply by the
+float32 scale, which converts them exactly on the fly (an explicit `astype(float32)` would be
+one more pass over memory); and big tensors are done 4096 blocks at a time, so the temporaries
+stay in the CPU's caches instead of spilling to memory (`DEQUANT_CHUNK_BLOCKS`;
+`benchmarks/bench_gguf_load.py` times the whole file).
+
 **Why memory-map.** The reader never reads the tensor data: it maps the file (`mmap`) and hands
 out zero-copy NumPy views of it. The operating system pages in only the bytes that are touched,
 so opening a 40 GB model is instant and costs no RAM until a tensor is dequantized. llama.cpp
@@ -5448,6 +5426,33 @@ notebook_demo("perplexity")  # runs only in a notebook: the demo, here
 
 
 # %%
+def print_table(rows: Sequence[dict], title: str, floatfmt: str | None = None) -> str:
+    """Print `rows` (dicts sharing keys; put units in the keys) under a title; return the text.
+    Numbers print without scientific notation (`format_table`, Appendix D)."""
+    text = format_table(rows, title, floatfmt)
+    print(text)
+    return text
+
+
+def save_plot(fig, name: str) -> Path:
+    """Save a matplotlib figure as `<plot dir>/<name>.png` and return the path. The plot dir is
+    `outputs/` unless $LESSON_PLOT_DIR says otherwise (`--save-assets` points it at `assets/`)."""
+    folder = Path(os.environ.get("LESSON_PLOT_DIR") or OUTPUT_DIR)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.png"
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    return path
+
+
+def new_figure(nrows: int = 1, ncols: int = 1, **kwargs):
+    """(figure, axes) drawn off-screen, without pyplot: no window, and your session's backend
+    (a notebook's inline plots, say) is left alone. kwargs go to `Figure` (e.g. figsize)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(**kwargs)
+    return fig, fig.subplots(nrows, ncols)
+
+
 class Rows(list):
     """What `analyze_*` functions return: a list of row dicts that prints as its table.
 
