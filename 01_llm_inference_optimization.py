@@ -48,7 +48,7 @@ Table of contents (`grep -n "## §"` finds them; each section names its test fil
 - §4 PagedAttention: block manager, copy-on-write, prefix caching ... tests/test_s4_paged_attention.py
 - §5 Continuous batching: scheduler, preemption, chunked prefill .... tests/test_s5_continuous_batching.py
 - §6 Speculative decoding: draft, verify, exact rejection sampling .. tests/test_s6_speculative.py
-- §7 Flash-decoding: split-K attention with a log-sum-exp merge ...... (not yet written)
+- §7 Flash-decoding: split-K attention with a log-sum-exp merge ...... tests/test_s7_flash_decoding.py
 - §8 Quantization: INT8, INT4, GPTQ, AWQ, GGUF block formats ......... (not yet written)
 - §9 Summary: every technique's speedup and memory saving, measured .. (not yet written)
 - Appendix A: reading a GGUF file defensively ....................... tests/test_s1b_gguf.py
@@ -4223,8 +4223,463 @@ notebook_demo("speculative")  # runs only in a notebook: the section's demo, her
 """
 ## §7 Flash-decoding: split-K attention with a log-sum-exp merge
 
-*Not yet written.*
+**The problem.** A decode step's attention reads the whole KV cache to produce one output row
+per head: 2·B·Hkv·T·D numbers, a few FLOPs each. It is bound by memory bandwidth (§2), so the
+only question is whether the kernel keeps *all* of the GPU's memory system busy. A standard
+attention kernel gives each (batch element, head) one thread block, which walks the sequence
+from start to end. At batch 1 with 8 KV heads that is 8 thread blocks on a GPU with 132
+multiprocessors (SMs): 94% of the chip idles while one SM after another streams a long cache.
+Batching hides this on a busy server; a single long-context user pays it on every token.
+
+**The idea** (Dao, Haziza, Massa, Sizov 2023, "Flash-Decoding"). Split the sequence too: S
+splits × B × Hkv thread blocks, each attending over T/S keys and writing a *partial* result:
+its normalized output o_s and the log-sum-exp of its scores, lse_s = log Σ_{t∈s} exp(score_t).
+A second, tiny step merges the partials exactly:
+
+    lse = log Σ_s exp(lse_s),      out = Σ_s exp(lse_s − lse) · o_s
+
+This is the softmax split into pieces: each o_s is Σ_{t∈s} exp(score_t − lse_s) v_t, so
+exp(lse_s − lse)·o_s = Σ_{t∈s} exp(score_t − lse) v_t, and summing over s gives the softmax over
+all t. Subtracting the largest lse_s before exponentiating keeps it finite (the same trick as
+online softmax, one level up). Empty splits have lse = −∞ and weight 0. The merge of two
+partials is again a partial (o, lse), so merging is associative: splits can be merged in any
+grouping, across thread blocks or across GPUs.
+
+**Cost model.** Bytes read: 2·B·Hkv·T·D·b (K and V, b bytes each) plus, for the split version,
+the partials: B·H·S·(D + 1)·4 bytes written and read again, small while S·4 ≪ T·b·Hkv/H. Time
+≈ bytes / (bandwidth × fraction of SMs busy). `analyze_flash_decoding` tabulates both schemes.
+
+The code: the naive reference (materialize scores, softmax, weighted sum); the online-softmax
+single pass (one running max and sum, the way FlashAttention walks the keys); split-K in
+vectorized PyTorch with `merge_partials` as its own pure function; a paged variant reading §4's
+blocks; and Triton kernels (split pass and merge, contiguous and paged) used on a GPU, with the
+PyTorch versions as their reference. Shapes: q (B, H, D); k, v (B, Hkv, T, D), the contiguous
+cache's per-layer layout (§3); `context_lens` (B,) tokens valid per batch element.
 """
+
+
+# %%
+def _decode_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context_lens) -> torch.Tensor:
+    """Check shapes; return the lengths as a (B,) long tensor on k's device."""
+    if q.dim() != 3 or k.dim() != 4 or k.shape != v.shape:
+        raise InvalidArgumentError(f"need q (B, H, D) and k, v (B, Hkv, T, D) of one shape, got q "
+                                   f"{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    (B, H, D), (Bk, Hkv, T, Dk) = q.shape, k.shape
+    if B != Bk or D != Dk or H % Hkv:
+        raise InvalidArgumentError(f"q {tuple(q.shape)} does not fit k {tuple(k.shape)}: need the same B "
+                                   "and D, and H a multiple of Hkv (GQA)")
+    lens = torch.full((B,), T, dtype=torch.long) if context_lens is None else \
+        torch.as_tensor(context_lens, dtype=torch.long).reshape(-1).cpu()
+    if lens.shape != (B,) or (lens < 1).any() or (lens > T).any():
+        raise InvalidArgumentError(f"context_lens must hold B={B} lengths in [1, {T}], got {lens.tolist()}")
+    return lens.to(k.device)
+
+
+def naive_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           context_lens=None) -> torch.Tensor:
+    """The reference: all scores (B, H, T) in fp32, masked softmax, weighted sum of V."""
+    lens = _decode_shapes(q, k, v, context_lens)
+    (B, H, D), (_, Hkv, T, _) = q.shape, k.shape
+    qg = q.float().view(B, Hkv, H // Hkv, D)
+    scores = qg @ k.float().transpose(-1, -2) * D**-0.5  # (B, Hkv, g, T)
+    scores = scores.masked_fill(torch.arange(T, device=k.device) >= lens.view(B, 1, 1, 1), float("-inf"))
+    return (scores.softmax(-1) @ v.float()).reshape(B, H, D).to(q.dtype)
+
+
+def online_softmax_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context_lens=None,
+                                    block: int = 256) -> torch.Tensor:
+    """One pass over the keys in blocks, keeping a running max m, sum l and output acc: what a
+    FlashAttention kernel does inside one thread block. Never holds more than `block` scores."""
+    lens = _decode_shapes(q, k, v, context_lens)
+    (B, H, D), (_, Hkv, T, _) = q.shape, k.shape
+    qg = q.float().view(B, Hkv, H // Hkv, D)
+    m = torch.full((B, Hkv, H // Hkv, 1), float("-inf"), device=q.device)
+    l, acc = torch.zeros_like(m), torch.zeros(B, Hkv, H // Hkv, D, device=q.device)
+    for t0 in range(0, T, block):
+        s = qg @ k[:, :, t0:t0 + block].float().transpose(-1, -2) * D**-0.5
+        s = s.masked_fill(torch.arange(t0, min(T, t0 + block), device=k.device) >= lens.view(B, 1, 1, 1),
+                          float("-inf"))
+        m_new = torch.maximum(m, s.amax(-1, keepdim=True))
+        m_safe = m_new.nan_to_num(neginf=0.0)  # a row with no valid key yet: keep it at zero
+        alpha, p = torch.exp(m - m_safe), torch.exp(s - m_safe)
+        l = l * alpha + p.sum(-1, keepdim=True)
+        acc, m = acc * alpha + p @ v[:, :, t0:t0 + block].float(), m_new
+    return (acc / l).reshape(B, H, D).to(q.dtype)
+
+
+def split_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context_lens=None,
+                    num_splits: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """The split pass: the keys cut into `num_splits` chunks, each attended independently.
+    Returns partial outputs (B, H, S, D) (each normalized over its chunk; 0 if empty) and their
+    log-sum-exps (B, H, S) (−inf if empty), fp32. All splits at once, no Python loop."""
+    lens = _decode_shapes(q, k, v, context_lens)
+    if not isinstance(num_splits, int) or num_splits < 1:
+        raise InvalidArgumentError(f"num_splits must be an int >= 1, got {num_splits!r}")
+    (B, H, D), (_, Hkv, T, _) = q.shape, k.shape
+    S, C = num_splits, -(-T // num_splits)  # splits, keys per split (the last ones may be short or empty)
+    pad = S * C - T
+    k, v = (F.pad(k, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad))) if pad else (k, v)
+    kk, vv = k.float().view(B, Hkv, S, C, D), v.float().view(B, Hkv, S, C, D)
+    qg = q.float().view(B, Hkv, H // Hkv, D)
+    scores = torch.einsum("bhgd,bhscd->bhgsc", qg, kk) * D**-0.5  # (B, Hkv, g, S, C)
+    pos = torch.arange(S * C, device=k.device).view(S, C)
+    scores = scores.masked_fill(pos >= lens.view(B, 1, 1, 1, 1), float("-inf"))
+    m = scores.amax(-1, keepdim=True).nan_to_num(neginf=0.0)  # empty split: any finite shift
+    p = torch.exp(scores - m)
+    l = p.sum(-1)  # (B, Hkv, g, S)
+    o = torch.einsum("bhgsc,bhscd->bhgsd", p, vv) / l.clamp_min(torch.finfo(torch.float32).tiny)[..., None]
+    lse = torch.where(l > 0, m.squeeze(-1) + torch.log(l), float("-inf"))
+    return o.reshape(B, H, S, D), lse.reshape(B, H, S)
+
+
+def merge_partials(outputs: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge partial attention results exactly: outputs (…, S, D), lse (…, S) → the attention
+    over all their keys (…, D) and its log-sum-exp (…,). Pure; its result is itself a partial,
+    so merges compose in any grouping."""
+    top = lse.amax(-1, keepdim=True).nan_to_num(neginf=0.0)  # all −inf: nothing to merge
+    w = torch.exp(lse - top)  # (…, S); 0 for empty partials
+    total = w.sum(-1, keepdim=True)
+    out = (w[..., None] * outputs).sum(-2) / total.clamp_min(torch.finfo(w.dtype).tiny)
+    return out, torch.where(total > 0, top + torch.log(total), float("-inf")).squeeze(-1)
+
+
+def flash_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context_lens=None,
+                 num_splits: int = 4) -> torch.Tensor:
+    """Split-K decode attention in PyTorch: `split_attention` then `merge_partials`."""
+    out, _ = merge_partials(*split_attention(q, k, v, context_lens, num_splits))
+    return out.to(q.dtype)
+
+
+def gather_paged_kv(cache: torch.Tensor, block_tables: torch.Tensor, T: int) -> torch.Tensor:
+    """A layer's paged cache (num_blocks, bs, Hkv, D) read through block tables (B, max_blocks),
+    as the contiguous layout (B, Hkv, T, D). Padding entries (-1) read block 0 (masked later)."""
+    bs = cache.shape[1]
+    blocks = block_tables[:, :-(-T // bs)].clamp(min=0)  # (B, nb)
+    return cache[blocks].flatten(1, 2)[:, :T].transpose(1, 2)
+
+
+def paged_flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                       block_tables: torch.Tensor, context_lens, num_splits: int = 4) -> torch.Tensor:
+    """Split-K decode attention over §4's paged cache: q (B, H, D), k_cache/v_cache (num_blocks,
+    bs, Hkv, D), block_tables (B, max_blocks). PyTorch gathers the blocks first (a copy); the
+    Triton kernel below reads them in place."""
+    T = int(max(context_lens))
+    k, v = gather_paged_kv(k_cache, block_tables, T), gather_paged_kv(v_cache, block_tables, T)
+    return flash_decode(q, k, v, context_lens, num_splits)
+
+
+# %% [markdown]
+"""
+### Triton kernels: the split pass and the merge on a GPU
+The split kernel runs one program per (batch element, KV head, split). It loads the g query
+heads that share that KV head (GQA: each K/V tile is read once for all of them), walks its
+chunk of keys in tiles of `BLOCK_N` with the online softmax, and writes g partial rows and
+their lse. `tl.dot` needs at least 16 rows, so the g queries are padded to 16 with zeros. The
+paged kernel is the same program with one change: the address of token t is computed from its
+block, `block_table[t // bs]`, loaded per token, so tiles need not align with blocks. The merge
+kernel runs one program per (batch element, head).
+
+Triton is imported only when a kernel is first needed (nothing at import). With
+`TRITON_INTERPRET=1` Triton runs the same kernels on the CPU through NumPy: slow, but it is how
+the tests check them on a machine without a GPU.
+"""
+
+
+# %%
+def triton_available() -> bool:
+    """True if the Triton kernels can run here: Triton installed, and a CUDA GPU or
+    TRITON_INTERPRET=1 (Triton's CPU interpreter, for tests)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.cache
+def _triton_decode_kernels():
+    """Define (and cache) the Triton kernels on first use."""
+    if not triton_available():
+        raise LessonError("the Triton kernels need the `triton` package and a CUDA GPU (or "
+                          "TRITON_INTERPRET=1 for the slow CPU interpreter); use flash_decode, the PyTorch "
+                          "version, instead")
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def split_kernel(Q, K, V, Lens, Tables, O, LSE, scale, chunk, n_kv_heads,
+                     sq_b, sq_h, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, st_b,
+                     G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+                     S: tl.constexpr, PAGED: tl.constexpr, BS: tl.constexpr, PRECISION: tl.constexpr):
+        bh, split = tl.program_id(0), tl.program_id(1)
+        b, hkv = bh // n_kv_heads, bh % n_kv_heads
+        length = tl.load(Lens + b)
+        start = split * chunk
+        end = tl.minimum(start + chunk, length)
+        offs_g, offs_d, offs_n = tl.arange(0, BLOCK_G), tl.arange(0, D), tl.arange(0, BLOCK_N)
+        heads = hkv * G + offs_g
+        q = tl.load(Q + b * sq_b + heads[:, None] * sq_h + offs_d[None, :], mask=(offs_g < G)[:, None],
+                    other=0.0)
+        m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        l = tl.zeros([BLOCK_G], tl.float32)
+        acc = tl.zeros([BLOCK_G, D], tl.float32)
+        for n0 in range(start, end, BLOCK_N):
+            t = n0 + offs_n
+            valid = t < end
+            if PAGED:  # token t lives in block Tables[b, t // BS] at row t % BS
+                block = tl.load(Tables + b * st_b + t // BS, mask=valid, other=0)
+                k_rows = block * sk_b + (t % BS) * sk_t
+                v_rows = block * sv_b + (t % BS) * sv_t
+            else:
+                k_rows, v_rows = b * sk_b + t * sk_t, b * sv_b + t * sv_t
+            k = tl.load(K + (k_rows + hkv * sk_h)[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
+            v = tl.load(V + (v_rows + hkv * sv_h)[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # (BLOCK_G, BLOCK_N)
+            s = tl.where(valid[None, :], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 1))
+            alpha = tl.exp(m - m_new)
+            p = tl.exp(s - m_new[:, None])
+            l = l * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m = m_new
+        has = l > 0
+        out = acc / tl.where(has, l, 1.0)[:, None]
+        lse = tl.where(has, m + tl.log(tl.where(has, l, 1.0)), float("-inf"))
+        row = (b * n_kv_heads * G + heads) * S + split  # O: (B, H, S, D), LSE: (B, H, S), contiguous
+        tl.store(O + row[:, None] * D + offs_d[None, :], out, mask=(offs_g < G)[:, None])
+        tl.store(LSE + row, lse, mask=offs_g < G)
+
+    @triton.jit
+    def merge_kernel(O, LSE, Out, S: tl.constexpr, BLOCK_S: tl.constexpr, D: tl.constexpr):
+        bh = tl.program_id(0)
+        offs_s, offs_d = tl.arange(0, BLOCK_S), tl.arange(0, D)
+        lse = tl.load(LSE + bh * S + offs_s, mask=offs_s < S, other=float("-inf"))
+        top = tl.max(lse, 0)
+        top = tl.where(top == float("-inf"), 0.0, top)
+        w = tl.exp(lse - top)
+        o = tl.load(O + (bh * S + offs_s)[:, None] * D + offs_d[None, :], mask=(offs_s < S)[:, None],
+                    other=0.0)
+        out = tl.sum(w[:, None] * o, 0) / tl.sum(w, 0)
+        tl.store(Out + bh * D + offs_d, out.to(Out.dtype.element_ty))
+
+    return split_kernel, merge_kernel, triton.next_power_of_2
+
+
+def default_num_splits(batch: int, kv_heads: int, context: int, device=None, block_n: int = 64) -> int:
+    """Enough splits for about two programs per SM, but at least one tile of keys per split."""
+    device = pick_device(device)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+    return max(1, min(-(-2 * sms // (batch * kv_heads)), -(-context // block_n)))
+
+
+def _triton_decode(q, k, v, lens, T, strides, paged_tables, num_splits, block_n, block_size=1):
+    split_kernel, merge_kernel, next_pow2 = _triton_decode_kernels()
+    (B, H, D), Hkv = q.shape, strides[0]
+    if D & (D - 1):
+        raise InvalidArgumentError(f"the Triton kernels need a power-of-two head dim, got {D}")
+    S = num_splits or default_num_splits(B, Hkv, T, q.device, block_n)
+    chunk = -(-T // S)
+    chunk = -(-chunk // block_n) * block_n  # whole tiles per split (the last splits may be empty)
+    G = H // Hkv
+    o = torch.empty(B, H, S, D, device=q.device, dtype=torch.float32)
+    lse = torch.empty(B, H, S, device=q.device, dtype=torch.float32)
+    q = q.contiguous()
+    tables = paged_tables if paged_tables is not None else lens  # any tensor: unused when not paged
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    split_kernel[(B * Hkv, S)](q, k, v, lens, tables, o, lse, D**-0.5, chunk, Hkv, q.stride(0), q.stride(1),
+                               *strides[1:], G=G, BLOCK_G=max(16, next_pow2(G)), D=D, BLOCK_N=block_n, S=S,
+                               PAGED=paged_tables is not None, BS=block_size, PRECISION=precision)
+    out = torch.empty_like(q)
+    merge_kernel[(B * H,)](o, lse, out, S=S, BLOCK_S=next_pow2(S), D=D)
+    return out
+
+
+def triton_flash_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context_lens=None,
+                        num_splits: int | None = None, block_n: int = 64) -> torch.Tensor:
+    """Flash-decoding with Triton kernels on the contiguous layout (same contract as
+    `flash_decode`); `num_splits` defaults to about two programs per SM."""
+    lens = _decode_shapes(q, k, v, context_lens).to(torch.int32)
+    if k.stride(-1) != 1 or v.stride(-1) != 1:
+        k, v = k.contiguous(), v.contiguous()
+    strides = (k.shape[1], k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), 0)
+    return _triton_decode(q, k, v, lens, k.shape[2], strides, None, num_splits, block_n)
+
+
+def triton_paged_flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                              block_tables: torch.Tensor, context_lens, num_splits: int | None = None,
+                              block_n: int = 64) -> torch.Tensor:
+    """Flash-decoding with Triton kernels reading §4's blocks in place (same contract as
+    `paged_flash_decode`)."""
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape or block_tables.dim() != 2:
+        raise InvalidArgumentError("need k_cache, v_cache (num_blocks, bs, Hkv, D) of one shape and "
+                                   f"block_tables (B, max_blocks); got {tuple(k_cache.shape)}, "
+                                   f"{tuple(v_cache.shape)}, "
+                                   f"{tuple(block_tables.shape)}")
+    bs, Hkv = k_cache.shape[1], k_cache.shape[2]
+    lens = torch.as_tensor(context_lens, dtype=torch.long).reshape(-1)
+    if lens.shape != (q.shape[0],) or (lens < 1).any() or (lens > block_tables.shape[1] * bs).any():
+        raise InvalidArgumentError(f"context_lens must hold B={q.shape[0]} lengths in [1, "
+                                   f"{block_tables.shape[1] * bs}] (the block tables' capacity), "
+                                   f"got {lens.tolist()}")
+    if q.shape[1] % Hkv or q.shape[2] != k_cache.shape[3]:
+        raise InvalidArgumentError(f"q {tuple(q.shape)} does not fit the cache's Hkv={Hkv}, "
+                                   f"D={k_cache.shape[3]}")
+    tables = block_tables.to(torch.int32).contiguous()
+    strides = (Hkv, k_cache.stride(0), k_cache.stride(2), k_cache.stride(1),
+               v_cache.stride(0), v_cache.stride(2), v_cache.stride(1), tables.stride(0))
+    return _triton_decode(q, k_cache, v_cache, lens.to(q.device, torch.int32), int(lens.max()), strides,
+                          tables, num_splits, block_n, bs)
+
+
+# %% [markdown]
+"""
+### The cost model, and measuring it
+`analyze_flash_decoding` counts, for one decode step's attention, the thread blocks each
+scheme launches, the fraction of SMs they can keep busy, the bytes that must be read, and the
+time those bytes take at a given bandwidth if only the busy fraction of the chip pulls them (a
+simple model: it assumes each SM can draw at most its 1/SMs share of the bandwidth, which
+overstates the penalty somewhat, since one SM can pull more than its share).
+
+`demonstrate_flash_decoding` first checks every variant against the naive reference (max error
+per dtype), then times naive, PyTorch SDPA, our PyTorch split-K and, on a GPU, our Triton kernel
+against the context length, and reports achieved GB/s as a fraction of this machine's measured
+copy bandwidth (§2's `measure_memory_bandwidth`). On a CPU the split-K version has nothing to
+win: a CPU's few cores are already all busy with one long loop, and the extra partials cost a
+little. The gain is a GPU's (`benchmarks/bench_decode_attention.py`; README for numbers).
+"""
+
+
+# %%
+H200_SMS, H200_BANDWIDTH = 132, 4.8e12  # SMs of an H100/H200 SXM; H200 HBM3e bytes/s (NVIDIA datasheet)
+
+
+def analyze_flash_decoding(batch: int = 1, heads: int = 32, kv_heads: int = 8, context: int = 32768,
+                           head_dim: int = 128, bytes_per_elem: int = 2, sms: int = H200_SMS,
+                           bandwidth: float = H200_BANDWIDTH,
+                           splits: Sequence[int] = (1, 4, 16, 64)) -> "Rows":
+    """Thread blocks, SM occupancy, bytes and implied time of one decode attention (pure).
+    splits = 1 is the standard kernel (one block per batch element and KV head)."""
+    if min(batch, heads, kv_heads, context, head_dim, sms) < 1 or heads % kv_heads:
+        raise InvalidArgumentError("sizes must be >= 1 and heads a multiple of kv_heads")
+    kv_bytes = 2 * batch * kv_heads * context * head_dim * bytes_per_elem
+    rows = []
+    for s in splits:
+        blocks = batch * kv_heads * s
+        busy = min(1.0, blocks / sms)
+        partial_bytes = 2 * batch * heads * s * (head_dim + 1) * 4 if s > 1 else 0  # written, then read
+        total = kv_bytes + partial_bytes
+        rows.append({"scheme": "one block per (batch, KV head)" if s == 1 else f"flash-decoding, {s} splits",
+                     "thread blocks": blocks, "SMs busy %": 100 * busy, "KV read (MB)": kv_bytes / 1e6,
+                     "partials (MB)": partial_bytes / 1e6,
+                     "time at roof (µs)": total / (bandwidth * busy) * 1e6})
+    return Rows(rows, f"One decode attention: B={batch}, H={heads}/{kv_heads} KV heads, T={context:,}, "
+                      f"D={head_dim}, {bytes_per_elem}-byte K/V, {sms} SMs at {bandwidth / 1e12:.1f} TB/s "
+                      "(cost model)")
+
+
+def _decode_inputs(B, H, Hkv, T, D, dtype, device, seed, scale=1.0):
+    g = seeded_generator(seed, device)
+    q = (torch.randn(B, H, D, generator=g, device=device) * scale).to(dtype)
+    k = torch.randn(B, Hkv, T, D, generator=g, device=device).to(dtype)
+    v = torch.randn(B, Hkv, T, D, generator=g, device=device).to(dtype)
+    return q, k, v
+
+
+def sdpa_decode_attention(q, k, v):
+    """PyTorch's fused attention for one query per head (full context), GQA through enable_gqa."""
+    return F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True)[:, :, 0]
+
+
+def decode_attention_variants(device) -> dict[str, Callable]:
+    """name → f(q, k, v, lens) for every decode-attention implementation that runs on `device`."""
+    variants = {"naive": naive_decode_attention, "online softmax": online_softmax_decode_attention,
+                "split-K (PyTorch, 8 splits)": lambda q, k, v, lens: flash_decode(q, k, v, lens, 8)}
+    if pick_device(device).type == "cuda" and triton_available():
+        variants["split-K (Triton)"] = triton_flash_decode
+    return variants
+
+
+def check_flash_decoding(device=None, seed: int = 0) -> "Rows":
+    """Max |error| of every variant against the naive reference computed in fp64, per dtype,
+    with GQA, unequal lengths, and logits large enough to overflow exp() in fp16."""
+    device = pick_device(device)
+    dtypes = [torch.float32, torch.float16, torch.bfloat16] if device.type == "cuda" else [torch.float32,
+                                                                                           torch.bfloat16]
+    rows = []
+    for dtype in dtypes:
+        # q scaled by 8: scores reach ±60, whose exp() overflows fp16 (max 65504 ≈ e^11)
+        q, k, v = _decode_inputs(3, 8, 2, 300, 64, dtype, device, seed, scale=8.0)
+        lens = torch.tensor([300, 1, 177])
+        ref = naive_decode_attention(q.double(), k.double(), v.double(), lens)
+        row = {"dtype": str(dtype).removeprefix("torch.")}
+        for name, fn in decode_attention_variants(device).items():
+            row[f"{name} max err"] = (fn(q, k, v, lens).double() - ref).abs().max().item()
+        rows.append(row)
+    return Rows(rows, f"Decode attention vs the fp64 reference on {device} (measured)")
+
+
+def measure_flash_decoding(device=None, contexts: Sequence[int] = (1024, 4096, 16384), batch: int = 1,
+                           heads: int = 32, kv_heads: int = 8, head_dim: int = 128, seed: int = 0,
+                           repeat: int = 5) -> "Rows":
+    """Median time of each variant per context length; GB/s = K/V bytes read / time."""
+    device = pick_device(device)
+    dtype = default_compute_dtype(device)
+    bw = measure_memory_bandwidth(device, quick=True)
+    variants = {k: v for k, v in decode_attention_variants(device).items() if k != "online softmax"}
+    variants["PyTorch SDPA"] = lambda q, k, v, lens: sdpa_decode_attention(q, k, v)
+    rows = []
+    for T in contexts:
+        q, k, v = _decode_inputs(batch, heads, kv_heads, T, head_dim, dtype, device, seed)
+        nbytes = 2 * k.numel() * k.element_size()
+        for name, fn in variants.items():
+            sec = benchmark(lambda fn=fn, q=q, k=k, v=v: fn(q, k, v, None), device, warmup=2, repeat=repeat)
+            rows.append({"context": T, "method": name, "time (µs)": sec * 1e6, "GB/s": nbytes / sec / 1e9,
+                         "% of copy bandwidth": 100 * nbytes / sec / bw})
+    return Rows(rows, f"Decode attention time on {device}, B={batch}, {heads}/{kv_heads} heads, "
+                      f"D={head_dim}, {str(dtype).removeprefix('torch.')}; median of {repeat}; "
+                      "copy bandwidth "
+                      f"{bw / 1e9:,.0f} GB/s (measured)")
+
+
+def plot_flash_decoding(rows: Sequence[dict], title: str) -> Path:
+    fig, ax = new_figure(figsize=(7, 4.5))
+    for i, method in enumerate(dict.fromkeys(r["method"] for r in rows)):
+        pts = [(r["context"], r["time (µs)"]) for r in rows if r["method"] == method]
+        ax.loglog(*zip(*pts), "o-", color=f"C{i}", label=method)
+    ax.set(xlabel="context length (tokens)", ylabel="time per decode attention (µs)", title=title)
+    ax.legend(fontsize=8)
+    return save_plot(fig, "s7_flash_decoding")
+
+
+def demonstrate_flash_decoding(device=None, quick: bool = False, seed: int = 0,
+                               plots: bool = True) -> "Report":
+    """The cost model, correctness per dtype, and time vs context length on this machine."""
+    device = pick_device(device)
+    model_rows = analyze_flash_decoding()
+    print(model_rows)
+    errors = check_flash_decoding(device, seed)
+    print(errors)
+    if device.type == "cuda":
+        contexts = (1024, 8192, 32768) if quick else (1024, 4096, 16384, 65536, 131072)
+    else:
+        contexts = (1024, 4096) if quick else (1024, 4096, 16384)
+    timing = measure_flash_decoding(device, contexts, seed=seed, repeat=3 if quick else 5)
+    print(timing)
+    if plots:
+        print(f"plot: {plot_flash_decoding(timing, f'Decode attention, 32/8 heads, D=128, on {device}')}")
+    longest = [r for r in timing if r["context"] == max(contexts)]
+    best = max(longest, key=lambda r: r["GB/s"])
+    print(f"Takeaway: at {max(contexts):,} tokens the fastest here is {best['method']} "
+          f"({best['% of copy bandwidth']:.0f}% of the copy bandwidth). Decode attention is a pure "
+          "memory stream; on a GPU, splitting the keys across thread blocks is what lets one "
+          "sequence use the whole chip, and the log-sum-exp merge makes the split exact.")
+    return Report(model=model_rows, errors=errors, timing=timing)
+
+
+# %%
+notebook_demo("flash_decoding")  # runs only in a notebook: the section's demo, here
+
+
 
 # %% [markdown]
 """
