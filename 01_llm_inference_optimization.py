@@ -4268,8 +4268,14 @@ def _decode_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context_le
     if B != Bk or D != Dk or H % Hkv:
         raise InvalidArgumentError(f"q {tuple(q.shape)} does not fit k {tuple(k.shape)}: need the same B "
                                    "and D, and H a multiple of Hkv (GQA)")
-    lens = torch.full((B,), T, dtype=torch.long) if context_lens is None else \
-        torch.as_tensor(context_lens, dtype=torch.long).reshape(-1).cpu()
+    if context_lens is None:
+        return torch.full((B,), T, dtype=torch.long, device=k.device)
+    if isinstance(context_lens, torch.Tensor) and context_lens.device.type == "cuda":
+        if context_lens.shape != (B,):  # values on the GPU are trusted: checking them would sync
+            raise InvalidArgumentError(f"context_lens must have shape ({B},), "
+                                       f"got {tuple(context_lens.shape)}")
+        return context_lens
+    lens = torch.as_tensor(context_lens, dtype=torch.long).reshape(-1).cpu()
     if lens.shape != (B,) or (lens < 1).any() or (lens > T).any():
         raise InvalidArgumentError(f"context_lens must hold B={B} lengths in [1, {T}], got {lens.tolist()}")
     return lens.to(k.device)
@@ -4472,7 +4478,7 @@ def default_num_splits(batch: int, kv_heads: int, context: int, device=None, blo
     return max(1, min(-(-2 * sms // (batch * kv_heads)), -(-context // block_n)))
 
 
-def _triton_decode(q, k, v, lens, T, strides, paged_tables, num_splits, block_n, block_size=1):
+def _triton_decode(q, k, v, lens, T, strides, paged_tables, num_splits, block_n, block_size=1, **launch):
     split_kernel, merge_kernel, next_pow2 = _triton_decode_kernels()
     (B, H, D), Hkv = q.shape, strides[0]
     if D & (D - 1):
@@ -4488,47 +4494,58 @@ def _triton_decode(q, k, v, lens, T, strides, paged_tables, num_splits, block_n,
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     split_kernel[(B * Hkv, S)](q, k, v, lens, tables, o, lse, D**-0.5, chunk, Hkv, q.stride(0), q.stride(1),
                                *strides[1:], G=G, BLOCK_G=max(16, next_pow2(G)), D=D, BLOCK_N=block_n, S=S,
-                               PAGED=paged_tables is not None, BS=block_size, PRECISION=precision)
+                               PAGED=paged_tables is not None, BS=block_size, PRECISION=precision, **launch)
     out = torch.empty_like(q)
     merge_kernel[(B * H,)](o, lse, out, S=S, BLOCK_S=next_pow2(S), D=D)
     return out
 
 
 def triton_flash_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context_lens=None,
-                        num_splits: int | None = None, block_n: int = 64) -> torch.Tensor:
+                        num_splits: int | None = None, block_n: int = 64, **launch) -> torch.Tensor:
     """Flash-decoding with Triton kernels on the contiguous layout (same contract as
-    `flash_decode`); `num_splits` defaults to about two programs per SM."""
+    `flash_decode`); `num_splits` defaults to about two programs per SM. `launch` (num_warps,
+    num_stages) goes to the split kernel. Lengths given as a CUDA tensor are not checked (that
+    would wait for the GPU), so the call can be captured in a CUDA graph."""
     lens = _decode_shapes(q, k, v, context_lens).to(torch.int32)
     if k.stride(-1) != 1 or v.stride(-1) != 1:
         k, v = k.contiguous(), v.contiguous()
     strides = (k.shape[1], k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), 0)
-    return _triton_decode(q, k, v, lens, k.shape[2], strides, None, num_splits, block_n)
+    return _triton_decode(q, k, v, lens.to(torch.int32), k.shape[2], strides, None, num_splits, block_n,
+                          **launch)
 
 
 def triton_paged_flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                               block_tables: torch.Tensor, context_lens, num_splits: int | None = None,
-                              block_n: int = 64) -> torch.Tensor:
+                              block_n: int = 64, **launch) -> torch.Tensor:
     """Flash-decoding with Triton kernels reading §4's blocks in place (same contract as
-    `paged_flash_decode`)."""
+    `paged_flash_decode`). With lengths as a CUDA tensor nothing is checked or synced, and the
+    splits cover the block tables' whole capacity (splits past a sequence's end stay empty)."""
     if k_cache.dim() != 4 or k_cache.shape != v_cache.shape or block_tables.dim() != 2:
         raise InvalidArgumentError("need k_cache, v_cache (num_blocks, bs, Hkv, D) of one shape and "
                                    f"block_tables (B, max_blocks); got {tuple(k_cache.shape)}, "
                                    f"{tuple(v_cache.shape)}, "
                                    f"{tuple(block_tables.shape)}")
     bs, Hkv = k_cache.shape[1], k_cache.shape[2]
-    lens = torch.as_tensor(context_lens, dtype=torch.long).reshape(-1)
-    if lens.shape != (q.shape[0],) or (lens < 1).any() or (lens > block_tables.shape[1] * bs).any():
-        raise InvalidArgumentError(f"context_lens must hold B={q.shape[0]} lengths in [1, "
-                                   f"{block_tables.shape[1] * bs}] (the block tables' capacity), "
-                                   f"got {lens.tolist()}")
+    capacity = block_tables.shape[1] * bs
+    if isinstance(context_lens, torch.Tensor) and context_lens.device.type == "cuda":
+        lens, T = context_lens, capacity
+        if lens.shape != (q.shape[0],):
+            raise InvalidArgumentError(f"context_lens must have shape ({q.shape[0]},), "
+                                       f"got {tuple(lens.shape)}")
+    else:
+        lens = torch.as_tensor(context_lens, dtype=torch.long).reshape(-1)
+        if lens.shape != (q.shape[0],) or (lens < 1).any() or (lens > capacity).any():
+            raise InvalidArgumentError(f"context_lens must hold B={q.shape[0]} lengths in [1, {capacity}] "
+                                       f"(the block tables' capacity), got {lens.tolist()}")
+        T = int(lens.max())
     if q.shape[1] % Hkv or q.shape[2] != k_cache.shape[3]:
         raise InvalidArgumentError(f"q {tuple(q.shape)} does not fit the cache's Hkv={Hkv}, "
                                    f"D={k_cache.shape[3]}")
     tables = block_tables.to(torch.int32).contiguous()
     strides = (Hkv, k_cache.stride(0), k_cache.stride(2), k_cache.stride(1),
                v_cache.stride(0), v_cache.stride(2), v_cache.stride(1), tables.stride(0))
-    return _triton_decode(q, k_cache, v_cache, lens.to(q.device, torch.int32), int(lens.max()), strides,
-                          tables, num_splits, block_n, bs)
+    return _triton_decode(q, k_cache, v_cache, lens.to(q.device, torch.int32), T, strides, tables, num_splits,
+                          block_n, bs, **launch)
 
 
 # %% [markdown]
@@ -4585,6 +4602,33 @@ def _decode_inputs(B, H, Hkv, T, D, dtype, device, seed, scale=1.0):
     return q, k, v
 
 
+def cuda_graph_time(fn: Callable[[], object], replays: int = 50, repeat: int = 5) -> float:
+    """Median seconds per call of `fn()` captured `replays` times in one CUDA graph and replayed
+    (`repeat` timed replays, CUDA events). A graph replays the recorded kernels without Python,
+    so this times the GPU work, not the launch overhead of small kernels (§10 uses graphs for
+    whole decode steps)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):  # compile, autotune and allocate outside the graph
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(replays):
+            fn()
+    graph.replay()
+    times = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / replays)
+    return float(np.median(times))
+
+
 def sdpa_decode_attention(q, k, v):
     """PyTorch's fused attention for one query per head (full context), GQA through enable_gqa."""
     return F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True)[:, :, 0]
@@ -4632,12 +4676,14 @@ def measure_flash_decoding(device=None, contexts: Sequence[int] = (1024, 4096, 1
         q, k, v = _decode_inputs(batch, heads, kv_heads, T, head_dim, dtype, device, seed)
         nbytes = 2 * k.numel() * k.element_size()
         for name, fn in variants.items():
-            sec = benchmark(lambda fn=fn, q=q, k=k, v=v: fn(q, k, v, None), device, warmup=2, repeat=repeat)
+            call = functools.partial(fn, q, k, v, None)
+            sec = cuda_graph_time(call, repeat=repeat) if device.type == "cuda" else \
+                benchmark(call, device, warmup=2, repeat=repeat)
             rows.append({"context": T, "method": name, "time (µs)": sec * 1e6, "GB/s": nbytes / sec / 1e9,
                          "% of copy bandwidth": 100 * nbytes / sec / bw})
     return Rows(rows, f"Decode attention time on {device}, B={batch}, {heads}/{kv_heads} heads, "
                       f"D={head_dim}, {str(dtype).removeprefix('torch.')}; median of {repeat}; "
-                      "copy bandwidth "
+                      f"{'CUDA-graph replay, ' if device.type == 'cuda' else ''}copy bandwidth "
                       f"{bw / 1e9:,.0f} GB/s (measured)")
 
 

@@ -11,34 +11,10 @@ with CUDA events: the median of 5 runs of 50 replays. TB/s counts the K/V bytes 
 """
 
 import argparse
-import statistics
+import functools
 
 import torch
 from _common import load_lesson
-
-
-def graph_time(fn, replays=50, runs=5):
-    """Median seconds per call of fn() replayed from a CUDA graph."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):  # compile / autotune / allocate outside the graph
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(replays):
-            fn()
-    graph.replay()
-    times = []
-    for _ in range(runs):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3 / replays)
-    return statistics.median(times)
 
 
 def bench_one(llm, B, T, bs, copy_bw, flash_attn_with_kvcache):
@@ -72,11 +48,43 @@ def bench_one(llm, B, T, bs, copy_bw, flash_attn_with_kvcache):
     for name, fn in methods.items():
         out = fn().reshape(B, H, D).float()
         err = (out - ref.float()).abs().max().item() if ref is not None else float("nan")
-        sec = graph_time(fn)
+        sec = llm.cuda_graph_time(fn)
         rows.append({"B": B, "context": T, "method": name, "time (µs)": sec * 1e6,
                      "TB/s": nbytes / sec / 1e12, "% of copy": 100 * nbytes / sec / copy_bw,
                      "max err vs naive": err})
     return rows
+
+
+def sweep(llm, copy_bw):
+    """Time the contiguous kernel over tile size, warps, stages and split counts at B=1."""
+    rows = []
+    for T in (4096, 16384, 131072):
+        g = torch.Generator(device="cuda").manual_seed(0)
+        q = torch.randn(1, 32, 128, generator=g, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(1, 8, T, 128, generator=g, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        lens = torch.full((1,), T, device="cuda", dtype=torch.int32)
+        base = llm.default_num_splits(1, 8, T, "cuda")
+        for block_n in (32, 64, 128):
+            for warps in (2, 4, 8):
+                for stages in (1, 2, 3):
+                    for splits in sorted({base, 2 * base, 4 * base}):
+                        fn = functools.partial(llm.triton_flash_decode, q, k, v, lens, num_splits=splits,
+                                               block_n=block_n, num_warps=warps, num_stages=stages)
+                        try:
+                            sec = llm.cuda_graph_time(fn, replays=20, repeat=3)
+                        except Exception as exc:  # a configuration that does not compile (e.g. too much smem)
+                            print(f"skip {T} {block_n} {warps} {stages} {splits}: {type(exc).__name__}")
+                            continue
+                        rows.append({"context": T, "block_n": block_n, "warps": warps, "stages": stages,
+                                     "splits": splits, "time (µs)": sec * 1e6,
+                                     "% of copy": 100 * 2 * 8 * T * 128 * 2 / sec / copy_bw})
+    best = {}
+    for r in rows:
+        if r["context"] not in best or r["time (µs)"] < best[r["context"]]["time (µs)"]:
+            best[r["context"]] = r
+    return [{"config": "best", **r} for r in best.values()] + [
+        {"config": "default tile", **r} for r in rows if r["block_n"] == 64 and r["warps"] == 4 and r["stages"] == 2]
 
 
 def main():
@@ -84,6 +92,7 @@ def main():
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384, 65536, 131072])
     ap.add_argument("--block-size", type=int, default=16, help="paged cache block size (tokens)")
+    ap.add_argument("--sweep", action="store_true", help="also time kernel configurations at B=1")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU")
@@ -98,6 +107,8 @@ def main():
         for T in args.contexts:
             rows += bench_one(llm, B, T, args.block_size, copy_bw, flash_attn_with_kvcache)
             torch.cuda.empty_cache()
+    if args.sweep:
+        print(llm.format_table(sweep(llm, copy_bw), "Triton kernel configurations, B=1 (measured)"))
     name = torch.cuda.get_device_name()
     print(llm.format_table(rows, f"Decode attention on {name}, 32/8 heads, D=128, bf16; CUDA-graph replay, "
                                  f"median of 5×50; copy bandwidth {copy_bw / 1e12:.2f} TB/s (measured)"))
