@@ -84,7 +84,8 @@ def sweep(llm, copy_bw):
         if r["context"] not in best or r["time (µs)"] < best[r["context"]]["time (µs)"]:
             best[r["context"]] = r
     return [{"config": "best", **r} for r in best.values()] + [
-        {"config": "default tile", **r} for r in rows if r["block_n"] == 64 and r["warps"] == 4 and r["stages"] == 2]
+        {"config": "default tile", **r} for r in rows
+        if r["block_n"] == 64 and r["warps"] == 4 and r["stages"] == 2]
 
 
 def main():
