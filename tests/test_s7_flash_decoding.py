@@ -110,8 +110,9 @@ def test_paged_equals_contiguous_through_shuffled_tables(llm, seed):
 def test_triton_kernels_equal_naive(llm, seed):
     (q, k, v), lens, splits = random_case(seed, device=DEVICE)
     ref = llm.naive_decode_attention(q.double(), k.double(), v.double(), lens)
-    out = llm.triton_flash_decode(q, k, v, lens, num_splits=min(splits, 9), block_n=16)
-    assert (out.double() - ref).abs().max().item() < 1e-4
+    for fused in (True, False):  # the merge inside the split kernel, or as its own kernel
+        out = llm.triton_flash_decode(q, k, v, lens, num_splits=min(splits, 9), block_n=16, fused=fused)
+        assert (out.double() - ref).abs().max().item() < 1e-4
     kc, vc, table = scatter_to_blocks(k.cpu(), v.cpu(), block_size=(4, 16)[seed % 2], seed=seed)
     paged = llm.triton_paged_flash_decode(q, kc.to(DEVICE), vc.to(DEVICE), table.to(DEVICE), lens,
                                           num_splits=min(splits, 9), block_n=16)
