@@ -2627,6 +2627,9 @@ class PagedKVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)  # (L, num_blocks, bs, Hkv, D)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.num_blocks, self.block_size = num_blocks, block_size
+        # A decode-only step may use a split-K kernel instead (§7: paged_flash_decode, or
+        # triton_paged_flash_decode on a GPU): f(q, k_cache, v_cache, block_tables, context_lens).
+        self.decode_attention: Callable | None = None
 
     @property
     def nbytes(self) -> int:
@@ -2662,6 +2665,9 @@ class PagedKVCache:
 
     def attend(self, layer: int, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Attention of this step's queries q (N, H, D) over each sequence's blocks."""
+        if self.decode_attention is not None and meta.num_seqs == q.shape[0]:  # one query each: decode
+            return self.decode_attention(q, self.k[layer], self.v[layer], meta.block_tables,
+                                         meta.context_lens)
         return batched_attention(q, meta, lambda g: (gather_blocks(self.k[layer], meta.block_tables, g),
                                                      gather_blocks(self.v[layer], meta.block_tables, g)))
 

@@ -130,6 +130,18 @@ def test_triton_default_splits_and_bf16(llm):
     assert (out.double() - ref).abs().max().item() <= tol
 
 
+def test_engine_decodes_with_split_k_attention(llm):
+    """§5's engine with the paged cache's decode steps done by §7's split-K attention (the
+    Triton kernel on a GPU, PyTorch's elsewhere) gives the tokens plain generation gives."""
+    model = llm.build_model("tiny", seed=0, device=DEVICE)
+    prompts = [[1, 2, 3, 4, 5, 6, 7, 8, 9] * 3, [4, 5], list(range(40))]
+    engine = llm.LLMEngine(model, max_num_seqs=3, block_size=4)
+    on_gpu = DEVICE == "cuda" and llm.triton_available()
+    engine.cache.decode_attention = llm.triton_paged_flash_decode if on_gpu else llm.paged_flash_decode
+    outs = engine.generate(prompts, [llm.SamplingParams(max_tokens=10)] * 3)
+    assert [o.token_ids for o in outs] == [llm.generate(model, p, 10) for p in prompts]
+
+
 def test_cost_model_counts(llm):
     rows = llm.analyze_flash_decoding(batch=2, heads=32, kv_heads=8, context=1000, head_dim=128, sms=100,
                                       splits=(1, 10))
