@@ -4685,6 +4685,7 @@ def decode_attention_variants(device) -> dict[str, Callable]:
     variants = {"naive": naive_decode_attention, "online softmax": online_softmax_decode_attention,
                 "split-K (PyTorch, 8 splits)": lambda q, k, v, lens: flash_decode(q, k, v, lens, 8)}
     if pick_device(device).type == "cuda" and triton_available():
+        variants["Triton, 1 split (no split-K)"] = lambda q, k, v, lens: triton_flash_decode(q, k, v, lens, 1)
         variants["split-K (Triton)"] = triton_flash_decode
     return variants
 
@@ -4758,7 +4759,8 @@ def demonstrate_flash_decoding(device=None, quick: bool = False, seed: int = 0,
     timing = measure_flash_decoding(device, contexts, seed=seed, repeat=3 if quick else 5)
     print(timing)
     if plots:
-        print(f"plot: {plot_flash_decoding(timing, f'Decode attention, 32/8 heads, D=128, on {device}')}")
+        card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform_summary()}"
+        print(f"plot: {plot_flash_decoding(timing, f'Decode attention, 32/8 heads, D=128, on {card}')}")
     longest = [r for r in timing if r["context"] == max(contexts)]
     best = max(longest, key=lambda r: r["GB/s"])
     print(f"Takeaway: at {max(contexts):,} tokens the fastest here is {best['method']} "
