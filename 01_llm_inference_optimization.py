@@ -49,7 +49,7 @@ Table of contents (`grep -n "## §"` finds them; each section names its test fil
 - §5 Continuous batching: scheduler, preemption, chunked prefill .... tests/test_s5_continuous_batching.py
 - §6 Speculative decoding: draft, verify, exact rejection sampling .. tests/test_s6_speculative.py
 - §7 Flash-decoding: split-K attention with a log-sum-exp merge ...... tests/test_s7_flash_decoding.py
-- §8 Quantization: INT8, INT4, GPTQ, AWQ, GGUF block formats ......... (not yet written)
+- §8 Quantization: INT8, INT4, GPTQ, AWQ ............................ tests/test_s8_quantization.py
 - §9 Summary: every technique's speedup and memory saving, measured .. (not yet written)
 - Appendix A: reading a GGUF file defensively ....................... tests/test_s1b_gguf.py
 - Appendix B: the tokenizer (byte-level BPE, chat template) ......... tests/test_s1b_tokenizer.py
@@ -4777,10 +4777,656 @@ notebook_demo("flash_decoding")  # runs only in a notebook: the section's demo, 
 
 # %% [markdown]
 """
-## §8 Quantization: INT8, INT4, GPTQ, AWQ, GGUF block formats
+## §8 Quantization: INT8, INT4, GPTQ, AWQ
 
-*Not yet written.* (The GGUF block formats are already decoded in §1b.)
+**The problem.** §2 showed that decoding one token reads every weight once: at batch 1 the
+step's time is about (bytes of weights) / (memory bandwidth). A 7B-parameter model is 28 GB in
+fp32, 14 GB in fp16; its KV cache (§3) competes for the same memory. Fewer bytes per weight means
+a model that fits, and a decode step that has less to read.
+
+**The idea.** Store each weight as a small integer code plus a few shared floating-point
+numbers: x ≈ scale · q (symmetric) or x ≈ offset + scale · q (asymmetric). Each group of G
+consecutive weights of a row shares its scale (and offset), so the grid follows the local range
+of the weights. Round-to-nearest (RTN) picks the closest code for each weight independently;
+**GPTQ** and **AWQ** pick codes (or rescale the weights before rounding) so that the layer's
+*output* on real inputs stays close, which is what matters.
+
+**Cost model.** Bits per weight = b + (bits of the group's scale and offset) / G. Here scales
+and offsets are fp16, so INT4 with G = 128 costs 4 + 32/128 = 4.25 bits; with G = 32, 5.0 bits:
+exactly GGUF's Q4_1 (§1b: `d·q + m` per block of 32, both fp16). Weight memory shrinks by
+32 / bits against fp32. Rounding to a grid of step Δ adds an error of at most Δ/2 per weight, of
+variance Δ²/12: the quality loss is measured below as perplexity (Appendix C) on the fixed
+evaluation slice.
+
+**Why a low-bit kernel can be faster, and when it is not.** A decode step is memory-bound (§2),
+so reading 4.25 instead of 32 bits per weight could make it up to 7.5× faster, *if* the kernel
+turns codes back into numbers in registers, on the way to the multiply, without writing a
+dequantized copy to memory. Dequantize-then-matmul (the reference path below) reads the codes,
+*writes* a full fp32 weight and reads it again: slower than fp32. On this 2-core CPU PyTorch's
+built-in int8/int4 weight-only kernels were also slower than fp32 (measured by the issue behind
+this section), so the fast path is a fused dequantize-multiply-reduce written in PyTorch and
+compiled by `torch.compile` into one loop per layer, used for the few-token matmuls of decode.
+
+**The real model's "full precision" is already 4-bit.** SmolLM2's GGUF file stores its weights
+as Q4_1 (§1b), and our fp32 model is their exact dequantization. So the fp32 row below is the
+Q4_1 model, and INT4 with groups of 32 and fp16 scale and offset reproduces it (the same grid:
+each block's min is its offset, (max − min)/15 its scale). Compressing further (groups of 128,
+or 3 bits) is where RTN starts to lose and GPTQ and AWQ earn their keep.
 """
+
+
+# %%
+class QuantizationError(LessonError, ValueError):
+    """Input a quantizer cannot take (unsupported bits or group size, non-finite weights, ...)."""
+
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+
+
+def _check_quant_args(w: torch.Tensor, bits: int, group_size: int | None) -> None:
+    if w.dim() != 2:
+        raise QuantizationError(f"need a 2-D weight (out_features, in_features), got shape {tuple(w.shape)}")
+    if bits not in SUPPORTED_BITS:
+        raise QuantizationError(f"bits must be one of {SUPPORTED_BITS}, got {bits!r}")
+    if group_size is not None and (not isinstance(group_size, int) or group_size < 2 or group_size % 2):
+        raise QuantizationError(f"group_size must be an even int >= 2, got {group_size!r}")
+    if not torch.isfinite(w).all():
+        raise QuantizationError("the weight holds NaN or infinite values; quantize a finite tensor")
+
+
+@dataclass
+class QuantizedWeight:
+    """A quantized (out_features, in_features) weight.
+
+    bits = 8: symmetric per output row: int8 `codes` (O, K), fp16 `scales` (O,); x ≈ scale · q.
+    bits ≤ 4: asymmetric in groups of `group_size` along each row: codes (O, n_groups, G/2)
+    uint8, two per byte (byte j of a group holds code j in its low nibble and code j + G/2 in its
+    high nibble: the two halves of the group unpack without interleaving); fp16 `scales` and
+    `offsets` (O, n_groups); x ≈ offset + scale · q. A row whose length is not a multiple of G
+    ends with a partial group, padded inside the storage.
+    """
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    offsets: torch.Tensor | None
+    bits: int
+    group_size: int
+    shape: tuple[int, int]
+
+    @property
+    def nbytes(self) -> int:
+        parts = (self.codes, self.scales, self.offsets)
+        return sum(t.numel() * t.element_size() for t in parts if t is not None)
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Code bits plus scale (and offset) bits per weight, as stored (3- and 2-bit codes are
+        counted at their width; this file stores them in nibbles for simplicity)."""
+        O, K = self.shape
+        extra = sum(t.numel() * t.element_size() * 8 for t in (self.scales, self.offsets) if t is not None)
+        return self.bits + extra / (O * K)
+
+    def dequantize(self) -> torch.Tensor:
+        """The fp32 weight the codes stand for (O, K)."""
+        O, K = self.shape
+        if self.bits == 8:
+            return self.codes.float() * self.scales.float()[:, None]
+        q = torch.cat([self.codes & 15, self.codes >> 4], dim=-1).float()  # (O, n_groups, G)
+        w = self.offsets.float()[..., None] + self.scales.float()[..., None] * q
+        return w.reshape(O, -1)[:, :K]
+
+
+def quantize_int8(w: torch.Tensor) -> QuantizedWeight:
+    """Symmetric INT8 per output channel (absmax): scale = max|row| / 127, q = round(x / scale)."""
+    _check_quant_args(w, 8, None)
+    w = w.detach().float()
+    scales = (w.abs().amax(1) / 127).clamp_min(1e-8).half()  # stored in fp16: quantize with that value
+    codes = torch.round(w / scales.float()[:, None]).clamp(-127, 127).to(torch.int8)
+    return QuantizedWeight(codes, scales, None, 8, w.shape[1], tuple(w.shape))
+
+
+def _group_view(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(O, K) → (O, n_groups, G); a partial last group is padded with copies of the row's last
+    value, which changes neither its min nor its max."""
+    O, K = w.shape
+    pad = -K % group_size
+    if pad:
+        w = torch.cat([w, w[:, -1:].expand(O, pad)], dim=1)
+    return w.view(O, -1, group_size)
+
+
+def group_grid(groups: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric min–max grid of each group (…, G): fp16 (scale, offset) with
+    offset = min and scale = (max − min) / (2^bits − 1); a constant group gets scale 1."""
+    lo, hi = groups.amin(-1), groups.amax(-1)
+    scale = (hi - lo) / (2**bits - 1)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return scale.half(), lo.half()
+
+
+def _codes_on_grid(groups: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
+                   bits: int) -> torch.Tensor:
+    """Round each value of groups (…, G) to the nearest code of its group's grid."""
+    q = torch.round((groups - offset.float()[..., None]) / scale.float()[..., None])
+    return q.clamp(0, 2**bits - 1).to(torch.uint8)
+
+
+def _pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """(…, G) codes < 16 → (…, G/2) bytes: low nibble = first half, high nibble = second half."""
+    h = codes.shape[-1] // 2
+    return codes[..., :h] | (codes[..., h:] << 4)
+
+
+def quantize_groupwise(w: torch.Tensor, bits: int = 4, group_size: int = 128) -> QuantizedWeight:
+    """Asymmetric round-to-nearest in groups of `group_size` along each row (bits 2, 3 or 4)."""
+    _check_quant_args(w, bits, group_size)
+    if bits == 8:
+        raise QuantizationError("8-bit here is symmetric per channel: use quantize_int8")
+    groups = _group_view(w.detach().float(), group_size)
+    scale, offset = group_grid(groups, bits)
+    codes = _codes_on_grid(groups, scale, offset, bits)
+    return QuantizedWeight(_pack_nibbles(codes), scale, offset, bits, group_size, tuple(w.shape))
+
+
+def quantize_int4(w: torch.Tensor, group_size: int = 128) -> QuantizedWeight:
+    """INT4 round-to-nearest, asymmetric, in groups of `group_size`."""
+    return quantize_groupwise(w, 4, group_size)
+
+
+def quantization_sqnr(w: torch.Tensor, w_hat: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB: 10·log10(Σw² / Σ(w − ŵ)²)."""
+    noise = ((w.double() - w_hat.double()) ** 2).sum().clamp_min(1e-30)
+    return 10 * math.log10(float((w.double() ** 2).sum() / noise))
+
+
+# %% [markdown]
+"""
+### A quantized linear layer, and the fast decode path
+`QuantizedLinear` holds the codes and scales instead of an fp32 weight. For a step of a few
+tokens (decode) it runs a fused matmul: for INT4, with x split into groups,
+y_o = Σ_groups scale_og · (Σ_j q_ogj · x_gj) + offset_og · (Σ_j x_gj), where the codes are
+unpacked from their nibbles on the fly. Written in PyTorch it would materialize the unpacked
+codes; `torch.compile` turns it into one loop that reads each byte once. Larger steps (prefill),
+and machines where compiling fails (no C++ compiler), use the reference: dequantize, then
+`F.linear`. `quantize_model` returns a *copy* of a model with every linear layer (and the output
+head) replaced; the shared model of `get_model` is never changed.
+"""
+
+
+# %%
+def _int8_matvec(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x (N, K) · int8 codes (O, K) → (N, O), dequantizing inside the reduction."""
+    return (codes.float()[None] * x[:, None, :]).sum(-1) * scales.float()
+
+
+def _int4_matvec(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
+                 offsets: torch.Tensor) -> torch.Tensor:
+    """x (N, K) · nibble-packed codes (O, n_groups, G/2) → (N, O); x is zero-padded to whole groups."""
+    n_groups, h = packed.shape[1], packed.shape[2]
+    xg = F.pad(x, (0, n_groups * 2 * h - x.shape[1])).view(x.shape[0], 1, n_groups, 2 * h)
+    lo, hi = (packed & 15).float(), (packed >> 4).float()  # (O, n_groups, h)
+    dots = (lo * xg[..., :h]).sum(-1) + (hi * xg[..., h:]).sum(-1)  # (N, O, n_groups)
+    return (dots * scales.float()).sum(-1) + (xg.sum(-1) * offsets.float()).sum(-1)
+
+
+@functools.cache
+def _compiled(fn: Callable) -> Callable | None:
+    """`torch.compile(fn)`, or None where compiling is not possible here (tried once)."""
+    try:
+        compiled = torch.compile(fn, dynamic=False)
+        if fn is _int8_matvec:
+            args = (torch.randn(1, 64), torch.zeros(4, 64, dtype=torch.int8), torch.ones(4, dtype=torch.half))
+        else:
+            args = (torch.randn(1, 64), torch.zeros(4, 2, 16, dtype=torch.uint8),
+                    torch.ones(4, 2, dtype=torch.half), torch.zeros(4, 2, dtype=torch.half))
+        compiled(*args)
+        return compiled
+    except Exception:  # no C++ compiler, unsupported platform, ...: the reference path still works
+        return None
+
+
+class QuantizedLinear(nn.Module):
+    """A bias-free linear layer whose weight is a `QuantizedWeight`."""
+
+    FUSED_MAX_TOKENS = 4  # steps of at most this many tokens use the fused matvec
+
+    def __init__(self, qw: QuantizedWeight, fast: bool = True):
+        super().__init__()
+        self.qw, self.fast = qw, fast
+        self.out_features, self.in_features = qw.shape
+        for name in ("codes", "scales", "offsets"):  # buffers: .to(device) moves them
+            self.register_buffer(name, getattr(qw, name), persistent=False)
+
+    def weight_dequantized(self) -> torch.Tensor:
+        qw = dataclasses.replace(self.qw, codes=self.codes, scales=self.scales, offsets=self.offsets)
+        return qw.dequantize()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        if self.fast and flat.shape[0] <= self.FUSED_MAX_TOKENS and flat.device.type == "cpu":
+            kernel = _compiled(_int8_matvec if self.qw.bits == 8 else _int4_matvec)
+            if kernel is not None:
+                args = (self.codes, self.scales) + (() if self.qw.bits == 8 else (self.offsets,))
+                with torch._dynamo.config.patch(recompile_limit=64):  # one compile per layer shape
+                    y = kernel(flat.float(), *args)
+                return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.weight_dequantized().to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, bits={self.qw.bits}, "
+                f"group={self.qw.group_size}")
+
+
+def linear_layers(model: Transformer) -> dict[str, nn.Linear]:
+    """Every linear layer a quantizer replaces, by its module name (the output head included)."""
+    names = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    return dict(sorted(names.items(), key=lambda kv: kv[0] == "lm_head"))  # layers first, head last
+
+
+def quantize_model(model: Transformer, quantize: Callable[[str, torch.Tensor], QuantizedWeight],
+                   fast: bool = True) -> Transformer:
+    """A copy of `model` whose linear layers are `QuantizedLinear(quantize(name, weight))`. The
+    output head is untied from the embedding first (the embedding stays fp32: a lookup reads one
+    row per token)."""
+    import copy
+
+    qmodel = copy.deepcopy(model)
+    for name, lin in linear_layers(qmodel).items():
+        parent = qmodel.get_submodule(name.rpartition(".")[0]) if "." in name else qmodel
+        setattr(parent, name.rpartition(".")[2], QuantizedLinear(quantize(name, lin.weight.detach()), fast))
+    return qmodel
+
+
+def rtn_quantizer(bits: int = 4, group_size: int = 128) -> Callable[[str, torch.Tensor], QuantizedWeight]:
+    """name, weight → round-to-nearest QuantizedWeight (INT8 per channel, or groupwise)."""
+    return (lambda name, w: quantize_int8(w)) if bits == 8 else \
+        (lambda name, w: quantize_groupwise(w, bits, group_size))
+
+
+# %% [markdown]
+"""
+### GPTQ: quantize one column at a time, and let the others absorb the error
+GPTQ (Frantar, Ashkboos, Hoefler, Alistarh 2022) quantizes a layer W (O × K) to minimize
+‖WX − ŴX‖² over calibration inputs X (K × N), one row problem per output, all rows sharing
+H = 2XXᵀ. Quantizing column i of W moves the output by an error that the *remaining* columns
+can partly cancel: after rounding column i, subtract err · H⁻¹[i, i:] / H⁻¹[i, i] from the
+columns after it (the Optimal Brain Surgeon update). Three tricks make it fast and stable:
+the inverse's upper Cholesky factor gives every needed row of the shrinking inverse at once;
+updates to far columns are applied lazily, a block of 128 columns at a time, as one matrix
+product; H gets a small diagonal dampening (1% of its mean diagonal). With groups, a group's
+grid (min–max, asymmetric) is computed from the *error-compensated* weights when the group's
+first column is reached. **Act-order** quantizes columns in order of decreasing H_ii (the inputs
+with the most energy first, while the most other columns remain to absorb their error); a
+group's grid is still computed once, when its first column (in that order) comes up, from its
+columns' current values, so every group stays on its own grid and the storage stays contiguous.
+
+Over the model, layer by layer: run the calibration text up to the block, record the inputs of
+its linear layers, quantize them, and feed the quantized block's outputs to the next block, so
+each block corrects for the errors of those before it.
+"""
+
+
+# %%
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int = 4, group_size: int = 128,
+                  act_order: bool = False, percdamp: float = 0.01,
+                  block_size: int = 128) -> tuple[torch.Tensor, QuantizedWeight]:
+    """GPTQ for one layer: weight (O, K), hessian (K, K) = 2XXᵀ (/N) of its inputs. Returns the
+    quantized weight in fp32 and its `QuantizedWeight` (groupwise asymmetric, bits ≤ 4)."""
+    _check_quant_args(weight, bits, group_size)
+    O, K = weight.shape
+    if bits == 8:
+        raise QuantizationError("gptq_quantize does groupwise 2/3/4-bit; use quantize_int8 for 8-bit")
+    if hessian.shape != (K, K) or not torch.isfinite(hessian).all():
+        raise QuantizationError(f"the Hessian must be a finite ({K}, {K}) matrix for a weight with {K} "
+                                f"inputs, got {tuple(hessian.shape)}")
+    W, H = weight.detach().float().clone(), hessian.detach().float().clone()
+    dead = torch.diagonal(H) == 0  # inputs that are always zero: their weights do not matter
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    perm = torch.argsort(torch.diagonal(H), descending=True) if act_order else torch.arange(K)
+    W, H = W[:, perm], H[perm][:, perm]
+    H += percdamp * torch.diagonal(H).mean() * torch.eye(K, dtype=H.dtype)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    n_groups = -(-K // group_size)
+    group_of = perm // group_size  # group of each (permuted) column
+    scales = torch.zeros(O, n_groups, dtype=torch.half)
+    offsets = torch.zeros(O, n_groups, dtype=torch.half)
+    ready = torch.zeros(n_groups, dtype=torch.bool)
+    codes = torch.zeros(O, K, dtype=torch.uint8)  # permuted order
+    for i1 in range(0, K, block_size):
+        i2 = min(i1 + block_size, K)
+        W1, Err1, Hinv1 = W[:, i1:i2].clone(), torch.zeros(O, i2 - i1, dtype=W.dtype), Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            g = int(group_of[i1 + i])
+            if not ready[g]:  # the group's grid, from its columns' current (compensated) values
+                cols = (group_of == g).nonzero().flatten()
+                current = W[:, cols].clone()
+                inside = (cols >= i1) & (cols < i2)
+                current[:, inside] = W1[:, cols[inside] - i1]
+                scales[:, g], offsets[:, g] = group_grid(current.float(), bits)
+                ready[g] = True
+            w = W1[:, i]
+            q = _codes_on_grid(w.float()[:, None], scales[:, g], offsets[:, g], bits)[:, 0]
+            codes[:, i1 + i] = q
+            w_hat = offsets[:, g].float() + scales[:, g].float() * q.float()
+            err = (w - w_hat) / Hinv1[i, i]
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    codes = codes[:, torch.argsort(perm)]  # back to the original column order
+    pad = n_groups * group_size - K
+    grouped = F.pad(codes, (0, pad)).view(O, n_groups, group_size)
+    qw = QuantizedWeight(_pack_nibbles(grouped), scales, offsets, bits, group_size, (O, K))
+    return qw.dequantize(), qw
+
+
+def _calibration_context(model: Transformer, tokens: torch.Tensor):
+    """Embeddings, RoPE tables and metadata for calibration windows tokens (n, W), no cache."""
+    n, W = tokens.shape
+    positions = torch.arange(W, device=model.device).repeat(n)
+    cos, sin = rope_cos_sin(positions, model.cfg.head_dim, model.cfg.rope_theta)
+    x = model.embed(tokens.reshape(-1).to(model.device))
+    return x, cos, sin, AttentionMetadata.without_cache([W] * n)
+
+
+def _record_inputs(modules: dict[str, nn.Module], run: Callable[[], object]) -> dict[str, torch.Tensor]:
+    """The input each module sees while `run()` runs (forward hooks, removed afterwards)."""
+    seen, hooks = {}, []
+    for name, m in modules.items():
+        def hook(mod, args, out, name=name):
+            seen[name] = args[0]
+
+        hooks.append(m.register_forward_hook(hook))
+    try:
+        run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def calibration_tokens(tokenizer, n_windows: int = 16, window: int = 256) -> torch.Tensor:
+    """(n_windows, window) token ids from the calibration slice (disjoint from the eval slice)."""
+    ids = text_slices(tokenizer)["calibration"]
+    if n_windows * window > len(ids):
+        raise InvalidArgumentError(f"{n_windows} × {window} tokens asked for, the calibration slice has "
+                                   f"{len(ids)}")
+    return torch.tensor(ids[:n_windows * window]).view(n_windows, window)
+
+
+@torch.inference_mode()
+def gptq_quantize_model(model: Transformer, tokens: torch.Tensor, bits: int = 4, group_size: int = 128,
+                        act_order: bool = False, show_progress: bool = True) -> Transformer:
+    """A GPTQ-quantized copy of `model`, block by block on calibration windows tokens (n, W)."""
+    import copy
+
+    qmodel = copy.deepcopy(model)
+    x, cos, sin, meta = _calibration_context(qmodel, tokens)
+
+    def quantize_inputs_of(modules: dict[str, nn.Linear], run: Callable[[], object], owner) -> None:
+        inputs = _record_inputs(modules, run)
+        for name, lin in modules.items():
+            X = inputs[name].reshape(-1, lin.in_features).double()  # the Hessian summed in fp64
+            _, qw = gptq_quantize(lin.weight, (2 * X.T @ X / X.shape[0]).float(), bits, group_size, act_order)
+            setattr(owner[name], name.rpartition(".")[2], QuantizedLinear(qw))
+
+    for i, block in enumerate(progress(qmodel.layers, "GPTQ", enabled=show_progress)):
+        lins = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+        owners = {n: block.get_submodule(n.rpartition(".")[0]) for n in lins}
+        quantize_inputs_of(lins, functools.partial(block, x, cos, sin, i, meta), owners)
+        x = block(x, cos, sin, i, meta)  # the quantized block's output feeds the next block
+    quantize_inputs_of({"lm_head": qmodel.lm_head}, lambda: qmodel.lm_head(qmodel.norm(x)),
+                       {"lm_head": qmodel})
+    return qmodel
+
+
+# %% [markdown]
+"""
+### AWQ: scale the channels that matter before rounding
+AWQ (Lin et al. 2023) starts from an observation: a few input channels carry much larger
+activations than the rest (the outliers below), and the weights that multiply them matter most.
+Multiplying input channel j of a linear layer's weight by s_j > 1 and dividing the activation
+by s_j leaves the product unchanged, but shrinks that weight's *relative* rounding error. The
+division is folded into whatever produces the activation: the RMSNorm weight before q/k/v and
+before gate/up, the up-projection's rows before the down-projection, the final norm before the
+output head. The model computes exactly the same function before quantization.
+
+The scales: s = s_xᵅ with s_x the mean |activation| per input channel on calibration text, and
+α ∈ [0, 1] chosen on a grid to minimize the error of the linear layers' outputs after RTN
+quantization (α = 0 is plain RTN, so the search never does worse on its own objective). The
+output projection wo, fed by attention over GQA-shared values, is quantized without scaling
+(AWQ's reference code skips it too when v and o differ in shape).
+"""
+
+
+# %%
+def awq_search_scales(x: torch.Tensor, weights: Sequence[torch.Tensor], bits: int = 4, group_size: int = 128,
+                      grid: int = 20) -> tuple[torch.Tensor, float, list[float]]:
+    """Per-input-channel scales for the linear layers `weights` (each (O_i, K)) that share the
+    input x (N, K): s = s_xᵅ for the α on a grid of `grid` + 1 values that minimizes
+    Σ_i ‖x·Q(W_i·s)ᵀ/s − x·W_iᵀ‖². Returns (s, α, the error at each α)."""
+    x = x.reshape(-1, x.shape[-1]).float()
+    s_x = x.abs().mean(0).clamp_min(1e-8)
+    reference = [x @ w.float().T for w in weights]
+    errors, best = [], (float("inf"), None, 0.0)
+    for alpha in torch.linspace(0, 1, grid + 1).tolist():
+        s = s_x.pow(alpha)
+        s = s / (s.max() * s.min()).sqrt()  # centre the scales around 1
+        err = sum(float(((x / s) @ quantize_groupwise(w.float() * s, bits, group_size).dequantize().T - ref)
+                         .pow(2).sum()) for w, ref in zip(weights, reference))
+        errors.append(err)
+        if err < best[0]:
+            best = (err, s, alpha)
+    return best[1], best[2], errors
+
+
+@torch.inference_mode()
+def awq_scale_model(model: Transformer, tokens: torch.Tensor, bits: int = 4, group_size: int = 128,
+                    grid: int = 20, max_tokens: int = 2048,
+                    show_progress: bool = True) -> tuple[Transformer, list]:
+    """A copy of `model` with AWQ's scales folded in (same function, not yet quantized), and
+    the α chosen for each group of layers. Quantize it with `quantize_model(..., rtn_quantizer())`."""
+    import copy
+
+    smodel = copy.deepcopy(model)
+    if smodel.cfg.tie_embeddings:  # the head gets its own scaled copy; the embedding must not change
+        smodel.lm_head.weight = nn.Parameter(smodel.lm_head.weight.detach().clone())
+    x, cos, sin, meta = _calibration_context(smodel, tokens)
+    chosen = []
+
+    def scale_group(x_in, linears, fold):
+        weights = [m.weight for m in linears]
+        s, alpha, _ = awq_search_scales(x_in[:max_tokens], weights, bits, group_size, grid)
+        for m in linears:
+            m.weight.mul_(s)  # W · diag(s)
+        fold(s)  # the producer divides its output channel j by s_j
+        return alpha
+
+    for i, block in enumerate(progress(smodel.layers, "AWQ", enabled=show_progress)):
+        a, mlp = block.attn, block.mlp
+        seen = _record_inputs({"qkv": a.wq, "gate": mlp.w_gate, "down": mlp.w_down},
+                              functools.partial(block, x, cos, sin, i, meta))
+        chosen.append({"layer": i, "α q/k/v": scale_group(seen["qkv"], [a.wq, a.wk, a.wv],
+                                                          lambda s, n=block.attn_norm: n.weight.div_(s)),
+                       "α gate/up": scale_group(seen["gate"], [mlp.w_gate, mlp.w_up],
+                                                lambda s, n=block.mlp_norm: n.weight.div_(s)),
+                       "α down": scale_group(seen["down"], [mlp.w_down],
+                                             lambda s, up=mlp.w_up: up.weight.div_(s[:, None]))})
+        x = block(x, cos, sin, i, meta)
+    head = scale_group(smodel.norm(x), [smodel.lm_head], lambda s: smodel.norm.weight.div_(s))
+    chosen.append({"layer": "head", "α q/k/v": head})
+    return smodel, chosen
+
+
+# %% [markdown]
+"""
+### Outliers: why activations are harder to quantize than weights
+LLM.int8() (Dettmers et al. 2022) found that a few hidden-state channels carry activations far
+larger than the rest (|x| > 6 was their threshold), in the same channels at every token. One
+scale per tensor must then stretch to cover them, and every other value falls into a handful of
+INT8 steps. `analyze_activation_outliers` measures this on the real model: per linear layer's
+input, the largest |x|, how many channels exceed the threshold, and the signal-to-noise ratio of
+per-tensor INT8 quantization of that input with and without those channels (this file quantizes
+weights only; the table shows why weight-only is the easy half).
+"""
+
+
+# %%
+@torch.inference_mode()
+def analyze_activation_outliers(model: str = "smollm2", device=None, layers: Sequence[int] = (0, 10, 20, 29),
+                                threshold: float = 6.0, n_windows: int = 4, window: int = 256) -> "Rows":
+    """Outlier channels of the inputs of q/k/v, gate/up and down in a few layers (calibration text)."""
+    net, tok = get_model(model, device)
+    if resolve_model(model) != "tiny":
+        tokens = calibration_tokens(tok, n_windows, window)
+    else:  # random weights, random text
+        tokens = torch.randint(0, net.cfg.vocab_size, (n_windows, window), generator=seeded_generator(0))
+    layers = [i for i in layers if i < net.cfg.n_layers]
+    watched = {f"{i}.{name}": net.layers[i].get_submodule(path) for i in layers
+               for name, path in (("q/k/v input", "attn.wq"), ("gate/up input", "mlp.w_gate"),
+                                  ("down input", "mlp.w_down"))}
+    x, cos, sin, meta = _calibration_context(net, tokens.to(net.device))
+
+    def run_all_layers():
+        h = x
+        for i, block in enumerate(net.layers):
+            h = block(h, cos, sin, i, meta)
+
+    seen = _record_inputs(watched, run_all_layers)
+    rows = []
+    for key, act in seen.items():
+        act = act.float()
+        peak = act.abs().amax(0)  # per channel
+        outliers = peak > threshold
+        keep = act[:, ~outliers] if outliers.any() else act
+        layer, what = key.split(".", 1)
+        rows.append({"layer": int(layer), "input of": what, "max |x|": float(peak.max()),
+                     "median channel max |x|": float(peak.median()),
+                     f"channels > {threshold:g}": int(outliers.sum()),
+                     "INT8 per-tensor SQNR (dB)": _int8_activation_sqnr(act),
+                     "SQNR without them (dB)": _int8_activation_sqnr(keep)})
+    return Rows(rows, f"Activation outliers, {net.cfg.name}, {tokens.numel()} calibration tokens (measured)")
+
+
+def _int8_activation_sqnr(x: torch.Tensor) -> float:
+    scale = x.abs().max().clamp_min(1e-8) / 127
+    return quantization_sqnr(x, torch.round(x / scale).clamp(-127, 127) * scale)
+
+
+# %% [markdown]
+"""
+### Measuring it: size, error, perplexity and decode speed on the real model
+One table, every scheme applied to the same fp32 model (the dequantized GGUF): bits per weight
+as stored (codes plus fp16 scales and offsets), the size of the linear layers' weights, the
+weights' SQNR, perplexity on the evaluation slice (Appendix C; the same text for every row),
+and batch-1 decode speed with the fused path. GPTQ and AWQ calibrate on the calibration slice,
+which does not overlap the evaluation slice. Published numbers for the papers' own models
+(LLaMA/Llama-2-7B on WikiText-2; REFERENCES) show the same ordering at a different scale: there,
+4-bit RTN costs a few percent of perplexity; a 135M model has far less redundancy to lose.
+"""
+
+
+# %%
+@torch.inference_mode()
+def decode_speed(model: Transformer, prompt: Sequence[int], new_tokens: int = 16, repeat: int = 3) -> float:
+    """Batch-1 decode tokens/s: median over `repeat` runs of generating `new_tokens` greedily,
+    minus the prompt's prefill (timed separately)."""
+    generate(model, prompt, 2)  # warm-up (compiles the fused kernels on first use)
+    times = []
+    for _ in range(repeat):
+        with Timer(model.device) as t_all:
+            generate(model, prompt, new_tokens)
+        with Timer(model.device) as t_pre:
+            generate(model, prompt, 1)
+        times.append((t_all.seconds - t_pre.seconds) / (new_tokens - 1))
+    return 1.0 / float(np.median(times))
+
+
+def quantization_schemes(quick: bool = False) -> dict[str, tuple]:
+    """name → (kind, bits, group_size, act_order) for the table."""
+    schemes = {"INT8 per channel": ("rtn", 8, None, False), "INT4 RTN g128": ("rtn", 4, 128, False),
+               "INT4 RTN g32": ("rtn", 4, 32, False), "GPTQ 4-bit g128": ("gptq", 4, 128, False),
+               "GPTQ 4-bit g128 act-order": ("gptq", 4, 128, True), "AWQ 4-bit g128": ("awq", 4, 128, False),
+               "INT3 RTN g128": ("rtn", 3, 128, False), "GPTQ 3-bit g128": ("gptq", 3, 128, False),
+               "AWQ 3-bit g128": ("awq", 3, 128, False)}
+    if quick:
+        keep = ("INT8 per channel", "INT4 RTN g128", "INT4 RTN g32", "GPTQ 4-bit g128", "AWQ 4-bit g128")
+        schemes = {k: v for k, v in schemes.items() if k in keep}
+    return schemes
+
+
+def build_quantized(net: Transformer, kind: str, bits: int, group_size: int | None, act_order: bool,
+                    calib: torch.Tensor, quick: bool = False) -> tuple[Transformer, Transformer]:
+    """A quantized copy of `net` by one scheme of `quantization_schemes`, and the fp32 model
+    whose weights were rounded (AWQ rounds a rescaled copy; the others round `net` itself)."""
+    if kind == "rtn":
+        return quantize_model(net, rtn_quantizer(bits, group_size)), net
+    if kind == "gptq":
+        return gptq_quantize_model(net, calib, bits, group_size, act_order, show_progress=False), net
+    scaled, _ = awq_scale_model(net, calib, bits, group_size, grid=10 if quick else 20,
+                                max_tokens=512 if quick else 1024, show_progress=False)
+    return quantize_model(scaled, rtn_quantizer(bits, group_size)), scaled
+
+
+def measure_quantization(model: str = "smollm2", device=None, quick: bool = False,
+                         show_progress: bool = True) -> "Rows":
+    """The table of `demonstrate_quantization` (see there)."""
+    net, tok = get_model(model, device)
+    real = resolve_model(model) != "tiny"
+    eval_ids = text_slices(tok)["eval"][: 512 if quick else 2048] if real else list(range(1, 257)) * 2
+    calib = calibration_tokens(tok, 4 if quick else 16, 256) if real else \
+        torch.randint(0, net.cfg.vocab_size, (4, 64), generator=seeded_generator(0))
+    prompt = tok.encode_chat([{"role": "user", "content": "What is a KV cache?"}])
+    fp32_weights = {n: m.weight.detach() for n, m in linear_layers(net).items()}
+    n_weights = sum(w.numel() for w in fp32_weights.values())
+    rows = [{"scheme": f"fp32{' (dequantized GGUF Q4_1)' if real else ''}", "bits/weight": 32.0,
+             "linear weights (MB)": 4 * n_weights / 1e6, "weight SQNR (dB)": float("inf"),
+             "perplexity": evaluate_perplexity(net, eval_ids, show_progress=False),
+             "decode (tok/s)": decode_speed(net, prompt), "quantize (s)": 0.0}]
+    for name, (kind, bits, group, act) in progress(list(quantization_schemes(quick).items()), "schemes",
+                                                   enabled=show_progress):
+        with Timer() as t:
+            qnet, rounded = build_quantized(net, kind, bits, group, act, calib, quick)
+        qlins = {n: m for n, m in qnet.named_modules() if isinstance(m, QuantizedLinear)}
+        before = {n: m.weight.detach().double() for n, m in linear_layers(rounded).items()}
+        err = sum(float(((before[n] - m.weight_dequantized().double()) ** 2).sum()) for n, m in qlins.items())
+        signal = sum(float((w ** 2).sum()) for w in before.values())
+        rows.append({"scheme": name, "bits/weight": sum(m.qw.bits_per_weight * m.qw.shape[0] * m.qw.shape[1]
+                                                        for m in qlins.values()) / n_weights,
+                     "linear weights (MB)": sum(m.qw.nbytes for m in qlins.values()) / 1e6,
+                     "weight SQNR (dB)": 10 * math.log10(signal / err) if err else float("inf"),
+                     "perplexity": evaluate_perplexity(qnet, eval_ids, show_progress=False),
+                     "decode (tok/s)": decode_speed(qnet, prompt), "quantize (s)": t.seconds})
+    base = rows[0]["perplexity"]
+    for r in rows:
+        r["perplexity vs fp32 %"] = 100 * (r["perplexity"] / base - 1)
+    return Rows(rows, f"Quantizing {net.cfg.name} ({net.device}): {len(eval_ids)} evaluation tokens, "
+                      f"{calib.numel()} calibration tokens (measured)")
+
+
+def demonstrate_quantization(model: str = "smollm2", device=None, quick: bool = False) -> "Report":
+    """Outliers, then every scheme's size, error, perplexity and decode speed on the real model."""
+    outliers = analyze_activation_outliers(model, device)
+    print(outliers)
+    table = measure_quantization(model, device, quick)
+    print(table)
+    fp32 = table[0]
+    best4 = min((r for r in table if "4-bit" in r["scheme"] or "INT4" in r["scheme"]),
+                key=lambda r: r["perplexity"])
+    fastest = max(table, key=lambda r: r["decode (tok/s)"])
+    print(f"Takeaway: {best4['scheme']} keeps perplexity within {best4['perplexity vs fp32 %']:+.1f}% of "
+          f"fp32 at {best4['bits/weight']:.2f} bits per weight ({32 / best4['bits/weight']:.1f}× smaller); "
+          f"the fastest decode is {fastest['scheme']} at {fastest['decode (tok/s)']:.1f} tok/s against "
+          f"fp32's "
+          f"{fp32['decode (tok/s)']:.1f}. Rounding each weight alone (RTN) loses the most where groups are "
+          "wide and bits few; GPTQ and AWQ use calibration text to put the error where it matters least.")
+    return Report(outliers=outliers, schemes=table)
+
+
+# %%
+notebook_demo("quantization")  # runs only in a notebook: the section's demo, here
+
+
 
 # %% [markdown]
 """
