@@ -1,0 +1,86 @@
+"""Batch-1 decode speed of every weight format of §8, side by side in one run, plus llama.cpp on
+the same GGUF file when `llama-cpp-python` is installed.
+
+    python benchmarks/bench_quantized_decode.py [--new-tokens 32] [--repeats 3]
+
+Rows: fp32 (the dequantized GGUF), INT8 per channel, INT4 g128 and g32 (GPTQ and AWQ produce the
+same storage as RTN at the same bits and group, so they decode at the same speed), each with the
+fused compiled matvec (`fast=True`) and with dequantize-then-matmul (`fast=False`). tok/s is the
+median over `--repeats` runs of generating `--new-tokens` greedily after a warm-up, the prompt's
+prefill subtracted (`decode_speed`).
+
+llama.cpp is optional, not a requirement: `pip install llama-cpp-python` (it compiles llama.cpp;
+several minutes) adds a row with the same prompt, the same number of threads and the same file.
+"""
+
+import argparse
+import os
+import platform
+import statistics
+import time
+
+import torch
+from _common import load_lesson
+
+
+def llama_cpp_speed(path, prompt_ids, new_tokens, repeats, threads):
+    """tok/s of llama.cpp's decode on the same file and prompt (None when not installed)."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    llm = Llama(model_path=str(path), n_ctx=512, n_threads=threads, verbose=False)
+    speeds = []
+    for _ in range(repeats + 1):
+        llm.reset()
+        llm.eval(prompt_ids)
+        t0 = time.perf_counter()
+        for _ in range(new_tokens):
+            token = llm.sample(temp=0.0)
+            llm.eval([token])
+        speeds.append(new_tokens / (time.perf_counter() - t0))
+    return statistics.median(speeds[1:])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    llm = load_lesson()
+    path = llm.resolve_model("smollm2")
+    net, tok = llm.get_model(path)
+    prompt = tok.encode_chat([{"role": "user", "content": "What is a KV cache?"}])
+    rows = []
+
+    def add(name, model, bits_per_weight):
+        speed = llm.decode_speed(model, prompt, args.new_tokens, args.repeats)
+        rows.append({"format": name, "bits/weight": bits_per_weight, "decode (tok/s)": speed})
+
+    add("fp32 (dequantized GGUF)", net, 32.0)
+    formats = [("INT8 per channel", llm.rtn_quantizer(8)), ("INT4 g128", llm.rtn_quantizer(4, 128)),
+               ("INT4 g32", llm.rtn_quantizer(4, 32))]
+    for name, quantizer in formats:
+        for fast in (True, False):
+            q = llm.quantize_model(net, quantizer, fast=fast)
+            lins = [m for m in q.modules() if isinstance(m, llm.QuantizedLinear)]
+            bpw = sum(m.qw.bits_per_weight * m.qw.shape[0] * m.qw.shape[1] for m in lins) / sum(
+                m.qw.shape[0] * m.qw.shape[1] for m in lins)
+            add(f"{name}, {'fused matvec' if fast else 'dequantize then matmul'}", q, bpw)
+    threads = torch.get_num_threads()
+    cpp = llama_cpp_speed(path, prompt, args.new_tokens, args.repeats, threads)
+    if cpp is None:
+        print("llama-cpp-python is not installed: no llama.cpp row (pip install llama-cpp-python to add it)")
+    else:
+        rows.append({"format": "llama.cpp, the GGUF as stored (Q4_1)", "bits/weight": 5.0,
+                     "decode (tok/s)": cpp})
+    base = rows[0]["decode (tok/s)"]
+    for r in rows:
+        r["× fp32"] = r["decode (tok/s)"] / base
+    print(llm.format_table(rows, f"Batch-1 decode, SmolLM2-135M, {platform.machine()} CPU, "
+                                 f"{os.cpu_count()} cores, {threads} threads, median of {args.repeats} "
+                                 "(measured)"))
+
+
+if __name__ == "__main__":
+    main()
