@@ -4811,7 +4811,10 @@ compiled by `torch.compile` into one loop per layer, used for the few-token matm
 as Q4_1 (§1b), and our fp32 model is their exact dequantization. So the fp32 row below is the
 Q4_1 model, and INT4 with groups of 32 and fp16 scale and offset reproduces it (the same grid:
 each block's min is its offset, (max − min)/15 its scale). Compressing further (groups of 128,
-or 3 bits) is where RTN starts to lose and GPTQ and AWQ earn their keep.
+or 3 bits) is where RTN starts to lose and GPTQ and AWQ earn their keep. The output head (tied
+to the embedding, stored as Q8_0 in the file) stays INT8 in every scheme, as llama.cpp keeps its
+output tensor above the layers' precision: it is one matrix, the last, and its errors go
+straight into the logits.
 """
 
 
@@ -4880,7 +4883,8 @@ def quantize_int8(w: torch.Tensor) -> QuantizedWeight:
     """Symmetric INT8 per output channel (absmax): scale = max|row| / 127, q = round(x / scale)."""
     _check_quant_args(w, 8, None)
     w = w.detach().float()
-    scales = (w.abs().amax(1) / 127).clamp_min(1e-8).half()  # stored in fp16: quantize with that value
+    absmax = w.abs().amax(1)
+    scales = torch.where(absmax > 0, absmax / 127, 1.0).half()  # stored in fp16: quantize with that value
     codes = torch.round(w / scales.float()[:, None]).clamp(-127, 127).to(torch.int8)
     return QuantizedWeight(codes, scales, None, 8, w.shape[1], tuple(w.shape))
 
@@ -5038,9 +5042,13 @@ def quantize_model(model: Transformer, quantize: Callable[[str, torch.Tensor], Q
 
 
 def rtn_quantizer(bits: int = 4, group_size: int = 128) -> Callable[[str, torch.Tensor], QuantizedWeight]:
-    """name, weight → round-to-nearest QuantizedWeight (INT8 per channel, or groupwise)."""
-    return (lambda name, w: quantize_int8(w)) if bits == 8 else \
-        (lambda name, w: quantize_groupwise(w, bits, group_size))
+    """name, weight → round-to-nearest QuantizedWeight: INT8 per channel, or groupwise. The
+    output head stays INT8 in every scheme (§8's introduction says why)."""
+    def quantize(name: str, w: torch.Tensor) -> QuantizedWeight:
+        return quantize_int8(w) if bits == 8 or name == "lm_head" else quantize_groupwise(w, bits, group_size)
+
+    return quantize
+
 
 
 # %% [markdown]
@@ -5099,9 +5107,11 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int = 4, gr
         for i in range(i2 - i1):
             g = int(group_of[i1 + i])
             if not ready[g]:  # the group's grid, from its columns' current (compensated) values
-                cols = (group_of == g).nonzero().flatten()
+                cols = (group_of == g).nonzero().flatten()  # none processed yet; all at or after i1 + i
+                later = cols[cols >= i2]  # W holds these without this block's pending updates: add them
                 current = W[:, cols].clone()
-                inside = (cols >= i1) & (cols < i2)
+                current[:, cols >= i2] -= Err1[:, :i] @ Hinv[i1:i1 + i, later]
+                inside = cols < i2
                 current[:, inside] = W1[:, cols[inside] - i1]
                 scales[:, g], offsets[:, g] = group_grid(current.float(), bits)
                 ready[g] = True
@@ -5154,7 +5164,7 @@ def calibration_tokens(tokenizer, n_windows: int = 16, window: int = 256) -> tor
     return torch.tensor(ids[:n_windows * window]).view(n_windows, window)
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: the tensors made here live on in a model
 def gptq_quantize_model(model: Transformer, tokens: torch.Tensor, bits: int = 4, group_size: int = 128,
                         act_order: bool = False, show_progress: bool = True) -> Transformer:
     """A GPTQ-quantized copy of `model`, block by block on calibration windows tokens (n, W)."""
@@ -5175,8 +5185,7 @@ def gptq_quantize_model(model: Transformer, tokens: torch.Tensor, bits: int = 4,
         owners = {n: block.get_submodule(n.rpartition(".")[0]) for n in lins}
         quantize_inputs_of(lins, functools.partial(block, x, cos, sin, i, meta), owners)
         x = block(x, cos, sin, i, meta)  # the quantized block's output feeds the next block
-    quantize_inputs_of({"lm_head": qmodel.lm_head}, lambda: qmodel.lm_head(qmodel.norm(x)),
-                       {"lm_head": qmodel})
+    qmodel.lm_head = QuantizedLinear(quantize_int8(qmodel.lm_head.weight.detach()))  # the head stays INT8
     return qmodel
 
 
@@ -5188,8 +5197,8 @@ activations than the rest (the outliers below), and the weights that multiply th
 Multiplying input channel j of a linear layer's weight by s_j > 1 and dividing the activation
 by s_j leaves the product unchanged, but shrinks that weight's *relative* rounding error. The
 division is folded into whatever produces the activation: the RMSNorm weight before q/k/v and
-before gate/up, the up-projection's rows before the down-projection, the final norm before the
-output head. The model computes exactly the same function before quantization.
+before gate/up, the up-projection's rows before the down-projection. The model computes exactly
+the same function before quantization.
 
 The scales: s = s_xᵅ with s_x the mean |activation| per input channel on calibration text, and
 α ∈ [0, 1] chosen on a grid to minimize the error of the linear layers' outputs after RTN
@@ -5220,7 +5229,7 @@ def awq_search_scales(x: torch.Tensor, weights: Sequence[torch.Tensor], bits: in
     return best[1], best[2], errors
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: the tensors made here live on in a model
 def awq_scale_model(model: Transformer, tokens: torch.Tensor, bits: int = 4, group_size: int = 128,
                     grid: int = 20, max_tokens: int = 2048,
                     show_progress: bool = True) -> tuple[Transformer, list]:
@@ -5229,8 +5238,6 @@ def awq_scale_model(model: Transformer, tokens: torch.Tensor, bits: int = 4, gro
     import copy
 
     smodel = copy.deepcopy(model)
-    if smodel.cfg.tie_embeddings:  # the head gets its own scaled copy; the embedding must not change
-        smodel.lm_head.weight = nn.Parameter(smodel.lm_head.weight.detach().clone())
     x, cos, sin, meta = _calibration_context(smodel, tokens)
     chosen = []
 
@@ -5253,9 +5260,7 @@ def awq_scale_model(model: Transformer, tokens: torch.Tensor, bits: int = 4, gro
                        "α down": scale_group(seen["down"], [mlp.w_down],
                                              lambda s, up=mlp.w_up: up.weight.div_(s[:, None]))})
         x = block(x, cos, sin, i, meta)
-    head = scale_group(smodel.norm(x), [smodel.lm_head], lambda s: smodel.norm.weight.div_(s))
-    chosen.append({"layer": "head", "α q/k/v": head})
-    return smodel, chosen
+    return smodel, chosen  # the head is not rescaled: it stays INT8
 
 
 # %% [markdown]
@@ -5342,15 +5347,17 @@ def decode_speed(model: Transformer, prompt: Sequence[int], new_tokens: int = 16
     return 1.0 / float(np.median(times))
 
 
-def quantization_schemes(quick: bool = False) -> dict[str, tuple]:
-    """name → (kind, bits, group_size, act_order) for the table."""
+def quantization_schemes(full: bool = False) -> dict[str, tuple]:
+    """name → (kind, bits, group_size, act_order) for the table: five 4/8-bit schemes, or
+    with `full` also GPTQ without act-order and the 3-bit rows."""
     schemes = {"INT8 per channel": ("rtn", 8, None, False), "INT4 RTN g128": ("rtn", 4, 128, False),
                "INT4 RTN g32": ("rtn", 4, 32, False), "GPTQ 4-bit g128": ("gptq", 4, 128, False),
                "GPTQ 4-bit g128 act-order": ("gptq", 4, 128, True), "AWQ 4-bit g128": ("awq", 4, 128, False),
                "INT3 RTN g128": ("rtn", 3, 128, False), "GPTQ 3-bit g128": ("gptq", 3, 128, False),
                "AWQ 3-bit g128": ("awq", 3, 128, False)}
-    if quick:
-        keep = ("INT8 per channel", "INT4 RTN g128", "INT4 RTN g32", "GPTQ 4-bit g128", "AWQ 4-bit g128")
+    if not full:
+        keep = ("INT8 per channel", "INT4 RTN g128", "INT4 RTN g32", "GPTQ 4-bit g128 act-order",
+                "AWQ 4-bit g128")
         schemes = {k: v for k, v in schemes.items() if k in keep}
     return schemes
 
@@ -5363,18 +5370,19 @@ def build_quantized(net: Transformer, kind: str, bits: int, group_size: int | No
         return quantize_model(net, rtn_quantizer(bits, group_size)), net
     if kind == "gptq":
         return gptq_quantize_model(net, calib, bits, group_size, act_order, show_progress=False), net
-    scaled, _ = awq_scale_model(net, calib, bits, group_size, grid=10 if quick else 20,
-                                max_tokens=512 if quick else 1024, show_progress=False)
+    scaled, _ = awq_scale_model(net, calib, bits, group_size, grid=10 if quick else 20, max_tokens=512,
+                                show_progress=False)
     return quantize_model(scaled, rtn_quantizer(bits, group_size)), scaled
 
 
-def measure_quantization(model: str = "smollm2", device=None, quick: bool = False,
+def measure_quantization(model: str = "smollm2", device=None, quick: bool = False, full: bool = False,
                          show_progress: bool = True) -> "Rows":
     """The table of `demonstrate_quantization` (see there)."""
     net, tok = get_model(model, device)
     real = resolve_model(model) != "tiny"
-    eval_ids = text_slices(tok)["eval"][: 512 if quick else 2048] if real else list(range(1, 257)) * 2
-    calib = calibration_tokens(tok, 4 if quick else 16, 256) if real else \
+    n_eval, n_calib = (512, 4) if quick else (2048, 16) if full else (1024, 8)
+    eval_ids = text_slices(tok)["eval"][:n_eval] if real else list(range(1, 257)) * 2
+    calib = calibration_tokens(tok, n_calib, 256) if real else \
         torch.randint(0, net.cfg.vocab_size, (4, 64), generator=seeded_generator(0))
     prompt = tok.encode_chat([{"role": "user", "content": "What is a KV cache?"}])
     fp32_weights = {n: m.weight.detach() for n, m in linear_layers(net).items()}
@@ -5383,7 +5391,7 @@ def measure_quantization(model: str = "smollm2", device=None, quick: bool = Fals
              "linear weights (MB)": 4 * n_weights / 1e6, "weight SQNR (dB)": float("inf"),
              "perplexity": evaluate_perplexity(net, eval_ids, show_progress=False),
              "decode (tok/s)": decode_speed(net, prompt), "quantize (s)": 0.0}]
-    for name, (kind, bits, group, act) in progress(list(quantization_schemes(quick).items()), "schemes",
+    for name, (kind, bits, group, act) in progress(list(quantization_schemes(full).items()), "schemes",
                                                    enabled=show_progress):
         with Timer() as t:
             qnet, rounded = build_quantized(net, kind, bits, group, act, calib, quick)
@@ -5404,11 +5412,13 @@ def measure_quantization(model: str = "smollm2", device=None, quick: bool = Fals
                       f"{calib.numel()} calibration tokens (measured)")
 
 
-def demonstrate_quantization(model: str = "smollm2", device=None, quick: bool = False) -> "Report":
-    """Outliers, then every scheme's size, error, perplexity and decode speed on the real model."""
+def demonstrate_quantization(model: str = "smollm2", device=None, quick: bool = False,
+                             full: bool = False) -> "Report":
+    """Outliers, then each scheme's size, error, perplexity and decode speed on the real model
+    (`full=True`: 9 schemes, 2,048 evaluation and 4,096 calibration tokens; ~8 min on 2 cores)."""
     outliers = analyze_activation_outliers(model, device)
     print(outliers)
-    table = measure_quantization(model, device, quick)
+    table = measure_quantization(model, device, quick, full)
     print(table)
     fp32 = table[0]
     best4 = min((r for r in table if "4-bit" in r["scheme"] or "INT4" in r["scheme"]),
