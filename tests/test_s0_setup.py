@@ -94,5 +94,5 @@ def test_opens_as_a_notebook():
     headings = [c.source.splitlines()[0] for c in nb.cells
                 if c.cell_type == "markdown" and c.source.startswith("## §")]
     assert [h.split()[1] for h in headings] == ["§0", "§1", "§1b", "§2", "§3", "§4", "§5", "§6", "§7",
-                                                "§8", "§9"]
+                                                "§8", "§9", "§10"]
     assert jupytext.writes(nb, fmt="py:percent").splitlines()[13:] == text.splitlines()[13:]
