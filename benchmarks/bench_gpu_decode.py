@@ -1,0 +1,112 @@
+"""Decode on a GPU: eager PyTorch vs the same static step replayed from a CUDA graph (vs compiled), and
+HF transformers' `generate`, on SmolLM2-135M and LLaMA-2-7B shapes (random bf16 weights: speed does not
+depend on the values), one table.
+
+    python benchmarks/bench_gpu_decode.py [--batches 1 8 32 128] [--new-tokens 128] [--prompt 128]
+
+tok/s = B · new tokens / wall time of the whole generation (prefill included), greedy, no early stop.
+The bandwidth limit at batch 1 is (weight bytes) / (measured device copy bandwidth, read + write
+counted) tokens/s.
+"""
+
+import argparse
+import functools
+import time
+
+import torch
+from _common import load_lesson
+
+
+def random_model(llm, name):
+    """Our Transformer with the preset's shapes, initialized on the GPU (fast), in bf16."""
+    cfg = llm.ModelConfig.from_name(name)
+    with torch.device("cuda"):
+        model = llm.Transformer(cfg)
+    return model.to(torch.bfloat16).eval(), cfg
+
+
+def hf_model(cfg):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hc = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.ffn_dim,
+                     num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+                     num_key_value_heads=cfg.n_kv_heads, max_position_embeddings=cfg.max_seq_len,
+                     rope_theta=cfg.rope_theta, rms_norm_eps=cfg.norm_eps,
+                     tie_word_embeddings=cfg.tie_embeddings)
+    with torch.device("cuda"):
+        return LlamaForCausalLM(hc).to(torch.bfloat16).eval()
+
+
+def timed(fn):
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = fn()
+    torch.cuda.synchronize()
+    return out, time.perf_counter() - t0
+
+
+def _static(llm, model, prompts, mode, k):
+    return llm.static_generate(model, prompts, k, mode)
+
+
+def _hf_generate(hf, ids, k):
+    with torch.inference_mode():
+        out = hf.generate(ids, max_new_tokens=k, min_new_tokens=k, do_sample=False, pad_token_id=0)
+    return out[:, ids.shape[1]:].tolist()
+
+
+def bench_model(llm, name, args, bw):
+    """Rows for one model's shapes: every method at every batch size."""
+    model, cfg = random_model(llm, name)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    limit, n, rows = bw / weight_bytes, args.new_tokens, []
+    hf = None if args.no_hf else hf_model(cfg)
+    for B in args.batches:
+        g = torch.Generator().manual_seed(B)
+        prompts = [torch.randint(0, cfg.vocab_size, (args.prompt,), generator=g).tolist() for _ in range(B)]
+        runs = {"ours eager (§1 batched_generate)": lambda k, p=prompts: llm.batched_generate(model, p, k)[0]}
+        for mode in ("eager", "graph") + (("compile",) if name.startswith("smollm2") else ()):
+            runs[f"ours static step, {mode}"] = functools.partial(_static, llm, model, prompts, mode)
+        if hf is not None:
+            runs["HF generate"] = functools.partial(_hf_generate, hf, torch.tensor(prompts, device="cuda"))
+        reference = None
+        for label, run in runs.items():
+            try:
+                run(2)  # warm-up: captures, compiles, allocates
+                out, sec = timed(lambda run=run: run(n))
+            except Exception as exc:  # report, keep going
+                rows.append({"model": name, "B": B, "method": label, "tok/s": float("nan"),
+                             "note": f"{type(exc).__name__}: {str(exc)[:60]}"})
+                continue
+            if reference is None:
+                reference = out
+            tps = B * n / sec
+            rows.append({"model": name, "B": B, "method": label, "tok/s": tps,
+                         "% of bandwidth limit": 100 * tps / limit if B == 1 else float("nan"),
+                         "same tokens as first row": "" if "HF" in label else out == reference, "note": ""})
+    print(f"{name}: weights {weight_bytes / 1e9:.2f} GB, bandwidth limit {limit:,.0f} tok/s at B=1",
+          flush=True)
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 128])
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--models", nargs="+", default=["smollm2-135m", "llama-2-7b"])
+    ap.add_argument("--no-hf", action="store_true")
+    args = ap.parse_args()
+    llm = load_lesson()
+    bw = llm.measure_memory_bandwidth("cuda")
+    rows = []
+    for name in args.models:
+        rows += bench_model(llm, name, args, bw)
+        torch.cuda.empty_cache()
+    title = (f"Decode on {torch.cuda.get_device_name()}, bf16, {args.prompt}-token prompts, "
+             f"{args.new_tokens} new tokens; copy bandwidth {bw / 1e12:.2f} TB/s (measured)")
+    print(llm.format_table(rows, title))
+
+
+if __name__ == "__main__":
+    main()
