@@ -5591,13 +5591,26 @@ class StaticDecoder:
         return outputs
 
 
+_DECODERS: dict = {}  # (model, batch size, cache length, mode) → StaticDecoder: capture/compile once
+
+
 def static_generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                     mode: str = "eager", stop_ids: Sequence[int] = ()) -> list[list[int]]:
-    """Greedy batch generation through a `StaticDecoder` sized for these prompts; CUDA graphs
-    use the next capture size (1, 2, 4, 8, …) at or above the batch."""
-    size = len(prompts) if mode != "graph" else 1 << max(0, len(prompts) - 1).bit_length()
-    decoder = StaticDecoder(model, size, max(len(p) for p in prompts) + max_new_tokens, mode)
-    return decoder.generate(prompts, max_new_tokens, stop_ids)
+    """Greedy batch generation through a `StaticDecoder`. Decoders are kept and reused, so a
+    graph is captured (or a step compiled) once per batch size and cache length: the batch is
+    padded up to the next size in 1, 2, 4, 8, … and the cache length up to a multiple of 256,
+    as serving engines capture a fixed set of sizes."""
+    if not prompts:
+        raise InvalidArgumentError("static_generate needs at least one prompt")
+    size = 1 << max(0, len(prompts) - 1).bit_length()
+    length = -(-(max(len(p) for p in prompts) + max_new_tokens) // 256) * 256
+    length = min(length, model.cfg.max_seq_len)
+    key = (id(model), size, length, mode)
+    if key not in _DECODERS:
+        if len(_DECODERS) >= 16:  # bound the memory the kept caches hold
+            _DECODERS.pop(next(iter(_DECODERS)))
+        _DECODERS[key] = StaticDecoder(model, size, length, mode)
+    return _DECODERS[key].generate(prompts, max_new_tokens, stop_ids)
 
 
 # %% [markdown]

@@ -80,8 +80,10 @@ def test_compiled_equals_eager_on_smollm2(llm, smollm2_gguf):
     prompt = tok.encode_chat([{"role": "user", "content": "Name a colour."}])
     eager = llm.static_generate(net, [prompt], 8)
     assert eager == [llm.generate(net, prompt, 8)]
+    short = llm.truncated_model(net, 3)  # SmolLM2's real weights and shapes, 3 layers: compiles in seconds
+    eager = llm.static_generate(short, [prompt], 8)
     try:
-        compiled = llm.static_generate(net, [prompt], 8, "compile")
+        compiled = llm.static_generate(short, [prompt], 8, "compile")
     except Exception as exc:
         pytest.skip(f"torch.compile cannot build on this machine: {type(exc).__name__}")
     assert compiled == eager
