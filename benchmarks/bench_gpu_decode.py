@@ -65,7 +65,7 @@ def bench_model(llm, name, args, bw):
         g = torch.Generator().manual_seed(B)
         prompts = [torch.randint(0, cfg.vocab_size, (args.prompt,), generator=g).tolist() for _ in range(B)]
         runs = {"ours eager (§1 batched_generate)": lambda k, p=prompts: llm.batched_generate(model, p, k)[0]}
-        for mode in ("eager", "graph") + (("compile",) if name.startswith("smollm2") else ()):
+        for mode in ("eager", "graph") + (("compile",) if args.compile else ()):
             runs[f"ours static step, {mode}"] = functools.partial(_static, llm, model, prompts, mode)
         if hf is not None:
             runs["HF generate"] = functools.partial(_hf_generate, hf, torch.tensor(prompts, device="cuda"))
@@ -84,6 +84,7 @@ def bench_model(llm, name, args, bw):
             rows.append({"model": name, "B": B, "method": label, "tok/s": tps,
                          "% of bandwidth limit": 100 * tps / limit if B == 1 else float("nan"),
                          "same tokens as first row": "" if "HF" in label else out == reference, "note": ""})
+            print(rows[-1], flush=True)  # partial results survive a time limit
     print(f"{name}: weights {weight_bytes / 1e9:.2f} GB, bandwidth limit {limit:,.0f} tok/s at B=1",
           flush=True)
     return rows
@@ -96,6 +97,7 @@ def main():
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--models", nargs="+", default=["smollm2-135m", "llama-2-7b"])
     ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="add torch.compile of the static step (slow)")
     args = ap.parse_args()
     llm = load_lesson()
     bw = llm.measure_memory_bandwidth("cuda")
