@@ -5361,9 +5361,10 @@ def decode_speed(model: Transformer, prompt: Sequence[int], new_tokens: int = 16
     return 1.0 / float(np.median(times))
 
 
-def quantization_schemes(full: bool = False) -> dict[str, tuple]:
+def quantization_schemes(full: bool = False, quick: bool = False) -> dict[str, tuple]:
     """name → (kind, bits, group_size, act_order) for the table: five 4/8-bit schemes, or
-    with `full` also GPTQ without act-order and the 3-bit rows."""
+    with `full` also GPTQ without act-order and the 3-bit rows; `quick` keeps the RTN rows (GPTQ
+    and AWQ take a minute each on a laptop CPU)."""
     schemes = {"INT8 per channel": ("rtn", 8, None, False), "INT4 RTN g128": ("rtn", 4, 128, False),
                "INT4 RTN g32": ("rtn", 4, 32, False), "GPTQ 4-bit g128": ("gptq", 4, 128, False),
                "GPTQ 4-bit g128 act-order": ("gptq", 4, 128, True), "AWQ 4-bit g128": ("awq", 4, 128, False),
@@ -5373,6 +5374,8 @@ def quantization_schemes(full: bool = False) -> dict[str, tuple]:
         keep = ("INT8 per channel", "INT4 RTN g128", "INT4 RTN g32", "GPTQ 4-bit g128 act-order",
                 "AWQ 4-bit g128")
         schemes = {k: v for k, v in schemes.items() if k in keep}
+    if quick:
+        schemes = {k: v for k, v in schemes.items() if v[0] == "rtn"}
     return schemes
 
 
@@ -5394,7 +5397,8 @@ def measure_quantization(model: str = "smollm2", device=None, quick: bool = Fals
     """The table of `demonstrate_quantization` (see there)."""
     net, tok = get_model(model, device)
     real = resolve_model(model) != "tiny"
-    n_eval, n_calib = (512, 4) if quick else (2048, 16) if full else (1024, 8)
+    n_eval, n_calib = (256, 2) if quick else (2048, 16) if full else (1024, 8)
+    speed = functools.partial(decode_speed, new_tokens=8, repeat=1) if quick else decode_speed
     eval_ids = text_slices(tok)["eval"][:n_eval] if real else list(range(1, 257)) * 2
     calib = calibration_tokens(tok, n_calib, 256) if real else \
         torch.randint(0, net.cfg.vocab_size, (4, 64), generator=seeded_generator(0))
@@ -5404,8 +5408,8 @@ def measure_quantization(model: str = "smollm2", device=None, quick: bool = Fals
     rows = [{"scheme": f"fp32{' (dequantized GGUF Q4_1)' if real else ''}", "bits/weight": 32.0,
              "linear weights (MB)": 4 * n_weights / 1e6, "weight SQNR (dB)": float("inf"),
              "perplexity": evaluate_perplexity(net, eval_ids, show_progress=False),
-             "decode (tok/s)": decode_speed(net, prompt), "quantize (s)": 0.0}]
-    for name, (kind, bits, group, act) in progress(list(quantization_schemes(full).items()), "schemes",
+             "decode (tok/s)": speed(net, prompt), "quantize (s)": 0.0}]
+    for name, (kind, bits, group, act) in progress(list(quantization_schemes(full, quick).items()), "schemes",
                                                    enabled=show_progress):
         with Timer() as t:
             qnet, rounded = build_quantized(net, kind, bits, group, act, calib, quick)
@@ -5418,7 +5422,7 @@ def measure_quantization(model: str = "smollm2", device=None, quick: bool = Fals
                      "linear weights (MB)": sum(m.qw.nbytes for m in qlins.values()) / 1e6,
                      "weight SQNR (dB)": 10 * math.log10(signal / err) if err else float("inf"),
                      "perplexity": evaluate_perplexity(qnet, eval_ids, show_progress=False),
-                     "decode (tok/s)": decode_speed(qnet, prompt), "quantize (s)": t.seconds})
+                     "decode (tok/s)": speed(qnet, prompt), "quantize (s)": t.seconds})
     base = rows[0]["perplexity"]
     for r in rows:
         r["perplexity vs fp32 %"] = 100 * (r["perplexity"] / base - 1)
@@ -5861,12 +5865,12 @@ def demonstrate_gguf_formats(model: str = "smollm2", device=None, quick: bool = 
         print("The tiny model has no GGUF tokenizer to write; run with --model smollm2 for the file round "
               "trip.")
         return Report(errors=errors)
-    ids = text_slices(tok)["eval"][: 512 if quick else 1024]
+    ids = text_slices(tok)["eval"][: 256 if quick else 1024]
     base = evaluate_perplexity(net, ids, show_progress=False)
     rows = [{"scheme": "fp32 (the dequantized Q4_1 file)", "file (MB)": float("nan"), "perplexity": base,
              "increase": 0.0, "llama.cpp increase, Llama-3-8B": float("nan"), "write (s)": float("nan")}]
     with tempfile.TemporaryDirectory() as folder:
-        for scheme in (("Q8_0", "Q4_0", "Q4_K_M") if quick else GGUF_SCHEMES):
+        for scheme in (("Q8_0", "Q4_K_M") if quick else GGUF_SCHEMES):
             path = Path(folder) / f"smollm2-{scheme}.gguf"
             with Timer() as t:
                 quantize_model_to_gguf(net, tok, path, scheme, show_progress=False)
@@ -6107,10 +6111,13 @@ def analyze_launch_overhead(model: str = "smollm2", device=None, batch_size: int
 
 
 def measure_fast_path(model: str = "smollm2", device=None, batch_sizes: Sequence[int] = (1,),
-                      new_tokens: int = 32, prompt_len: int = 32, seed: int = 0) -> "Rows":
-    """Decode tokens/s per mode and batch size (greedy; the same tokens checked across modes)."""
+                      new_tokens: int = 32, prompt_len: int = 32, seed: int = 0,
+                      compile_step: bool = True) -> "Rows":
+    """Decode tokens/s per mode and batch size (greedy; the same tokens checked across modes).
+    `compile_step=False` skips torch.compile (building it takes most of a minute on a CPU)."""
     net, _ = get_model(model, device)
-    modes = ["generate (§1)", "eager"] + (["graph"] if net.device.type == "cuda" else []) + ["compile"]
+    modes = ["generate (§1)", "eager"] + (["graph"] if net.device.type == "cuda" else []) + \
+        (["compile"] if compile_step else [])
     weight_bytes = sum(p.numel() * p.element_size() for p in net.parameters())
     bw = measure_memory_bandwidth(net.device, quick=True)
     rows = []
@@ -6150,7 +6157,7 @@ def demonstrate_fast_path(model: str = "smollm2", device=None, quick: bool = Fal
     print(overhead)
     on_gpu = pick_device(device).type == "cuda"
     modes = measure_fast_path(model, device, (1, 8) if on_gpu and not quick else (1,),
-                              new_tokens=16 if quick else 32)
+                              new_tokens=16 if quick else 32, compile_step=not quick)
     print(modes)
     row = overhead[0]
     print(f"Takeaway: one decode step dispatches {row['ops per step']} operations at about "
