@@ -7,7 +7,8 @@ Rows: fp32 (the dequantized GGUF), INT8 per channel, INT4 g128 and g32 (GPTQ and
 same storage as RTN at the same bits and group, so they decode at the same speed), each with the
 fused compiled matvec (`fast=True`) and with dequantize-then-matmul (`fast=False`). tok/s is the
 median over `--repeats` runs of generating `--new-tokens` greedily after a warm-up, the prompt's
-prefill subtracted (`decode_speed`).
+prefill subtracted (`decode_speed`). Then fp32, INT8 and INT4 g32 with §10's whole decode step compiled
+(`static_generate(..., "compile")`), where the fused matvecs become part of one compiled step.
 
 llama.cpp is optional, not a requirement: `pip install llama-cpp-python` (it compiles llama.cpp;
 several minutes) adds a row with the same prompt, the same number of threads and the same file.
@@ -42,6 +43,17 @@ def llama_cpp_speed(path, prompt_ids, new_tokens, repeats, threads):
     return statistics.median(speeds[1:])
 
 
+def compiled_step_speed(llm, model, prompt, new_tokens):
+    """tok/s of §10's static decode step compiled with torch.compile (the build, a minute or two, not
+    counted), the prefill subtracted."""
+    llm.static_generate(model, [prompt], 4, "compile")  # builds
+    t0 = time.perf_counter()
+    llm.static_generate(model, [prompt], new_tokens, "compile")
+    t1 = time.perf_counter()
+    llm.static_generate(model, [prompt], 1, "compile")
+    return (new_tokens - 1) / ((t1 - t0) - (time.perf_counter() - t1))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--new-tokens", type=int, default=32)
@@ -67,6 +79,11 @@ def main():
             bpw = sum(m.qw.bits_per_weight * m.qw.shape[0] * m.qw.shape[1] for m in lins) / sum(
                 m.qw.shape[0] * m.qw.shape[1] for m in lins)
             add(f"{name}, {'fused matvec' if fast else 'dequantize then matmul'}", q, bpw)
+    for name, quantizer in [("fp32", None), ("INT8 per channel", llm.rtn_quantizer(8)),
+                            ("INT4 g32", llm.rtn_quantizer(4, 32))]:
+        model = net if quantizer is None else llm.quantize_model(net, quantizer)
+        rows.append({"format": f"{name}, whole decode step compiled (§10)", "bits/weight": float("nan"),
+                     "decode (tok/s)": compiled_step_speed(llm, model, prompt, args.new_tokens)})
     threads = torch.get_num_threads()
     cpp = llama_cpp_speed(path, prompt, args.new_tokens, args.repeats, threads)
     if cpp is None:
