@@ -858,17 +858,24 @@ def forward_without_cache(model: Transformer, ids: Sequence[int]) -> torch.Tenso
 
 def stream_generate(model: Transformer, prompt_ids: Sequence[int], max_new_tokens: int,
                     temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-                    seed: int = 0, stop_ids: Sequence[int] = (), use_cache: bool = True):
+                    seed: int = 0, stop_ids: Sequence[int] = (), use_cache: bool = True,
+                    cuda_graphs: bool | None = None):
     """Yield new token ids one at a time (an iterator: print them as they come).
 
-    Stops after `max_new_tokens` or right after yielding a token in `stop_ids` (e.g. EOS).
+    Stops after `max_new_tokens` or right after yielding a token in `stop_ids` (e.g. EOS). On a
+    GPU the decode steps are replayed from a CUDA graph (§10) unless `cuda_graphs=False`.
     """
     _check_generation_args(model, prompt_ids, max_new_tokens)
     if max_new_tokens == 0:
         return
     gen = seeded_generator(seed)
     ids = list(prompt_ids)
-    if use_cache:
+    graphs = use_cache and model.device.type == "cuda" and cuda_graphs is not False
+    if graphs:  # §10: the same step, captured once per cache length and replayed
+        decoder = _static_decoder(model, 1, len(ids) + max_new_tokens, "graph")
+        cache = decoder.cache
+        logits = prefill(model, cache, ids)
+    elif use_cache:
         cache = ContiguousKVCache(model.cfg, 1, len(ids) + max_new_tokens, model.device, model.dtype)
         logits = prefill(model, cache, ids)
     else:
@@ -879,7 +886,10 @@ def stream_generate(model: Transformer, prompt_ids: Sequence[int], max_new_token
         yield token
         if token in stop_ids or i == max_new_tokens - 1:
             return
-        if use_cache:
+        if graphs:
+            logits = decoder.step(torch.tensor([token], device=model.device),
+                                  torch.tensor([len(ids) - 1], device=model.device))[0]
+        elif use_cache:
             logits = decode_one_token(model, cache, token, len(ids) - 1)
         else:
             logits = forward_without_cache(model, ids)
@@ -888,7 +898,7 @@ def stream_generate(model: Transformer, prompt_ids: Sequence[int], max_new_token
 def generate(model: Transformer, prompt_ids: Sequence[int], max_new_tokens: int,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              seed: int = 0, stop_ids: Sequence[int] = (), use_cache: bool = True,
-             on_token: Callable[[int], None] | None = None) -> list[int]:
+             on_token: Callable[[int], None] | None = None, cuda_graphs: bool | None = None) -> list[int]:
     """Generate up to `max_new_tokens` new token ids after `prompt_ids`; returns only the new ids.
 
     `on_token(id)` is called for each token as it is produced (streaming). Example:
@@ -899,7 +909,7 @@ def generate(model: Transformer, prompt_ids: Sequence[int], max_new_tokens: int,
     """
     out = []
     for token in stream_generate(model, prompt_ids, max_new_tokens, temperature, top_k, top_p,
-                                 seed, stop_ids, use_cache):
+                                 seed, stop_ids, use_cache, cuda_graphs):
         out.append(token)
         if on_token is not None:
             on_token(token)
@@ -6048,15 +6058,20 @@ def static_generate(model: Transformer, prompts: Sequence[Sequence[int]], max_ne
     as serving engines capture a fixed set of sizes."""
     if not prompts:
         raise InvalidArgumentError("static_generate needs at least one prompt")
-    size = 1 << max(0, len(prompts) - 1).bit_length()
-    length = -(-(max(len(p) for p in prompts) + max_new_tokens) // 256) * 256
-    length = min(length, model.cfg.max_seq_len)
+    decoder = _static_decoder(model, len(prompts), max(len(p) for p in prompts) + max_new_tokens, mode)
+    return decoder.generate(prompts, max_new_tokens, stop_ids)
+
+
+def _static_decoder(model: Transformer, batch: int, tokens: int, mode: str) -> "StaticDecoder":
+    """A kept decoder for at least `batch` sequences of `tokens` tokens (sizes rounded up)."""
+    size = 1 << max(0, batch - 1).bit_length()
+    length = min(-(-tokens // 256) * 256, model.cfg.max_seq_len)
     key = (id(model), size, length, mode)
     if key not in _DECODERS:
         if len(_DECODERS) >= 16:  # bound the memory the kept caches hold
             _DECODERS.pop(next(iter(_DECODERS)))
         _DECODERS[key] = StaticDecoder(model, size, length, mode)
-    return _DECODERS[key].generate(prompts, max_new_tokens, stop_ids)
+    return _DECODERS[key]
 
 
 # %% [markdown]

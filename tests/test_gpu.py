@@ -68,3 +68,14 @@ def test_cuda_graph_decode_equals_eager(llm, batch):
         assert llm.static_generate(model, prompts, 12, "graph") == eager
         if dtype == torch.float32:
             assert eager == [llm.generate(model, p, 12) for p in prompts]
+
+
+def test_generate_uses_cuda_graphs_with_the_same_tokens(llm, pair):
+    """§10: generate() on a GPU replays a captured decode step by default; the tokens equal the
+    eager path's, greedy and sampled, and a second call reuses the captured graph."""
+    _, gpu = pair
+    prompt = [3, 14, 15, 92, 65]
+    for kw in ({}, {"temperature": 0.8, "top_k": 20, "seed": 3}):
+        eager = llm.generate(gpu, prompt, 20, cuda_graphs=False, **kw)
+        assert llm.generate(gpu, prompt, 20, **kw) == eager
+        assert llm.generate(gpu, prompt, 20, **kw) == eager
