@@ -5819,10 +5819,12 @@ LLAMA_CPP_PPL_INCREASE = {"Q8_0": 0.0026, "Q6_K": 0.0217, "Q5_1": 0.1062, "Q5_0"
                           "Q4_1": 0.4511, "Q4_0": 0.4685}  # Llama-3-8B, llama.cpp quantize help (REFERENCES)
 
 
-def analyze_gguf_formats(model: str = "smollm2", device=None) -> "Rows":
-    """Bits per weight and error of every writable block type on the model's down-projections."""
+def analyze_gguf_formats(model: str = "smollm2", device=None, n_layers: int | None = None) -> "Rows":
+    """Bits per weight and error of every writable block type on the model's down-projections
+    (of the first `n_layers` layers; all by default)."""
     net, _ = get_model(model, device)
-    w = torch.cat([layer.mlp.w_down.weight.detach().float().cpu() for layer in net.layers]).numpy()
+    layers = list(net.layers)[:n_layers]
+    w = torch.cat([layer.mlp.w_down.weight.detach().float().cpu() for layer in layers]).numpy()
     if w.shape[1] >= 256 + 16:  # skip half a block: the file's own Q4_1 grid would give Q4_1 zero error
         w = np.ascontiguousarray(w[:, 16:16 + (w.shape[1] - 16) // 256 * 256])
     rms = float(np.sqrt((w ** 2).mean()))
@@ -5866,7 +5868,7 @@ def demonstrate_gguf_formats(model: str = "smollm2", device=None, quick: bool = 
     """Every block type's size and error, then the whole model written, reloaded and measured."""
     import tempfile
 
-    errors = analyze_gguf_formats(model, device)
+    errors = analyze_gguf_formats(model, device, n_layers=4 if quick else None)
     print(errors)
     if plots:
         print(f"plot: {plot_block_layouts()}")
