@@ -972,15 +972,16 @@ class SequenceState:
 
 @torch.inference_mode()
 def run_step(model: Transformer, cache, seqs: Sequence[SequenceState], query_lens: Sequence[int],
-             logits_at: Sequence[int] | None = None) -> torch.Tensor:
+             logits_at: Sequence[int] | None = None, every_token: bool = False) -> torch.Tensor:
     """One packed forward over token_ids[num_computed_tokens : + query_lens[s]] of each sequence,
     on either cache (both build metadata from the same contract); then those tokens count as
     computed. Returns the logits of each sequence's last token of the step (S, V), or of the
-    sequences listed in `logits_at`."""
+    sequences listed in `logits_at`, or with `every_token` of every token of the step (N, V)."""
     positions, meta = cache.metadata(seqs, query_lens)
     tokens = [t for seq, n in zip(seqs, query_lens)
               for t in seq.token_ids[seq.num_computed_tokens:seq.num_computed_tokens + n]]
     rows = meta.last_token_indices if logits_at is None else [meta.last_token_indices[i] for i in logits_at]
+    rows = None if every_token else rows
     logits = model(torch.tensor(tokens, device=model.device), positions, meta, cache, logits_at=rows)
     for seq, n in zip(seqs, query_lens):
         seq.num_computed_tokens += n
@@ -1307,6 +1308,13 @@ def unpermute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, D // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
+def rope_heads(gguf_name: str, cfg: "ModelConfig") -> int | None:
+    """Heads of a tensor whose rows llama.cpp permuted for its RoPE (W_q, W_k), else None."""
+    if gguf_name.endswith("attn_q.weight"):
+        return cfg.n_heads
+    return cfg.n_kv_heads if gguf_name.endswith("attn_k.weight") else None
+
+
 def model_from_gguf(path: str | Path, device=None, dtype=torch.float32, gguf=None) -> Transformer:
     """Build a `Transformer` and fill it with the (dequantized) weights of a GGUF file."""
     gguf = gguf or read_gguf(path)
@@ -1317,8 +1325,7 @@ def model_from_gguf(path: str | Path, device=None, dtype=torch.float32, gguf=Non
         for name in gguf.tensors:
             target = gguf_to_param_name(name)
             w = torch.from_numpy(gguf.dequantize(name))
-            if name.endswith(("attn_q.weight", "attn_k.weight")):
-                heads = cfg.n_heads if "attn_q" in name else cfg.n_kv_heads
+            if heads := rope_heads(name, cfg):
                 w = unpermute_rope_rows(w, heads)
             if target not in params or params[target].shape != w.shape:
                 expected = tuple(params[target].shape) if target in params else "no such weight"
@@ -2615,12 +2622,17 @@ def _paged_metadata(q, block_tables, context_lens, query_start) -> AttentionMeta
     return AttentionMetadata(starts, T, block_tables=block_tables)
 
 
-def gather_blocks(cache: torch.Tensor, block_tables: torch.Tensor, g: AttentionGroup) -> torch.Tensor:
-    """The K (or V) of a group's sequences through their block tables, padded: (G, Tk, Hkv, D).
-    Padding entries (-1) read block 0; the mask hides them."""
+def read_blocks(cache: torch.Tensor, block_tables: torch.Tensor, T: int) -> torch.Tensor:
+    """The first T tokens of each row's blocks, padded: cache (num_blocks, bs, Hkv, D), block
+    tables (G, max_blocks) → (G, T, Hkv, D). Padding entries (-1) read block 0; masks hide them."""
     bs = cache.shape[1]
-    blocks = block_tables[g.seq_index, :-(-g.Tk // bs)].clamp(min=0)  # (G, nb)
-    return cache[blocks].flatten(1, 2)[:, :g.Tk]
+    blocks = block_tables[:, :-(-T // bs)].clamp(min=0)  # (G, nb)
+    return cache[blocks].flatten(1, 2)[:, :T]
+
+
+def gather_blocks(cache: torch.Tensor, block_tables: torch.Tensor, g: AttentionGroup) -> torch.Tensor:
+    """The K (or V) of a group's sequences through their block tables: (G, Tk, Hkv, D)."""
+    return read_blocks(cache, block_tables[g.seq_index], g.Tk)
 
 
 class PagedKVCache:
@@ -4048,14 +4060,9 @@ class SpeculativeStats:
 
 @torch.inference_mode()
 def score_step(model: Transformer, cache, seq: SequenceState, query_len: int) -> torch.Tensor:
-    """Like `run_step` for one sequence, but returns the logits of *every* token of the step
+    """`run_step` for one sequence returning the logits of *every* token of the step
     (query_len, V): verification needs the target's distribution after each drafted token."""
-    positions, meta = cache.metadata([seq], [query_len])
-    start = seq.num_computed_tokens
-    tokens = torch.tensor(seq.token_ids[start:start + query_len], device=model.device)
-    logits = model(tokens, positions, meta, cache)
-    seq.num_computed_tokens += query_len
-    return logits
+    return run_step(model, cache, [seq], [query_len], every_token=True)
 
 
 def speculative_generate(target: Transformer, draft, prompt_ids: Sequence[int], max_new_tokens: int,
@@ -4288,15 +4295,23 @@ def _decode_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context_le
                                    "and D, and H a multiple of Hkv (GQA)")
     if context_lens is None:
         return torch.full((B,), T, dtype=torch.long, device=k.device)
+    return _checked_lens(context_lens, B, T).to(k.device)
+
+
+def _checked_lens(context_lens, B: int, capacity: int) -> torch.Tensor:
+    """context_lens as a (B,) tensor with every length in [1, capacity]. Lengths already on a GPU
+    are trusted (checking their values would wait for the GPU), so the call can be captured in
+    a CUDA graph; only their shape is checked."""
     if isinstance(context_lens, torch.Tensor) and context_lens.device.type == "cuda":
-        if context_lens.shape != (B,):  # values on the GPU are trusted: checking them would sync
+        if context_lens.shape != (B,):
             raise InvalidArgumentError(f"context_lens must have shape ({B},), "
                                        f"got {tuple(context_lens.shape)}")
         return context_lens
     lens = torch.as_tensor(context_lens, dtype=torch.long).reshape(-1).cpu()
-    if lens.shape != (B,) or (lens < 1).any() or (lens > T).any():
-        raise InvalidArgumentError(f"context_lens must hold B={B} lengths in [1, {T}], got {lens.tolist()}")
-    return lens.to(k.device)
+    if lens.shape != (B,) or (lens < 1).any() or (lens > capacity).any():
+        raise InvalidArgumentError(f"context_lens must hold B={B} lengths in [1, {capacity}], "
+                                   f"got {lens.tolist()}")
+    return lens
 
 
 def naive_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -4376,10 +4391,8 @@ def flash_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context_lens
 
 def gather_paged_kv(cache: torch.Tensor, block_tables: torch.Tensor, T: int) -> torch.Tensor:
     """A layer's paged cache (num_blocks, bs, Hkv, D) read through block tables (B, max_blocks),
-    as the contiguous layout (B, Hkv, T, D). Padding entries (-1) read block 0 (masked later)."""
-    bs = cache.shape[1]
-    blocks = block_tables[:, :-(-T // bs)].clamp(min=0)  # (B, nb)
-    return cache[blocks].flatten(1, 2)[:, :T].transpose(1, 2)
+    as the contiguous layout (B, Hkv, T, D) (§4's `read_blocks`, transposed)."""
+    return read_blocks(cache, block_tables, T).transpose(1, 2)
 
 
 def paged_flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -4584,18 +4597,9 @@ def triton_paged_flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
                                    f"{tuple(v_cache.shape)}, "
                                    f"{tuple(block_tables.shape)}")
     bs, Hkv = k_cache.shape[1], k_cache.shape[2]
-    capacity = block_tables.shape[1] * bs
-    if isinstance(context_lens, torch.Tensor) and context_lens.device.type == "cuda":
-        lens, T = context_lens, capacity
-        if lens.shape != (q.shape[0],):
-            raise InvalidArgumentError(f"context_lens must have shape ({q.shape[0]},), "
-                                       f"got {tuple(lens.shape)}")
-    else:
-        lens = torch.as_tensor(context_lens, dtype=torch.long).reshape(-1)
-        if lens.shape != (q.shape[0],) or (lens < 1).any() or (lens > capacity).any():
-            raise InvalidArgumentError(f"context_lens must hold B={q.shape[0]} lengths in [1, {capacity}] "
-                                       f"(the block tables' capacity), got {lens.tolist()}")
-        T = int(lens.max())
+    capacity = block_tables.shape[1] * bs  # the block tables' capacity
+    lens = _checked_lens(context_lens, q.shape[0], capacity)
+    T = capacity if lens.device.type == "cuda" else int(lens.max())
     if q.shape[1] % Hkv or q.shape[2] != k_cache.shape[3]:
         raise InvalidArgumentError(f"q {tuple(q.shape)} does not fit the cache's Hkv={Hkv}, "
                                    f"D={k_cache.shape[3]}")
@@ -5051,9 +5055,14 @@ def quantize_model(model: Transformer, quantize: Callable[[str, torch.Tensor], Q
 
     qmodel = copy.deepcopy(model)
     for name, lin in linear_layers(qmodel).items():
-        parent = qmodel.get_submodule(name.rpartition(".")[0]) if "." in name else qmodel
-        setattr(parent, name.rpartition(".")[2], QuantizedLinear(quantize(name, lin.weight.detach()), fast))
+        _replace_module(qmodel, name, QuantizedLinear(quantize(name, lin.weight.detach()), fast))
     return qmodel
+
+
+def _replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    """Put `new` where the submodule called `name` (e.g. "layers.3.attn.wq") is."""
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, new)
 
 
 def rtn_quantizer(bits: int = 4, group_size: int = 128) -> Callable[[str, torch.Tensor], QuantizedWeight]:
@@ -5188,17 +5197,13 @@ def gptq_quantize_model(model: Transformer, tokens: torch.Tensor, bits: int = 4,
     qmodel = copy.deepcopy(model)
     x, cos, sin, meta = _calibration_context(qmodel, tokens)
 
-    def quantize_inputs_of(modules: dict[str, nn.Linear], run: Callable[[], object], owner) -> None:
-        inputs = _record_inputs(modules, run)
-        for name, lin in modules.items():
-            X = inputs[name].reshape(-1, lin.in_features).double()  # the Hessian summed in fp64
-            _, qw = gptq_quantize(lin.weight, (2 * X.T @ X / X.shape[0]).float(), bits, group_size, act_order)
-            setattr(owner[name], name.rpartition(".")[2], QuantizedLinear(qw))
-
     for i, block in enumerate(progress(qmodel.layers, "GPTQ", enabled=show_progress)):
         lins = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
-        owners = {n: block.get_submodule(n.rpartition(".")[0]) for n in lins}
-        quantize_inputs_of(lins, functools.partial(block, x, cos, sin, i, meta), owners)
+        inputs = _record_inputs(lins, functools.partial(block, x, cos, sin, i, meta))
+        for name, lin in lins.items():
+            X = inputs[name].reshape(-1, lin.in_features).double()  # the Hessian summed in fp64
+            _, qw = gptq_quantize(lin.weight, (2 * X.T @ X / X.shape[0]).float(), bits, group_size, act_order)
+            _replace_module(block, name, QuantizedLinear(qw))
         x = block(x, cos, sin, i, meta)  # the quantized block's output feeds the next block
     qmodel.lm_head = QuantizedLinear(quantize_int8(qmodel.lm_head.weight.detach()))  # the head stays INT8
     return qmodel
@@ -5756,14 +5761,10 @@ def model_to_gguf_tensors(model: Transformer) -> dict[str, torch.Tensor]:
                 continue
             gname = f"{inverse[parts[0]]}.{parts[1]}"
         w = p.detach().float().cpu()
-        if short_is_qk(gname):
-            w = permute_rope_rows(w, model.cfg.n_heads if "attn_q" in gname else model.cfg.n_kv_heads)
+        if heads := rope_heads(gname, model.cfg):
+            w = permute_rope_rows(w, heads)
         out[gname] = w
     return out
-
-
-def short_is_qk(gguf_name: str) -> bool:
-    return gguf_name.endswith(("attn_q.weight", "attn_k.weight"))
 
 
 def quantize_model_to_gguf(model: Transformer, tokenizer, path: str | Path, scheme: str = "Q4_K_M",
@@ -6725,11 +6726,12 @@ def write_gguf(path: str | Path, metadata: dict, tensors: dict, types: dict | No
     path, types = Path(path), dict(types or {})
     if alignment != GGUF_DEFAULT_ALIGNMENT:
         metadata = {**metadata, "general.alignment": alignment}
-    kv = [struct.pack("<Q", len(k.encode())) + k.encode() + b"" for k in metadata]
-    for i, (key, value) in enumerate(metadata.items()):
+    kv = []
+    for key, value in metadata.items():
         vtype = types[key] if key in types else _infer_value_type(value, key)  # UINT8 is 0: no `or`
         vtype, etype = (vtype if isinstance(vtype, tuple) else (vtype, None))
-        kv[i] += struct.pack("<I", int(vtype)) + _encode_value(vtype, value, key, etype)
+        kv.append(_encode_value(GGUFValueType.STRING, key, key) + struct.pack("<I", int(vtype))
+                  + _encode_value(vtype, value, key, etype))
     infos, blobs, offset = [], [], 0
     for name, spec in tensors.items():
         if len(spec) == 3:

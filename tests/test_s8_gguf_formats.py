@@ -134,8 +134,7 @@ def test_model_written_and_reloaded_has_the_quantized_weights(llm, smollm2_gguf,
     for gname, w in list(written.items())[::7]:  # a sample of tensors, every kind among them
         t = llm._scheme_type(scheme, gname, net.cfg.n_layers, w.shape[-1])
         expected = torch.from_numpy(llm.dequantize(llm.quantize_blocks(w.numpy(), t).reshape(-1), t, w.shape))
-        if llm.short_is_qk(gname):
-            heads = net.cfg.n_heads if "attn_q" in gname else net.cfg.n_kv_heads
+        if heads := llm.rope_heads(gname, net.cfg):
             expected = llm.unpermute_rope_rows(expected, heads)
         assert torch.equal(state[llm.gguf_to_param_name(gname)], expected), gname
     ids = tok.encode_chat([{"role": "user", "content": "Hi"}])
