@@ -2085,12 +2085,16 @@ def plot_kv_cache(steps: Sequence[dict], title: str) -> Path:
     return save_plot(fig, "kv_cache_per_token")
 
 
+def _kv_cache_sizes(quick: bool) -> dict:
+    """The §3 demo's sizes (the §9 summary measures with the same ones)."""
+    return dict(new_tokens=(16, 64, 256) if quick else (64, 256, 1024), checked_tokens=16 if quick else 32,
+                num_positions=4 if quick else 7)
+
+
 def demonstrate_kv_cache(model: str = "smollm2", seed: int = 0, device=None, quick: bool = False,
                          plots: bool = True) -> list[dict]:
     """Measure the KV cache's speedup on the real model (greedy, so `seed` does not matter)."""
-    new_tokens = (16, 64, 256) if quick else (64, 256, 1024)
-    rows, steps = analyze_kv_cache(model, new_tokens, device, checked_tokens=16 if quick else 32,
-                                   num_positions=4 if quick else 7)
+    rows, steps = analyze_kv_cache(model, device=device, **_kv_cache_sizes(quick))
     print(rows)
     print(steps)
     if plots:
@@ -3768,11 +3772,17 @@ def plot_batching_timeline(timelines: dict, width: int, title: str) -> Path:
     return save_plot(fig, "s5_batching_timeline")
 
 
+def _batching_sizes(quick: bool) -> dict:
+    """The §5 demo's workload (the §9 summary measures with the same one)."""
+    return dict(num_requests=12, mean_output=12 if quick else 24, max_num_seqs=4 if quick else 6)
+
+
 def demonstrate_continuous_batching(model: str = "smollm2", seed: int = 0, device=None, quick: bool = False,
                                     plots: bool = True) -> list[dict]:
     """Static vs continuous batching on the real model, with preemption under a small pool."""
-    n, mean_out, width = (12, 12, 4) if quick else (12, 24, 6)
-    rows, timelines = analyze_continuous_batching(model, device, n, mean_out, max_num_seqs=width, seed=seed)
+    sizes = _batching_sizes(quick)
+    rows, timelines = analyze_continuous_batching(model, device, seed=seed, **sizes)
+    width = sizes["max_num_seqs"]
     print(rows)
     if plots:
         name = get_model(model, device)[0].cfg.name
@@ -4218,12 +4228,17 @@ def plot_speculative(rows: Sequence[dict], title: str) -> Path:
     return save_plot(fig, "s6_speculative")
 
 
+def _speculative_sizes(quick: bool) -> dict:
+    """The §6 demo's sizes (the §9 summary measures with the same ones)."""
+    return dict(gammas=(2, 4) if quick else (1, 2, 4, 8), model_draft_gammas=(2,) if quick else (1, 4),
+                max_new_tokens=24 if quick else 48)
+
+
 def demonstrate_speculative_decoding(model: str = "smollm2", device=None, quick: bool = False,
                                      plots: bool = True) -> "Rows":
     """The formula, then draft-and-verify measured on the real model (greedy: deterministic)."""
     print(analyze_speculative_decoding())
-    gammas, model_gammas, n = ((2, 4), (2,), 24) if quick else ((1, 2, 4, 8), (1, 4), 48)
-    rows = measure_speculative_decoding(model, device, gammas, model_gammas, max_new_tokens=n)
+    rows = measure_speculative_decoding(model, device, **_speculative_sizes(quick))
     print(rows)
     if plots:
         name = get_model(model, device)[0].cfg.name
@@ -4760,6 +4775,13 @@ def plot_flash_decoding(rows: Sequence[dict], title: str) -> Path:
     return save_plot(fig, "s7_flash_decoding")
 
 
+def _flash_contexts(device: torch.device, quick: bool) -> tuple[int, ...]:
+    """The §7 demo's context lengths (the §9 summary reads its longest)."""
+    if device.type == "cuda":
+        return (1024, 8192, 32768) if quick else (1024, 4096, 16384, 65536, 131072)
+    return (1024, 4096) if quick else (1024, 4096, 16384)
+
+
 def demonstrate_flash_decoding(device=None, quick: bool = False, seed: int = 0,
                                plots: bool = True) -> "Report":
     """The cost model, correctness per dtype, and time vs context length on this machine."""
@@ -4768,10 +4790,7 @@ def demonstrate_flash_decoding(device=None, quick: bool = False, seed: int = 0,
     print(model_rows)
     errors = check_flash_decoding(device, seed)
     print(errors)
-    if device.type == "cuda":
-        contexts = (1024, 8192, 32768) if quick else (1024, 4096, 16384, 65536, 131072)
-    else:
-        contexts = (1024, 4096) if quick else (1024, 4096, 16384)
+    contexts = _flash_contexts(device, quick)
     timing = measure_flash_decoding(device, contexts, seed=seed, repeat=3 if quick else 5)
     print(timing)
     if plots:
@@ -5926,18 +5945,28 @@ def _summary_row(technique, claim_speed, claim_memory, measured, how, complexity
 
 
 def analyze_optimization_summary(model: str = "smollm2", device=None, quick: bool = True,
-                                 seed: int = 0) -> "Rows":
-    """The seed's technique table with a measured cell per row (see the section of each row)."""
+                                 seed: int = 0, measured: dict | None = None) -> "Rows":
+    """The seed's technique table with a measured cell per row (see the section of each row).
+    `measured` maps a demo's name (as in `main`) to what it returned in this run; a row reads its
+    number from there and measures only what is missing, with the demo's own sizes."""
+    measured = measured or {}
     device = pick_device(device)
     net, tok = get_model(model, device)
     rows = []
-    kv, _ = analyze_kv_cache(model, (64, 256) if quick else (64, 256, 1024), device,
-                             checked_tokens=8 if quick else 16, num_positions=3 if quick else 5)
+
+    def section(name: str, key: str | None, measure: Callable):
+        got = measured.get(name)
+        got = got.get(key) if key and isinstance(got, dict) else got
+        return got if got else measure()
+
+    kv = section("kv_cache", None,
+                 lambda: analyze_kv_cache(model, device=device, **_kv_cache_sizes(quick))[0])
     rows.append(_summary_row("KV cache (§3)", "10–100×", "—", f"{kv[-1]['speedup (×)']:.1f}× at "
                              f"{kv[-1]['new tokens']} new tokens",
                              "cached vs recomputing decode, same tokens",
                              "low", "grows with length: each uncached step redoes the whole prefix"))
-    util = analyze_kv_utilization(num_requests=300 if quick else 2000, seed=seed)
+    util = section("paged_attention", "utilization",
+                   lambda: analyze_kv_utilization(num_requests=300 if quick else 2000, seed=seed))
     contiguous, paged = util[0], next(r for r in util if r["scheme"] == "paged, block size 16")
     saved = 100 * (1 - contiguous["tokens held %"] / paged["tokens held %"])
     rows.append(_summary_row("PagedAttention (§4)", "2–4× throughput", "50–90%",
@@ -5946,26 +5975,25 @@ def analyze_optimization_summary(model: str = "smollm2", device=None, quick: boo
                              "ShareGPT-like lengths through the block manager vs max-length reservation",
                              "medium", "capacity measured, not throughput: more sequences fit, which "
                              "continuous batching turns into throughput"))
-    prefix = analyze_prefix_caching(num_requests=100 if quick else 400, seed=seed)
+    prefix = section("paged_attention", "prefix_caching",
+                     lambda: analyze_prefix_caching(num_requests=100 if quick else 400, seed=seed))
     skipped = max(r["prefill skipped %"] for r in prefix)
     rows.append(_summary_row("Prefix caching (§4)", "—", "—", f"{skipped:.0f}% of prefill skipped",
                              "shared system prompts through the block manager", "medium",
                              "depends on how much of each prompt is shared"))
-    cb, _ = analyze_continuous_batching(model, device, 12, 12 if quick else 24,  # §5's demo sizes
-                                        max_num_seqs=4 if quick else 6, seed=seed)
+    cb = section("continuous_batching", None,
+                 lambda: analyze_continuous_batching(model, device, seed=seed, **_batching_sizes(quick))[0])
     rows.append(_summary_row("Continuous batching (§5)", "2–5×", "—",
                              f"{cb[1]['tokens/s'] / cb[0]['tokens/s']:.1f}× tokens/s", "the same seeded "
                              "workload, static batches vs the engine", "high",
                              "the gain grows with the spread of output lengths and the batch width"))
-    real = resolve_model(model) != "tiny"
-    passage = ({"copy a passage": SPECULATIVE_TASKS["copy a passage"]} if real
-               else {"repeat": "a b c d a b c d"})
-    spec = measure_speculative_decoding(model, device, gammas=(4,), model_draft_gammas=(1,),
-                                        max_new_tokens=24 if quick else 48, tasks=passage)
+    spec = section("speculative", None,
+                   lambda: measure_speculative_decoding(model, device, **_speculative_sizes(quick)))
     best = max(spec, key=lambda r: r["measured (×)"])
     rows.append(_summary_row("Speculative decoding (§6)", "2–3×", "—", f"{best['measured (×)']:.1f}× "
-                             f"({best['draft']}, α={best['α']:.2f})", "greedy, token-identical to plain "
-                             "decoding", "high", "needs a draft that is right often and costs little"))
+                             f"({best['draft']}, {best['task']}, α={best['α']:.2f})",
+                             "greedy, token-identical to plain decoding", "high",
+                             "needs a draft that is right often and costs little"))
     q4 = quantize_model(net, rtn_quantizer(4, 128))
     lins = [m for m in q4.modules() if isinstance(m, QuantizedLinear)]
     fp16 = 2 * sum(m.qw.shape[0] * m.qw.shape[1] for m in lins)
@@ -5978,17 +6006,19 @@ def analyze_optimization_summary(model: str = "smollm2", device=None, quick: boo
                              "bytes of the stored codes, scales and offsets vs fp16", "medium",
                              "fp16 scale and offset cost 0.25 bit per weight at groups of 128, and a row "
                              "that ends in a partial group (576 = 4.5 × 128) stores it padded"))
-    ctx = (4096,) if quick else (16384,)
-    fd = measure_flash_decoding(device, ctx, heads=32, kv_heads=8, repeat=3)
-    times = {r["method"]: r["time (µs)"] for r in fd}
+    fd = section("flash_decoding", "timing",
+                 lambda: measure_flash_decoding(device, _flash_contexts(device, quick)[-1:], repeat=3))
+    ctx = max(r["context"] for r in fd)
+    times = {r["method"]: r["time (µs)"] for r in fd if r["context"] == ctx}
     fast = "split-K (Triton)" if "split-K (Triton)" in times else "split-K (PyTorch, 8 splits)"
     rows.append(_summary_row("Flash-decoding (§7)", "—", "—",
-                             f"{times['naive'] / times[fast]:.1f}× vs naive at {ctx[0]:,} tokens ({fast})",
+                             f"{times['naive'] / times[fast]:.1f}× vs naive at {ctx:,} tokens ({fast})",
                              "decode attention time, 32/8 heads", "high",
                              "a GPU gain: on a CPU the cores are already busy with one sequence"))
     if device.type == "cuda":
-        modes = measure_fast_path(model, device, (1,), new_tokens=16, compile_step=False)
-        speed = {r["mode"]: r["tokens/s"] for r in modes}
+        modes = section("fast_path", "modes",
+                        lambda: measure_fast_path(model, device, (1,), new_tokens=16, compile_step=False))
+        speed = {r["mode"]: r["tokens/s"] for r in modes if r["batch"] == 1}
         gain = speed["graph"] / speed["eager"]
         rows.append(_summary_row("CUDA graphs (§10)", "—", "—", f"{gain:.1f}× decode",
                                  "static decode step, eager vs replayed", "medium",
@@ -6000,9 +6030,11 @@ def analyze_optimization_summary(model: str = "smollm2", device=None, quick: boo
                       f"{' (quick sizes)' if quick else ''}")
 
 
-def demonstrate_summary(model: str = "smollm2", device=None, seed: int = 0) -> "Rows":
-    """Print the measured summary table (every row re-measured in small sizes)."""
-    rows = analyze_optimization_summary(model, device, quick=True, seed=seed)
+def demonstrate_summary(model: str = "smollm2", device=None, seed: int = 0, quick: bool = True,
+                        measured: dict | None = None) -> "Rows":
+    """Print the measured summary table. Alone it measures every row (the demos' quick sizes
+    unless `quick=False`); after the other demos, `main` passes what they measured."""
+    rows = analyze_optimization_summary(model, device, quick=quick, seed=seed, measured=measured)
     print(rows)
     print("Takeaway: every claim is checked where this machine can check it; where a number differs "
           "from the claim, the 'why' column says what it depends on.")
@@ -7768,7 +7800,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unknown section(s) {unknown}; --list shows the names")
     if args.save_assets:
         os.environ["LESSON_PLOT_DIR"] = str(ASSETS_DIR)
-    times = []
+    times, measured = [], {}
     for name in chosen:
         if name == "none":
             continue
@@ -7778,8 +7810,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("This section is not written yet.")
             continue
         with Timer(args.device if args.device != "auto" else None) as t:
-            _call_demo(fn, model=args.model, seed=args.seed, device=args.device, quick=args.quick,
-                       plots=not args.no_plots)
+            measured[name] = _call_demo(fn, model=args.model, seed=args.seed, device=args.device,
+                                        quick=args.quick, plots=not args.no_plots, measured=measured)
         times.append({"section": title, "wall time (s)": t.seconds})
     if times:
         times.append({"section": "total", "wall time (s)": sum(r["wall time (s)"] for r in times)})

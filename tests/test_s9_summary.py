@@ -18,8 +18,24 @@ def test_summary_rows_are_measured(llm):
         assert r["how it was measured"] and r["why"]
 
 
-def test_main_quick_runs_every_section(llm, capsys):
+MEASUREMENTS = ("analyze_kv_cache", "analyze_kv_utilization", "analyze_prefix_caching",
+                "analyze_continuous_batching", "measure_speculative_decoding", "measure_flash_decoding")
+
+
+def test_main_quick_runs_every_section(llm, capsys, monkeypatch):
+    calls = {name: 0 for name in MEASUREMENTS}
+
+    def counting(name, fn):
+        def counted(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return counted
+
+    for name in MEASUREMENTS:
+        monkeypatch.setattr(llm, name, counting(name, getattr(llm, name)))
     assert llm.main(["--quick", "--no-plots", "--model", "tiny", "--device", "cpu"]) == 0
+    # the summary reads the sections' measurements from this run instead of measuring again
+    assert calls == {name: 1 for name in MEASUREMENTS}, calls
     out = capsys.readouterr().out
     for name, (title, fn) in llm._sections().items():
         assert fn is not None, f"section {name} has no demo"
