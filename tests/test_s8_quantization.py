@@ -209,5 +209,6 @@ def test_demo_on_tiny_model(llm):
     assert table["fp32"]["bits/weight"] == 32
     assert table["INT4 RTN g128"]["bits/weight"] < table["INT8 per channel"]["bits/weight"] < 9
     assert table["INT8 per channel"]["weight SQNR (dB)"] > table["INT4 RTN g128"]["weight SQNR (dB)"]
-    assert all(r["perplexity"] > 1 and r["decode (tok/s)"] > 0 for r in report["schemes"])
+    assert all(r["perplexity"] > 1 for r in report["schemes"])
+    assert all("decode (tok/s)" not in r for r in report["schemes"])  # quick skips compiling the kernels
     assert report["outliers"] and all(r["max |x|"] >= r["median channel max |x|"] for r in report["outliers"])
