@@ -3,6 +3,7 @@ functions, and the whole script runs every section end to end (quick, tiny model
 
 import re
 
+import pytest
 from conftest import load_lesson
 
 llm_module = load_lesson()
@@ -41,3 +42,18 @@ def test_main_quick_runs_every_section(llm, capsys, monkeypatch):
         assert fn is not None, f"section {name} has no demo"
         assert title in out, f"section {title!r} did not run"
     assert "The techniques, measured on" in out
+
+
+def test_run_on_vllm_skips_cleanly_without_vllm():
+    import importlib.util
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed here: the script would run the whole comparison")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "run_on_vllm.py"
+    done = subprocess.run([sys.executable, str(script), "--quick"], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "vLLM is not installed" in done.stdout and "pip install vllm" in done.stdout
