@@ -178,6 +178,24 @@ def test_awq_scales_never_lose_to_rtn_on_their_objective(llm):
     assert errors[round(alpha * 10)] == min(errors) and s.shape == (64,)
 
 
+def test_awq_clip_never_loses_to_no_clipping(llm):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 72, generator=g)  # 72 = 4 groups of 16 and a partial group of 8
+    w = torch.randn(24, 72, generator=g)
+    w[:, 5] *= 8  # a few large weights stretch their groups' grids
+    clipped = llm.awq_search_clip(x, w, 4, 16, n_tokens=300)
+    assert clipped.shape == w.shape and (clipped.abs() <= w.abs() + 1e-7).all()
+    assert not torch.equal(clipped, w)  # some group chose to clip
+
+    def group_errors(v):  # the objective, per (row, group): that group's share of the output error
+        q = llm.quantize_groupwise(v, 4, 16).dequantize()
+        return torch.stack([((x[:, k:k + 16] @ (q[:, k:k + 16] - w[:, k:k + 16]).T) ** 2).mean(0)
+                            for k in range(0, 72, 16)], 1)
+
+    assert (group_errors(clipped) <= group_errors(w) * (1 + 1e-5) + 1e-6).all()
+    assert group_errors(clipped).sum() < group_errors(w).sum()
+
+
 def test_awq_folding_leaves_the_model_unchanged(llm, tiny):
     calib = torch.randint(0, tiny.cfg.vocab_size, (4, 32), generator=torch.Generator().manual_seed(1))
     scaled, chosen = llm.awq_scale_model(tiny, calib, 4, 16, grid=5, show_progress=False)
