@@ -2651,11 +2651,14 @@ class PagedKVCache:
     """
 
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int = 16,
-                 device="cpu", dtype=torch.float32):
+                 device="cpu", dtype=torch.float32, scratch_block: bool = False):
         if num_blocks <= 0 or block_size <= 0:
             raise InvalidArgumentError(
                 f"cache needs num_blocks > 0 and block_size > 0, got {num_blocks}, {block_size}")
-        shape = (config.n_layers, num_blocks, block_size, config.n_kv_heads, config.head_dim)
+        # `scratch_block`: one more block, never handed out, that the padding rows of a captured
+        # decode step (§10) write to and read from, so they touch no sequence's data
+        self.scratch = num_blocks if scratch_block else None
+        shape = (config.n_layers, num_blocks + scratch_block, block_size, config.n_kv_heads, config.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)  # (L, num_blocks, bs, Hkv, D)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.num_blocks, self.block_size = num_blocks, block_size
@@ -3490,16 +3493,31 @@ class LLMEngine:
     def __init__(self, model: Transformer, block_size: int = 16, num_blocks: int | None = None,
                  max_num_seqs: int = 16, max_num_batched_tokens: int = 512,
                  enable_chunked_prefill: bool = True, enable_prefix_caching: bool = True,
-                 preemption_mode: str = "recompute", kv_cache_gib: float = 1.0):
+                 preemption_mode: str = "recompute", kv_cache_gib: float = 1.0, decode_step: str = "auto"):
+        """`decode_step`: how steps in which every sequence decodes one token run: "packed" (the
+        ordinary forward), "static" (§10's static-shape step, eager), "graph" (that step replayed
+        from CUDA graphs captured for batch sizes 1, 2, 4, …), or "auto" (graph on a GPU, else
+        packed)."""
+        if decode_step == "auto":
+            decode_step = "graph" if model.device.type == "cuda" else "packed"
+        if decode_step not in ("packed", "static", "graph"):
+            raise InvalidArgumentError(f"decode_step is 'auto', 'packed', 'static' or 'graph', got "
+                                       f"{decode_step!r}")
+        if decode_step == "graph" and model.device.type != "cuda":
+            raise InvalidArgumentError("decode_step='graph' needs the model on a CUDA device; use 'static' "
+                                       "or 'packed' on a CPU")
         self.model = model
         if num_blocks is None:  # a KV budget, capped at what max_num_seqs full sequences need
             block_bytes = block_size * model.cfg.kv_bytes_per_token(model.dtype.itemsize)
             full = max_num_seqs * -(-model.cfg.max_seq_len // block_size)
             num_blocks = max(1, min(full, int(kv_cache_gib * 2**30 // block_bytes)))
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
-        self.cache = PagedKVCache(model.cfg, num_blocks, block_size, model.device, model.dtype)
+        self.cache = PagedKVCache(model.cfg, num_blocks, block_size, model.device, model.dtype,
+                                  scratch_block=decode_step != "packed")
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens,
                                    enable_chunked_prefill, preemption_mode)
+        self.decode_runner = None if decode_step == "packed" else \
+            PagedDecodeRunner(model, self.cache, max_num_seqs, graphs=decode_step == "graph")
         self.requests: dict[int, Request] = {}
         self.step_count = 0
         self.step_log: list[list[int]] = []  # request ids in each step (for the timeline plot)
@@ -3557,14 +3575,20 @@ class LLMEngine:
             return []
         sampling = [i for i, (s, n) in enumerate(zip(plan.seqs, plan.query_lens))
                     if s.num_computed_tokens + n == s.num_tokens]  # their step reaches the end
-        logits = run_step(self.model, self.cache, plan.seqs, plan.query_lens, logits_at=sampling)
+        if self.decode_runner is not None and len(sampling) == sum(plan.query_lens):  # decode only
+            logits = self.decode_runner.step(plan.seqs)
+        else:
+            logits = run_step(self.model, self.cache, plan.seqs, plan.query_lens, logits_at=sampling)
         for seq in plan.seqs:
             self.block_manager.commit(seq)
         now, changed = time.perf_counter(), []
-        for row, i in zip(logits, sampling):
-            req = self.requests[plan.seqs[i].seq_id]
+        reqs = [self.requests[plan.seqs[i].seq_id] for i in sampling]
+        greedy = [j for j, req in enumerate(reqs) if req.params.temperature == 0]
+        argmax = dict(zip(greedy, logits[greedy].argmax(-1).tolist())) if greedy else {}  # one sync
+        for j, (row, req) in enumerate(zip(logits, reqs)):
             p = req.params
-            token = sample_next_token(row, p.temperature, p.top_k, p.top_p, req.generator)
+            token = argmax[j] if j in argmax else sample_next_token(row, p.temperature, p.top_k, p.top_p,
+                                                                    req.generator)
             self._append(req, token, now)
             changed.append(req.output)
         return changed
@@ -6298,6 +6322,124 @@ def _static_decoder(model: Transformer, batch: int, tokens: int, mode: str) -> "
             _DECODERS.pop(next(iter(_DECODERS)))
         _DECODERS[key] = StaticDecoder(model, size, length, mode)
     return _DECODERS[key]
+
+
+# %% [markdown]
+"""
+### The engine's decode steps, captured
+The §5 engine runs on the paged cache, so its decode step needs the same treatment with block
+tables: `PagedDecodeRunner` keeps buffers for the largest batch (token, position, cache slot,
+a block table padded to the longest a sequence can have, context length), fills the first n
+rows from the scheduler's sequences and pads the rest up to the next captured size: padding
+rows write and read a scratch block that the block manager never hands out. Attention reads
+the blocks in place through §7's Triton kernel (lengths as a GPU tensor, so nothing syncs), or,
+without Triton, gathers every block of the table and masks past each length. Steps that
+prefill anything still run the ordinary packed forward.
+"""
+
+
+# %%
+def _masked_paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         block_tables: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
+    """Decode attention over whole block tables with a length mask: tensor operations only."""
+    B, W = block_tables.shape
+    bs, Hkv, D = k_cache.shape[1:]
+    k = k_cache[block_tables].reshape(B, W * bs, Hkv, D).transpose(1, 2)  # (B, Hkv, W·bs, D)
+    v = v_cache[block_tables].reshape(B, W * bs, Hkv, D).transpose(1, 2)
+    visible = (torch.arange(W * bs, device=q.device) < context_lens[:, None])[:, None, None, :]
+    o = F.scaled_dot_product_attention(q[:, :, None].to(k.dtype), k, v, attn_mask=visible,
+                                       enable_gqa=q.shape[1] != Hkv)
+    return o[:, :, 0]
+
+
+class PagedDecodeRunner:
+    """The engine's decode-only step with static shapes over a `PagedKVCache` (built with
+    `scratch_block=True`), run eagerly or replayed from one CUDA graph per captured batch size."""
+
+    def __init__(self, model: Transformer, cache: PagedKVCache, max_batch: int, graphs: bool = False):
+        if cache.scratch is None:
+            raise InvalidArgumentError("PagedDecodeRunner needs a PagedKVCache built with scratch_block=True")
+        self.model, self.cache, self.graphs = model, cache, graphs
+        self.sizes = [1 << i for i in range(max(0, max_batch - 1).bit_length() + 1)]  # 1, 2, 4, … ≥ max
+        B, dev = self.sizes[-1], model.device
+        width = -(-model.cfg.max_seq_len // cache.block_size)
+        self.tokens = torch.zeros(B, dtype=torch.long, device=dev)
+        self.positions = torch.zeros(B, dtype=torch.long, device=dev)
+        self.slots = torch.full((B,), cache.scratch * cache.block_size, dtype=torch.long, device=dev)
+        self.tables = torch.full((B, width), cache.scratch, dtype=torch.long, device=dev)
+        self.lens = torch.ones(B, dtype=torch.long, device=dev)
+        use_triton = dev.type == "cuda" and triton_available()
+        self.attention = triton_paged_flash_decode if use_triton else _masked_paged_decode
+        self._graphs, self._outputs, self._pool = {}, {}, None
+
+    def step_eager(self, n: int) -> torch.Tensor:
+        """The step for the first n buffer rows: logits (n, V). Tensor operations only."""
+        m, cfg, cache = self.model, self.model.cfg, self.cache
+        H, Hkv, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        tokens, positions, slots = self.tokens[:n], self.positions[:n], self.slots[:n]
+        tables, lens = self.tables[:n], self.lens[:n]
+        cos, sin = rope_cos_sin(positions, D, cfg.rope_theta)
+        x = m.embed(tokens)
+        for i, layer in enumerate(m.layers):
+            h = layer.attn_norm(x)
+            q = apply_rope(layer.attn.wq(h).view(n, H, D), cos, sin)
+            k = apply_rope(layer.attn.wk(h).view(n, Hkv, D), cos, sin)
+            v = layer.attn.wv(h).view(n, Hkv, D)
+            cache.k[i].view(-1, Hkv, D).index_copy_(0, slots, k.to(cache.k.dtype))  # the write, by index
+            cache.v[i].view(-1, Hkv, D).index_copy_(0, slots, v.to(cache.v.dtype))
+            o = self.attention(q, cache.k[i], cache.v[i], tables, lens)  # (n, H, D)
+            x = x + layer.attn.wo(o.reshape(n, H * D).to(x.dtype))
+            x = x + layer.mlp(layer.mlp_norm(x))
+        return m.lm_head(m.norm(x)).float()
+
+    def step(self, seqs: Sequence[SequenceState]) -> torch.Tensor:
+        """One decode token for each sequence (each must own its slot); logits (len(seqs), V).
+        Afterwards the tokens count as computed, as after `run_step`."""
+        n = len(seqs)
+        size = next((b for b in self.sizes if b >= n), None)
+        if size is None:
+            raise InvalidArgumentError(f"{n} sequences; this runner holds at most {self.sizes[-1]}")
+        positions, meta = self.cache.metadata(seqs, [1] * n)  # checks every slot is owned
+        tables = meta.block_tables
+        self.tokens[:n] = torch.tensor([s.token_ids[s.num_computed_tokens] for s in seqs])
+        self.positions[:n] = positions
+        self.slots[:n] = meta.slot_mapping
+        self.tables[:n] = self.cache.scratch
+        self.tables[:n, :tables.shape[1]] = torch.where(tables >= 0, tables, self.cache.scratch)
+        self.lens[:n] = torch.tensor(meta.context_lens)
+        if n < size:  # padding rows: scratch slot and block, length 1
+            self.slots[n:size] = self.cache.scratch * self.cache.block_size
+            self.tables[n:size] = self.cache.scratch
+            self.lens[n:size] = 1
+        if self.graphs:
+            if size not in self._graphs:
+                self._capture(size)
+            self._graphs[size].replay()
+            logits = self._outputs[size][:n]
+        else:
+            logits = self.step_eager(size)[:n]
+        for seq in seqs:
+            seq.num_computed_tokens += 1
+        return logits
+
+    def capture_all(self) -> None:
+        """Capture every size now, largest first (as vLLM does at start-up), not on first use."""
+        for size in reversed(self.sizes):
+            if self.graphs and size not in self._graphs:
+                self._capture(size)
+
+    def _capture(self, size: int) -> None:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm up (Triton compiles, cuBLAS handles) outside the graph
+                self.step_eager(size)
+        torch.cuda.current_stream().wait_stream(stream)
+        self._pool = self._pool or torch.cuda.graph_pool_handle()  # the graphs share one memory pool
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            self._outputs[size] = self.step_eager(size)
+        self._graphs[size] = graph
 
 
 # %% [markdown]

@@ -55,6 +55,63 @@ def _hf_generate(hf, ids, k):
     return out[:, ids.shape[1]:].tolist()
 
 
+def _kv_gib(cfg, tokens):
+    return 1.2 * tokens * cfg.kv_bytes_per_token(2) / 2**30 + 0.1
+
+
+def _engine_runner(llm, model, prompts, step, cfg):
+    """The §5 engine over all prompts at once (no prefix caching: the warm-up would leave the prompts
+    cached); one engine per configuration, so its CUDA graphs are captured once, before timing."""
+    engine = llm.LLMEngine(model, max_num_seqs=len(prompts), max_num_batched_tokens=4096,
+                           enable_prefix_caching=False, decode_step=step,
+                           kv_cache_gib=_kv_gib(cfg, sum(len(p) for p in prompts) + 256 * len(prompts)))
+    if engine.decode_runner is not None:
+        engine.decode_runner.capture_all()
+
+    def run(k):
+        return [o.token_ids for o in engine.generate(prompts, llm.SamplingParams(max_tokens=k))]
+    return run
+
+
+def bench_serving(llm, name, args):
+    """`args.serving` requests with prompts of 32–256 tokens, each making `args.new_tokens`, through the
+    §5 engine (packed decode steps, then CUDA graphs) and HF's continuous batching (`generate_batch`)."""
+    model, cfg = random_model(llm, name)
+    g = torch.Generator().manual_seed(0)
+    lens = torch.randint(32, 257, (args.serving,), generator=g).tolist()
+    prompts = [torch.randint(0, cfg.vocab_size, (L,), generator=g).tolist() for L in lens]
+    n, rows = args.new_tokens, []
+    runs = {}
+    for step in ("packed", "graph"):
+        engine = llm.LLMEngine(model, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=4096,
+                               enable_prefix_caching=False, decode_step=step,
+                               kv_cache_gib=_kv_gib(cfg, args.max_num_seqs * (256 + n)))
+        if engine.decode_runner is not None:
+            engine.decode_runner.capture_all()
+        engine.generate(prompts[:4], llm.SamplingParams(max_tokens=2))  # warm-up
+        runs[f"ours §5 engine, {step} decode steps"] = \
+            lambda e=engine: e.generate(prompts, llm.SamplingParams(max_tokens=n))
+    if not args.no_hf:
+        from transformers import GenerationConfig
+
+        hf = hf_model(cfg)
+        gen = GenerationConfig(max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None,
+                               pad_token_id=0)
+        runs["HF generate_batch (continuous batching)"] = \
+            lambda: hf.generate_batch(inputs=prompts, generation_config=gen, progress_bar=False)
+    for label, run in runs.items():
+        try:
+            _, sec = timed(run)
+        except Exception as exc:
+            rows.append({"model": name, "requests": len(prompts), "method": label, "tok/s": float("nan"),
+                         "note": f"{type(exc).__name__}: {str(exc)[:60]}"})
+            continue
+        rows.append({"model": name, "requests": len(prompts), "method": label,
+                     "tok/s": len(prompts) * n / sec, "note": ""})
+        print(rows[-1], flush=True)
+    return rows
+
+
 def bench_model(llm, name, args, bw):
     """Rows for one model's shapes: every method at every batch size."""
     model, cfg = random_model(llm, name)
@@ -67,6 +124,9 @@ def bench_model(llm, name, args, bw):
         runs = {"ours eager (§1 batched_generate)": lambda k, p=prompts: llm.batched_generate(model, p, k)[0]}
         for mode in ("eager", "graph") + (("compile",) if args.compile else ()):
             runs[f"ours static step, {mode}"] = functools.partial(_static, llm, model, prompts, mode)
+        if args.engine:
+            for step in ("packed", "graph"):
+                runs[f"ours §5 engine, {step} decode steps"] = _engine_runner(llm, model, prompts, step, cfg)
         if hf is not None:
             runs["HF generate"] = functools.partial(_hf_generate, hf, torch.tensor(prompts, device="cuda"))
         reference = None
@@ -98,6 +158,11 @@ def main():
     ap.add_argument("--models", nargs="+", default=["smollm2-135m", "llama-2-7b"])
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--compile", action="store_true", help="add torch.compile of the static step (slow)")
+    ap.add_argument("--engine", action="store_true",
+                    help="add the §5 engine, packed vs CUDA-graph decode steps")
+    ap.add_argument("--serving", type=int, default=0, metavar="N",
+                    help="also serve N requests: the §5 engine vs HF generate_batch (SmolLM2 shapes)")
+    ap.add_argument("--max-num-seqs", type=int, default=64)
     args = ap.parse_args()
     llm = load_lesson()
     bw = llm.measure_memory_bandwidth("cuda")
@@ -105,6 +170,14 @@ def main():
     for name in args.models:
         rows += bench_model(llm, name, args, bw)
         torch.cuda.empty_cache()
+    if args.serving:
+        serving = bench_serving(llm, args.models[0], args)
+        base = next((r["tok/s"] for r in serving if "HF" in r["method"]), float("nan"))
+        for r in serving:
+            r["× HF generate_batch"] = r["tok/s"] / base
+        title = (f"Serving {args.serving} requests ({args.new_tokens} new tokens each, max_num_seqs "
+                 f"{args.max_num_seqs}) on {torch.cuda.get_device_name()}, bf16 (measured)")
+        print(llm.format_table(serving, title))
     title = (f"Decode on {torch.cuda.get_device_name()}, bf16, {args.prompt}-token prompts, "
              f"{args.new_tokens} new tokens; copy bandwidth {bw / 1e12:.2f} TB/s (measured)")
     print(llm.format_table(rows, title))

@@ -87,3 +87,67 @@ def test_compiled_equals_eager_on_smollm2(llm, smollm2_gguf):
     except Exception as exc:
         pytest.skip(f"torch.compile cannot build on this machine: {type(exc).__name__}")
     assert compiled == eager
+
+
+# ----------------------------------------------------------------------------- the engine's decode step
+def _engine_work(llm, n=7):
+    g = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(1, 200, (int(L),), generator=g).tolist() for L in (5, 19, 33, 2, 40, 11, 27)[:n]]
+    params = [llm.SamplingParams(max_tokens=m) for m in (9, 30, 4, 22, 15, 27, 8)[:n]]
+    params[3] = llm.SamplingParams(max_tokens=22, temperature=0.9, top_k=20, seed=5)  # one sampled request
+    return prompts, params
+
+
+@pytest.mark.parametrize("mode", ["recompute", "swap"])
+def test_engine_static_decode_step_equals_packed(llm, tiny, mode):
+    """The static-shape paged decode step (batches padded to 1, 2, 4, 8) gives the packed step's
+    tokens, also when a small pool forces preemption."""
+    prompts, params = _engine_work(llm)
+    outs = {}
+    for step in ("packed", "static"):
+        engine = llm.LLMEngine(tiny, block_size=4, num_blocks=18, max_num_seqs=6, preemption_mode=mode,
+                               decode_step=step)
+        outs[step] = [o.token_ids for o in engine.generate(prompts, params)]
+        if step == "static":
+            assert engine.scheduler.num_preemptions > 0 and engine.decode_runner.sizes == [1, 2, 4, 8]
+    assert outs["static"] == outs["packed"]
+
+
+def test_padding_rows_touch_only_the_scratch_block(llm, tiny):
+    cache = llm.PagedKVCache(tiny.cfg, 8, 4, scratch_block=True)
+    bm = llm.BlockManager(8, 4)
+    seqs = [llm.SequenceState(i, list(p)) for i, p in enumerate(([3, 4, 5, 6, 7], [8, 9]))]
+    for s in seqs:
+        bm.allocate(s)
+    llm.run_step(tiny, cache, seqs, [5, 2])
+    for s, t in zip(seqs, (1, 2)):
+        s.token_ids.append(t)
+        bm.append_slot(s)
+    before_k = cache.k.clone()
+    runner = llm.PagedDecodeRunner(tiny, cache, 4)
+    logits = runner.step(seqs)  # 2 sequences padded to... 2; then 3 rows padded to 4 below
+    owned = {b for s in seqs for b in s.block_table}
+    changed = {b for b in range(9) if not torch.equal(cache.k[:, b], before_k[:, b])}
+    assert changed <= owned and logits.shape == (2, tiny.cfg.vocab_size)
+    third = llm.SequenceState(2, [1, 2, 3])
+    bm.allocate(third)
+    llm.run_step(tiny, cache, [third], [3])
+    third.token_ids.append(4)
+    bm.append_slot(third)
+    for s, t in zip(seqs, (5, 6)):
+        s.token_ids.append(t)
+        bm.append_slot(s)
+    before_k = cache.k.clone()
+    runner.step([*seqs, third])  # 3 rows, padded to 4: the pad row writes the scratch block (8)
+    owned = {b for s in (*seqs, third) for b in s.block_table}
+    changed = {b for b in range(9) if not torch.equal(cache.k[:, b], before_k[:, b])}
+    assert changed - owned == {8}
+
+
+def test_engine_decode_step_bad_input(llm, tiny):
+    with pytest.raises(llm.InvalidArgumentError, match="decode_step"):
+        llm.LLMEngine(tiny, decode_step="fast")
+    with pytest.raises(llm.InvalidArgumentError, match="CUDA"):
+        llm.LLMEngine(tiny, decode_step="graph")
+    with pytest.raises(llm.InvalidArgumentError, match="scratch_block"):
+        llm.PagedDecodeRunner(tiny, llm.PagedKVCache(tiny.cfg, 4, 4), 2)
