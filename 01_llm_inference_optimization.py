@@ -4263,7 +4263,7 @@ def plot_speculative(rows: Sequence[dict], title: str) -> Path:
 
 def _speculative_sizes(quick: bool) -> dict:
     """The §6 demo's sizes (the §9 summary measures with the same ones)."""
-    return dict(gammas=(4,) if quick else (2, 4, 8), model_draft_gammas=(2,) if quick else (1, 4),
+    return dict(gammas=(4,) if quick else (2, 4, 8), model_draft_gammas=(2,) if quick else (1,),
                 max_new_tokens=16 if quick else 48)
 
 
@@ -5173,15 +5173,18 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int = 4, gr
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     n_groups = -(-K // group_size)
     group_of = perm // group_size  # group of each (permuted) column
+    groups = group_of.tolist()
     scales = torch.zeros(O, n_groups, dtype=torch.half)
     offsets = torch.zeros(O, n_groups, dtype=torch.half)
+    scale_f, offset_f = scales.float(), offsets.float()  # the same grids in fp32, for the loop
     ready = torch.zeros(n_groups, dtype=torch.bool)
-    codes = torch.zeros(O, K, dtype=torch.uint8)  # permuted order
+    codes = torch.zeros(O, K)  # permuted order; integers held in fp32 until the end
+    top = 2**bits - 1
     for i1 in range(0, K, block_size):
         i2 = min(i1 + block_size, K)
         W1, Err1, Hinv1 = W[:, i1:i2].clone(), torch.zeros(O, i2 - i1, dtype=W.dtype), Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            g = int(group_of[i1 + i])
+            g = groups[i1 + i]
             if not ready[g]:  # the group's grid, from its columns' current (compensated) values
                 cols = (group_of == g).nonzero().flatten()  # none processed yet; all at or after i1 + i
                 later = cols[cols >= i2]  # W holds these without this block's pending updates: add them
@@ -5190,16 +5193,16 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int = 4, gr
                 inside = cols < i2
                 current[:, inside] = W1[:, cols[inside] - i1]
                 scales[:, g], offsets[:, g] = group_grid(current.float(), bits)
+                scale_f[:, g], offset_f[:, g] = scales[:, g].float(), offsets[:, g].float()
                 ready[g] = True
-            w = W1[:, i]
-            q = _codes_on_grid(w.float()[:, None], scales[:, g], offsets[:, g], bits)[:, 0]
+            w, sc, off = W1[:, i], scale_f[:, g], offset_f[:, g]
+            q = torch.round((w - off) / sc).clamp_(0, top)  # as _codes_on_grid, one column
             codes[:, i1 + i] = q
-            w_hat = offsets[:, g].float() + scales[:, g].float() * q.float()
-            err = (w - w_hat) / Hinv1[i, i]
-            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            err = (w - (off + sc * q)) / Hinv1[i, i]
+            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)  # the other columns absorb the error
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-    codes = codes[:, torch.argsort(perm)]  # back to the original column order
+    codes = codes.to(torch.uint8)[:, torch.argsort(perm)]  # back to the original column order
     pad = n_groups * group_size - K
     grouped = F.pad(codes, (0, pad)).view(O, n_groups, group_size)
     qw = QuantizedWeight(_pack_nibbles(grouped), scales, offsets, bits, group_size, (O, K))
