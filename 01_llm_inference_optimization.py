@@ -5015,13 +5015,26 @@ def quantization_sqnr(w: torch.Tensor, w_hat: torch.Tensor) -> float:
 """
 ### A quantized linear layer, and the fast decode path
 `QuantizedLinear` holds the codes and scales instead of an fp32 weight. For a step of a few
-tokens (decode) it runs a fused matmul: for INT4, with x split into groups,
-y_o = Σ_groups scale_og · (Σ_j q_ogj · x_gj) + offset_og · (Σ_j x_gj), where the codes are
-unpacked from their nibbles on the fly. Written in PyTorch it would materialize the unpacked
-codes; `torch.compile` turns it into one loop that reads each byte once. Larger steps (prefill),
-and machines where compiling fails (no C++ compiler), use the reference: dequantize, then
-`F.linear`. `quantize_model` returns a *copy* of a model with every linear layer (and the output
-head) replaced; the shared model of `get_model` is never changed.
+tokens (decode) it never builds the fp32 weight; it multiplies with the codes directly, by the
+fastest of three paths this machine has:
+
+1. PyTorch's own CPU kernels for weight-only low-bit matmuls, `_weight_int8pack_mm` and
+   `_weight_int4pack_mm_for_cpu` (x86 builds; they use AVX-512 or AMX where the CPU has them).
+   They take **bf16 activations**: with fp32 activations the int8 kernel takes a slow generic
+   path and loses to fp32 `F.linear`; with bf16 it reads a quarter of fp32's bytes. The INT4
+   kernel wants its own tiled layout and a grid written as (q − 8)·scale + zero, so each layer
+   converts once, at construction: zero = offset + 8·scale. Rounding x (and the scales) to bf16
+   costs about 3 significant digits; the test bounds the difference from the reference. (With
+   PyTorch 2.13 the int8 kernel returns garbage for rows whose width is not a multiple of 16, so
+   such layers take path 2; the int4 kernel wants out_features % 16 == 0.)
+2. A fused matvec compiled by `torch.compile`: for INT4, with x split into groups,
+   y_o = Σ_groups scale_og · (Σ_j q_ogj · x_gj) + offset_og · (Σ_j x_gj), the codes unpacked from
+   their nibbles on the fly in one loop that reads each byte once.
+3. The reference: dequantize, then `F.linear` in fp32. Larger steps (prefill, perplexity) always
+   take it, and so does every step where neither of the others can run.
+
+`quantize_model` returns a *copy* of a model with every linear layer (and the output head)
+replaced; the shared model of `get_model` is never changed.
 """
 
 
@@ -5057,10 +5070,25 @@ def _compiled(fn: Callable) -> Callable | None:
         return None
 
 
+@functools.cache
+def builtin_lowbit_kernels() -> bool:
+    """Whether this PyTorch build has its CPU int8/int4 weight-only matmuls (tried once)."""
+    try:
+        x = torch.randn(1, 64).bfloat16()
+        torch.ops.aten._weight_int8pack_mm(x, torch.zeros(8, 64, dtype=torch.int8),
+                                           torch.ones(8, dtype=torch.bfloat16))
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.zeros(16, 64, dtype=torch.int32), 8)
+        torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, 32, torch.zeros(2, 16, 2, dtype=torch.bfloat16))
+        return True
+    except Exception:  # another platform, or an older PyTorch: the compiled or reference path
+        return False
+
+
 class QuantizedLinear(nn.Module):
     """A bias-free linear layer whose weight is a `QuantizedWeight`."""
 
-    FUSED_MAX_TOKENS = 4  # steps of at most this many tokens use the fused matvec
+    FUSED_MAX_TOKENS = 4  # steps of at most this many tokens use a fast path
+    INT4PACK_GROUPS = (32, 64, 128, 256)  # the group sizes PyTorch's int4 kernel takes
 
     def __init__(self, qw: QuantizedWeight, fast: bool = True):
         super().__init__()
@@ -5068,6 +5096,29 @@ class QuantizedLinear(nn.Module):
         self.out_features, self.in_features = qw.shape
         for name in ("codes", "scales", "offsets"):  # buffers: .to(device) moves them
             self.register_buffer(name, getattr(qw, name), persistent=False)
+        self.builtin = fast and builtin_lowbit_kernels() and qw.codes.device.type == "cpu" and \
+            (qw.bits == 8 and self.in_features % 16 == 0 or  # other widths: wrong results (torch 2.13)
+             qw.bits < 8 and qw.group_size in self.INT4PACK_GROUPS and self.out_features % 16 == 0)
+        if self.builtin and qw.bits == 8:  # the kernel applies a bf16 scale; ours comes after, in fp32
+            self.register_buffer("_ones", torch.ones(self.out_features, dtype=torch.bfloat16),
+                                 persistent=False)
+        elif self.builtin:  # the int4 kernel's tiled layout (3- and 2-bit codes fit it too), made once
+            codes = torch.cat([qw.codes & 15, qw.codes >> 4], dim=-1).reshape(self.out_features, -1)
+            self.register_buffer("_int4pack", torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+                codes.to(torch.int32), 8), persistent=False)
+            scales, offsets = qw.scales.float(), qw.offsets.float()
+            self.register_buffer("_int4grid", torch.stack([scales, offsets + 8 * scales], dim=-1)
+                                 .transpose(0, 1).contiguous().bfloat16(), persistent=False)  # (groups, O, 2)
+
+    def builtin_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x (N, K) fp32 → (N, O) fp32 through PyTorch's low-bit CPU kernel, bf16 activations."""
+        if self.qw.bits == 8:
+            y = torch.ops.aten._weight_int8pack_mm(x.bfloat16(), self.codes, self._ones)
+            return y.float() * self.scales.float()
+        padded = self._int4grid.shape[0] * self.qw.group_size  # whole groups
+        xb = F.pad(x, (0, padded - self.in_features)).bfloat16()  # zeros meet the padding codes
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self._int4pack, self.qw.group_size,
+                                                          self._int4grid).float()
 
     def weight_dequantized(self) -> torch.Tensor:
         qw = dataclasses.replace(self.qw, codes=self.codes, scales=self.scales, offsets=self.offsets)
@@ -5076,6 +5127,8 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
         if self.fast and flat.shape[0] <= self.FUSED_MAX_TOKENS and flat.device.type == "cpu":
+            if self.builtin:
+                return self.builtin_matmul(flat.float()).to(x.dtype).view(*x.shape[:-1], self.out_features)
             raw = _int8_matvec if self.qw.bits == 8 else _int4_matvec
             args = (self.codes, self.scales) + (() if self.qw.bits == 8 else (self.offsets,))
             if torch.compiler.is_compiling():  # inside a compiled decode step (§10): fuse into it

@@ -4,11 +4,12 @@ the same GGUF file when `llama-cpp-python` is installed.
     python benchmarks/bench_quantized_decode.py [--new-tokens 32] [--repeats 3]
 
 Rows: fp32 (the dequantized GGUF), INT8 per channel, INT4 g128 and g32 (GPTQ and AWQ produce the
-same storage as RTN at the same bits and group, so they decode at the same speed), each with the
-fused compiled matvec (`fast=True`) and with dequantize-then-matmul (`fast=False`). tok/s is the
-median over `--repeats` runs of generating `--new-tokens` greedily after a warm-up, the prompt's
-prefill subtracted (`decode_speed`). Then fp32, INT8 and INT4 g32 with §10's whole decode step compiled
-(`static_generate(..., "compile")`), where the fused matvecs become part of one compiled step.
+same storage as RTN at the same bits and group, so they decode at the same speed), each through
+the three matmul paths of `QuantizedLinear`: PyTorch's low-bit CPU kernels with bf16 activations
+(where this build has them), the fused matvec compiled by torch.compile, and dequantize-then-matmul.
+tok/s is the median over `--repeats` runs of generating `--new-tokens` greedily after a warm-up, the
+prompt's prefill subtracted (`decode_speed`). Then fp32, INT8 and INT4 g128 with §10's whole decode
+step compiled (`static_generate(..., "compile")`), the fastest matmul path inside it.
 
 llama.cpp is optional, not a requirement: `pip install llama-cpp-python` (it compiles llama.cpp;
 several minutes) adds a row with the same prompt, the same number of threads and the same file.
@@ -72,15 +73,20 @@ def main():
     add("fp32 (dequantized GGUF)", net, 32.0)
     formats = [("INT8 per channel", llm.rtn_quantizer(8)), ("INT4 g128", llm.rtn_quantizer(4, 128)),
                ("INT4 g32", llm.rtn_quantizer(4, 32))]
+    paths = (["PyTorch low-bit kernel, bf16 activations"] if llm.builtin_lowbit_kernels() else []) + \
+        ["fused matvec, compiled", "dequantize then matmul"]
     for name, quantizer in formats:
-        for fast in (True, False):
-            q = llm.quantize_model(net, quantizer, fast=fast)
-            lins = [m for m in q.modules() if isinstance(m, llm.QuantizedLinear)]
-            bpw = sum(m.qw.bits_per_weight * m.qw.shape[0] * m.qw.shape[1] for m in lins) / sum(
-                m.qw.shape[0] * m.qw.shape[1] for m in lins)
-            add(f"{name}, {'fused matvec' if fast else 'dequantize then matmul'}", q, bpw)
+        q = llm.quantize_model(net, quantizer)
+        lins = [m for m in q.modules() if isinstance(m, llm.QuantizedLinear)]
+        bpw = sum(m.qw.bits_per_weight * m.qw.shape[0] * m.qw.shape[1] for m in lins) / sum(
+            m.qw.shape[0] * m.qw.shape[1] for m in lins)
+        for path in paths:
+            for m in lins:  # the path each layer takes (a layer the kernel cannot take keeps the next)
+                m.builtin = m.builtin and path.startswith("PyTorch")
+                m.fast = not path.startswith("dequantize")
+            add(f"{name}, {path}", q, bpw)
     for name, quantizer in [("fp32", None), ("INT8 per channel", llm.rtn_quantizer(8)),
-                            ("INT4 g32", llm.rtn_quantizer(4, 32))]:
+                            ("INT4 g128", llm.rtn_quantizer(4, 128))]:
         model = net if quantizer is None else llm.quantize_model(net, quantizer)
         rows.append({"format": f"{name}, whole decode step compiled (§10)", "bits/weight": float("nan"),
                      "decode (tok/s)": compiled_step_speed(llm, model, prompt, args.new_tokens)})

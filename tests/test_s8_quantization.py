@@ -60,6 +60,7 @@ def test_fused_matvec_equals_dequantize_then_matmul(llm, bits, group):
     w = torch.randn(48, 200, generator=torch.Generator().manual_seed(2))
     qw = llm.quantize_int8(w) if bits == 8 else llm.quantize_groupwise(w, bits, group)
     fast, ref = llm.QuantizedLinear(qw, fast=True), llm.QuantizedLinear(qw, fast=False)
+    fast.builtin = False  # this test is about the compiled fused matvec; the next one, the built-ins
     for n in (1, 3, 9):  # 9 tokens take the dequantize path even when fast
         x = torch.randn(n, 200, generator=torch.Generator().manual_seed(n))
         torch.testing.assert_close(fast(x), ref(x), atol=1e-4, rtol=1e-4)
@@ -67,6 +68,25 @@ def test_fused_matvec_equals_dequantize_then_matmul(llm, bits, group):
     args = (qw.codes, qw.scales) + (() if bits == 8 else (qw.offsets,))
     x = torch.randn(2, 200)
     torch.testing.assert_close(kernel(x, *args), x @ qw.dequantize().T, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("bits,group", [(8, None), (4, 128), (4, 32), (3, 64)])
+def test_builtin_lowbit_kernels_equal_dequantize_then_matmul(llm, bits, group):
+    """PyTorch's int8/int4 CPU kernels with bf16 activations (rows of 200 end in partial groups,
+    padded for the int4 kernel): within bf16's precision of the fp32 reference."""
+    if not llm.builtin_lowbit_kernels():
+        pytest.skip("this PyTorch build has no CPU int8/int4 weight-only kernels")
+    K = 208 if bits == 8 else 200  # the int8 kernel needs K % 16 == 0; int4 rows are padded to whole groups
+    w = torch.randn(48, K, generator=torch.Generator().manual_seed(2))
+    qw = llm.quantize_int8(w) if bits == 8 else llm.quantize_groupwise(w, bits, group)
+    fast, ref = llm.QuantizedLinear(qw, fast=True), llm.QuantizedLinear(qw, fast=False)
+    assert fast.builtin
+    for n in (1, 2, 3, 4):
+        x = torch.randn(n, K, generator=torch.Generator().manual_seed(n))
+        expected = ref(x)
+        assert (fast(x) - expected).abs().max() <= 1e-2 * expected.abs().max()
+    assert not llm.QuantizedLinear(llm.quantize_groupwise(w, 4, 16)).builtin  # a group size it does not take
+    assert not llm.QuantizedLinear(llm.quantize_int8(w[:, :200])).builtin  # a width it gets wrong
 
 
 def test_quantize_model_works_on_a_copy(llm, tiny):
