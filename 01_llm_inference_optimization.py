@@ -6255,17 +6255,18 @@ next captured size; gpt-fast compiles its decode step with `mode="reduce-overhea
 # %%
 class StaticDecoder:
     """Greedy batch decoding with a static-shape step over a contiguous cache, run eagerly,
-    replayed from a CUDA graph (`mode="graph"`), or compiled (`mode="compile"`).
+    replayed from a CUDA graph (`mode="graph"`), compiled (`mode="compile"`), or compiled and
+    then captured in a CUDA graph (`mode="compile+graph"`: fused kernels, launched at once).
 
     The batch is padded up to `batch_size` (padding rows decode garbage that nobody reads).
     """
 
-    MODES = ("eager", "graph", "compile")
+    MODES = ("eager", "graph", "compile", "compile+graph")
 
     def __init__(self, model: Transformer, batch_size: int, max_seq_len: int, mode: str = "eager"):
         if mode not in self.MODES:
             raise InvalidArgumentError(f"mode must be one of {self.MODES}, got {mode!r}")
-        if mode == "graph" and model.device.type != "cuda":
+        if mode.endswith("graph") and model.device.type != "cuda":
             raise InvalidArgumentError("CUDA graphs need a CUDA device; use mode='compile' or 'eager' on a "
                                        "CPU")
         self.model, self.mode, self.batch_size = model, mode, batch_size
@@ -6302,9 +6303,9 @@ class StaticDecoder:
             return self.step_eager(tokens, positions)
         self.tokens.copy_(tokens)
         self.positions.copy_(positions)
+        if self.mode.startswith("compile") and self._compiled is None:
+            self._compiled = torch.compile(self.step_eager, dynamic=False)
         if self.mode == "compile":
-            if self._compiled is None:
-                self._compiled = torch.compile(self.step_eager, dynamic=False)
             return self._compiled(self.tokens, self.positions)
         if self._graph is None:
             self._capture()
@@ -6314,13 +6315,14 @@ class StaticDecoder:
     def _capture(self) -> None:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
+        step = self._compiled or self.step_eager
         with torch.cuda.stream(stream):
-            for _ in range(2):  # warm up: allocations and library handles outside the graph
-                self.step_eager(self.tokens, self.positions)
+            for _ in range(2):  # warm up: compile, allocations and library handles outside the graph
+                step(self.tokens, self.positions)
         torch.cuda.current_stream().wait_stream(stream)
         self._graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self._graph):
-            self._out = self.step_eager(self.tokens, self.positions)
+            self._out = step(self.tokens, self.positions)
 
     @torch.inference_mode()
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,

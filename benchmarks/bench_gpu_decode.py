@@ -122,7 +122,7 @@ def bench_model(llm, name, args, bw):
         g = torch.Generator().manual_seed(B)
         prompts = [torch.randint(0, cfg.vocab_size, (args.prompt,), generator=g).tolist() for _ in range(B)]
         runs = {"ours eager (§1 batched_generate)": lambda k, p=prompts: llm.batched_generate(model, p, k)[0]}
-        for mode in ("eager", "graph") + (("compile",) if args.compile else ()):
+        for mode in ("eager", "graph") + (("compile+graph",) if args.compile else ()):
             runs[f"ours static step, {mode}"] = functools.partial(_static, llm, model, prompts, mode)
         if args.engine:
             for step in ("packed", "graph"):
@@ -157,7 +157,7 @@ def main():
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--models", nargs="+", default=["smollm2-135m", "llama-2-7b"])
     ap.add_argument("--no-hf", action="store_true")
-    ap.add_argument("--compile", action="store_true", help="add torch.compile of the static step (slow)")
+    ap.add_argument("--compile", action="store_true", help="add the static step compiled, then captured in a CUDA graph (slow to build)")
     ap.add_argument("--engine", action="store_true",
                     help="add the §5 engine, packed vs CUDA-graph decode steps")
     ap.add_argument("--serving", type=int, default=0, metavar="N",

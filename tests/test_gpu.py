@@ -98,3 +98,10 @@ def test_engine_with_cuda_graphs_equals_without(llm, mode):
             assert engine.scheduler.num_preemptions > 0 and engine.decode_runner._graphs
     assert outs["graph"] == outs["packed"]
     assert llm.LLMEngine(gpu).decode_runner.graphs  # on by default on a GPU
+
+
+def test_compiled_step_in_a_cuda_graph_equals_eager(llm):
+    gpu = llm.build_model("tiny", seed=5, device="cuda")
+    prompts = [[5, 17, 99, 3, 8, 1], [42], list(range(30, 52))]
+    eager = llm.static_generate(gpu, prompts, 10, "eager")
+    assert llm.static_generate(gpu, prompts, 10, "compile+graph") == eager
