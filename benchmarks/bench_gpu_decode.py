@@ -157,7 +157,8 @@ def main():
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--models", nargs="+", default=["smollm2-135m", "llama-2-7b"])
     ap.add_argument("--no-hf", action="store_true")
-    ap.add_argument("--compile", action="store_true", help="add the static step compiled, then captured in a CUDA graph (slow to build)")
+    ap.add_argument("--compile", action="store_true",
+                    help="add the static step compiled, then captured in a CUDA graph (slow to build)")
     ap.add_argument("--engine", action="store_true",
                     help="add the §5 engine, packed vs CUDA-graph decode steps")
     ap.add_argument("--serving", type=int, default=0, metavar="N",
