@@ -5308,10 +5308,20 @@ def gptq_quantize_model(model: Transformer, tokens: torch.Tensor, bits: int = 4,
     for i, block in enumerate(progress(qmodel.layers, "GPTQ", enabled=show_progress)):
         lins = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
         inputs = _record_inputs(lins, functools.partial(block, x, cos, sin, i, meta))
-        for name, lin in lins.items():
-            X = inputs[name].reshape(-1, lin.in_features).double()  # the Hessian summed in fp64
-            _, qw = gptq_quantize(lin.weight, (2 * X.T @ X / X.shape[0]).float(), bits, group_size, act_order)
-            _replace_module(block, name, QuantizedLinear(qw))
+        sharing: dict[int, list[str]] = {}  # q/k/v read one input, gate/up another: one Hessian each
+        for name in lins:
+            sharing.setdefault(id(inputs[name]), []).append(name)
+        for names in sharing.values():
+            X = inputs[names[0]].reshape(-1, lins[names[0]].in_features).double()  # the Hessian in fp64
+            stacked = torch.cat([lins[n].weight for n in names])  # GPTQ treats rows independently
+            _, qw = gptq_quantize(stacked, (2 * X.T @ X / X.shape[0]).float(), bits, group_size, act_order)
+            start = 0
+            for n in names:
+                rows = slice(start, start + lins[n].out_features)
+                _replace_module(block, n, QuantizedLinear(dataclasses.replace(
+                    qw, codes=qw.codes[rows].clone(), scales=qw.scales[rows].clone(),
+                    offsets=qw.offsets[rows].clone(), shape=(rows.stop - rows.start, qw.shape[1]))))
+                start = rows.stop
         x = block(x, cos, sin, i, meta)  # the quantized block's output feeds the next block
     qmodel.lm_head = QuantizedLinear(quantize_int8(qmodel.lm_head.weight.detach()))  # the head stays INT8
     return qmodel
@@ -6052,7 +6062,7 @@ def demonstrate_gguf_formats(model: str = "smollm2", device=None, quick: bool = 
     """Every block type's size and error, then the whole model written, reloaded and measured."""
     import tempfile
 
-    errors = analyze_gguf_formats(model, device, n_layers=2 if quick else None)
+    errors = analyze_gguf_formats(model, device, n_layers=2 if quick else 8)  # the K-quant search is slow
     print(errors)
     if plots:
         print(f"plot: {plot_block_layouts()}")

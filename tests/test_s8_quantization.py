@@ -250,3 +250,16 @@ def test_demo_on_tiny_model(llm):
     assert all(r["perplexity"] > 1 for r in report["schemes"])
     assert all("decode (tok/s)" not in r for r in report["schemes"])  # quick skips compiling the kernels
     assert report["outliers"] and all(r["max |x|"] >= r["median channel max |x|"] for r in report["outliers"])
+
+
+def test_gptq_on_stacked_rows_equals_gptq_per_layer(llm):
+    """Layers reading one input (q/k/v, gate/up) share one Hessian; GPTQ treats rows
+    independently, so quantizing them stacked gives each layer its own result."""
+    g = torch.Generator().manual_seed(4)
+    X = torch.randn(400, 64, generator=g) @ torch.randn(64, 64, generator=g)  # correlated inputs
+    H = 2 * X.T @ X / len(X)
+    a, b = torch.randn(16, 64, generator=g), torch.randn(32, 64, generator=g)
+    for act_order in (False, True):
+        both, _ = llm.gptq_quantize(torch.cat([a, b]), H, 4, 16, act_order)
+        alone = torch.cat([llm.gptq_quantize(w, H, 4, 16, act_order)[0] for w in (a, b)])
+        torch.testing.assert_close(both, alone, atol=1e-5, rtol=1e-5)
