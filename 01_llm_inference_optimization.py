@@ -6290,17 +6290,25 @@ class StaticDecoder:
         operations only, the same shapes every call."""
         m, cfg, cache = self.model, self.model.cfg, self.cache
         B, H, Hkv, D = tokens.shape[0], cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        rows = torch.arange(B, device=tokens.device)
+        T = cache.max_seq_len
         cos, sin = rope_cos_sin(positions, D, cfg.rope_theta)
-        keys = torch.arange(cache.max_seq_len, device=tokens.device)
+        keys = torch.arange(T, device=tokens.device)
         visible = (keys <= positions[:, None])[:, None, None, :]  # (B, 1, 1, T_max)
+        # The cache write, by tensor index: row (b, h, positions[b]) of layer i in the flat (L·B·Hkv·T, D)
+        # view. index_copy_ on the whole buffer stays in place when compiled; an index assignment into a
+        # per-layer view made torch.compile copy the whole cache at every layer (LLaMA-2-7B shapes, B=8,
+        # H200: 18.0 ms per compiled step against 6.2 ms with index_copy_).
+        slot = (torch.arange(B, device=tokens.device)[:, None] * Hkv
+                + torch.arange(Hkv, device=tokens.device)[None, :]) * T + positions[:, None]  # (B, Hkv)
+        k_flat, v_flat = cache.k.view(-1, D), cache.v.view(-1, D)
         x = m.embed(tokens)  # (B, d)
         for i, layer in enumerate(m.layers):
             h = layer.attn_norm(x)
             q = apply_rope(layer.attn.wq(h).view(B, H, D), cos, sin)
             k = apply_rope(layer.attn.wk(h).view(B, Hkv, D), cos, sin)
-            cache.k[i, rows, :, positions] = k.to(cache.k.dtype)  # the cache write, by tensor index
-            cache.v[i, rows, :, positions] = layer.attn.wv(h).view(B, Hkv, D).to(cache.v.dtype)
+            at = (slot + i * B * Hkv * T).reshape(-1)
+            k_flat.index_copy_(0, at, k.reshape(-1, D).to(cache.k.dtype))
+            v_flat.index_copy_(0, at, layer.attn.wv(h).reshape(-1, D).to(cache.v.dtype))
             o = F.scaled_dot_product_attention(q[:, :, None], cache.k[i], cache.v[i], attn_mask=visible,
                                                enable_gqa=H != Hkv)  # (B, H, 1, D)
             x = x + layer.attn.wo(o.reshape(B, H * D))
