@@ -77,8 +77,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-import torch
+try:
+    import numpy as np
+    import torch
+except ImportError as exc:  # everything below is built on NumPy and PyTorch
+    raise ImportError("this lesson needs NumPy, PyTorch and its other requirements: "
+                      "pip install -r requirements.txt (see the README)") from exc
 import torch.nn.functional as F
 from torch import nn
 
@@ -5594,6 +5598,10 @@ def measure_quantization(model: str = "smollm2", device=None, quick: bool = Fals
     net, tok = get_model(model, device)
     real = resolve_model(model) != "tiny"
     n_eval, n_calib = (256, 2) if quick else (2048, 16) if full else (1024, 8)
+    eval_ids = text_slices(tok)["eval"][:n_eval] if real else list(range(1, 257)) * 2
+    calib = calibration_tokens(tok, n_calib, 256) if real else \
+        torch.randint(0, net.cfg.vocab_size, (4, 64), generator=seeded_generator(0))
+    prompt = tok.encode_chat([{"role": "user", "content": "What is a KV cache?"}])
     speeds = {}  # (bits, group) → tok/s: GPTQ and AWQ store INT4 g128 and run its kernel, so timed once
 
     def timed(model, fmt) -> dict:
@@ -5603,10 +5611,6 @@ def measure_quantization(model: str = "smollm2", device=None, quick: bool = Fals
             speeds[fmt] = decode_speed(model, prompt)
         return {"decode (tok/s)": speeds[fmt]}
 
-    eval_ids = text_slices(tok)["eval"][:n_eval] if real else list(range(1, 257)) * 2
-    calib = calibration_tokens(tok, n_calib, 256) if real else \
-        torch.randint(0, net.cfg.vocab_size, (4, 64), generator=seeded_generator(0))
-    prompt = tok.encode_chat([{"role": "user", "content": "What is a KV cache?"}])
     fp32_weights = {n: m.weight.detach() for n, m in linear_layers(net).items()}
     n_weights = sum(w.numel() for w in fp32_weights.values())
     rows = [{"scheme": f"fp32{' (dequantized GGUF Q4_1)' if real else ''}", "bits/weight": 32.0,
@@ -6263,6 +6267,36 @@ next captured size; gpt-fast compiles its decode step with `mode="reduce-overhea
 
 
 # %%
+def static_decode_step(model: Transformer, tokens: torch.Tensor, positions: torch.Tensor,
+                       attend: Callable) -> torch.Tensor:
+    """One decode token per row through every layer, tensor operations only: tokens and
+    positions (B,) → logits (B, V). `attend(layer, q, k, v)` writes this step's k, v (B, Hkv, D)
+    into its cache and returns the attention output (B, H, D): the caches differ, the rest not."""
+    cfg, B = model.cfg, tokens.shape[0]
+    H, Hkv, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    cos, sin = rope_cos_sin(positions, D, cfg.rope_theta)
+    x = model.embed(tokens)
+    for i, layer in enumerate(model.layers):
+        h = layer.attn_norm(x)
+        q = apply_rope(layer.attn.wq(h).view(B, H, D), cos, sin)
+        k = apply_rope(layer.attn.wk(h).view(B, Hkv, D), cos, sin)
+        o = attend(i, q, k, layer.attn.wv(h).view(B, Hkv, D))
+        x = x + layer.attn.wo(o.reshape(B, H * D).to(x.dtype))
+        x = x + layer.mlp(layer.mlp_norm(x))
+    return model.lm_head(model.norm(x)).float()
+
+
+def _write_flat(k_cache: torch.Tensor, v_cache: torch.Tensor, rows: torch.Tensor, k: torch.Tensor,
+                v: torch.Tensor) -> None:
+    """The cache write by tensor index: k, v (B, Hkv, D) into `rows` of the whole cache seen as
+    (rows, D). index_copy_ on the whole buffer stays in place when compiled; an index assignment
+    into a per-layer view made torch.compile copy the whole cache at every layer (LLaMA-2-7B
+    shapes, B=8, H200: 18.0 ms per compiled step against 6.2 ms with index_copy_)."""
+    D = k.shape[-1]
+    k_cache.view(-1, D).index_copy_(0, rows, k.reshape(-1, D).to(k_cache.dtype))
+    v_cache.view(-1, D).index_copy_(0, rows, v.reshape(-1, D).to(v_cache.dtype))
+
+
 class StaticDecoder:
     """Greedy batch decoding with a static-shape step over a contiguous cache, run eagerly,
     replayed from a CUDA graph (`mode="graph"`), compiled (`mode="compile"`), or compiled and
@@ -6288,32 +6322,19 @@ class StaticDecoder:
     def step_eager(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """One decode step for every row: tokens and positions (B,) → logits (B, V). Tensor
         operations only, the same shapes every call."""
-        m, cfg, cache = self.model, self.model.cfg, self.cache
-        B, H, Hkv, D = tokens.shape[0], cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        T = cache.max_seq_len
-        cos, sin = rope_cos_sin(positions, D, cfg.rope_theta)
-        keys = torch.arange(T, device=tokens.device)
-        visible = (keys <= positions[:, None])[:, None, None, :]  # (B, 1, 1, T_max)
-        # The cache write, by tensor index: row (b, h, positions[b]) of layer i in the flat (L·B·Hkv·T, D)
-        # view. index_copy_ on the whole buffer stays in place when compiled; an index assignment into a
-        # per-layer view made torch.compile copy the whole cache at every layer (LLaMA-2-7B shapes, B=8,
-        # H200: 18.0 ms per compiled step against 6.2 ms with index_copy_).
-        slot = (torch.arange(B, device=tokens.device)[:, None] * Hkv
+        cfg, cache = self.model.cfg, self.cache
+        B, H, Hkv, T = tokens.shape[0], cfg.n_heads, cfg.n_kv_heads, cache.max_seq_len
+        visible = (torch.arange(T, device=tokens.device) <= positions[:, None])[:, None, None, :]  # (B,1,1,T)
+        # Row (b, h, positions[b]) of layer i in the flat (L·B·Hkv·T, D) view of the cache
+        rows = (torch.arange(B, device=tokens.device)[:, None] * Hkv
                 + torch.arange(Hkv, device=tokens.device)[None, :]) * T + positions[:, None]  # (B, Hkv)
-        k_flat, v_flat = cache.k.view(-1, D), cache.v.view(-1, D)
-        x = m.embed(tokens)  # (B, d)
-        for i, layer in enumerate(m.layers):
-            h = layer.attn_norm(x)
-            q = apply_rope(layer.attn.wq(h).view(B, H, D), cos, sin)
-            k = apply_rope(layer.attn.wk(h).view(B, Hkv, D), cos, sin)
-            at = (slot + i * B * Hkv * T).reshape(-1)
-            k_flat.index_copy_(0, at, k.reshape(-1, D).to(cache.k.dtype))
-            v_flat.index_copy_(0, at, layer.attn.wv(h).reshape(-1, D).to(cache.v.dtype))
-            o = F.scaled_dot_product_attention(q[:, :, None], cache.k[i], cache.v[i], attn_mask=visible,
-                                               enable_gqa=H != Hkv)  # (B, H, 1, D)
-            x = x + layer.attn.wo(o.reshape(B, H * D))
-            x = x + layer.mlp(layer.mlp_norm(x))
-        return m.lm_head(m.norm(x)).float()
+
+        def attend(i, q, k, v):
+            _write_flat(cache.k, cache.v, (rows + i * B * Hkv * T).reshape(-1), k, v)
+            return F.scaled_dot_product_attention(q[:, :, None], cache.k[i], cache.v[i], attn_mask=visible,
+                                                  enable_gqa=H != Hkv)[:, :, 0]  # (B, H, D)
+
+        return static_decode_step(self.model, tokens, positions, attend)
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """The step in this decoder's mode; tokens/positions (B,) on the model's device."""
@@ -6455,23 +6476,15 @@ class PagedDecodeRunner:
 
     def step_eager(self, n: int) -> torch.Tensor:
         """The step for the first n buffer rows: logits (n, V). Tensor operations only."""
-        m, cfg, cache = self.model, self.model.cfg, self.cache
-        H, Hkv, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        tokens, positions, slots = self.tokens[:n], self.positions[:n], self.slots[:n]
-        tables, lens = self.tables[:n], self.lens[:n]
-        cos, sin = rope_cos_sin(positions, D, cfg.rope_theta)
-        x = m.embed(tokens)
-        for i, layer in enumerate(m.layers):
-            h = layer.attn_norm(x)
-            q = apply_rope(layer.attn.wq(h).view(n, H, D), cos, sin)
-            k = apply_rope(layer.attn.wk(h).view(n, Hkv, D), cos, sin)
-            v = layer.attn.wv(h).view(n, Hkv, D)
-            cache.k[i].view(-1, Hkv, D).index_copy_(0, slots, k.to(cache.k.dtype))  # the write, by index
-            cache.v[i].view(-1, Hkv, D).index_copy_(0, slots, v.to(cache.v.dtype))
-            o = self.attention(q, cache.k[i], cache.v[i], tables, lens)  # (n, H, D)
-            x = x + layer.attn.wo(o.reshape(n, H * D).to(x.dtype))
-            x = x + layer.mlp(layer.mlp_norm(x))
-        return m.lm_head(m.norm(x)).float()
+        cache, Hkv = self.cache, self.model.cfg.n_kv_heads
+        slots_per_layer = cache.k.shape[1] * cache.block_size
+        rows = (self.slots[:n, None] * Hkv + torch.arange(Hkv, device=cache.k.device)).reshape(-1)
+
+        def attend(i, q, k, v):
+            _write_flat(cache.k, cache.v, rows + i * slots_per_layer * Hkv, k, v)
+            return self.attention(q, cache.k[i], cache.v[i], self.tables[:n], self.lens[:n])  # (n, H, D)
+
+        return static_decode_step(self.model, self.tokens[:n], self.positions[:n], attend)
 
     def step(self, seqs: Sequence[SequenceState]) -> torch.Tensor:
         """One decode token for each sequence (each must own its slot); logits (len(seqs), V).

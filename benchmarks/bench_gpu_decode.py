@@ -59,14 +59,20 @@ def _kv_gib(cfg, tokens):
     return 1.2 * tokens * cfg.kv_bytes_per_token(2) / 2**30 + 0.1
 
 
-def _engine_runner(llm, model, prompts, step, cfg):
-    """The §5 engine over all prompts at once (no prefix caching: the warm-up would leave the prompts
-    cached); one engine per configuration, so its CUDA graphs are captured once, before timing."""
-    engine = llm.LLMEngine(model, max_num_seqs=len(prompts), max_num_batched_tokens=4096,
+def _engine(llm, model, cfg, step, max_num_seqs, kv_tokens):
+    """A §5 engine with its CUDA graphs (if any) captured before timing; no prefix caching, since a
+    warm-up would leave the prompts cached."""
+    engine = llm.LLMEngine(model, max_num_seqs=max_num_seqs, max_num_batched_tokens=4096,
                            enable_prefix_caching=False, decode_step=step,
-                           kv_cache_gib=_kv_gib(cfg, sum(len(p) for p in prompts) + 256 * len(prompts)))
+                           kv_cache_gib=_kv_gib(cfg, kv_tokens))
     if engine.decode_runner is not None:
         engine.decode_runner.capture_all()
+    return engine
+
+
+def _engine_runner(llm, model, prompts, step, cfg):
+    """The §5 engine over all prompts at once; one engine per configuration, so graphs are captured once."""
+    engine = _engine(llm, model, cfg, step, len(prompts), sum(len(p) for p in prompts) + 256 * len(prompts))
 
     def run(k):
         return [o.token_ids for o in engine.generate(prompts, llm.SamplingParams(max_tokens=k))]
@@ -83,11 +89,7 @@ def bench_serving(llm, name, args):
     n, rows = args.new_tokens, []
     runs = {}
     for step in ("packed", "graph"):
-        engine = llm.LLMEngine(model, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=4096,
-                               enable_prefix_caching=False, decode_step=step,
-                               kv_cache_gib=_kv_gib(cfg, args.max_num_seqs * (256 + n)))
-        if engine.decode_runner is not None:
-            engine.decode_runner.capture_all()
+        engine = _engine(llm, model, cfg, step, args.max_num_seqs, args.max_num_seqs * (256 + n))
         engine.generate(prompts[:4], llm.SamplingParams(max_tokens=2))  # warm-up
         runs[f"ours §5 engine, {step} decode steps"] = \
             lambda e=engine: e.generate(prompts, llm.SamplingParams(max_tokens=n))

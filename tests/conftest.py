@@ -25,6 +25,19 @@ def load_lesson():
     return module
 
 
+def engine_workload(llm, sampled: bool = True):
+    """Seven requests of mixed prompt and output lengths for the engine's decode-step tests (the
+    fourth sampled at temperature 0.9 unless `sampled=False`)."""
+    import torch
+
+    g = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(1, 200, (L,), generator=g).tolist() for L in (5, 19, 33, 2, 40, 11, 27)]
+    params = [llm.SamplingParams(max_tokens=m) for m in (9, 30, 4, 22, 15, 27, 8)]
+    if sampled:
+        params[3] = llm.SamplingParams(max_tokens=22, temperature=0.9, top_k=20, seed=5)
+    return prompts, params
+
+
 @pytest.fixture(scope="session")
 def llm():
     """The lesson module."""

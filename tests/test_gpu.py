@@ -3,6 +3,7 @@ with the CPU reference. CI has no GPU; run these on a machine with one."""
 
 import pytest
 import torch
+from conftest import engine_workload
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -86,9 +87,7 @@ def test_engine_with_cuda_graphs_equals_without(llm, mode):
     """The §5 engine with its decode steps replayed from CUDA graphs (batches padded to the
     captured sizes) gives the same tokens as without, under preemption."""
     gpu = llm.build_model("tiny", seed=5, device="cuda")
-    g = torch.Generator().manual_seed(11)
-    prompts = [torch.randint(1, 200, (int(L),), generator=g).tolist() for L in (5, 19, 33, 2, 40, 11, 27)]
-    params = [llm.SamplingParams(max_tokens=m) for m in (9, 30, 4, 22, 15, 27, 8)]
+    prompts, params = engine_workload(llm, sampled=False)
     outs = {}
     for step in ("packed", "graph"):
         engine = llm.LLMEngine(gpu, block_size=4, num_blocks=18, max_num_seqs=6, preemption_mode=mode,

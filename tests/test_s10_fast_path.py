@@ -5,7 +5,7 @@ tests/test_gpu.py."""
 
 import pytest
 import torch
-from conftest import load_lesson
+from conftest import engine_workload, load_lesson
 
 llm_module = load_lesson()
 PROMPTS = [[5, 17, 99, 3, 8, 1], [42], list(range(30, 52))]
@@ -90,19 +90,11 @@ def test_compiled_equals_eager_on_smollm2(llm, smollm2_gguf):
 
 
 # ----------------------------------------------------------------------------- the engine's decode step
-def _engine_work(llm, n=7):
-    g = torch.Generator().manual_seed(11)
-    prompts = [torch.randint(1, 200, (int(L),), generator=g).tolist() for L in (5, 19, 33, 2, 40, 11, 27)[:n]]
-    params = [llm.SamplingParams(max_tokens=m) for m in (9, 30, 4, 22, 15, 27, 8)[:n]]
-    params[3] = llm.SamplingParams(max_tokens=22, temperature=0.9, top_k=20, seed=5)  # one sampled request
-    return prompts, params
-
-
 @pytest.mark.parametrize("mode", ["recompute", "swap"])
 def test_engine_static_decode_step_equals_packed(llm, tiny, mode):
     """The static-shape paged decode step (batches padded to 1, 2, 4, 8) gives the packed step's
     tokens, also when a small pool forces preemption."""
-    prompts, params = _engine_work(llm)
+    prompts, params = engine_workload(llm)
     outs = {}
     for step in ("packed", "static"):
         engine = llm.LLMEngine(tiny, block_size=4, num_blocks=18, max_num_seqs=6, preemption_mode=mode,
