@@ -72,6 +72,7 @@ import re
 import struct
 import sys
 import time
+import weakref
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -6263,38 +6264,105 @@ next captured size; gpt-fast compiles its decode step with `mode="reduce-overhea
 
 **Cost model.** Step time ≈ max(bytes / bandwidth, ops × per-op overhead).
 `analyze_launch_overhead` counts the ops of one step and measures both sides.
+
+**Three things the compiler does not do for us.** (1) It does not merge matmuls that read the
+same input: `fuse_projections` lays q/k/v out as rows of one matrix and gate/up as rows of
+another (the modules' weights become views of them, so no memory is added), and the step runs
+one matmul for each; a bigger matrix also streams closer to full bandwidth on a GPU. (2) It
+keeps an in-place cache write in place only when the write mutates the cache tensor itself:
+written through a view (a per-layer slice, a flat reshape), the compiled step copied the whole
+cache every step. (3) A batch-1 matmul is a matrix-vector product; on a GPU the compiler's
+coordinate-descent tuning rewrites it as a tuned reduction (gpt-fast's setting), on a CPU a C++
+wrapper (`cpp_wrapper`) removes the Python that calls the compiled kernels.
 """
 
 
 # %%
+_FUSED: "weakref.WeakKeyDictionary[nn.Module, torch.Tensor]" = weakref.WeakKeyDictionary()
+_FUSE_GROUPS = (("attn", ("wq", "wk", "wv")), ("mlp", ("w_gate", "w_up")))
+
+
+def fuse_projections(model: Transformer) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
+    """Per layer, the q/k/v weights as rows of one matrix and gate/up as rows of another, the
+    modules' weights re-pointed at views of them: same values, same memory, and a decode step can
+    run one matmul where it ran three (two), as vLLM's QKVParallelLinear and
+    MergedColumnParallelLinear do. Returns [(w_qkv, w_gate_up)] per layer, None where the layer's
+    projections are not plain `nn.Linear` of one dtype (a quantized copy keeps separate matmuls).
+    Idempotent; re-lays out weights that moved (after `.to()`, say)."""
+    fused = []
+    for layer in model.layers:
+        pair = []
+        for owner_name, names in _FUSE_GROUPS:
+            owner = getattr(layer, owner_name)
+            mods = [getattr(owner, n) for n in names]
+            if not all(type(m) is nn.Linear and m.bias is None for m in mods) or \
+                    len({(m.weight.dtype, m.weight.device, m.weight.shape[1]) for m in mods}) != 1:
+                pair.append(None)
+                continue
+            base = _FUSED.get(owner)
+            if base is None or not _views_of(base, [m.weight for m in mods]):
+                with torch.no_grad():
+                    base = torch.cat([m.weight for m in mods])
+                row = 0
+                for m in mods:
+                    n = m.weight.shape[0]
+                    m.weight = nn.Parameter(base[row:row + n], requires_grad=m.weight.requires_grad)
+                    row += n
+                _FUSED[owner] = base
+            pair.append(base)
+        fused.append(tuple(pair))
+    return fused
+
+
+def _views_of(base: torch.Tensor, weights: Sequence[torch.Tensor]) -> bool:
+    """Whether the weights are, in order, consecutive row blocks of `base` (its storage, not copies)."""
+    row, step = 0, base.stride(0) * base.element_size()
+    for w in weights:
+        if w.dtype != base.dtype or w.shape[1:] != base.shape[1:] or \
+                w.data_ptr() != base.data_ptr() + row * step:
+            return False
+        row += w.shape[0]
+    return row == base.shape[0]
+
+
 def static_decode_step(model: Transformer, tokens: torch.Tensor, positions: torch.Tensor,
-                       attend: Callable) -> torch.Tensor:
+                       attend: Callable, fused: Sequence | None = None) -> torch.Tensor:
     """One decode token per row through every layer, tensor operations only: tokens and
     positions (B,) → logits (B, V). `attend(layer, q, k, v)` writes this step's k, v (B, Hkv, D)
-    into its cache and returns the attention output (B, H, D): the caches differ, the rest not."""
+    into its cache and returns the attention output (B, H, D): the caches differ, the rest not.
+    `fused` (from `fuse_projections`) runs q/k/v as one matmul and gate/up as one."""
     cfg, B = model.cfg, tokens.shape[0]
     H, Hkv, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     cos, sin = rope_cos_sin(positions, D, cfg.rope_theta)
     x = model.embed(tokens)
     for i, layer in enumerate(model.layers):
+        w_qkv, w_gate_up = fused[i] if fused is not None else (None, None)
         h = layer.attn_norm(x)
-        q = apply_rope(layer.attn.wq(h).view(B, H, D), cos, sin)
-        k = apply_rope(layer.attn.wk(h).view(B, Hkv, D), cos, sin)
-        o = attend(i, q, k, layer.attn.wv(h).view(B, Hkv, D))
+        if w_qkv is not None:
+            q, k, v = F.linear(h, w_qkv).split([H * D, Hkv * D, Hkv * D], dim=-1)
+        else:
+            q, k, v = layer.attn.wq(h), layer.attn.wk(h), layer.attn.wv(h)
+        q, k = apply_rope(q.reshape(B, H, D), cos, sin), apply_rope(k.reshape(B, Hkv, D), cos, sin)
+        o = attend(i, q, k, v.reshape(B, Hkv, D))
         x = x + layer.attn.wo(o.reshape(B, H * D).to(x.dtype))
-        x = x + layer.mlp(layer.mlp_norm(x))
+        h = layer.mlp_norm(x)
+        if w_gate_up is not None:
+            gate, up = F.linear(h, w_gate_up).chunk(2, dim=-1)
+            x = x + layer.mlp.w_down(F.silu(gate) * up)
+        else:
+            x = x + layer.mlp(h)
     return model.lm_head(model.norm(x)).float()
 
 
-def _write_flat(k_cache: torch.Tensor, v_cache: torch.Tensor, rows: torch.Tensor, k: torch.Tensor,
+def _write_rows(k_cache: torch.Tensor, v_cache: torch.Tensor, index: tuple, k: torch.Tensor,
                 v: torch.Tensor) -> None:
-    """The cache write by tensor index: k, v (B, Hkv, D) into `rows` of the whole cache seen as
-    (rows, D). index_copy_ on the whole buffer stays in place when compiled; an index assignment
-    into a per-layer view made torch.compile copy the whole cache at every layer (LLaMA-2-7B
-    shapes, B=8, H200: 18.0 ms per compiled step against 6.2 ms with index_copy_)."""
-    D = k.shape[-1]
-    k_cache.view(-1, D).index_copy_(0, rows, k.reshape(-1, D).to(k_cache.dtype))
-    v_cache.view(-1, D).index_copy_(0, rows, v.reshape(-1, D).to(v_cache.dtype))
+    """The cache write by tensor index: `index` picks one (…, D) row of the whole cache per
+    element of k, v (B, Hkv, D). `index_put_` on the cache tensor itself is what torch.compile
+    keeps in place; writing through a view of the cache (a per-layer slice, or a flat reshape)
+    made it copy the whole cache every step (LLaMA-2-7B shapes, B=8, H200: 18.0 ms per compiled
+    step with a per-layer view; SmolLM2 on this CPU: 3.4 ms of a 38 ms step with a flat view)."""
+    k_cache.index_put_(index, k.to(k_cache.dtype))
+    v_cache.index_put_(index, v.to(v_cache.dtype))
 
 
 class StaticDecoder:
@@ -6318,6 +6386,7 @@ class StaticDecoder:
         self.tokens = torch.zeros(batch_size, dtype=torch.long, device=model.device)
         self.positions = torch.zeros(batch_size, dtype=torch.long, device=model.device)
         self._graph, self._out, self._compiled = None, None, None
+        self.fused = fuse_projections(model)  # q/k/v and gate/up as one matmul each
 
     def step_eager(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """One decode step for every row: tokens and positions (B,) → logits (B, V). Tensor
@@ -6325,16 +6394,17 @@ class StaticDecoder:
         cfg, cache = self.model.cfg, self.cache
         B, H, Hkv, T = tokens.shape[0], cfg.n_heads, cfg.n_kv_heads, cache.max_seq_len
         visible = (torch.arange(T, device=tokens.device) <= positions[:, None])[:, None, None, :]  # (B,1,1,T)
-        # Row (b, h, positions[b]) of layer i in the flat (L·B·Hkv·T, D) view of the cache
-        rows = (torch.arange(B, device=tokens.device)[:, None] * Hkv
-                + torch.arange(Hkv, device=tokens.device)[None, :]) * T + positions[:, None]  # (B, Hkv)
+        # Where row b, head h goes in layer i: cache[i, b, h, positions[b]], every index (B, Hkv)
+        b = torch.arange(B, device=tokens.device)[:, None].expand(B, Hkv)
+        h = torch.arange(Hkv, device=tokens.device)[None, :].expand(B, Hkv)
+        t = positions[:, None].expand(B, Hkv)
 
         def attend(i, q, k, v):
-            _write_flat(cache.k, cache.v, (rows + i * B * Hkv * T).reshape(-1), k, v)
+            _write_rows(cache.k, cache.v, (torch.full_like(b, i), b, h, t), k, v)
             return F.scaled_dot_product_attention(q[:, :, None], cache.k[i], cache.v[i], attn_mask=visible,
                                                   enable_gqa=H != Hkv)[:, :, 0]  # (B, H, D)
 
-        return static_decode_step(self.model, tokens, positions, attend)
+        return static_decode_step(self.model, tokens, positions, attend, self.fused)
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """The step in this decoder's mode; tokens/positions (B,) on the model's device."""
@@ -6343,7 +6413,10 @@ class StaticDecoder:
         self.tokens.copy_(tokens)
         self.positions.copy_(positions)
         if self.mode.startswith("compile") and self._compiled is None:
-            self._compiled = torch.compile(self.step_eager, dynamic=False)
+            # On a GPU, coordinate-descent tuning also turns batch-1 matmuls into tuned Triton
+            # reductions (as gpt-fast does): LLaMA-2-7B shapes, B=1, H200: 175 → 194 tok/s
+            opts = {"coordinate_descent_tuning": True} if self.model.device.type == "cuda" else {"cpp_wrapper": True}
+            self._compiled = torch.compile(self.step_eager, dynamic=False, options=opts)
         if self.mode == "compile":
             return self._compiled(self.tokens, self.positions)
         if self._graph is None:
@@ -6473,18 +6546,21 @@ class PagedDecodeRunner:
         use_triton = dev.type == "cuda" and triton_available()
         self.attention = triton_paged_flash_decode if use_triton else _masked_paged_decode
         self._graphs, self._outputs, self._pool = {}, {}, None
+        self.fused = fuse_projections(model)
 
     def step_eager(self, n: int) -> torch.Tensor:
         """The step for the first n buffer rows: logits (n, V). Tensor operations only."""
-        cache, Hkv = self.cache, self.model.cfg.n_kv_heads
-        slots_per_layer = cache.k.shape[1] * cache.block_size
-        rows = (self.slots[:n, None] * Hkv + torch.arange(Hkv, device=cache.k.device)).reshape(-1)
+        cache, Hkv, bs = self.cache, self.model.cfg.n_kv_heads, self.cache.block_size
+        # Where row r, head h goes in layer i: cache[i, block, offset, h], every index (n, Hkv)
+        block = (self.slots[:n] // bs)[:, None].expand(n, Hkv)
+        offset = (self.slots[:n] % bs)[:, None].expand(n, Hkv)
+        h = torch.arange(Hkv, device=cache.k.device)[None, :].expand(n, Hkv)
 
         def attend(i, q, k, v):
-            _write_flat(cache.k, cache.v, rows + i * slots_per_layer * Hkv, k, v)
+            _write_rows(cache.k, cache.v, (torch.full_like(h, i), block, offset, h), k, v)
             return self.attention(q, cache.k[i], cache.v[i], self.tables[:n], self.lens[:n])  # (n, H, D)
 
-        return static_decode_step(self.model, self.tokens[:n], self.positions[:n], attend)
+        return static_decode_step(self.model, self.tokens[:n], self.positions[:n], attend, self.fused)
 
     def step(self, seqs: Sequence[SequenceState]) -> torch.Tensor:
         """One decode token for each sequence (each must own its slot); logits (len(seqs), V).

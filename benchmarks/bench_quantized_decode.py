@@ -69,6 +69,7 @@ def main():
     def add(name, model, bits_per_weight):
         speed = llm.decode_speed(model, prompt, args.new_tokens, args.repeats)
         rows.append({"format": name, "bits/weight": bits_per_weight, "decode (tok/s)": speed})
+        print(rows[-1], flush=True)
 
     add("fp32 (dequantized GGUF)", net, 32.0)
     formats = [("INT8 per channel", llm.rtn_quantizer(8)), ("INT4 g128", llm.rtn_quantizer(4, 128)),
@@ -80,11 +81,11 @@ def main():
         lins = [m for m in q.modules() if isinstance(m, llm.QuantizedLinear)]
         bpw = sum(m.qw.bits_per_weight * m.qw.shape[0] * m.qw.shape[1] for m in lins) / sum(
             m.qw.shape[0] * m.qw.shape[1] for m in lins)
-        for path in paths:
+        for kernel in paths:
             for m in lins:  # the path each layer takes (a layer the kernel cannot take keeps the next)
-                m.builtin = m.builtin and path.startswith("PyTorch")
-                m.fast = not path.startswith("dequantize")
-            add(f"{name}, {path}", q, bpw)
+                m.builtin = m.builtin and kernel.startswith("PyTorch")
+                m.fast = not kernel.startswith("dequantize")
+            add(f"{name}, {kernel}", q, bpw)
     for name, quantizer in [("fp32", None), ("INT8 per channel", llm.rtn_quantizer(8)),
                             ("INT4 g128", llm.rtn_quantizer(4, 128))]:
         model = net if quantizer is None else llm.quantize_model(net, quantizer)
