@@ -12,7 +12,14 @@ prompt's prefill subtracted (`decode_speed`). Then fp32, INT8 and INT4 g128 with
 step compiled (`static_generate(..., "compile")`), the fastest matmul path inside it.
 
 llama.cpp is optional, not a requirement: `pip install llama-cpp-python` (it compiles llama.cpp;
-several minutes) adds a row with the same prompt, the same number of threads and the same file.
+about 15 minutes on 2 cores) adds a row with the same prompt, the same number of threads and the
+same file. Where the native build dies with "Illegal instruction" on its first decode (seen on a
+virtual machine whose CPU lists AMX), build it without AMX:
+
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+      -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON \
+      -DGGML_AVX_VNNI=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" \
+      pip install --no-binary llama-cpp-python llama-cpp-python
 """
 
 import argparse

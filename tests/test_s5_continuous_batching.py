@@ -165,7 +165,8 @@ def test_demo_on_tiny(llm, tmp_path, monkeypatch, capsys):
 
 
 def test_small_pool_preempts_with_the_same_tokens(llm):
-    rows, _ = llm.analyze_continuous_batching("tiny", "cpu", **llm._batching_sizes(quick=False))
+    sizes = {**llm._batching_sizes(quick=False), "preemption_modes": ("recompute", "swap")}
+    rows, _ = llm.analyze_continuous_batching("tiny", "cpu", **sizes)
     assert [r["policy"].split(",")[-1].strip() for r in rows[2:]] == ["recompute", "swap"]
     assert all(r["same tokens as static"] for r in rows)
     assert all(r["preemptions"] > 0 for r in rows[2:])

@@ -30,6 +30,7 @@ def test_groupwise_error_is_at_most_half_a_step(llm, bits, group, K):
     assert (err <= 0.5 * step_of(qw, K) * (1 + 1e-3) + 1e-3 * w.abs().max()).all()
     assert qw.codes.dtype == torch.uint8 and qw.codes.shape == (24, -(-K // group), group // 2)
     assert qw.bits_per_weight == pytest.approx(bits + 32 * (-(-K // group)) / K)
+    assert torch.equal(llm.fake_quantize_groupwise(w, bits, group), qw.dequantize())  # AWQ's shortcut
 
 
 def test_nibble_packing_round_trips(llm):
