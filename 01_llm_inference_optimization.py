@@ -5013,10 +5013,14 @@ def fake_quantize_groupwise(w: torch.Tensor, bits: int = 4, group_size: int = 12
     """`quantize_groupwise(w, bits, group_size).dequantize()` without packing the codes: the
     values a layer computes with, for searches that try many grids (AWQ)."""
     O, K = w.shape
-    groups = _group_view(w.detach().float(), group_size)
+    return _round_groups(_group_view(w.detach().float(), group_size), bits).reshape(O, -1)[:, :K]
+
+
+def _round_groups(groups: torch.Tensor, bits: int) -> torch.Tensor:
+    """Each group (…, G) rounded to its own min–max grid, back in fp32 (codes never packed)."""
     scale, offset = group_grid(groups, bits)
     q = _codes_on_grid(groups, scale, offset, bits).float()
-    return (offset.float()[..., None] + scale.float()[..., None] * q).reshape(O, -1)[:, :K]
+    return offset.float()[..., None] + scale.float()[..., None] * q
 
 
 def quantize_int4(w: torch.Tensor, group_size: int = 128) -> QuantizedWeight:
@@ -5413,10 +5417,7 @@ def awq_search_clip(x: torch.Tensor, w: torch.Tensor, bits: int = 4, group_size:
     best_err, best_max = torch.full(absmax.shape, float("inf")), absmax
     for i in range(steps):
         bound = absmax * (1 - max_shrink * i / steps)
-        clipped = torch.maximum(torch.minimum(wg, bound), -bound)
-        scale, offset = group_grid(clipped, bits)
-        q = _codes_on_grid(clipped, scale, offset, bits).float() * scale.float()[..., None] \
-            + offset.float()[..., None]
+        q = _round_groups(torch.maximum(torch.minimum(wg, bound), -bound), bits)
         err = (torch.einsum("gnk,ogk->gno", xg, q) - reference).pow(2).mean(1).T[..., None]  # (O, groups, 1)
         better = err < best_err
         best_err, best_max = torch.where(better, err, best_err), torch.where(better, bound, best_max)

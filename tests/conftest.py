@@ -38,6 +38,15 @@ def engine_workload(llm, sampled: bool = True):
     return prompts, params
 
 
+def engine_tokens(llm, model, preemption_mode: str, decode_step: str, sampled: bool = True):
+    """`engine_workload` through a §5 engine whose small pool forces preemption: (the token ids
+    of every request, the engine)."""
+    prompts, params = engine_workload(llm, sampled)
+    engine = llm.LLMEngine(model, block_size=4, num_blocks=18, max_num_seqs=6,
+                           preemption_mode=preemption_mode, decode_step=decode_step)
+    return [o.token_ids for o in engine.generate(prompts, params)], engine
+
+
 @pytest.fixture(scope="session")
 def llm():
     """The lesson module."""

@@ -3,7 +3,7 @@ with the CPU reference. CI has no GPU; run these on a machine with one."""
 
 import pytest
 import torch
-from conftest import engine_workload
+from conftest import engine_tokens
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -87,15 +87,10 @@ def test_engine_with_cuda_graphs_equals_without(llm, mode):
     """The §5 engine with its decode steps replayed from CUDA graphs (batches padded to the
     captured sizes) gives the same tokens as without, under preemption."""
     gpu = llm.build_model("tiny", seed=5, device="cuda")
-    prompts, params = engine_workload(llm, sampled=False)
-    outs = {}
-    for step in ("packed", "graph"):
-        engine = llm.LLMEngine(gpu, block_size=4, num_blocks=18, max_num_seqs=6, preemption_mode=mode,
-                               decode_step=step)
-        outs[step] = [o.token_ids for o in engine.generate(prompts, params)]
-        if step == "graph":
-            assert engine.scheduler.num_preemptions > 0 and engine.decode_runner._graphs
-    assert outs["graph"] == outs["packed"]
+    packed, _ = engine_tokens(llm, gpu, mode, "packed", sampled=False)
+    graph, engine = engine_tokens(llm, gpu, mode, "graph", sampled=False)
+    assert engine.scheduler.num_preemptions > 0 and engine.decode_runner._graphs
+    assert graph == packed
     assert llm.LLMEngine(gpu).decode_runner.graphs  # on by default on a GPU
 
 

@@ -5,7 +5,7 @@ tests/test_gpu.py."""
 
 import pytest
 import torch
-from conftest import engine_workload, load_lesson
+from conftest import engine_tokens, load_lesson
 
 llm_module = load_lesson()
 PROMPTS = [[5, 17, 99, 3, 8, 1], [42], list(range(30, 52))]
@@ -150,15 +150,10 @@ def test_compiled_equals_eager_on_smollm2(llm, smollm2_gguf):
 def test_engine_static_decode_step_equals_packed(llm, tiny, mode):
     """The static-shape paged decode step (batches padded to 1, 2, 4, 8) gives the packed step's
     tokens, also when a small pool forces preemption."""
-    prompts, params = engine_workload(llm)
-    outs = {}
-    for step in ("packed", "static"):
-        engine = llm.LLMEngine(tiny, block_size=4, num_blocks=18, max_num_seqs=6, preemption_mode=mode,
-                               decode_step=step)
-        outs[step] = [o.token_ids for o in engine.generate(prompts, params)]
-        if step == "static":
-            assert engine.scheduler.num_preemptions > 0 and engine.decode_runner.sizes == [1, 2, 4, 8]
-    assert outs["static"] == outs["packed"]
+    packed, _ = engine_tokens(llm, tiny, mode, "packed")
+    static, engine = engine_tokens(llm, tiny, mode, "static")
+    assert engine.scheduler.num_preemptions > 0 and engine.decode_runner.sizes == [1, 2, 4, 8]
+    assert static == packed
 
 
 def test_padding_rows_touch_only_the_scratch_block(llm, tiny):
