@@ -1650,11 +1650,14 @@ def measure_matmul_flops(device=None, n: int | None = None, dtype: torch.dtype |
 
 def measure_memory_bandwidth(device=None, nbytes: int | None = None, quick: bool = False,
                              repeat: int | None = None) -> float:
-    """Achieved bytes/s of copying an `nbytes` buffer: 2·nbytes moved (read src + write dst)."""
+    """Achieved bytes/s of copying an `nbytes` buffer: 2·nbytes moved (read src + write dst).
+    The buffers must be larger than the last-level cache, or this measures the cache: on the
+    2-core machine this lesson was written on (it reports 300 MiB of L3), a 64 MiB copy read
+    48 GB/s and 256 MiB or more 32 GB/s in the same minute. So a CPU always copies 256 MiB."""
     device = pick_device(device)
     on_gpu = device.type == "cuda"
     if nbytes is None:
-        nbytes = (2**30 if on_gpu else 2**26) if quick else (2**31 if on_gpu else 2**28)
+        nbytes = (2**30 if quick else 2**31) if on_gpu else 2**28
     if nbytes <= 0:
         raise InvalidArgumentError(f"nbytes must be positive, got {nbytes}")
     repeat = repeat or (10 if quick else 20)
@@ -6402,38 +6405,61 @@ class StaticDecoder:
         self.positions = torch.zeros(batch_size, dtype=torch.long, device=model.device)
         self._graph, self._out, self._compiled = None, None, None
         self.fused = fuse_projections(model)  # q/k/v and gate/up as one matmul each
+        # On a GPU, attention is §7's split-K Triton kernel: PyTorch's SDPA launches one program
+        # per head for a single query row (32 of the H200's 132 SMs for LLaMA-2-7B), 8.4 µs plus
+        # 2.8 µs of mask preparation a layer, 8% of a compiled step
+        head_dim = model.cfg.head_dim
+        self.split_k = model.device.type == "cuda" and triton_available() and not head_dim & (head_dim - 1)
+        # Registered here, not on first use inside the step: registering while torch.compile traces
+        # breaks the graph at every layer (LLaMA-2-7B B=1, H200: 197 instead of 233 tok/s)
+        self._flash_decode = _flash_decode_op() if self.split_k else None
 
     def step_eager(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """One decode step for every row: tokens and positions (B,) → logits (B, V). Tensor
         operations only, the same shapes every call."""
         cfg, cache = self.model.cfg, self.cache
         B, H, Hkv, T = tokens.shape[0], cfg.n_heads, cfg.n_kv_heads, cache.max_seq_len
-        visible = (torch.arange(T, device=tokens.device) <= positions[:, None])[:, None, None, :]  # (B,1,1,T)
+        if not self.split_k:
+            visible = (torch.arange(T, device=tokens.device) <= positions[:, None])[:, None, None, :]
         # Where row b, head h goes in layer i: cache[i, b, h, positions[b]], every index (B, Hkv)
         b = torch.arange(B, device=tokens.device)[:, None].expand(B, Hkv)
         h = torch.arange(Hkv, device=tokens.device)[None, :].expand(B, Hkv)
         t = positions[:, None].expand(B, Hkv)
 
+        lens = positions.to(torch.int32) + 1
+
         def attend(i, q, k, v):
             _write_rows(cache.k, cache.v, (torch.full_like(b, i), b, h, t), k, v)
+            if self.split_k:  # §7's kernel: reads only up to each row's length, many SMs at once
+                return (self._flash_decode or _flash_decode_op())(q, cache.k[i], cache.v[i], lens)
             return F.scaled_dot_product_attention(q[:, :, None], cache.k[i], cache.v[i], attn_mask=visible,
                                                   enable_gqa=H != Hkv)[:, :, 0]  # (B, H, D)
 
         return static_decode_step(self.model, tokens, positions, attend, self.fused)
 
-    def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """The step in this decoder's mode; tokens/positions (B,) on the model's device."""
+    def step_and_pick(self, tokens: torch.Tensor,
+                      positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step, then greedy's pick, then the buffers advanced in place (`tokens` ← the picked
+        tokens, `positions` + 1): the next step's inputs are ready on the device, so a decode loop
+        replays one step after another without waiting for the host. Returns (logits, picked)."""
+        logits = self.step_eager(tokens, positions)
+        picked = logits.argmax(-1)
+        tokens.copy_(picked)
+        positions.add_(1).clamp_(max=self.cache.max_seq_len - 1)  # a step past the end is never read
+        return logits, picked
+
+    def _run(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """`step_and_pick` on the decoder's own buffers, in this decoder's mode."""
         if self.mode == "eager":
-            return self.step_eager(tokens, positions)
-        self.tokens.copy_(tokens)
-        self.positions.copy_(positions)
+            return self.step_and_pick(self.tokens, self.positions)
         if self.mode.startswith("compile") and self._compiled is None:
             # On a GPU, coordinate-descent tuning also turns batch-1 matmuls into tuned Triton
             # reductions (as gpt-fast does): LLaMA-2-7B shapes, B=1, H200: 175 → 194 tok/s. On a
             # CPU, a C++ wrapper calls the compiled kernels without Python (SmolLM2: −2 ms a step)
             on_gpu = self.model.device.type == "cuda"
             opts = {"coordinate_descent_tuning": True} if on_gpu else {"cpp_wrapper": True}
-            self._compiled = torch.compile(self.step_eager, dynamic=False, options=opts)
+            # fullgraph: a graph break is an error here, not a silent slowdown
+            self._compiled = torch.compile(self.step_and_pick, dynamic=False, fullgraph=True, options=opts)
         if self.mode == "compile":
             return self._compiled(self.tokens, self.positions)
         if self._graph is None:
@@ -6441,10 +6467,18 @@ class StaticDecoder:
         self._graph.replay()
         return self._out
 
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One step for every row in this decoder's mode: tokens, positions (B,) on the model's
+        device → logits (B, V)."""
+        self.tokens.copy_(tokens)
+        self.positions.copy_(positions)
+        return self._run()[0]
+
     def _capture(self) -> None:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        step = self._compiled or self.step_eager
+        step = self._compiled or self.step_and_pick
+        tokens, positions = self.tokens.clone(), self.positions.clone()
         with torch.cuda.stream(stream):
             for _ in range(2):  # warm up: compile, allocations and library handles outside the graph
                 step(self.tokens, self.positions)
@@ -6452,11 +6486,15 @@ class StaticDecoder:
         self._graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self._graph):
             self._out = step(self.tokens, self.positions)
+        self.tokens.copy_(tokens), self.positions.copy_(positions)  # capture ran the step: undo its advance
 
     @torch.inference_mode()
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                 stop_ids: Sequence[int] = ()) -> list[list[int]]:
-        """Greedy: prefill every prompt (the ordinary packed step), then static decode steps."""
+                 stop_ids: Sequence[int] = (), check_every: int = 8) -> list[list[int]]:
+        """Greedy: prefill every prompt (the ordinary packed step), then static decode steps that
+        feed each other on the device. The host reads the tokens once at the end, or, with
+        `stop_ids`, every `check_every` steps to stop early (rows keep only what precedes and
+        includes their first stop token; a few steps past it may run and are discarded)."""
         if not 1 <= len(prompts) <= self.batch_size:
             raise InvalidArgumentError(f"{len(prompts)} prompts for a decoder of batch size "
                                        f"{self.batch_size}")
@@ -6466,27 +6504,56 @@ class StaticDecoder:
                 raise ContextOverflowError(f"{len(p)} + {max_new_tokens} tokens do not fit this decoder's "
                                            f"cache of {self.cache.max_seq_len}; build it with a larger "
                                            "max_seq_len")
+        if max_new_tokens == 0:
+            return [[] for _ in prompts]
         self.cache.k.zero_(), self.cache.v.zero_()
         seqs = [SequenceState(i, list(p)) for i, p in enumerate(prompts)]
         logits = run_step(self.model, self.cache, seqs, [len(p) for p in prompts])  # prefill
-        n, dev = len(prompts), self.model.device
-        outputs, done = [[] for _ in prompts], [max_new_tokens == 0] * n
-        tokens = torch.zeros(self.batch_size, dtype=torch.long, device=dev)
-        positions = torch.zeros(self.batch_size, dtype=torch.long, device=dev)
-        positions[:n] = torch.tensor([len(p) for p in prompts], device=dev)
-        nxt = logits.argmax(-1)
-        for _ in range(max_new_tokens):
-            host = nxt.tolist()
-            for s in range(n):
-                if not done[s]:
-                    outputs[s].append(host[s])
-                    done[s] = host[s] in stop_ids or len(outputs[s]) == max_new_tokens
-            if all(done):
+        n, stops = len(prompts), set(stop_ids)
+        self.tokens.zero_(), self.positions.zero_()  # padding rows: token 0 at position 0, then on
+        self.tokens[:n] = logits.argmax(-1)
+        self.positions[:n] = torch.tensor([len(p) for p in prompts], device=self.tokens.device)
+        picked = [self.tokens.clone()]
+        for i in range(1, max_new_tokens):
+            if stops and i % check_every == 0 and _all_stopped(torch.stack(picked, 1)[:n].tolist(), stops):
                 break
-            tokens[:n] = nxt[:n]
-            nxt = self.step(tokens, positions).argmax(-1)
-            positions[:n] += 1
-        return outputs
+            # A compiled step checks its guards (every weight's dtype, shape, …: 0.5 ms of a 22 ms
+            # SmolLM2 step on a CPU) on each call. The first call of a generation checks them; the
+            # rest reuse what it chose, since nothing can change the model inside this loop
+            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=i > 1):
+                picked.append(self._run()[1].clone())  # clone: a graph's output buffer is reused
+        outputs = torch.stack(picked, 1)[:n].tolist()  # the one wait for the device
+        return [_cut_at_stop(row, stops) for row in outputs]
+
+
+def _flash_decode_op() -> Callable:
+    """§7's fused split-K Triton decode attention (q (B, H, D), k, v (B, Hkv, T, D), lengths (B,)
+    int32 on the GPU) as a PyTorch operator: torch.compile sees one opaque call of known output
+    shape and compiles around it, and a CUDA graph captures its launch. Registered once per process."""
+    try:
+        return torch.ops.llm_lesson.flash_decode.default
+    except (AttributeError, RuntimeError):
+        pass
+
+    @torch.library.custom_op("llm_lesson::flash_decode", mutates_args=())
+    def flash_decode_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        lens: torch.Tensor) -> torch.Tensor:
+        return triton_flash_decode(q, k, v, lens, fused=True)
+
+    @flash_decode_op.register_fake
+    def _(q, k, v, lens):
+        return torch.empty_like(q)
+
+    return torch.ops.llm_lesson.flash_decode.default
+
+
+def _cut_at_stop(row: list[int], stops: set) -> list[int]:
+    """The row up to and including its first stop token."""
+    return next((row[:i + 1] for i, t in enumerate(row) if t in stops), row)
+
+
+def _all_stopped(rows: list[list[int]], stops: set) -> bool:
+    return all(any(t in stops for t in row) for row in rows)
 
 
 _DECODERS: dict = {}  # (model, batch size, cache length, mode) → StaticDecoder: capture/compile once
@@ -6658,6 +6725,12 @@ def count_dispatched_ops(fn: Callable[[], object]) -> int:
 
 
 @torch.inference_mode()
+def _stream_bytes(weight_bytes: int, device: torch.device) -> int:
+    """The copy that measures a decode step's bandwidth limit: as many bytes as the step streams
+    (capped at 2 GiB on a GPU, where bandwidth has long plateaued by then)."""
+    return min(weight_bytes, 2**31) if device.type == "cuda" else weight_bytes
+
+
 def analyze_launch_overhead(model: str = "smollm2", device=None, batch_size: int = 1,
                             context: int = 128) -> "Rows":
     """Ops per decode step, eager step time, per-op overhead, and the bandwidth limit."""
@@ -6668,7 +6741,7 @@ def analyze_launch_overhead(model: str = "smollm2", device=None, batch_size: int
     ops = count_dispatched_ops(lambda: dec.step_eager(tokens, positions))
     eager = benchmark(lambda: dec.step_eager(tokens, positions), net.device, warmup=2, repeat=5)
     weight_bytes = sum(p.numel() * p.element_size() for p in net.parameters())
-    bw = measure_memory_bandwidth(net.device, quick=True)
+    bw = measure_memory_bandwidth(net.device, nbytes=_stream_bytes(weight_bytes, net.device), quick=True)
     row = {"model": net.cfg.name, "device": str(net.device), "batch": batch_size, "ops per step": ops,
            "eager step (ms)": eager * 1e3, "µs per op": eager / ops * 1e6,
            "bandwidth limit (ms)": weight_bytes / bw * 1e3}
@@ -6689,7 +6762,7 @@ def measure_fast_path(model: str = "smollm2", device=None, batch_sizes: Sequence
     modes = ["generate (§1)", "eager"] + (["graph"] if net.device.type == "cuda" else []) + \
         (["compile"] if compile_step else [])
     weight_bytes = sum(p.numel() * p.element_size() for p in net.parameters())
-    bw = measure_memory_bandwidth(net.device, quick=True)
+    bw = measure_memory_bandwidth(net.device, nbytes=_stream_bytes(weight_bytes, net.device), quick=True)
     rows = []
     for B in batch_sizes:
         g = seeded_generator(seed)

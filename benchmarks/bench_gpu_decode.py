@@ -4,13 +4,15 @@ depend on the values), one table.
 
     python benchmarks/bench_gpu_decode.py [--batches 1 8 32 128] [--new-tokens 128] [--prompt 128]
 
-tok/s = B · new tokens / wall time of the whole generation (prefill included), greedy, no early stop.
+tok/s = B · new tokens / wall time of the whole generation (prefill included), greedy, no early stop;
+with --repeat R, the median of R timings (the range beside it).
 The bandwidth limit at batch 1 is (weight bytes) / (measured device copy bandwidth, read + write
 counted) tokens/s.
 """
 
 import argparse
 import functools
+import statistics
 import time
 
 import torch
@@ -123,8 +125,10 @@ def bench_model(llm, name, args, bw):
     for B in args.batches:
         g = torch.Generator().manual_seed(B)
         prompts = [torch.randint(0, cfg.vocab_size, (args.prompt,), generator=g).tolist() for _ in range(B)]
-        runs = {"ours eager (§1 batched_generate)": lambda k, p=prompts: llm.batched_generate(model, p, k)[0]}
-        for mode in ("eager", "graph") + (("compile+graph",) if args.compile else ()):
+        runs = {} if args.no_baseline else \
+            {"ours eager (§1 batched_generate)": lambda k, p=prompts: llm.batched_generate(model, p, k)[0]}
+        modes = args.modes + (["compile+graph"] if args.compile and "compile+graph" not in args.modes else [])
+        for mode in modes:
             runs[f"ours static step, {mode}"] = functools.partial(_static, llm, model, prompts, mode)
         if args.engine:
             for step in ("packed", "graph"):
@@ -135,7 +139,11 @@ def bench_model(llm, name, args, bw):
         for label, run in runs.items():
             try:
                 run(2)  # warm-up: captures, compiles, allocates
-                out, sec = timed(lambda run=run: run(n))
+                times = []
+                for _ in range(args.repeat):
+                    out, sec = timed(lambda run=run: run(n))
+                    times.append(sec)
+                sec = statistics.median(times)
             except Exception as exc:  # report, keep going
                 rows.append({"model": name, "B": B, "method": label, "tok/s": float("nan"),
                              "note": f"{type(exc).__name__}: {str(exc)[:60]}"})
@@ -144,12 +152,34 @@ def bench_model(llm, name, args, bw):
                 reference = out
             tps = B * n / sec
             rows.append({"model": name, "B": B, "method": label, "tok/s": tps,
+                         "range": f"{B * n / max(times):,.0f}–{B * n / min(times):,.0f}",
                          "% of bandwidth limit": 100 * tps / limit if B == 1 else float("nan"),
                          "same tokens as first row": "" if "HF" in label else out == reference, "note": ""})
             print(rows[-1], flush=True)  # partial results survive a time limit
     print(f"{name}: weights {weight_bytes / 1e9:.2f} GB, bandwidth limit {limit:,.0f} tok/s at B=1",
           flush=True)
+    if args.profile:
+        profile_step(llm, model, args.prompt, args.new_tokens)
     return rows
+
+
+def profile_step(llm, model, context, new_tokens):
+    """The kernels of one replayed compile+graph step at batch 1 (the decoder the timed rows kept),
+    by GPU time over 10 steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    dec = llm._static_decoder(model, 1, context + new_tokens, "compile+graph")
+    tokens = torch.ones(1, dtype=torch.long, device="cuda")
+    positions = torch.full((1,), context, device="cuda")
+    with torch.inference_mode():
+        for _ in range(3):
+            dec.step(tokens, positions)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(10):
+                dec.step(tokens, positions)
+            torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25), flush=True)
 
 
 def main():
@@ -166,8 +196,23 @@ def main():
     ap.add_argument("--serving", type=int, default=0, metavar="N",
                     help="also serve N requests: the §5 engine vs HF generate_batch (SmolLM2 shapes)")
     ap.add_argument("--max-num-seqs", type=int, default=64)
+    ap.add_argument("--modes", nargs="+", default=["eager", "graph"],
+                    choices=["eager", "graph", "compile+graph"],
+                    help="the static step's modes to time")
+    ap.add_argument("--gpu-warmup", type=float, default=0, metavar="SECONDS",
+                    help="run matmuls this long first, so the GPU's clocks are up before any tuning")
+    ap.add_argument("--no-baseline", action="store_true", help="skip §1's eager batched_generate")
+    ap.add_argument("--repeat", type=int, default=1, help="time each row this many times; report the median")
+    ap.add_argument("--profile", action="store_true",
+                    help="print the kernels of one compiled and captured step at batch 1, by GPU time")
     args = ap.parse_args()
     llm = load_lesson()
+    if args.gpu_warmup:  # clocks up before anything is tuned or timed
+        a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < args.gpu_warmup:
+            a @ a
+            torch.cuda.synchronize()
     bw = llm.measure_memory_bandwidth("cuda")
     rows = []
     for name in args.models:

@@ -110,6 +110,18 @@ def test_stop_ids_and_limits(llm, tiny):
     assert llm.static_generate(tiny, PROMPTS[:1], 0)[0] == []
 
 
+@pytest.mark.parametrize("check_every", [1, 3, 8, 100])
+def test_rows_stop_independently(llm, tiny, check_every):
+    """The host looks at the tokens only every `check_every` steps: whatever that is, each row ends
+    at its own first stop token."""
+    full = llm.static_generate(tiny, PROMPTS, 16)
+    stops = {full[0][2], full[2][9]}
+    dec = llm.StaticDecoder(tiny, 4, 64)
+    out = dec.generate(PROMPTS, 16, stop_ids=stops, check_every=check_every)
+    expected = [next((row[:i + 1] for i, t in enumerate(row) if t in stops), row) for row in full]
+    assert out == expected
+
+
 def test_bad_input(llm, tiny):
     with pytest.raises(llm.InvalidArgumentError, match="mode"):
         llm.StaticDecoder(tiny, 1, 16, mode="fast")
