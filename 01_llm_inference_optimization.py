@@ -6276,10 +6276,11 @@ dispatcher, no per-kernel launch cost. On a CPU the counterpart is **compiling**
 fused into loops. Both need a step with *static shapes* driven by tensors only: no Python lists
 of lengths, no `.item()`, the same buffers every time. So the step below reads tokens and
 positions from fixed buffers, writes K/V at `positions` with a tensor index, and attends over
-the whole preallocated cache with a mask `key index <= position` (on a GPU: §7's split-K kernel,
-which reads each row only up to its length `position + 1`, a tensor too). vLLM and SGLang capture their
-decode steps in CUDA graphs for a set of batch sizes (1, 2, 4, 8, …), padding a batch up to the
-next captured size; gpt-fast compiles its decode step with `mode="reduce-overhead"`.
+the whole preallocated cache with a mask `key index <= position` (on a GPU: §7's split-K
+kernel, which reads each row only up to its length `position + 1`, a tensor too). vLLM and
+SGLang capture their decode steps in CUDA graphs for a set of batch sizes (1, 2, 4, 8, …),
+padding a batch up to the next captured size; gpt-fast compiles its decode step with
+`mode="reduce-overhead"`.
 
 **Cost model.** Step time ≈ max(bytes / bandwidth, ops × per-op overhead).
 `analyze_launch_overhead` counts the ops of one step and measures both sides.
@@ -6739,13 +6740,13 @@ def count_dispatched_ops(fn: Callable[[], object]) -> int:
     return Counter.count
 
 
-@torch.inference_mode()
 def _stream_bytes(weight_bytes: int, device: torch.device) -> int:
     """The copy that measures a decode step's bandwidth limit: as many bytes as the step streams
     (capped at 2 GiB on a GPU, where bandwidth has long plateaued by then)."""
     return min(weight_bytes, 2**31) if device.type == "cuda" else weight_bytes
 
 
+@torch.inference_mode()
 def analyze_launch_overhead(model: str = "smollm2", device=None, batch_size: int = 1,
                             context: int = 128) -> "Rows":
     """Ops per decode step, eager step time, per-op overhead, and the bandwidth limit."""
