@@ -206,3 +206,12 @@ def test_engine_decode_step_bad_input(llm, tiny):
         llm.LLMEngine(tiny, decode_step="graph")
     with pytest.raises(llm.InvalidArgumentError, match="scratch_block"):
         llm.PagedDecodeRunner(tiny, llm.PagedKVCache(tiny.cfg, 4, 4), 2)
+
+
+def test_fast_path_rows_use_their_own_limit(llm):
+    """Each batch-1 row of the decode-mode table is set against the limit measured right before it."""
+    rows = llm.measure_fast_path("tiny", "cpu", new_tokens=6, prompt_len=4, compile_step=False)
+    assert [r["mode"] for r in rows] == ["generate (§1)", "eager"]
+    for r in rows:
+        assert r["same tokens"] and r["bandwidth limit (tok/s)"] > 0
+        assert r["% of bandwidth limit"] == pytest.approx(100 * r["tokens/s"] / r["bandwidth limit (tok/s)"])
