@@ -78,14 +78,47 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+_NEEDS = "this lesson needs NumPy, PyTorch and its other requirements: pip install -r requirements.txt"
 try:
     import numpy as np
+except ImportError as exc:
+    raise ImportError(_NEEDS) from exc
+
+
+class _WithoutTorch:
+    """Stands in for `torch`, `torch.nn` and `torch.nn.functional` where PyTorch is not
+    installed: the file still imports (its arithmetic, e.g. `analyze_memory_requirements`, and
+    the GGUF reader work without PyTorch), and the first call into PyTorch raises ImportError.
+    It only has to survive what runs at import: annotations, defaults, decorators, base classes."""
+
+    Module = object  # the base class of the model's layers: defined, never built without PyTorch
+
+    def __getattr__(self, name: str) -> "_WithoutTorch":
+        return self
+
+    def __or__(self, other) -> "_WithoutTorch":  # annotations such as `torch.Tensor | None`
+        return self
+
+    __ror__ = __or__
+
+    def __instancecheck__(self, obj) -> bool:  # isinstance(x, torch.Tensor): nothing is a tensor
+        return False
+
+    def __call__(self, *args, **kwargs):
+        raise ImportError(_NEEDS)
+
+    def inference_mode(self, *args, **kwargs) -> Callable:  # decorators applied at import
+        return lambda fn: fn
+
+    no_grad = inference_mode
+
+
+try:
     import torch
-except ImportError as exc:  # everything below is built on NumPy and PyTorch
-    raise ImportError("this lesson needs NumPy, PyTorch and its other requirements: "
-                      "pip install -r requirements.txt (see the README)") from exc
-import torch.nn.functional as F
-from torch import nn
+    import torch.nn.functional as F
+    from torch import nn
+except ImportError:
+    torch = nn = F = _WithoutTorch()
 
 # %% [markdown]
 """
