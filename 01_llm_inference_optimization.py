@@ -771,6 +771,12 @@ class Transformer(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.embed.weight.dtype
 
+    @property
+    def param_bytes(self) -> int:
+        """Bytes of the parameters as stored (a tied embedding counted once): what one decode
+        step at batch 1 reads."""
+        return sum(p.numel() * p.element_size() for p in self.parameters())
+
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 cache=None, logits_at: Sequence[int] | None = None) -> torch.Tensor:
         """tokens, positions: (N,). Returns logits (N, V), or (len(logits_at), V) when given."""
@@ -6458,19 +6464,19 @@ class StaticDecoder:
         self.fused = fuse_projections(model)  # q/k/v and gate/up as one matmul each
         # On a GPU, attention is §7's split-K Triton kernel: PyTorch's SDPA launches one program
         # per head for a single query row (32 of the H200's 132 SMs for LLaMA-2-7B), 8.4 µs plus
-        # 2.8 µs of mask preparation a layer, 8% of a compiled step
-        head_dim = model.cfg.head_dim
-        self.split_k = model.device.type == "cuda" and triton_available() and not head_dim & (head_dim - 1)
-        # Registered here, not on first use inside the step: registering while torch.compile traces
-        # breaks the graph at every layer (LLaMA-2-7B B=1, H200: 197 instead of 233 tok/s)
-        self._flash_decode = _flash_decode_op() if self.split_k else None
+        # 2.8 µs of mask preparation a layer, 8% of a compiled step. The operator is registered
+        # here, not on first use inside the step: registering while torch.compile traces breaks
+        # the graph at every layer (LLaMA-2-7B B=1, H200: 197 instead of 233 tok/s)
+        D = model.cfg.head_dim
+        split_k = model.device.type == "cuda" and triton_available() and not D & (D - 1)
+        self.attention_op = _flash_decode_op() if split_k else None  # None: SDPA with a mask
 
     def step_eager(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """One decode step for every row: tokens and positions (B,) → logits (B, V). Tensor
         operations only, the same shapes every call."""
         cfg, cache = self.model.cfg, self.cache
         B, H, Hkv, T = tokens.shape[0], cfg.n_heads, cfg.n_kv_heads, cache.max_seq_len
-        if not self.split_k:
+        if self.attention_op is None:
             visible = (torch.arange(T, device=tokens.device) <= positions[:, None])[:, None, None, :]
         # Where row b, head h goes in layer i: cache[i, b, h, positions[b]], every index (B, Hkv)
         b = torch.arange(B, device=tokens.device)[:, None].expand(B, Hkv)
@@ -6481,8 +6487,8 @@ class StaticDecoder:
 
         def attend(i, q, k, v):
             _write_rows(cache.k, cache.v, (torch.full_like(b, i), b, h, t), k, v)
-            if self.split_k:  # §7's kernel: reads only up to each row's length, many SMs at once
-                return (self._flash_decode or _flash_decode_op())(q, cache.k[i], cache.v[i], lens)
+            if self.attention_op is not None:  # §7's kernel: reads only up to each row's length
+                return self.attention_op(q, cache.k[i], cache.v[i], lens)
             return F.scaled_dot_product_attention(q[:, :, None], cache.k[i], cache.v[i], attn_mask=visible,
                                                   enable_gqa=H != Hkv)[:, :, 0]  # (B, H, D)
 
@@ -6775,10 +6781,10 @@ def count_dispatched_ops(fn: Callable[[], object]) -> int:
     return Counter.count
 
 
-def _stream_bytes(weight_bytes: int, device: torch.device) -> int:
+def _stream_bytes(net: Transformer) -> int:
     """The copy that measures a decode step's bandwidth limit: as many bytes as the step streams
     (capped at 2 GiB on a GPU, where bandwidth has long plateaued by then)."""
-    return min(weight_bytes, 2**31) if device.type == "cuda" else weight_bytes
+    return min(net.param_bytes, 2**31) if net.device.type == "cuda" else net.param_bytes
 
 
 @torch.inference_mode()
@@ -6791,11 +6797,10 @@ def analyze_launch_overhead(model: str = "smollm2", device=None, batch_size: int
     positions = torch.full((batch_size,), context, device=net.device)
     ops = count_dispatched_ops(lambda: dec.step_eager(tokens, positions))
     eager = benchmark(lambda: dec.step_eager(tokens, positions), net.device, warmup=2, repeat=5)
-    weight_bytes = sum(p.numel() * p.element_size() for p in net.parameters())
-    bw = measure_memory_bandwidth(net.device, nbytes=_stream_bytes(weight_bytes, net.device), quick=True)
+    bw = measure_memory_bandwidth(net.device, nbytes=_stream_bytes(net), quick=True)
     row = {"model": net.cfg.name, "device": str(net.device), "batch": batch_size, "ops per step": ops,
            "eager step (ms)": eager * 1e3, "µs per op": eager / ops * 1e6,
-           "bandwidth limit (ms)": weight_bytes / bw * 1e3}
+           "bandwidth limit (ms)": net.param_bytes / bw * 1e3}
     if net.device.type == "cuda":
         graph = StaticDecoder(net, batch_size, context + 8, "graph")
         graph.step(tokens, positions)
@@ -6814,7 +6819,6 @@ def measure_fast_path(model: str = "smollm2", device=None, batch_sizes: Sequence
     net, _ = get_model(model, device)
     modes = ["generate (§1)", "eager"] + (["graph"] if net.device.type == "cuda" else []) + \
         (["compile"] if compile_step else [])
-    weight_bytes = sum(p.numel() * p.element_size() for p in net.parameters())
     limits, rows = [], []
     for B in batch_sizes:
         g = seeded_generator(seed)
@@ -6831,19 +6835,19 @@ def measure_fast_path(model: str = "smollm2", device=None, batch_sizes: Sequence
             except Exception as exc:  # e.g. no C++ compiler for torch.compile
                 rows.append({"batch": B, "mode": mode, "tokens/s": float("nan"), "note": type(exc).__name__})
                 continue
-            # tokens/s at batch 1 if reading the weights were all, measured now
-            limit = measure_memory_bandwidth(net.device, nbytes=_stream_bytes(weight_bytes, net.device),
-                                             repeat=5) / weight_bytes
-            limits.append(limit)
+            limit = float("nan")
+            if B == 1:  # tokens/s if reading the weights were all, measured now
+                bandwidth = measure_memory_bandwidth(net.device, nbytes=_stream_bytes(net), repeat=5)
+                limit = bandwidth / net.param_bytes
+                limits.append(limit)
             with Timer(net.device) as t:
                 out = run()
             with Timer(net.device) as t1:
                 run(n=1)  # the prefill alone, subtracted
             reference = reference or out
             tps = B * (new_tokens - 1) / max(t.seconds - t1.seconds, 1e-9)
-            rows.append({"batch": B, "mode": mode, "tokens/s": tps,
-                         "bandwidth limit (tok/s)": limit if B == 1 else float("nan"),
-                         "% of bandwidth limit": 100 * tps / limit if B == 1 else float("nan"),
+            rows.append({"batch": B, "mode": mode, "tokens/s": tps, "bandwidth limit (tok/s)": limit,
+                         "% of bandwidth limit": 100 * tps / limit,
                          "same tokens": out == reference, "note": ""})
     dtype = str(net.dtype).removeprefix("torch.")
     span = f"{min(limits):,.1f}–{max(limits):,.1f}" if limits else "—"

@@ -49,7 +49,7 @@ def main() -> None:
     weights = [w for i, layer in enumerate(model.layers)
                for w in (fused[i][0], layer.attn.wo.weight, fused[i][1], layer.mlp.w_down.weight)]
     weights.append(model.lm_head.weight)
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    weight_bytes = model.param_bytes
     inputs = [torch.randn(1, w.shape[1]) for w in weights]
 
     def matmuls():

@@ -119,7 +119,7 @@ def bench_serving(llm, name, args):
 def bench_model(llm, name, args, bw):
     """Rows for one model's shapes: every method at every batch size."""
     model, cfg = random_model(llm, name)
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    weight_bytes = model.param_bytes
     limit, n, rows = bw / weight_bytes, args.new_tokens, []
     hf = None if args.no_hf else hf_model(cfg)
     for B in args.batches:

@@ -154,9 +154,9 @@ def test_static_decoder_with_split_k_attention(llm):
     model = llm.build_model("tiny", seed=2, device=DEVICE)
     prompts = [[5, 17, 99, 3, 8, 1], [42], list(range(30, 52))]
     outs = []
-    for split_k in (False, True):
+    for op in (None, llm._flash_decode_op()):
         dec = llm.StaticDecoder(model, 4, 40)
-        dec.split_k = split_k
+        dec.attention_op = op
         outs.append(dec.generate(prompts, 8))
     assert outs[0] == outs[1] == [llm.generate(model, p, 8, cuda_graphs=False) for p in prompts]
 
