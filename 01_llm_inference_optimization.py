@@ -6401,29 +6401,36 @@ def _views_of(base: torch.Tensor, weights: Sequence[torch.Tensor]) -> bool:
 
 
 def static_decode_step(model: Transformer, tokens: torch.Tensor, positions: torch.Tensor,
-                       attend: Callable, fused: Sequence | None = None) -> torch.Tensor:
+                       attend: Callable, fused: Sequence | None = None,
+                       linear: Callable | None = None) -> torch.Tensor:
     """One decode token per row through every layer, tensor operations only: tokens and
     positions (B,) → logits (B, V). `attend(layer, q, k, v)` writes this step's k, v (B, Hkv, D)
     into its cache and returns the attention output (B, H, D): the caches differ, the rest not.
-    `fused` (from `fuse_projections`) runs q/k/v as one matmul and gate/up as one."""
+    `fused` (from `fuse_projections`) runs q/k/v as one matmul and gate/up as one; `linear(x, w)`
+    (default `F.linear`) runs the layers' plain projections."""
     cfg, B = model.cfg, tokens.shape[0]
     H, Hkv, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    mm = linear or F.linear
+
+    def project(module, h):  # a quantized module (§8) runs its own forward
+        return mm(h, module.weight) if type(module) is nn.Linear and module.bias is None else module(h)
+
     cos, sin = rope_cos_sin(positions, D, cfg.rope_theta)
     x = model.embed(tokens)
     for i, layer in enumerate(model.layers):
         w_qkv, w_gate_up = fused[i] if fused is not None else (None, None)
         h = layer.attn_norm(x)
         if w_qkv is not None:
-            q, k, v = F.linear(h, w_qkv).split([H * D, Hkv * D, Hkv * D], dim=-1)
+            q, k, v = mm(h, w_qkv).split([H * D, Hkv * D, Hkv * D], dim=-1)
         else:
             q, k, v = layer.attn.wq(h), layer.attn.wk(h), layer.attn.wv(h)
         q, k = apply_rope(q.reshape(B, H, D), cos, sin), apply_rope(k.reshape(B, Hkv, D), cos, sin)
         o = attend(i, q, k, v.reshape(B, Hkv, D))
-        x = x + layer.attn.wo(o.reshape(B, H * D).to(x.dtype))
+        x = x + project(layer.attn.wo, o.reshape(B, H * D).to(x.dtype))
         h = layer.mlp_norm(x)
         if w_gate_up is not None:
-            gate, up = F.linear(h, w_gate_up).chunk(2, dim=-1)
-            x = x + layer.mlp.w_down(F.silu(gate) * up)
+            gate, up = mm(h, w_gate_up).chunk(2, dim=-1)
+            x = x + project(layer.mlp.w_down, F.silu(gate) * up)
         else:
             x = x + layer.mlp(h)
     return model.lm_head(model.norm(x)).float()
@@ -6470,6 +6477,9 @@ class StaticDecoder:
         D = model.cfg.head_dim
         split_k = model.device.type == "cuda" and triton_available() and not D & (D - 1)
         self.attention_op = _flash_decode_op() if split_k else None  # None: SDPA with a mask
+        # At batch 1 on a GPU, the projections run `triton_matvec` (None: F.linear, which the
+        # compiler may rewrite)
+        self.linear_op = _matvec_op() if _use_matvec(model, batch_size) else None
 
     def step_eager(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """One decode step for every row: tokens and positions (B,) → logits (B, V). Tensor
@@ -6492,7 +6502,7 @@ class StaticDecoder:
             return F.scaled_dot_product_attention(q[:, :, None], cache.k[i], cache.v[i], attn_mask=visible,
                                                   enable_gqa=H != Hkv)[:, :, 0]  # (B, H, D)
 
-        return static_decode_step(self.model, tokens, positions, attend, self.fused)
+        return static_decode_step(self.model, tokens, positions, attend, self.fused, self.linear_op)
 
     def step_and_pick(self, tokens: torch.Tensor,
                       positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -6583,6 +6593,14 @@ class StaticDecoder:
         return [_cut_at_stop(row, stops) for row in outputs]
 
 
+def _use_matvec(model: Transformer, batch_size: int) -> bool:
+    """Batch 1 on a GPU, with matrices big enough that reading one outlasts a kernel launch: the
+    smallest projection (dim × dim) at least 8 MiB (LLaMA-2-7B's is 32 MiB, SmolLM2's 0.6 MiB,
+    where the compiler's fused reductions save more kernels than a better read gains)."""
+    smallest = model.cfg.dim ** 2 * model.dtype.itemsize
+    return batch_size == 1 and model.device.type == "cuda" and smallest >= 8 * 2**20 and triton_available()
+
+
 def _flash_decode_op() -> Callable:
     """§7's fused split-K Triton decode attention (q (B, H, D), k, v (B, Hkv, T, D), lengths (B,)
     int32 on the GPU) as a PyTorch operator: torch.compile sees one opaque call of known output
@@ -6602,6 +6620,107 @@ def _flash_decode_op() -> Callable:
         return torch.empty_like(q)
 
     return torch.ops.llm_lesson.flash_decode.default
+
+
+# %% [markdown]
+"""
+### A matrix-vector kernel for batch 1
+At batch 1 every projection is a matrix-vector product: each weight is read once, each element
+used for one multiply-add, so the kernel's only job is to stream the matrix at full bandwidth.
+The compiler's tuned reductions do that for some shapes and not for others: profiles of the
+compiled LLaMA-2-7B step on an H200 showed the down-projection (4096 × 11008) at 27, 37 and
+44 µs in three processes (3.3, 2.4 and 2.0 TB/s; a copy runs at 4.2), depending on which
+configuration coordinate-descent tuning settled on. `triton_matvec` is the kernel written out:
+each program owns `BLOCK_N` rows of the weight, walks along them `BLOCK_K` columns at a time,
+accumulating products elementwise in fp32, and sums across the tile once at the end. A few
+launch configurations are timed per weight shape on first use (with the L2 cache flushed between
+runs: a 4096 × 4096 bf16 matrix fits in the H200's 50 MB L2, so an unflushed loop would time the
+cache). Like §7's kernel it is wrapped as a PyTorch operator (`_matvec_op`), which torch.compile
+calls as it is; the norms and the SiLU·up product around it become small kernels of their own.
+"""
+
+
+@functools.cache
+def _triton_matvec_kernel():
+    if not triton_available():
+        raise LessonError("triton_matvec needs the `triton` package and a CUDA GPU (or TRITON_INTERPRET=1); "
+                          "use F.linear instead")
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def matvec_kernel(X, W, Out, N, K, stride_w, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      EVEN: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = tl.arange(0, BLOCK_K)
+        w_ptrs = W + rows.to(tl.int64)[:, None] * stride_w + cols[None, :]
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            if EVEN:  # no masks: the shape is a whole number of tiles
+                x = tl.load(X + k0 + cols)
+                w = tl.load(w_ptrs + k0)
+            else:
+                in_k = k0 + cols < K
+                x = tl.load(X + k0 + cols, mask=in_k, other=0.0)
+                w = tl.load(w_ptrs + k0, mask=(rows[:, None] < N) & in_k[None, :], other=0.0)
+            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        tl.store(Out + rows, tl.sum(acc, axis=1).to(Out.dtype.element_ty), mask=rows < N)
+
+    return matvec_kernel
+
+
+# (BLOCK_N, BLOCK_K, num_warps, num_stages): the candidates timed per weight shape on a GPU
+_MATVEC_CONFIGS = ((8, 256, 4, 3), (8, 512, 4, 3), (16, 256, 4, 3), (16, 512, 8, 3), (4, 512, 4, 4),
+                   (4, 1024, 4, 3), (32, 256, 8, 3), (2, 1024, 4, 4))
+_MATVEC_TUNED: dict = {}  # (N, K, dtype, device) → the fastest config
+
+
+def triton_matvec(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """`F.linear(x, w)` for one row: x (1, K) or (K,), w (N, K) with unit column stride → (…, N)
+    in x's dtype, accumulated in fp32. The launch configuration is tuned on the first call per
+    shape (on a GPU; the interpreter takes the first candidate)."""
+    N, K = w.shape
+    if x.shape[-1] != K or x.numel() != K or w.stride(1) != 1:
+        raise InvalidArgumentError(f"triton_matvec needs one row x (…, {K}) and a weight (N, K) with unit "
+                                   f"column stride; got x {tuple(x.shape)}, w {tuple(w.shape)} strides "
+                                   f"{w.stride()}")
+    kernel, xv = _triton_matvec_kernel(), x.reshape(K).contiguous()
+    out = torch.empty(*x.shape[:-1], N, device=x.device, dtype=x.dtype)
+
+    def launch(cfg):
+        bn, bk, warps, stages = cfg
+        kernel[(-(-N // bn),)](xv, w, out, N, K, w.stride(0), BLOCK_N=bn, BLOCK_K=bk,
+                               EVEN=N % bn == 0 and K % bk == 0, num_warps=warps, num_stages=stages)
+
+    key = (N, K, w.dtype, w.device)
+    if key not in _MATVEC_TUNED:
+        if x.device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
+            import triton.testing
+            times = [triton.testing.do_bench(lambda c=c: launch(c), warmup=5, rep=20)
+                     for c in _MATVEC_CONFIGS]
+            _MATVEC_TUNED[key] = _MATVEC_CONFIGS[times.index(min(times))]
+        else:
+            _MATVEC_TUNED[key] = _MATVEC_CONFIGS[0]
+    launch(_MATVEC_TUNED[key])
+    return out
+
+
+def _matvec_op() -> Callable:
+    """`triton_matvec` as a PyTorch operator (see `_flash_decode_op`). Registered once per process."""
+    try:
+        return torch.ops.llm_lesson.matvec.default
+    except (AttributeError, RuntimeError):
+        pass
+
+    @torch.library.custom_op("llm_lesson::matvec", mutates_args=())
+    def matvec_op(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return triton_matvec(x, w)
+
+    @matvec_op.register_fake
+    def _(x, w):
+        return x.new_empty(*x.shape[:-1], w.shape[0])
+
+    return torch.ops.llm_lesson.matvec.default
 
 
 def _cut_at_stop(row: list[int], stops: set) -> list[int]:

@@ -180,6 +180,46 @@ def profile_step(llm, model, context, new_tokens):
                 dec.step(tokens, positions)
             torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25), flush=True)
+    # Steady state, without prefill or the host: 100 replays back to back, timed by CUDA events
+    dec.step(tokens, positions)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    with torch.inference_mode():
+        start.record()
+        for _ in range(100):
+            dec._run()
+        end.record()
+        torch.cuda.synchronize()
+    ms = start.elapsed_time(end) / 100
+    print(f"steady state: {ms:.3f} ms a step = {1e3 / ms:,.0f} tok/s", flush=True)
+
+
+def bench_matvec(llm, name):
+    """Each distinct batch-1 projection of the model's decode step, one matrix-vector product at a
+    time (L2 flushed between runs): cuBLAS (`F.linear`), the compiler's tuned reduction, and
+    `triton_matvec`, in µs and in TB/s of weight read."""
+    import triton.testing
+
+    model, cfg = random_model(llm, name)
+    fused = llm.fuse_projections(model)[0]
+    layer = model.layers[0]
+    weights = {"q/k/v": fused[0], "wo": layer.attn.wo.weight, "gate/up": fused[1],
+               "down": layer.mlp.w_down.weight, "lm_head": model.lm_head.weight}
+    compiled = torch.compile(torch.nn.functional.linear, dynamic=False,
+                             options={"coordinate_descent_tuning": True})
+    rows = []
+    for label, w in weights.items():
+        x = torch.randn(1, w.shape[1], device="cuda", dtype=w.dtype)
+        row = {"model": name, "matrix": label, "N × K": f"{w.shape[0]} × {w.shape[1]}"}
+        for method, fn in (("cuBLAS", torch.nn.functional.linear), ("compiled", compiled),
+                           ("triton_matvec", llm.triton_matvec)):
+            fn(x, w)
+            us = 1e3 * triton.testing.do_bench(lambda fn=fn, x=x, w=w: fn(x, w), warmup=10, rep=50)
+            row[f"{method} µs"] = us
+            row[f"{method} TB/s"] = w.numel() * w.element_size() / us / 1e6
+        row["config"] = str(llm._MATVEC_TUNED.get((w.shape[0], w.shape[1], w.dtype, w.device)))
+        rows.append(row)
+        print(row, flush=True)
+    print(llm.format_table(rows, f"Batch-1 matrix-vector products, {name} shapes, bf16 (measured)"))
 
 
 def main():
@@ -202,6 +242,9 @@ def main():
     ap.add_argument("--gpu-warmup", type=float, default=0, metavar="SECONDS",
                     help="run matmuls this long first, so the GPU's clocks are up before any tuning")
     ap.add_argument("--no-baseline", action="store_true", help="skip §1's eager batched_generate")
+    ap.add_argument("--matvec", action="store_true", help="time each projection alone, three ways, first")
+    ap.add_argument("--matvec-mode", choices=("auto", "on", "off"), default="auto",
+                    help="batch-1 static steps: triton_matvec where the lesson picks it, always, never")
     ap.add_argument("--repeat", type=int, default=1, help="time each row this many times; report the median")
     ap.add_argument("--profile", action="store_true",
                     help="print the kernels of one compiled and captured step at batch 1, by GPU time")
@@ -213,6 +256,11 @@ def main():
         while time.perf_counter() - t0 < args.gpu_warmup:
             a @ a
             torch.cuda.synchronize()
+    if args.matvec_mode != "auto":
+        llm._use_matvec = lambda model, batch_size: args.matvec_mode == "on" and batch_size == 1
+    if args.matvec:
+        for name in args.models:
+            bench_matvec(llm, name)
     bw = llm.measure_memory_bandwidth("cuda")
     rows = []
     for name in args.models:

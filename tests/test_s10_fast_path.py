@@ -3,11 +3,19 @@ and compiled (CPU; skipped with a reason where torch.compile cannot build), for 
 prompts of unequal length; bad input gets named errors. The CUDA-graph mode is tested in
 tests/test_gpu.py."""
 
+import os
+
 import pytest
 import torch
-from conftest import engine_tokens, load_lesson
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton's CPU interpreter for the matvec kernel
+
+from conftest import engine_tokens, load_lesson  # noqa: E402
 
 llm_module = load_lesson()
+needs_triton = pytest.mark.skipif(not llm_module.triton_available(), reason="triton is not installed")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 PROMPTS = [[5, 17, 99, 3, 8, 1], [42], list(range(30, 52))]
 
 
@@ -215,3 +223,60 @@ def test_fast_path_rows_use_their_own_limit(llm):
     for r in rows:
         assert r["same tokens"] and r["bandwidth limit (tok/s)"] > 0
         assert r["% of bandwidth limit"] == pytest.approx(100 * r["tokens/s"] / r["bandwidth limit (tok/s)"])
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(64, 256), (37, 300), (8, 1024), (100, 64)])
+def test_triton_matvec_equals_linear(llm, shape, dtype):
+    """The batch-1 matrix-vector kernel equals F.linear for every launch configuration it may pick,
+    for shapes that fill its tiles exactly and shapes that do not (masked loads): to fp32 rounding,
+    and in bf16 to the rounding of its output (it accumulates in fp32)."""
+    N, K = shape
+    g = torch.Generator().manual_seed(N)
+    w, x = (torch.randn(n, K, generator=g).to(DEVICE, dtype) for n in (N, 1))
+    ref = torch.nn.functional.linear(x.double(), w.double())
+    tol = (1e-4 if dtype == torch.float32 else torch.finfo(dtype).eps) * ref.abs().max().item()
+    key = (N, K, w.dtype, w.device)
+    try:
+        for cfg in llm._MATVEC_CONFIGS:
+            llm._MATVEC_TUNED[key] = cfg
+            out = llm.triton_matvec(x, w)
+            assert out.shape == (1, N) and out.dtype == x.dtype
+            assert (out.double() - ref).abs().max().item() < tol
+        assert llm.triton_matvec(x[0], w).shape == (N,)
+    finally:
+        llm._MATVEC_TUNED.pop(key, None)
+
+
+@needs_triton
+def test_triton_matvec_rejects_bad_input(llm):
+    w = torch.randn(16, 32, device=DEVICE)
+    with pytest.raises(llm.InvalidArgumentError, match="one row"):
+        llm.triton_matvec(torch.randn(2, 32, device=DEVICE), w)
+    with pytest.raises(llm.InvalidArgumentError, match="unit"):
+        llm.triton_matvec(torch.randn(1, 16, device=DEVICE), w.t())
+
+
+@needs_triton
+def test_matvec_operator_inside_torch_compile_and_static_decoder(llm):
+    """As a PyTorch operator the kernel compiles opaquely inside a compiled function, and a batch-1
+    StaticDecoder whose projections run it (the default at batch 1 on a GPU for large matrices)
+    decodes plain generation's tokens, eagerly and (on a GPU) compiled and captured."""
+    op = llm._matvec_op()
+    w, x = torch.randn(48, 96, device=DEVICE), torch.randn(1, 96, device=DEVICE)
+    ref = x @ w.T
+    torch.testing.assert_close(op(x, w), ref, atol=1e-4, rtol=1e-4)
+    try:
+        out = torch.compile(lambda x, w: op(x * 2.0, w) + 1.0, dynamic=False, fullgraph=True)(x, w)
+    except Exception as exc:  # no C++ compiler here
+        pytest.skip(f"torch.compile cannot build on this machine: {type(exc).__name__}")
+    torch.testing.assert_close(out, 2 * ref + 1, atol=1e-4, rtol=1e-4)
+    model = llm.build_model("tiny", seed=4, device=DEVICE)
+    modes = ("eager", "compile+graph") if DEVICE == "cuda" else ("eager",)
+    for mode in modes:
+        dec = llm.StaticDecoder(model, 1, 40, mode)
+        dec.linear_op = op
+        for prompt in PROMPTS:
+            assert dec.generate([prompt], 8) == [llm.generate(model, prompt, 8, cuda_graphs=False)]
+    assert not llm._use_matvec(model, 1)  # the tiny model's matrices are too small to choose it
