@@ -6480,6 +6480,7 @@ class StaticDecoder:
         # At batch 1 on a GPU, the projections run `triton_matvec` (None: F.linear, which the
         # compiler may rewrite)
         self.linear_op = _matvec_op() if _use_matvec(model, batch_size) else None
+        self._matvec_tuned = False
 
     def step_eager(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """One decode step for every row: tokens and positions (B,) → logits (B, V). Tensor
@@ -6517,6 +6518,8 @@ class StaticDecoder:
 
     def _run(self) -> tuple[torch.Tensor, torch.Tensor]:
         """`step_and_pick` on the decoder's own buffers, in this decoder's mode."""
+        if self.linear_op is not None and not self._matvec_tuned:
+            self._tune_matvec()
         if self.mode == "eager":
             return self.step_and_pick(self.tokens, self.positions)
         if self.mode.startswith("compile") and self._compiled is None:
@@ -6533,6 +6536,16 @@ class StaticDecoder:
             self._capture()
         self._graph.replay()
         return self._out
+
+    def _tune_matvec(self) -> None:
+        """Time `triton_matvec`'s launch configurations for each weight shape of the step, up front
+        on the current stream, so that no timing runs inside a compiled call or a graph's warm-up."""
+        for layer, (w_qkv, w_gate_up) in zip(self.model.layers, self.fused):
+            plain = [m.weight for m in (layer.attn.wo, layer.mlp.w_down) if type(m) is nn.Linear]
+            for w in [w_qkv, w_gate_up, *plain]:
+                if w is not None and (w.shape[0], w.shape[1], w.dtype, w.device) not in _MATVEC_TUNED:
+                    triton_matvec(torch.zeros(1, w.shape[1], device=w.device, dtype=w.dtype), w)
+        self._matvec_tuned = True
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """One step for every row in this decoder's mode: tokens, positions (B,) on the model's

@@ -280,3 +280,9 @@ def test_matvec_operator_inside_torch_compile_and_static_decoder(llm):
         for prompt in PROMPTS:
             assert dec.generate([prompt], 8) == [llm.generate(model, prompt, 8, cuda_graphs=False)]
     assert not llm._use_matvec(model, 1)  # the tiny model's matrices are too small to choose it
+    # §8's quantized layers keep their own forward; the kernel runs only where a weight is plain
+    q = llm.quantize_model(model, llm.rtn_quantizer(8, 128))
+    ref = llm.StaticDecoder(q, 1, 40).generate(PROMPTS[:1], 6)
+    dec = llm.StaticDecoder(q, 1, 40)
+    dec.linear_op = op
+    assert dec.generate(PROMPTS[:1], 6) == ref
