@@ -6332,7 +6332,9 @@ keeps an in-place cache write in place only when the write mutates the cache ten
 written through a view (a per-layer slice, a flat reshape), the compiled step copied the whole
 cache every step. (3) A batch-1 matmul is a matrix-vector product; on a GPU the compiler's
 coordinate-descent tuning rewrites it as a tuned reduction (gpt-fast's setting), on a CPU a C++
-wrapper (`cpp_wrapper`) removes the Python that calls the compiled kernels.
+wrapper (`cpp_wrapper`) removes the Python that calls the compiled kernels. How well a tuned
+reduction reads a matrix varies by shape and by process, so for large matrices the GPU step
+uses a kernel of our own (`triton_matvec`, below).
 
 **Keeping the loop on the device.** A graph removes the launches inside a step; the loop around
 the steps can still make the GPU wait. If the host reads each new token (`.tolist()`) before it
@@ -6649,7 +6651,13 @@ accumulating products elementwise in fp32, and sums across the tile once at the 
 launch configurations are timed per weight shape on first use (with the L2 cache flushed between
 runs: a 4096 × 4096 bf16 matrix fits in the H200's 50 MB L2, so an unflushed loop would time the
 cache). Like §7's kernel it is wrapped as a PyTorch operator (`_matvec_op`), which torch.compile
-calls as it is; the norms and the SiLU·up product around it become small kernels of their own.
+calls as it is; the norms and the SiLU·up product around it become small kernels of their own
+(1–3 µs each). Measured on the H200 (LLaMA-2-7B shapes, B=1, compiled and captured): the four
+projections of a layer took 102 µs for 405 MB (3.97 TB/s, 94% of the copy bandwidth), the step
+3.90 ms of GPU time, 235 tok/s end to end with the prefill (75% of the bandwidth limit) against
+202–216 tok/s with the compiler's reductions in the same session. For SmolLM2's small matrices
+(0.6 MiB) a launch costs more than the read, and the compiler's fused kernels stay
+(`_use_matvec`).
 """
 
 
