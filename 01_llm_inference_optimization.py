@@ -6661,6 +6661,7 @@ projections of a layer took 102 µs for 405 MB (3.97 TB/s, 94% of the copy bandw
 """
 
 
+# %%
 @functools.cache
 def _triton_matvec_kernel():
     if not triton_available():
