@@ -6372,7 +6372,7 @@ def fuse_projections(model: Transformer) -> list[tuple[torch.Tensor | None, torc
         for owner_name, names in _FUSE_GROUPS:
             owner = getattr(layer, owner_name)
             mods = [getattr(owner, n) for n in names]
-            if not all(type(m) is nn.Linear and m.bias is None for m in mods) or \
+            if not all(_is_plain_linear(m) for m in mods) or \
                     len({(m.weight.dtype, m.weight.device, m.weight.shape[1]) for m in mods}) != 1:
                 pair.append(None)
                 continue
@@ -6389,6 +6389,19 @@ def fuse_projections(model: Transformer) -> list[tuple[torch.Tensor | None, torc
             pair.append(base)
         fused.append(tuple(pair))
     return fused
+
+
+def _is_plain_linear(module: nn.Module) -> bool:
+    """An `nn.Linear` without bias (not §8's quantized layers): its weight can be multiplied directly."""
+    return type(module) is nn.Linear and module.bias is None
+
+
+def _layer_matrices(layer: nn.Module, fused_pair: tuple) -> list[torch.Tensor]:
+    """The weights a static step multiplies one layer's activations by, in order: q/k/v, wo,
+    gate/up, down (the fused matrices from `fuse_projections`), leaving out quantized layers."""
+    (w_qkv, w_gate_up), wo, down = fused_pair, layer.attn.wo, layer.mlp.w_down
+    return [w for w in (w_qkv, wo.weight if _is_plain_linear(wo) else None, w_gate_up,
+                        down.weight if _is_plain_linear(down) else None) if w is not None]
 
 
 def _views_of(base: torch.Tensor, weights: Sequence[torch.Tensor]) -> bool:
@@ -6415,7 +6428,7 @@ def static_decode_step(model: Transformer, tokens: torch.Tensor, positions: torc
     mm = linear or F.linear
 
     def project(module, h):  # a quantized module (§8) runs its own forward
-        return mm(h, module.weight) if type(module) is nn.Linear and module.bias is None else module(h)
+        return mm(h, module.weight) if _is_plain_linear(module) else module(h)
 
     cos, sin = rope_cos_sin(positions, D, cfg.rope_theta)
     x = model.embed(tokens)
@@ -6491,12 +6504,12 @@ class StaticDecoder:
         B, H, Hkv, T = tokens.shape[0], cfg.n_heads, cfg.n_kv_heads, cache.max_seq_len
         if self.attention_op is None:
             visible = (torch.arange(T, device=tokens.device) <= positions[:, None])[:, None, None, :]
+        else:
+            lens = positions.to(torch.int32) + 1  # §7's kernel reads each row up to its length
         # Where row b, head h goes in layer i: cache[i, b, h, positions[b]], every index (B, Hkv)
         b = torch.arange(B, device=tokens.device)[:, None].expand(B, Hkv)
         h = torch.arange(Hkv, device=tokens.device)[None, :].expand(B, Hkv)
         t = positions[:, None].expand(B, Hkv)
-
-        lens = positions.to(torch.int32) + 1
 
         def attend(i, q, k, v):
             _write_rows(cache.k, cache.v, (torch.full_like(b, i), b, h, t), k, v)
@@ -6542,10 +6555,9 @@ class StaticDecoder:
     def _tune_matvec(self) -> None:
         """Time `triton_matvec`'s launch configurations for each weight shape of the step, up front
         on the current stream, so that no timing runs inside a compiled call or a graph's warm-up."""
-        for layer, (w_qkv, w_gate_up) in zip(self.model.layers, self.fused):
-            plain = [m.weight for m in (layer.attn.wo, layer.mlp.w_down) if type(m) is nn.Linear]
-            for w in [w_qkv, w_gate_up, *plain]:
-                if w is not None and (w.shape[0], w.shape[1], w.dtype, w.device) not in _MATVEC_TUNED:
+        for layer, pair in zip(self.model.layers, self.fused):
+            for w in _layer_matrices(layer, pair):
+                if (w.shape[0], w.shape[1], w.dtype, w.device) not in _MATVEC_TUNED:
                     triton_matvec(torch.zeros(1, w.shape[1], device=w.device, dtype=w.dtype), w)
         self._matvec_tuned = True
 
@@ -6616,25 +6628,25 @@ def _use_matvec(model: Transformer, batch_size: int) -> bool:
     return batch_size == 1 and model.device.type == "cuda" and smallest >= 8 * 2**20 and triton_available()
 
 
-def _flash_decode_op() -> Callable:
-    """§7's fused split-K Triton decode attention (q (B, H, D), k, v (B, Hkv, T, D), lengths (B,)
-    int32 on the GPU) as a PyTorch operator: torch.compile sees one opaque call of known output
-    shape and compiles around it, and a CUDA graph captures its launch. Registered once per process."""
+def _lesson_op(name: str, impl: Callable, fake: Callable) -> Callable:
+    """`impl` as the PyTorch operator `llm_lesson::name`, registered once per process: torch.compile
+    sees one opaque call whose output shape `fake` gives, and compiles around it; a CUDA graph
+    captures its launches."""
     try:
-        return torch.ops.llm_lesson.flash_decode.default
+        return getattr(torch.ops.llm_lesson, name).default
     except (AttributeError, RuntimeError):
         pass
+    torch.library.custom_op(f"llm_lesson::{name}", impl, mutates_args=()).register_fake(fake)
+    return getattr(torch.ops.llm_lesson, name).default
 
-    @torch.library.custom_op("llm_lesson::flash_decode", mutates_args=())
-    def flash_decode_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                        lens: torch.Tensor) -> torch.Tensor:
+
+def _flash_decode_op() -> Callable:
+    """§7's fused split-K Triton decode attention (q (B, H, D), k, v (B, Hkv, T, D), lengths (B,)
+    int32 on the GPU) as a PyTorch operator."""
+    def flash_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
         return triton_flash_decode(q, k, v, lens, fused=True)
 
-    @flash_decode_op.register_fake
-    def _(q, k, v, lens):
-        return torch.empty_like(q)
-
-    return torch.ops.llm_lesson.flash_decode.default
+    return _lesson_op("flash_decode", flash_decode, lambda q, k, v, lens: torch.empty_like(q))
 
 
 # %% [markdown]
@@ -6728,21 +6740,11 @@ def triton_matvec(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def _matvec_op() -> Callable:
-    """`triton_matvec` as a PyTorch operator (see `_flash_decode_op`). Registered once per process."""
-    try:
-        return torch.ops.llm_lesson.matvec.default
-    except (AttributeError, RuntimeError):
-        pass
-
-    @torch.library.custom_op("llm_lesson::matvec", mutates_args=())
-    def matvec_op(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """`triton_matvec` as a PyTorch operator."""
+    def matvec(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return triton_matvec(x, w)
 
-    @matvec_op.register_fake
-    def _(x, w):
-        return x.new_empty(*x.shape[:-1], w.shape[0])
-
-    return torch.ops.llm_lesson.matvec.default
+    return _lesson_op("matvec", matvec, lambda x, w: x.new_empty(*x.shape[:-1], w.shape[0]))
 
 
 def _cut_at_stop(row: list[int], stops: set) -> list[int]:

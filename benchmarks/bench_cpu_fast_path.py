@@ -46,8 +46,7 @@ def main() -> None:
     model, tok = llm.get_model("smollm2", "cpu")
     prompt = tok.encode_chat([{"role": "user", "content": "Write a short poem about the sea."}])
     fused = llm.fuse_projections(model)
-    weights = [w for i, layer in enumerate(model.layers)
-               for w in (fused[i][0], layer.attn.wo.weight, fused[i][1], layer.mlp.w_down.weight)]
+    weights = [w for layer, pair in zip(model.layers, fused) for w in llm._layer_matrices(layer, pair)]
     weights.append(model.lm_head.weight)
     weight_bytes = model.param_bytes
     inputs = [torch.randn(1, w.shape[1]) for w in weights]

@@ -200,10 +200,8 @@ def bench_matvec(llm, name):
     import triton.testing
 
     model, cfg = random_model(llm, name)
-    fused = llm.fuse_projections(model)[0]
-    layer = model.layers[0]
-    weights = {"q/k/v": fused[0], "wo": layer.attn.wo.weight, "gate/up": fused[1],
-               "down": layer.mlp.w_down.weight, "lm_head": model.lm_head.weight}
+    first = llm._layer_matrices(model.layers[0], llm.fuse_projections(model)[0])
+    weights = dict(zip(("q/k/v", "wo", "gate/up", "down"), first)) | {"lm_head": model.lm_head.weight}
     compiled = torch.compile(torch.nn.functional.linear, dynamic=False,
                              options={"coordinate_descent_tuning": True})
     rows = []
