@@ -6417,37 +6417,53 @@ def _views_of(base: torch.Tensor, weights: Sequence[torch.Tensor]) -> bool:
 
 def static_decode_step(model: Transformer, tokens: torch.Tensor, positions: torch.Tensor,
                        attend: Callable, fused: Sequence | None = None,
-                       linear: Callable | None = None) -> torch.Tensor:
-    """One decode token per row through every layer, tensor operations only: tokens and
-    positions (B,) → logits (B, V). `attend(layer, q, k, v)` writes this step's k, v (B, Hkv, D)
-    into its cache and returns the attention output (B, H, D): the caches differ, the rest not.
-    `fused` (from `fuse_projections`) runs q/k/v as one matmul and gate/up as one; `linear(x, w)`
-    (default `F.linear`) runs the layers' plain projections."""
+                       matvec: Callable | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """One token per row through every layer, tensor operations only: tokens and positions (B,)
+    → logits (B, V). `attend(layer, q, k, v)` writes this step's k, v (B, Hkv, D) into its cache
+    and returns the attention output (B, H, D): the caches differ, the rest not. `fused` (from
+    `fuse_projections`) runs q/k/v as one matmul and gate/up as one. `matvec` (the operator of
+    `triton_matvec`, batch 1) runs the plain projections with their neighbours folded in: the
+    norm before, SiLU·up after gate/up, the residual add after wo and down. `rows` keeps only
+    those rows' logits (a prefill's rows are every prompt token; only the last one picks)."""
     cfg, B = model.cfg, tokens.shape[0]
     H, Hkv, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    mm = linear or F.linear
 
-    def project(module, h):  # a quantized module (§8) runs its own forward
-        return mm(h, module.weight) if _is_plain_linear(module) else module(h)
+    def norm_linear(norm, x, w, swiglu=False):  # linear(norm(x), w), then silu(gate) · up
+        if matvec is not None:
+            return matvec(x, w, norm.weight, norm.eps, None, swiglu)
+        h = F.linear(norm(x), w)
+        if not swiglu:
+            return h
+        gate, up = h.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    def add_linear(x, module, h):  # x + module(h); a quantized module (§8) runs its own forward
+        if not _is_plain_linear(module):
+            return x + module(h)
+        if matvec is not None:
+            return matvec(h, module.weight, None, 0.0, x, False)
+        return x + F.linear(h, module.weight)
 
     cos, sin = rope_cos_sin(positions, D, cfg.rope_theta)
     x = model.embed(tokens)
     for i, layer in enumerate(model.layers):
         w_qkv, w_gate_up = fused[i] if fused is not None else (None, None)
-        h = layer.attn_norm(x)
         if w_qkv is not None:
-            q, k, v = mm(h, w_qkv).split([H * D, Hkv * D, Hkv * D], dim=-1)
+            q, k, v = norm_linear(layer.attn_norm, x, w_qkv).split([H * D, Hkv * D, Hkv * D], dim=-1)
         else:
+            h = layer.attn_norm(x)
             q, k, v = layer.attn.wq(h), layer.attn.wk(h), layer.attn.wv(h)
         q, k = apply_rope(q.reshape(B, H, D), cos, sin), apply_rope(k.reshape(B, Hkv, D), cos, sin)
         o = attend(i, q, k, v.reshape(B, Hkv, D))
-        x = x + project(layer.attn.wo, o.reshape(B, H * D).to(x.dtype))
-        h = layer.mlp_norm(x)
+        x = add_linear(x, layer.attn.wo, o.reshape(B, H * D).to(x.dtype))
         if w_gate_up is not None:
-            gate, up = mm(h, w_gate_up).chunk(2, dim=-1)
-            x = x + project(layer.mlp.w_down, F.silu(gate) * up)
+            x = add_linear(x, layer.mlp.w_down, norm_linear(layer.mlp_norm, x, w_gate_up, swiglu=True))
         else:
-            x = x + layer.mlp(h)
+            x = x + layer.mlp(layer.mlp_norm(x))
+    if rows is not None:
+        x = x[rows]
+    if matvec is not None and _is_plain_linear(model.lm_head):
+        return norm_linear(model.norm, x, model.lm_head.weight).float()
     return model.lm_head(model.norm(x)).float()
 
 
@@ -6483,6 +6499,7 @@ class StaticDecoder:
         self.tokens = torch.zeros(batch_size, dtype=torch.long, device=model.device)
         self.positions = torch.zeros(batch_size, dtype=torch.long, device=model.device)
         self._graph, self._out, self._compiled = None, None, None
+        self._prefills: dict = {}  # prompt length → (token buffer, length buffer, CUDA graph)
         self.fused = fuse_projections(model)  # q/k/v and gate/up as one matmul each
         # On a GPU, attention is §7's split-K Triton kernel: PyTorch's SDPA launches one program
         # per head for a single query row (32 of the H200's 132 SMs for LLaMA-2-7B), 8.4 µs plus
@@ -6492,9 +6509,9 @@ class StaticDecoder:
         D = model.cfg.head_dim
         split_k = model.device.type == "cuda" and triton_available() and not D & (D - 1)
         self.attention_op = _flash_decode_op() if split_k else None  # None: SDPA with a mask
-        # At batch 1 on a GPU, the projections run `triton_matvec` (None: F.linear, which the
-        # compiler may rewrite)
-        self.linear_op = _matvec_op() if _use_matvec(model, batch_size) else None
+        # At batch 1 on a GPU, the projections run `triton_matvec` with the norms, SiLU·up and the
+        # residual adds folded in (None: PyTorch's ops, which the compiler may rewrite and fuse)
+        self.matvec_op = _matvec_op() if _use_matvec(model, batch_size) else None
         self._matvec_tuned = False
 
     def step_eager(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -6518,7 +6535,7 @@ class StaticDecoder:
             return F.scaled_dot_product_attention(q[:, :, None], cache.k[i], cache.v[i], attn_mask=visible,
                                                   enable_gqa=H != Hkv)[:, :, 0]  # (B, H, D)
 
-        return static_decode_step(self.model, tokens, positions, attend, self.fused, self.linear_op)
+        return static_decode_step(self.model, tokens, positions, attend, self.fused, self.matvec_op)
 
     def step_and_pick(self, tokens: torch.Tensor,
                       positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -6531,10 +6548,64 @@ class StaticDecoder:
         positions.add_(1).clamp_(max=self.cache.max_seq_len - 1)  # a step past the end is never read
         return logits, picked
 
+    def prefill_eager(self, tokens: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+        """Every prompt at once, in static shapes: tokens (B, L), each prompt padded at its end,
+        and lens (B,) → the logits of each prompt's last token (B, V). It is the decode step over
+        B·L rows, one per prompt token, with causal attention inside each prompt. It writes the
+        cache's first L positions of every row; those past a prompt's end hold padding that no
+        step reads (decoding overwrites them in order, and attention stops at each position)."""
+        cfg, cache, dev = self.model.cfg, self.cache, tokens.device
+        (B, L), H, Hkv, D = tokens.shape, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        # Row r = b·L + t holds token t of prompt b; its k, v go to cache[i, b, :, t]
+        t = torch.arange(L, device=dev).repeat(B)
+        b = torch.arange(B, device=dev).repeat_interleave(L)[:, None].expand(B * L, Hkv)
+        h = torch.arange(Hkv, device=dev)[None, :].expand(B * L, Hkv)
+
+        def attend(i, q, k, v):
+            _write_rows(cache.k, cache.v, (torch.full_like(b, i), b, h, t[:, None].expand(B * L, Hkv)), k, v)
+            q, k, v = (z.reshape(B, L, -1, D).transpose(1, 2) for z in (q, k, v))
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=H != Hkv)
+            return o.transpose(1, 2).reshape(B * L, H, D)
+
+        last = torch.arange(B, device=dev) * L + lens - 1  # each prompt's last token
+        return static_decode_step(self.model, tokens.reshape(-1), t, attend, self.fused, rows=last)
+
+    def prefill_and_pick(self, tokens: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+        """The prefill, then greedy's first pick into the decode buffers (`tokens` ← picked,
+        `positions` ← lens), on the device, so decoding starts without the host. Returns the logits."""
+        logits = self.prefill_eager(tokens, lens)
+        self.tokens.copy_(logits.argmax(-1))
+        self.positions.copy_(lens)
+        return logits
+
+    def _prefill(self, prompts: Sequence[Sequence[int]]) -> None:
+        """`prefill_and_pick` for the prompts (rows past them: token 0, length 1). With CUDA graphs
+        the prompts are padded to a power of two (at least 16), and one graph per length replays
+        the whole prefill: eagerly its ~90 ops a layer cost more host time than GPU time."""
+        longest, dev = max(len(p) for p in prompts), self.tokens.device
+        graphs = self.mode.endswith("graph")
+        L = min(max(16, 1 << (longest - 1).bit_length()), self.cache.max_seq_len) if graphs else longest
+        rows = [list(p) + [0] * (L - len(p)) for p in prompts] + [[0] * L] * (self.batch_size - len(prompts))
+        lens = [len(p) for p in prompts] + [1] * (self.batch_size - len(prompts))
+        tokens, lens = torch.tensor(rows, device=dev), torch.tensor(lens, device=dev)
+        if not graphs:
+            self.prefill_and_pick(tokens, lens)
+            return
+        if L not in self._prefills:
+            buffers = tokens.clone(), lens.clone()
+            self._prefills[L] = buffers + (self._graph_of(self.prefill_and_pick, *buffers)[0],)
+        buf_tokens, buf_lens, graph = self._prefills[L]
+        buf_tokens.copy_(tokens), buf_lens.copy_(lens)
+        graph.replay()
+
     def _run(self) -> tuple[torch.Tensor, torch.Tensor]:
         """`step_and_pick` on the decoder's own buffers, in this decoder's mode."""
-        if self.linear_op is not None and not self._matvec_tuned:
-            self._tune_matvec()
+        if self.matvec_op is not None and not self._matvec_tuned:
+            # One eager step first: `triton_matvec` times its launch configurations for each call
+            # of the step on the current stream, not inside a compiled call or a graph's warm-up.
+            # It writes this step's k, v at the row's position, which the real step rewrites
+            self.step_eager(self.tokens.clone(), self.positions.clone())
+            self._matvec_tuned = True
         if self.mode == "eager":
             return self.step_and_pick(self.tokens, self.positions)
         if self.mode.startswith("compile") and self._compiled is None:
@@ -6548,18 +6619,10 @@ class StaticDecoder:
         if self.mode == "compile":
             return self._compiled(self.tokens, self.positions)
         if self._graph is None:
-            self._capture()
+            self._graph, self._out = self._graph_of(self._compiled or self.step_and_pick, self.tokens,
+                                                    self.positions)
         self._graph.replay()
         return self._out
-
-    def _tune_matvec(self) -> None:
-        """Time `triton_matvec`'s launch configurations for each weight shape of the step, up front
-        on the current stream, so that no timing runs inside a compiled call or a graph's warm-up."""
-        for layer, pair in zip(self.model.layers, self.fused):
-            for w in _layer_matrices(layer, pair):
-                if (w.shape[0], w.shape[1], w.dtype, w.device) not in _MATVEC_TUNED:
-                    triton_matvec(torch.zeros(1, w.shape[1], device=w.device, dtype=w.dtype), w)
-        self._matvec_tuned = True
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """One step for every row in this decoder's mode: tokens, positions (B,) on the model's
@@ -6568,25 +6631,27 @@ class StaticDecoder:
         self.positions.copy_(positions)
         return self._run()[0]
 
-    def _capture(self) -> None:
+    def _graph_of(self, step: Callable, *buffers: torch.Tensor) -> tuple:
+        """`step(*buffers)` captured in a CUDA graph: a replay reruns it on the buffers' current
+        contents. Returns (graph, the output tensors a replay refills)."""
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        step = self._compiled or self.step_and_pick
         tokens, positions = self.tokens.clone(), self.positions.clone()
         with torch.cuda.stream(stream):
             for _ in range(2):  # warm up: compile, allocations and library handles outside the graph
-                step(self.tokens, self.positions)
+                step(*buffers)
         torch.cuda.current_stream().wait_stream(stream)
-        self._graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self._graph):
-            self._out = step(self.tokens, self.positions)
-        self.tokens.copy_(tokens), self.positions.copy_(positions)  # capture ran the step: undo its advance
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = step(*buffers)
+        self.tokens.copy_(tokens), self.positions.copy_(positions)  # the runs moved the decode buffers: undo
+        return graph, out
 
     @torch.inference_mode()
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                  stop_ids: Sequence[int] = (), check_every: int = 8) -> list[list[int]]:
-        """Greedy: prefill every prompt (the ordinary packed step), then static decode steps that
-        feed each other on the device. The host reads the tokens once at the end, or, with
+        """Greedy: prefill every prompt (`prefill_and_pick`, in static shapes), then static decode
+        steps that feed each other on the device. The host reads the tokens once at the end, or, with
         `stop_ids`, every `check_every` steps to stop early (rows keep only what precedes and
         includes their first stop token; a few steps past it may run and are discarded)."""
         if not 1 <= len(prompts) <= self.batch_size:
@@ -6601,12 +6666,8 @@ class StaticDecoder:
         if max_new_tokens == 0:
             return [[] for _ in prompts]
         self.cache.k.zero_(), self.cache.v.zero_()
-        seqs = [SequenceState(i, list(p)) for i, p in enumerate(prompts)]
-        logits = run_step(self.model, self.cache, seqs, [len(p) for p in prompts])  # prefill
+        self._prefill(prompts)  # leaves each row's first token and its position in the decode buffers
         n, stops = len(prompts), set(stop_ids)
-        self.tokens.zero_(), self.positions.zero_()  # padding rows: token 0 at position 0, then on
-        self.tokens[:n] = logits.argmax(-1)
-        self.positions[:n] = torch.tensor([len(p) for p in prompts], device=self.tokens.device)
         picked = [self.tokens.clone()]
         for i in range(1, max_new_tokens):
             if stops and i % check_every == 0 and _all_stopped(torch.stack(picked, 1)[:n].tolist(), stops):
@@ -6683,22 +6744,42 @@ def _triton_matvec_kernel():
     import triton.language as tl
 
     @triton.jit
-    def matvec_kernel(X, W, Out, N, K, stride_w, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      EVEN: tl.constexpr):
+    def matvec_kernel(X, W, G, R, Out, N, K, stride_w, eps, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      EVEN: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         cols = tl.arange(0, BLOCK_K)
         w_ptrs = W + rows.to(tl.int64)[:, None] * stride_w + cols[None, :]
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # SWIGLU: rows N + row of W
+        squares = tl.zeros((BLOCK_K,), dtype=tl.float32)  # NORM: Σ x², alongside the products
         for k0 in range(0, K, BLOCK_K):
             if EVEN:  # no masks: the shape is a whole number of tiles
-                x = tl.load(X + k0 + cols)
+                x = tl.load(X + k0 + cols).to(tl.float32)
                 w = tl.load(w_ptrs + k0)
             else:
                 in_k = k0 + cols < K
-                x = tl.load(X + k0 + cols, mask=in_k, other=0.0)
+                x = tl.load(X + k0 + cols, mask=in_k, other=0.0).to(tl.float32)
                 w = tl.load(w_ptrs + k0, mask=(rows[:, None] < N) & in_k[None, :], other=0.0)
-            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
-        tl.store(Out + rows, tl.sum(acc, axis=1).to(Out.dtype.element_ty), mask=rows < N)
+            if NORM:
+                squares += x * x
+                x = x * tl.load(G + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
+            acc += w.to(tl.float32) * x[None, :]
+            if SWIGLU:
+                up = tl.load(w_ptrs + N * stride_w + k0, mask=(rows[:, None] < N) & (k0 + cols < K)[None, :],
+                             other=0.0)
+                acc_up += up.to(tl.float32) * x[None, :]
+        out = tl.sum(acc, axis=1)
+        if NORM:  # RMSNorm's 1/rms is one number for the row: it scales the finished dot products
+            out = out * tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
+        if SWIGLU:
+            up_out = tl.sum(acc_up, axis=1)
+            if NORM:
+                up_out = up_out * tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
+            out = out * tl.sigmoid(out) * up_out  # silu(gate) · up
+        if RESIDUAL:  # round as `x + linear(h)` does: the product to the output dtype, then the sum
+            residual = tl.load(R + rows, mask=rows < N).to(tl.float32)
+            out = out.to(Out.dtype.element_ty).to(tl.float32) + residual
+        tl.store(Out + rows, out.to(Out.dtype.element_ty), mask=rows < N)
 
     return matvec_kernel
 
@@ -6706,27 +6787,41 @@ def _triton_matvec_kernel():
 # (BLOCK_N, BLOCK_K, num_warps, num_stages): the candidates timed per weight shape on a GPU
 _MATVEC_CONFIGS = ((8, 256, 4, 3), (8, 512, 4, 3), (16, 256, 4, 3), (16, 512, 8, 3), (4, 512, 4, 4),
                    (4, 1024, 4, 3), (32, 256, 8, 3), (2, 1024, 4, 4))
-_MATVEC_TUNED: dict = {}  # (N, K, dtype, device) → the fastest config
+_MATVEC_TUNED: dict = {}  # (N, K, dtype, device, fusions) → the fastest config
 
 
-def triton_matvec(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def triton_matvec(x: torch.Tensor, w: torch.Tensor, norm: torch.Tensor | None = None, eps: float = 0.0,
+                  residual: torch.Tensor | None = None, swiglu: bool = False) -> torch.Tensor:
     """`F.linear(x, w)` for one row: x (1, K) or (K,), w (N, K) with unit column stride → (…, N)
-    in x's dtype, accumulated in fp32. The launch configuration is tuned on the first call per
-    shape (on a GPU; the interpreter takes the first candidate)."""
+    in x's dtype, accumulated in fp32, with the step's neighbours folded in:
+    - `norm` (K,): RMSNorm of x with this weight and `eps` first, `F.linear(rms_norm(x), w)`;
+    - `swiglu`: w is gate and up stacked (2F, K): returns silu(x·gateᵀ) · (x·upᵀ), (…, F);
+    - `residual` (…, N): returns residual + the product.
+    The launch configuration is tuned on the first call per shape and fusion (on a GPU; the
+    interpreter takes the first candidate)."""
     N, K = w.shape
-    if x.shape[-1] != K or x.numel() != K or w.stride(1) != 1:
+    if x.shape[-1] != K or x.numel() != K or w.stride(1) != 1 or (swiglu and N % 2):
         raise InvalidArgumentError(f"triton_matvec needs one row x (…, {K}) and a weight (N, K) with unit "
-                                   f"column stride; got x {tuple(x.shape)}, w {tuple(w.shape)} strides "
-                                   f"{w.stride()}")
+                                   f"column stride (N even with swiglu); got x {tuple(x.shape)}, w "
+                                   f"{tuple(w.shape)} strides {w.stride()}")
+    N = N // 2 if swiglu else N
+    for name, t, n in (("norm", norm, K), ("residual", residual, N)):
+        if t is not None and (t.numel() != n or t.device != x.device):
+            raise InvalidArgumentError(f"triton_matvec's {name} must hold {n} values on {x.device}; got "
+                                       f"{tuple(t.shape)} on {t.device}")
     kernel, xv = _triton_matvec_kernel(), x.reshape(K).contiguous()
     out = torch.empty(*x.shape[:-1], N, device=x.device, dtype=x.dtype)
+    g = xv if norm is None else norm.reshape(K).contiguous()  # unused pointers point at x
+    r = xv if residual is None else residual.reshape(N).contiguous()
+    fusions = (norm is not None, swiglu, residual is not None)
 
     def launch(cfg):
         bn, bk, warps, stages = cfg
-        kernel[(-(-N // bn),)](xv, w, out, N, K, w.stride(0), BLOCK_N=bn, BLOCK_K=bk,
-                               EVEN=N % bn == 0 and K % bk == 0, num_warps=warps, num_stages=stages)
+        kernel[(-(-N // bn),)](xv, w, g, r, out, N, K, w.stride(0), eps, BLOCK_N=bn, BLOCK_K=bk,
+                               EVEN=N % bn == 0 and K % bk == 0, NORM=fusions[0], SWIGLU=swiglu,
+                               RESIDUAL=fusions[2], num_warps=warps, num_stages=stages)
 
-    key = (N, K, w.dtype, w.device)
+    key = (N, K, w.dtype, w.device, fusions)
     if key not in _MATVEC_TUNED:
         if x.device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
             import triton.testing
@@ -6740,11 +6835,16 @@ def triton_matvec(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def _matvec_op() -> Callable:
-    """`triton_matvec` as a PyTorch operator."""
-    def matvec(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return triton_matvec(x, w)
+    """`triton_matvec` as a PyTorch operator (every argument given: an operator's schema has no
+    defaults here)."""
+    def matvec(x: torch.Tensor, w: torch.Tensor, norm: torch.Tensor | None, eps: float,
+               residual: torch.Tensor | None, swiglu: bool) -> torch.Tensor:
+        return triton_matvec(x, w, norm, eps, residual, swiglu)
 
-    return _lesson_op("matvec", matvec, lambda x, w: x.new_empty(*x.shape[:-1], w.shape[0]))
+    def shape(x, w, norm, eps, residual, swiglu):
+        return x.new_empty(*x.shape[:-1], w.shape[0] // 2 if swiglu else w.shape[0])
+
+    return _lesson_op("matvec", matvec, shape)
 
 
 def _cut_at_stop(row: list[int], stops: set) -> list[int]:

@@ -214,7 +214,8 @@ def bench_matvec(llm, name):
             us = 1e3 * triton.testing.do_bench(lambda fn=fn, x=x, w=w: fn(x, w), warmup=10, rep=50)
             row[f"{method} µs"] = us
             row[f"{method} TB/s"] = w.numel() * w.element_size() / us / 1e6
-        row["config"] = str(llm._MATVEC_TUNED.get((w.shape[0], w.shape[1], w.dtype, w.device)))
+        row["config"] = str(llm._MATVEC_TUNED.get((w.shape[0], w.shape[1], w.dtype, w.device,
+                                                    (False, False, False))))
         rows.append(row)
         print(row, flush=True)
     print(llm.format_table(rows, f"Batch-1 matrix-vector products, {name} shapes, bf16 (measured)"))

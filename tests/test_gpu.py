@@ -71,6 +71,16 @@ def test_cuda_graph_decode_equals_eager(llm, batch):
             assert eager == [llm.generate(model, p, 12) for p in prompts]
 
 
+def test_prefill_graph_per_prompt_length_is_reused(llm):
+    """§10: with graphs, the prefill is replayed from one CUDA graph per padded prompt length (a
+    power of two, at least 16), kept and reused; the tokens equal plain generation's."""
+    model = llm.build_model("tiny", seed=7, device="cuda")
+    dec = llm.StaticDecoder(model, 4, 128, "graph")
+    for prompts in ([[1, 2, 3]], [list(range(5, 40)), [7] * 20], [[9, 8, 7, 6], [3] * 16]):
+        assert dec.generate(prompts, 8) == [llm.generate(model, p, 8, cuda_graphs=False) for p in prompts]
+    assert sorted(dec._prefills) == [16, 64]
+
+
 def test_generate_uses_cuda_graphs_with_the_same_tokens(llm, pair):
     """§10: generate() on a GPU replays a captured decode step by default; the tokens equal the
     eager path's, greedy and sampled, and a second call reuses the captured graph."""

@@ -47,6 +47,27 @@ def test_static_step_logits_equal_packed_step(llm, tiny):
     torch.testing.assert_close(dec.cache.k, cache.k, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("length", [22, 32])
+def test_static_prefill_equals_packed_prefill(llm, tiny, length):
+    """The static prefill (prompts padded at their end to one length, the batch padded with
+    one-token rows) gives the packed prefill's last-token logits, and writes the same cache rows
+    for every prompt token; it leaves the first picks and their positions in the decode buffers."""
+    dec = llm.StaticDecoder(tiny, 4, 64)
+    cache = llm.ContiguousKVCache(tiny.cfg, 3, 64)
+    packed = llm.run_step(tiny, cache, [llm.SequenceState(i, list(p)) for i, p in enumerate(PROMPTS)],
+                          [len(p) for p in PROMPTS])
+    tokens = torch.zeros(4, length, dtype=torch.long)
+    for i, p in enumerate(PROMPTS):
+        tokens[i, :len(p)] = torch.tensor(p)
+    lens = torch.tensor([len(p) for p in PROMPTS] + [1])
+    static = dec.prefill_and_pick(tokens, lens)
+    torch.testing.assert_close(static[:3], packed, atol=1e-5, rtol=1e-5)
+    for i, p in enumerate(PROMPTS):
+        for ours, theirs in ((dec.cache.k, cache.k), (dec.cache.v, cache.v)):
+            torch.testing.assert_close(ours[:, i, :, :len(p)], theirs[:, i, :, :len(p)], atol=1e-6, rtol=1e-5)
+    assert dec.tokens.tolist() == static.argmax(-1).tolist() and dec.positions.tolist() == lens.tolist()
+
+
 def test_fused_projections_are_views_and_change_nothing(llm):
     """q/k/v and gate/up become row blocks of one matrix each: the modules' weights alias it (no
     extra memory), the model's logits do not move, the fused step equals the unfused one, and a
@@ -237,7 +258,7 @@ def test_triton_matvec_equals_linear(llm, shape, dtype):
     w, x = (torch.randn(n, K, generator=g).to(DEVICE, dtype) for n in (N, 1))
     ref = torch.nn.functional.linear(x.double(), w.double())
     tol = (1e-4 if dtype == torch.float32 else torch.finfo(dtype).eps) * ref.abs().max().item()
-    key = (N, K, w.dtype, w.device)
+    key = (N, K, w.dtype, w.device, (False, False, False))
     try:
         for cfg in llm._MATVEC_CONFIGS:
             llm._MATVEC_TUNED[key] = cfg
@@ -250,12 +271,61 @@ def test_triton_matvec_equals_linear(llm, shape, dtype):
 
 
 @needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(64, 256), (37, 300)])
+def test_triton_matvec_fusions_equal_their_pytorch_ops(llm, shape, dtype):
+    """The neighbours folded into the kernel give what the step's PyTorch ops give: RMSNorm before
+    the product, silu(gate) · up after a stacked gate/up weight, the residual add after; for the
+    first launch configurations (tiles filled and masked). In fp32 to 1e-4 of the largest value, in
+    bf16 to 4 roundings of it (the kernel rounds fewer times than the ops)."""
+    N, K = shape
+    g = torch.Generator().manual_seed(K)
+    w, x, res = (torch.randn(*s, generator=g).to(DEVICE, dtype) for s in ((2 * N, K), (1, K), (1, N)))
+    norm = llm.RMSNorm(K, 1e-5).to(DEVICE)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(K, generator=g) + 0.5)
+    norm = norm.to(dtype)
+
+    def rms(v):  # the model's RMSNorm in float64
+        return v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + norm.eps) * norm.weight.double()
+
+    def swiglu(h):
+        gate, up = h.chunk(2, dim=-1)
+        return torch.nn.functional.silu(gate) * up
+
+    xd, wd, lin = x.double(), w.double(), torch.nn.functional.linear
+    cases = {  # kwargs → reference in float64
+        "norm": (dict(norm=norm.weight, eps=norm.eps), lin(rms(xd), wd)),
+        "norm+swiglu": (dict(norm=norm.weight, eps=norm.eps, swiglu=True), swiglu(lin(rms(xd), wd))),
+        "swiglu": (dict(swiglu=True), swiglu(lin(xd, wd))),
+        "residual": (dict(residual=res), res.double() + lin(xd, wd[:N])),
+    }
+    for name, (kwargs, ref) in cases.items():
+        weight = w[:N] if name == "residual" else w
+        tol = (1e-4 if dtype == torch.float32 else 4 * torch.finfo(dtype).eps) * ref.abs().max().item()
+        fusions = ("norm" in kwargs, kwargs.get("swiglu", False), "residual" in kwargs)
+        key = (ref.shape[-1], K, w.dtype, w.device, fusions)
+        try:
+            for cfg in llm._MATVEC_CONFIGS[:3]:
+                llm._MATVEC_TUNED[key] = cfg
+                out = llm.triton_matvec(x, weight, **kwargs)
+                assert out.shape == ref.shape and out.dtype == dtype, name
+                assert (out.double() - ref).abs().max().item() < tol, (name, cfg)
+        finally:
+            llm._MATVEC_TUNED.pop(key, None)
+
+
+@needs_triton
 def test_triton_matvec_rejects_bad_input(llm):
     w = torch.randn(16, 32, device=DEVICE)
     with pytest.raises(llm.InvalidArgumentError, match="one row"):
         llm.triton_matvec(torch.randn(2, 32, device=DEVICE), w)
     with pytest.raises(llm.InvalidArgumentError, match="unit"):
         llm.triton_matvec(torch.randn(1, 16, device=DEVICE), w.t())
+    with pytest.raises(llm.InvalidArgumentError, match="residual"):
+        llm.triton_matvec(torch.randn(1, 32, device=DEVICE), w, residual=torch.randn(1, 8, device=DEVICE))
+    with pytest.raises(llm.InvalidArgumentError, match="even"):
+        llm.triton_matvec(torch.randn(1, 32, device=DEVICE), w[:15], swiglu=True)
 
 
 @needs_triton
@@ -266,9 +336,10 @@ def test_matvec_operator_inside_torch_compile_and_static_decoder(llm):
     op = llm._matvec_op()
     w, x = torch.randn(48, 96, device=DEVICE), torch.randn(1, 96, device=DEVICE)
     ref = x @ w.T
-    torch.testing.assert_close(op(x, w), ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(op(x, w, None, 0.0, None, False), ref, atol=1e-4, rtol=1e-4)
     try:
-        out = torch.compile(lambda x, w: op(x * 2.0, w) + 1.0, dynamic=False, fullgraph=True)(x, w)
+        out = torch.compile(lambda x, w: op(x * 2.0, w, None, 0.0, None, False) + 1.0, dynamic=False,
+                            fullgraph=True)(x, w)
     except Exception as exc:  # no C++ compiler here
         pytest.skip(f"torch.compile cannot build on this machine: {type(exc).__name__}")
     torch.testing.assert_close(out, 2 * ref + 1, atol=1e-4, rtol=1e-4)
@@ -276,7 +347,7 @@ def test_matvec_operator_inside_torch_compile_and_static_decoder(llm):
     modes = ("eager", "compile+graph") if DEVICE == "cuda" else ("eager",)
     for mode in modes:
         dec = llm.StaticDecoder(model, 1, 40, mode)
-        dec.linear_op = op
+        dec.matvec_op = op
         for prompt in PROMPTS:
             assert dec.generate([prompt], 8) == [llm.generate(model, prompt, 8, cuda_graphs=False)]
     assert not llm._use_matvec(model, 1)  # the tiny model's matrices are too small to choose it
@@ -284,5 +355,5 @@ def test_matvec_operator_inside_torch_compile_and_static_decoder(llm):
     q = llm.quantize_model(model, llm.rtn_quantizer(8, 128))
     ref = llm.StaticDecoder(q, 1, 40).generate(PROMPTS[:1], 6)
     dec = llm.StaticDecoder(q, 1, 40)
-    dec.linear_op = op
+    dec.matvec_op = op
     assert dec.generate(PROMPTS[:1], 6) == ref
