@@ -6756,17 +6756,24 @@ def _triton_matvec_kernel():
             if EVEN:  # no masks: the shape is a whole number of tiles
                 x = tl.load(X + k0 + cols).to(tl.float32)
                 w = tl.load(w_ptrs + k0)
+                if NORM:
+                    g = tl.load(G + k0 + cols).to(tl.float32)
+                if SWIGLU:
+                    up = tl.load(w_ptrs + N * stride_w + k0)
             else:
                 in_k = k0 + cols < K
+                in_w = (rows[:, None] < N) & in_k[None, :]
                 x = tl.load(X + k0 + cols, mask=in_k, other=0.0).to(tl.float32)
-                w = tl.load(w_ptrs + k0, mask=(rows[:, None] < N) & in_k[None, :], other=0.0)
+                w = tl.load(w_ptrs + k0, mask=in_w, other=0.0)
+                if NORM:
+                    g = tl.load(G + k0 + cols, mask=in_k, other=0.0).to(tl.float32)
+                if SWIGLU:
+                    up = tl.load(w_ptrs + N * stride_w + k0, mask=in_w, other=0.0)
             if NORM:
                 squares += x * x
-                x = x * tl.load(G + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
+                x = x * g
             acc += w.to(tl.float32) * x[None, :]
             if SWIGLU:
-                up = tl.load(w_ptrs + N * stride_w + k0, mask=(rows[:, None] < N) & (k0 + cols < K)[None, :],
-                             other=0.0)
                 acc_up += up.to(tl.float32) * x[None, :]
         out = tl.sum(acc, axis=1)
         if NORM:  # RMSNorm's 1/rms is one number for the row: it scales the finished dot products

@@ -196,29 +196,49 @@ def profile_step(llm, model, context, new_tokens):
 def bench_matvec(llm, name):
     """Each distinct batch-1 projection of the model's decode step, one matrix-vector product at a
     time (L2 flushed between runs): cuBLAS (`F.linear`), the compiler's tuned reduction, and
-    `triton_matvec`, in µs and in TB/s of weight read."""
+    `triton_matvec`, plain and with the neighbours the step folds in (norm, SiLU·up, residual), in
+    µs and in TB/s of weight read; then the folded call under every launch configuration."""
     import triton.testing
 
     model, cfg = random_model(llm, name)
-    first = llm._layer_matrices(model.layers[0], llm.fuse_projections(model)[0])
+    layer = model.layers[0]
+    first = llm._layer_matrices(layer, llm.fuse_projections(model)[0])
     weights = dict(zip(("q/k/v", "wo", "gate/up", "down"), first)) | {"lm_head": model.lm_head.weight}
+    dim = torch.randn(1, cfg.dim, device="cuda", dtype=torch.bfloat16)
+    folded = {"q/k/v": dict(norm=layer.attn_norm.weight, eps=layer.attn_norm.eps), "wo": dict(residual=dim),
+              "gate/up": dict(norm=layer.mlp_norm.weight, eps=layer.mlp_norm.eps, swiglu=True),
+              "down": dict(residual=dim), "lm_head": dict(norm=model.norm.weight, eps=model.norm.eps)}
     compiled = torch.compile(torch.nn.functional.linear, dynamic=False,
                              options={"coordinate_descent_tuning": True})
-    rows = []
+    rows, spread = [], []
     for label, w in weights.items():
         x = torch.randn(1, w.shape[1], device="cuda", dtype=w.dtype)
         row = {"model": name, "matrix": label, "N × K": f"{w.shape[0]} × {w.shape[1]}"}
         for method, fn in (("cuBLAS", torch.nn.functional.linear), ("compiled", compiled),
-                           ("triton_matvec", llm.triton_matvec)):
+                           ("triton_matvec", llm.triton_matvec),
+                           ("folded", functools.partial(llm.triton_matvec, **folded[label]))):
             fn(x, w)
             us = 1e3 * triton.testing.do_bench(lambda fn=fn, x=x, w=w: fn(x, w), warmup=10, rep=50)
             row[f"{method} µs"] = us
             row[f"{method} TB/s"] = w.numel() * w.element_size() / us / 1e6
-        row["config"] = str(llm._MATVEC_TUNED.get((w.shape[0], w.shape[1], w.dtype, w.device,
-                                                    (False, False, False))))
+        kw = folded[label]
+        fusions = ("norm" in kw, kw.get("swiglu", False), "residual" in kw)
+        n_out = w.shape[0] // 2 if fusions[1] else w.shape[0]
+        keys = [(n, w.shape[1], w.dtype, w.device, f)
+                for n, f in ((w.shape[0], (False,) * 3), (n_out, fusions))]
+        row["config"], row["folded config"] = (str(llm._MATVEC_TUNED.get(k)) for k in keys)
         rows.append(row)
         print(row, flush=True)
+        chosen = llm._MATVEC_TUNED[keys[1]]
+        times = []
+        for c in llm._MATVEC_CONFIGS:
+            llm._MATVEC_TUNED[keys[1]] = c
+            us = 1e3 * triton.testing.do_bench(lambda x=x, w=w, kw=kw: llm.triton_matvec(x, w, **kw))
+            times.append(f"{c}: {us:.1f}")
+        llm._MATVEC_TUNED[keys[1]] = chosen
+        spread.append(f"{label} folded, µs per config: " + ", ".join(times))
     print(llm.format_table(rows, f"Batch-1 matrix-vector products, {name} shapes, bf16 (measured)"))
+    print("\n".join(spread), flush=True)
 
 
 def main():
