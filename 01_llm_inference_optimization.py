@@ -6500,7 +6500,6 @@ class StaticDecoder:
         self.positions = torch.zeros(batch_size, dtype=torch.long, device=model.device)
         self._graph, self._out, self._compiled = None, None, None
         self._prefills: dict = {}  # prompt length → (token buffer, length buffer, CUDA graph)
-        self._compiled_prefill = None
         self.fused = fuse_projections(model)  # q/k/v and gate/up as one matmul each
         # On a GPU, attention is §7's split-K Triton kernel: PyTorch's SDPA launches one program
         # per head for a single query row (32 of the H200's 132 SMs for LLaMA-2-7B), 8.4 µs plus
@@ -6582,9 +6581,7 @@ class StaticDecoder:
     def _prefill(self, prompts: Sequence[Sequence[int]]) -> None:
         """`prefill_and_pick` for the prompts (rows past them: token 0, length 1). With CUDA graphs
         the prompts are padded to a power of two (at least 16), and one graph per length replays
-        the whole prefill: eagerly its ~90 ops a layer cost more host time than GPU time. In
-        "compile+graph" the prefill is compiled first (its elementwise ops fused); on a CPU it
-        runs eagerly (compiling it would double the compile time for a step that runs once)."""
+        the whole prefill: eagerly its ~90 ops a layer cost more host time than GPU time."""
         longest, dev = max(len(p) for p in prompts), self.tokens.device
         graphs = self.mode.endswith("graph")
         L = min(max(16, 1 << (longest - 1).bit_length()), self.cache.max_seq_len) if graphs else longest
@@ -6596,11 +6593,7 @@ class StaticDecoder:
             return
         if L not in self._prefills:
             buffers = tokens.clone(), lens.clone()
-            if self.mode == "compile+graph" and self._compiled_prefill is None:
-                self._compiled_prefill = torch.compile(self.prefill_and_pick, dynamic=False, fullgraph=True,
-                                                       options={"coordinate_descent_tuning": True})
-            prefill = self._compiled_prefill or self.prefill_and_pick
-            self._prefills[L] = buffers + (self._graph_of(prefill, *buffers)[0],)
+            self._prefills[L] = buffers + (self._graph_of(self.prefill_and_pick, *buffers)[0],)
         buf_tokens, buf_lens, graph = self._prefills[L]
         buf_tokens.copy_(tokens), buf_lens.copy_(lens)
         graph.replay()
