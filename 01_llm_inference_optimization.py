@@ -6341,7 +6341,11 @@ the steps can still make the GPU wait. If the host reads each new token (`.tolis
 launches the next step, the GPU idles for that round trip every token. So the captured call is
 `step_and_pick`: the step, the greedy pick, and the next step's inputs written in place (the
 picked tokens, positions + 1). `generate` replays it back to back and reads all tokens once at
-the end, or every `check_every` steps when it must watch for a stop token. What a profile of
+the end, or every `check_every` steps when it must watch for a stop token. The prefill gets the
+same treatment: `prefill_and_pick` is the decode step over every prompt token at once (B·L rows,
+causal attention inside each prompt, prompts padded at their end), captured once per padded
+length; run eagerly it issued ~90 ops a layer and took ~37 ms of a 545 ms LLaMA-2-7B
+generation on the H200, captured about 10 ms of 515. What a profile of
 the compiled LLaMA-2-7B step on an H200 showed next: the matrix-vector products ran at 2.8–4.4
 TB/s (a copy runs at 4.2), and PyTorch's attention took 8% of the step, since for one query row
 it launches one program per head; §7's split-K kernel, wrapped as a PyTorch operator
@@ -6724,13 +6728,21 @@ accumulating products elementwise in fp32, and sums across the tile once at the 
 launch configurations are timed per weight shape on first use (with the L2 cache flushed between
 runs: a 4096 × 4096 bf16 matrix fits in the H200's 50 MB L2, so an unflushed loop would time the
 cache). Like §7's kernel it is wrapped as a PyTorch operator (`_matvec_op`), which torch.compile
-calls as it is; the norms and the SiLU·up product around it become small kernels of their own
-(1–3 µs each). Measured on the H200 (LLaMA-2-7B shapes, B=1, compiled and captured): the four
-projections of a layer took 102 µs for 405 MB (3.97 TB/s, 94% of the copy bandwidth), the step
-3.90 ms of GPU time, 235 tok/s end to end with the prefill (75% of the bandwidth limit) against
-202–216 tok/s with the compiler's reductions in the same session. For SmolLM2's small matrices
-(0.6 MiB) a launch costs more than the read, and the compiler's fused kernels stay
-(`_use_matvec`).
+calls as it is.
+
+Left alone, the ops around it would be small kernels of their own (1–3 µs each, ~100 a step):
+the RMSNorm before q/k/v and gate/up, SiLU·up after gate/up, the residual add after wo and down.
+The kernel folds them in. The residual is an epilogue (add the old x to the finished row). SiLU·up
+needs a gate row and its up row in the same program: with gate and up stacked as one matrix,
+each program also walks row N + n. The norm looks harder, since it needs all of x before any
+product starts, but RMSNorm is `x · g / rms(x)`, and 1/rms(x) is one number for the whole row:
+each program multiplies x by g on the fly, accumulates Σx² alongside its dot products (it reads
+all of x anyway), and scales its finished sums by 1/rms once. Measured on the H200 (LLaMA-2-7B
+shapes, B=1, compiled and captured): without the folds the projections took 102 µs a layer for
+405 MB (3.97 TB/s) and the norms and SiLU·up another ~6 µs; with them, 109 µs a layer with
+nothing around them, so the step stayed at about 3.9 ms of GPU time: the folded norm costs inside
+the kernel (every program loads g along with x) about what its own kernel cost. For SmolLM2's
+small matrices (0.6 MiB) the compiled step keeps the compiler's fused kernels (`_use_matvec`).
 """
 
 
