@@ -7117,13 +7117,15 @@ def measure_fast_path(model: str = "smollm2", device=None, batch_sizes: Sequence
                       f"batch 1, measured before each row, read {span} tok/s (measured)")
 
 
-def demonstrate_fast_path(model: str = "smollm2", device=None, quick: bool = False) -> "Report":
-    """Launch overhead, then eager vs compiled (vs CUDA graph on a GPU) decode, measured."""
+def demonstrate_fast_path(model: str = "smollm2", device=None, quick: bool = False,
+                          seed: int = 0) -> "Report":
+    """Launch overhead, then eager vs compiled (vs CUDA graph on a GPU) decode, measured; `seed`
+    picks the random prompts."""
     overhead = analyze_launch_overhead(model, device)
     print(overhead)
     on_gpu = pick_device(device).type == "cuda"
     modes = measure_fast_path(model, device, (1, 8) if on_gpu and not quick else (1,),
-                              new_tokens=16 if quick else 32, compile_step=not quick)
+                              new_tokens=16 if quick else 32, seed=seed, compile_step=not quick)
     print(modes)
     row = overhead[0]
     print(f"Takeaway: one decode step dispatches {row['ops per step']} operations at about "
