@@ -6564,9 +6564,10 @@ class StaticDecoder:
         t = torch.arange(L, device=dev).repeat(B)
         b = torch.arange(B, device=dev).repeat_interleave(L)[:, None].expand(B * L, Hkv)
         h = torch.arange(Hkv, device=dev)[None, :].expand(B * L, Hkv)
+        t_bh = t[:, None].expand(B * L, Hkv)
 
         def attend(i, q, k, v):
-            _write_rows(cache.k, cache.v, (torch.full_like(b, i), b, h, t[:, None].expand(B * L, Hkv)), k, v)
+            _write_rows(cache.k, cache.v, (torch.full_like(b, i), b, h, t_bh), k, v)
             q, k, v = (z.reshape(B, L, -1, D).transpose(1, 2) for z in (q, k, v))
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=H != Hkv)
             return o.transpose(1, 2).reshape(B * L, H, D)
@@ -6789,11 +6790,12 @@ def _triton_matvec_kernel():
                 acc_up += up.to(tl.float32) * x[None, :]
         out = tl.sum(acc, axis=1)
         if NORM:  # RMSNorm's 1/rms is one number for the row: it scales the finished dot products
-            out = out * tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
+            rstd = tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
+            out = out * rstd
         if SWIGLU:
             up_out = tl.sum(acc_up, axis=1)
             if NORM:
-                up_out = up_out * tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
+                up_out = up_out * rstd
             out = out * tl.sigmoid(out) * up_out  # silu(gate) · up
         if RESIDUAL:  # round as `x + linear(h)` does: the product to the output dtype, then the sum
             residual = tl.load(R + rows, mask=rows < N).to(tl.float32)
@@ -6806,7 +6808,14 @@ def _triton_matvec_kernel():
 # (BLOCK_N, BLOCK_K, num_warps, num_stages): the candidates timed per weight shape on a GPU
 _MATVEC_CONFIGS = ((8, 256, 4, 3), (8, 512, 4, 3), (16, 256, 4, 3), (16, 512, 8, 3), (4, 512, 4, 4),
                    (4, 1024, 4, 3), (32, 256, 8, 3), (2, 1024, 4, 4))
-_MATVEC_TUNED: dict = {}  # (N, K, dtype, device, fusions) → the fastest config
+_MATVEC_TUNED: dict = {}  # _matvec_key(…) → the fastest config
+
+
+def _matvec_key(w: torch.Tensor, norm: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+                swiglu: bool = False) -> tuple:
+    """What a launch configuration is tuned for: the output rows, K, dtype, device and the folds."""
+    N, K = w.shape
+    return (N // 2 if swiglu else N, K, w.dtype, w.device, (norm is not None, swiglu, residual is not None))
 
 
 def triton_matvec(x: torch.Tensor, w: torch.Tensor, norm: torch.Tensor | None = None, eps: float = 0.0,
@@ -6832,15 +6841,14 @@ def triton_matvec(x: torch.Tensor, w: torch.Tensor, norm: torch.Tensor | None = 
     out = torch.empty(*x.shape[:-1], N, device=x.device, dtype=x.dtype)
     g = xv if norm is None else norm.reshape(K).contiguous()  # unused pointers point at x
     r = xv if residual is None else residual.reshape(N).contiguous()
-    fusions = (norm is not None, swiglu, residual is not None)
 
     def launch(cfg):
         bn, bk, warps, stages = cfg
         kernel[(-(-N // bn),)](xv, w, g, r, out, N, K, w.stride(0), eps, BLOCK_N=bn, BLOCK_K=bk,
-                               EVEN=N % bn == 0 and K % bk == 0, NORM=fusions[0], SWIGLU=swiglu,
-                               RESIDUAL=fusions[2], num_warps=warps, num_stages=stages)
+                               EVEN=N % bn == 0 and K % bk == 0, NORM=norm is not None, SWIGLU=swiglu,
+                               RESIDUAL=residual is not None, num_warps=warps, num_stages=stages)
 
-    key = (N, K, w.dtype, w.device, fusions)
+    key = _matvec_key(w, norm, residual, swiglu)
     if key not in _MATVEC_TUNED:
         if x.device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
             import triton.testing

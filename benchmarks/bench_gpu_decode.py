@@ -222,20 +222,18 @@ def bench_matvec(llm, name):
             row[f"{method} µs"] = us
             row[f"{method} TB/s"] = w.numel() * w.element_size() / us / 1e6
         kw = folded[label]
-        fusions = ("norm" in kw, kw.get("swiglu", False), "residual" in kw)
-        n_out = w.shape[0] // 2 if fusions[1] else w.shape[0]
-        keys = [(n, w.shape[1], w.dtype, w.device, f)
-                for n, f in ((w.shape[0], (False,) * 3), (n_out, fusions))]
-        row["config"], row["folded config"] = (str(llm._MATVEC_TUNED.get(k)) for k in keys)
+        key = llm._matvec_key(w, kw.get("norm"), kw.get("residual"), kw.get("swiglu", False))
+        row["config"] = str(llm._MATVEC_TUNED.get(llm._matvec_key(w)))
+        row["folded config"] = str(llm._MATVEC_TUNED.get(key))
         rows.append(row)
         print(row, flush=True)
-        chosen = llm._MATVEC_TUNED[keys[1]]
+        chosen = llm._MATVEC_TUNED[key]
         times = []
         for c in llm._MATVEC_CONFIGS:
-            llm._MATVEC_TUNED[keys[1]] = c
+            llm._MATVEC_TUNED[key] = c
             us = 1e3 * triton.testing.do_bench(lambda x=x, w=w, kw=kw: llm.triton_matvec(x, w, **kw))
             times.append(f"{c}: {us:.1f}")
-        llm._MATVEC_TUNED[keys[1]] = chosen
+        llm._MATVEC_TUNED[key] = chosen
         spread.append(f"{label} folded, µs per config: " + ", ".join(times))
     print(llm.format_table(rows, f"Batch-1 matrix-vector products, {name} shapes, bf16 (measured)"))
     print("\n".join(spread), flush=True)

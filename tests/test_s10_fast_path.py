@@ -258,7 +258,7 @@ def test_triton_matvec_equals_linear(llm, shape, dtype):
     w, x = (torch.randn(n, K, generator=g).to(DEVICE, dtype) for n in (N, 1))
     ref = torch.nn.functional.linear(x.double(), w.double())
     tol = (1e-4 if dtype == torch.float32 else torch.finfo(dtype).eps) * ref.abs().max().item()
-    key = (N, K, w.dtype, w.device, (False, False, False))
+    key = llm._matvec_key(w)
     try:
         for cfg in llm._MATVEC_CONFIGS:
             llm._MATVEC_TUNED[key] = cfg
@@ -303,8 +303,7 @@ def test_triton_matvec_fusions_equal_their_pytorch_ops(llm, shape, dtype):
     for name, (kwargs, ref) in cases.items():
         weight = w[:N] if name == "residual" else w
         tol = (1e-4 if dtype == torch.float32 else 4 * torch.finfo(dtype).eps) * ref.abs().max().item()
-        fusions = ("norm" in kwargs, kwargs.get("swiglu", False), "residual" in kwargs)
-        key = (ref.shape[-1], K, w.dtype, w.device, fusions)
+        key = llm._matvec_key(weight, kwargs.get("norm"), kwargs.get("residual"), kwargs.get("swiglu", False))
         try:
             for cfg in llm._MATVEC_CONFIGS[:3]:
                 llm._MATVEC_TUNED[key] = cfg
