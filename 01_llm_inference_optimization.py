@@ -6515,7 +6515,7 @@ class StaticDecoder:
         self.attention_op = _flash_decode_op() if split_k else None  # None: SDPA with a mask
         # At batch 1 on a GPU, the projections run `triton_matvec` with the norms, SiLU·up and the
         # residual adds folded in (None: PyTorch's ops, which the compiler may rewrite and fuse)
-        self.matvec_op = _matvec_op() if _use_matvec(model, batch_size) else None
+        self.matvec_op = _matvec_op() if _use_matvec(model, batch_size, mode.startswith("compile")) else None
         self._matvec_tuned = False
 
     def step_eager(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -6686,12 +6686,15 @@ class StaticDecoder:
         return [_cut_at_stop(row, stops) for row in outputs]
 
 
-def _use_matvec(model: Transformer, batch_size: int) -> bool:
-    """Batch 1 on a GPU, with matrices big enough that reading one outlasts a kernel launch: the
-    smallest projection (dim × dim) at least 8 MiB (LLaMA-2-7B's is 32 MiB, SmolLM2's 0.6 MiB,
-    where the compiler's fused reductions save more kernels than a better read gains)."""
+def _use_matvec(model: Transformer, batch_size: int, compiled: bool) -> bool:
+    """Batch 1 on a GPU. Uncompiled, always: the folds replace ~5 small kernels a layer (SmolLM2
+    shapes, H200, graph mode: 556 tok/s with it, 341 without). Compiled, only with matrices big
+    enough that reading one outlasts a kernel launch: the smallest projection (dim × dim) at least
+    8 MiB (LLaMA-2-7B's is 32 MiB, SmolLM2's 0.6 MiB, where the compiler's own fused kernels
+    do as well)."""
     smallest = model.cfg.dim ** 2 * model.dtype.itemsize
-    return batch_size == 1 and model.device.type == "cuda" and smallest >= 8 * 2**20 and triton_available()
+    return (batch_size == 1 and model.device.type == "cuda" and triton_available()
+            and (not compiled or smallest >= 8 * 2**20))
 
 
 def _lesson_op(name: str, impl: Callable, fake: Callable) -> Callable:
@@ -6807,7 +6810,7 @@ def _triton_matvec_kernel():
 
 # (BLOCK_N, BLOCK_K, num_warps, num_stages): the candidates timed per weight shape on a GPU
 _MATVEC_CONFIGS = ((8, 256, 4, 3), (8, 512, 4, 3), (16, 256, 4, 3), (16, 512, 8, 3), (4, 512, 4, 4),
-                   (4, 1024, 4, 3), (32, 256, 8, 3), (2, 1024, 4, 4))
+                   (4, 1024, 4, 3), (32, 256, 8, 3), (2, 1024, 4, 4), (8, 1024, 8, 3), (16, 1024, 8, 2))
 _MATVEC_TUNED: dict = {}  # _matvec_key(…) → the fastest config
 
 
@@ -6842,23 +6845,53 @@ def triton_matvec(x: torch.Tensor, w: torch.Tensor, norm: torch.Tensor | None = 
     g = xv if norm is None else norm.reshape(K).contiguous()  # unused pointers point at x
     r = xv if residual is None else residual.reshape(N).contiguous()
 
-    def launch(cfg):
+    def launch(cfg, weight=w):
         bn, bk, warps, stages = cfg
-        kernel[(-(-N // bn),)](xv, w, g, r, out, N, K, w.stride(0), eps, BLOCK_N=bn, BLOCK_K=bk,
+        kernel[(-(-N // bn),)](xv, weight, g, r, out, N, K, w.stride(0), eps, BLOCK_N=bn, BLOCK_K=bk,
                                EVEN=N % bn == 0 and K % bk == 0, NORM=norm is not None, SWIGLU=swiglu,
                                RESIDUAL=residual is not None, num_warps=warps, num_stages=stages)
 
     key = _matvec_key(w, norm, residual, swiglu)
     if key not in _MATVEC_TUNED:
         if x.device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
-            import triton.testing
-            times = [triton.testing.do_bench(lambda c=c: launch(c), warmup=5, rep=20)
-                     for c in _MATVEC_CONFIGS]
+            times = _time_matvec_configs(launch, w)
             _MATVEC_TUNED[key] = _MATVEC_CONFIGS[times.index(min(times))]
         else:
             _MATVEC_TUNED[key] = _MATVEC_CONFIGS[0]
     launch(_MATVEC_TUNED[key])
     return out
+
+
+def _time_matvec_configs(launch: Callable, w: torch.Tensor, rounds: int = 7) -> list[float]:
+    """µs per launch of `launch(cfg, weight)` for each of `_MATVEC_CONFIGS`, timed the way the
+    decode step runs it: back to back inside a CUDA graph (no launch gaps), each launch reading a
+    different copy of the weight, enough copies to overflow the L2 cache four times over (so every
+    read comes from memory, as in a step that streams 13 GB of weights; at most 64), and the median of
+    `rounds` rounds that visit the candidates in turn (so a clock change hits all of them alike).
+    Timing one launch at a time instead (even with L2 flushed) moved the pick by several µs from
+    run to run and ranked some candidates differently than the captured step did."""
+    spill = 4 * torch.cuda.get_device_properties(w.device).L2_cache_size
+    copies = [w] + [w.clone() for _ in range(min(-(-spill // (w.numel() * w.element_size())), 64) - 1)]
+    graphs = []
+    for cfg in _MATVEC_CONFIGS:
+        launch(cfg)  # compiles this variant outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(2):
+                for weight in copies:
+                    launch(cfg, weight)
+        graphs.append(graph)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = [[] for _ in graphs]
+    for _ in range(rounds):
+        for graph, ms in zip(graphs, times):
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            ms.append(start.elapsed_time(end))
+    return [1e3 * float(np.median(ms)) / (2 * len(copies)) for ms in times]
 
 
 def _matvec_op() -> Callable:

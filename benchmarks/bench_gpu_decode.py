@@ -228,13 +228,21 @@ def bench_matvec(llm, name):
         rows.append(row)
         print(row, flush=True)
         chosen = llm._MATVEC_TUNED[key]
-        times = []
+        single = []
         for c in llm._MATVEC_CONFIGS:
             llm._MATVEC_TUNED[key] = c
-            us = 1e3 * triton.testing.do_bench(lambda x=x, w=w, kw=kw: llm.triton_matvec(x, w, **kw))
-            times.append(f"{c}: {us:.1f}")
+            us = triton.testing.do_bench(lambda x=x, w=w, kw=kw: llm.triton_matvec(x, w, **kw))
+            single.append(1e3 * us)
+
+        def launch(c, weight=w, x=x, kw=kw, key=key):
+            llm._MATVEC_TUNED[key] = c
+            llm.triton_matvec(x, weight, **kw)
+
+        graphed = llm._time_matvec_configs(launch, w)
         llm._MATVEC_TUNED[key] = chosen
-        spread.append(f"{label} folded, µs per config: " + ", ".join(times))
+        spread.append(f"{label} folded (picked {chosen}), µs per config, in a graph / one launch: "
+                      + ", ".join(f"{c}: {a:.1f} / {b:.1f}"
+                                  for c, a, b in zip(llm._MATVEC_CONFIGS, graphed, single)))
     print(llm.format_table(rows, f"Batch-1 matrix-vector products, {name} shapes, bf16 (measured)"))
     print("\n".join(spread), flush=True)
 
@@ -274,7 +282,7 @@ def main():
             a @ a
             torch.cuda.synchronize()
     if args.matvec_mode != "auto":
-        llm._use_matvec = lambda model, batch_size: args.matvec_mode == "on" and batch_size == 1
+        llm._use_matvec = lambda model, batch_size, compiled: args.matvec_mode == "on" and batch_size == 1
     if args.matvec:
         for name in args.models:
             bench_matvec(llm, name)

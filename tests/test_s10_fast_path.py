@@ -349,7 +349,11 @@ def test_matvec_operator_inside_torch_compile_and_static_decoder(llm):
         dec.matvec_op = op
         for prompt in PROMPTS:
             assert dec.generate([prompt], 8) == [llm.generate(model, prompt, 8, cuda_graphs=False)]
-    assert not llm._use_matvec(model, 1)  # the tiny model's matrices are too small to choose it
+    # The tiny model's matrices are too small for a compiled step to choose it; uncompiled steps
+    # take it at batch 1 wherever it can run (a GPU)
+    assert not llm._use_matvec(model, 1, compiled=True)
+    assert llm._use_matvec(model, 1, compiled=False) == (DEVICE == "cuda")
+    assert not llm._use_matvec(model, 2, compiled=False)
     # §8's quantized layers keep their own forward; the kernel runs only where a weight is plain
     q = llm.quantize_model(model, llm.rtn_quantizer(8, 128))
     ref = llm.StaticDecoder(q, 1, 40).generate(PROMPTS[:1], 6)
