@@ -282,7 +282,7 @@ def main():
             a @ a
             torch.cuda.synchronize()
     if args.matvec_mode != "auto":
-        llm._use_matvec = lambda model, batch_size, compiled: args.matvec_mode == "on" and batch_size == 1
+        llm._use_matvec = lambda model, batch_size: args.matvec_mode == "on" and batch_size == 1
     if args.matvec:
         for name in args.models:
             bench_matvec(llm, name)

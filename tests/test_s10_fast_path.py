@@ -330,7 +330,7 @@ def test_triton_matvec_rejects_bad_input(llm):
 @needs_triton
 def test_matvec_operator_inside_torch_compile_and_static_decoder(llm):
     """As a PyTorch operator the kernel compiles opaquely inside a compiled function, and a batch-1
-    StaticDecoder whose projections run it (the default at batch 1 on a GPU for large matrices)
+    StaticDecoder whose projections run it (the default at batch 1 on a GPU)
     decodes plain generation's tokens, eagerly and (on a GPU) compiled and captured."""
     op = llm._matvec_op()
     w, x = torch.randn(48, 96, device=DEVICE), torch.randn(1, 96, device=DEVICE)
@@ -349,11 +349,9 @@ def test_matvec_operator_inside_torch_compile_and_static_decoder(llm):
         dec.matvec_op = op
         for prompt in PROMPTS:
             assert dec.generate([prompt], 8) == [llm.generate(model, prompt, 8, cuda_graphs=False)]
-    # The tiny model's matrices are too small for a compiled step to choose it; uncompiled steps
-    # take it at batch 1 wherever it can run (a GPU)
-    assert not llm._use_matvec(model, 1, compiled=True)
-    assert llm._use_matvec(model, 1, compiled=False) == (DEVICE == "cuda")
-    assert not llm._use_matvec(model, 2, compiled=False)
+    # A StaticDecoder takes it at batch 1 wherever it can run (a GPU), never for a batch
+    assert llm._use_matvec(model, 1) == (DEVICE == "cuda")
+    assert not llm._use_matvec(model, 2)
     # §8's quantized layers keep their own forward; the kernel runs only where a weight is plain
     q = llm.quantize_model(model, llm.rtn_quantizer(8, 128))
     ref = llm.StaticDecoder(q, 1, 40).generate(PROMPTS[:1], 6)
