@@ -6690,7 +6690,7 @@ def _use_matvec(model: Transformer, batch_size: int) -> bool:
     """Batch 1 on a GPU (with Triton). Measured on an H200, bf16, batch 1 (median of 3, one
     process each): SmolLM2 shapes in graph mode 570 tok/s with it (341 without, an earlier
     session: its folds replace ~5 small kernels a layer), compiled and captured 1,380 with it and
-    1,235 without; LLaMA-2-7B shapes compiled and captured 251–253 with it, 233 without (earlier)."""
+    1,235 without; LLaMA-2-7B shapes compiled and captured 251–254 with it, 233 without (earlier)."""
     return batch_size == 1 and model.device.type == "cuda" and triton_available()
 
 
@@ -6725,11 +6725,14 @@ compiled LLaMA-2-7B step on an H200 showed the down-projection (4096 × 11008) a
 44 µs in three processes (3.3, 2.4 and 2.0 TB/s; a copy runs at 4.2), depending on which
 configuration coordinate-descent tuning settled on. `triton_matvec` is the kernel written out:
 each program owns `BLOCK_N` rows of the weight, walks along them `BLOCK_K` columns at a time,
-accumulating products elementwise in fp32, and sums across the tile once at the end. A few
-launch configurations are timed per weight shape on first use (with the L2 cache flushed between
-runs: a 4096 × 4096 bf16 matrix fits in the H200's 50 MB L2, so an unflushed loop would time the
-cache). Like §7's kernel it is wrapped as a PyTorch operator (`_matvec_op`), which torch.compile
-calls as it is.
+accumulating products elementwise in fp32, and sums across the tile once at the end. Ten
+launch configurations are timed per weight shape on first use, in the setting the step runs them
+in (`_time_matvec_configs`): back to back inside a CUDA graph, each launch reading another copy of
+the weight so that every read comes from memory (a 4096 × 4096 bf16 matrix fits in the H200's
+50 MB L2, so a loop over one copy would time the cache), the median of 7 rounds. Timed one launch
+at a time instead, each figure carries 6–23 µs of launch and ramp-up, more than the gaps between
+candidates, and the pick moved from run to run. Like §7's kernel it is wrapped as a PyTorch
+operator (`_matvec_op`), which torch.compile calls as it is.
 
 Left alone, the ops around it would be small kernels of their own (1–3 µs each, ~100 a step):
 the RMSNorm before q/k/v and gate/up, SiLU·up after gate/up, the residual add after wo and down.
@@ -6740,10 +6743,11 @@ product starts, but RMSNorm is `x · g / rms(x)`, and 1/rms(x) is one number for
 each program multiplies x by g on the fly, accumulates Σx² alongside its dot products (it reads
 all of x anyway), and scales its finished sums by 1/rms once. Measured on the H200 (LLaMA-2-7B
 shapes, B=1, compiled and captured): without the folds the projections took 102 µs a layer for
-405 MB (3.97 TB/s) and the norms and SiLU·up another ~6 µs; with them, 109 µs a layer with
-nothing around them, so the step stayed at about 3.9 ms of GPU time: the folded norm costs inside
-the kernel (every program loads g along with x) about what its own kernel cost. For SmolLM2's
-small matrices (0.6 MiB) the compiled step keeps the compiler's fused kernels (`_use_matvec`).
+405 MB (3.97 TB/s) and the norms and SiLU·up another ~6 µs; with them and the graph-timed pick,
+106 µs a layer with nothing around them (3.8 TB/s), and one step 3.82 ms of GPU time, 257 tok/s
+in steady state, 251–254 tok/s end to end (80–82% of the bandwidth limit). A `StaticDecoder`
+uses the kernel at batch 1 on a GPU (`_use_matvec`): for SmolLM2's small matrices too, where
+the compiled step ran at 1,380 tok/s with it against 1,235 with the compiler's own kernels.
 """
 
 
