@@ -358,3 +358,15 @@ def test_matvec_operator_inside_torch_compile_and_static_decoder(llm):
     dec = llm.StaticDecoder(q, 1, 40)
     dec.matvec_op = op
     assert dec.generate(PROMPTS[:1], 6) == ref
+
+
+def test_demonstrate_fast_path_tiny(llm, capsys):
+    """The §10 demo (also reachable as `demonstrate_gpu_fast_path`, the issue's name) measures the
+    launch overhead and the decode modes; every mode's tokens equal plain generation's."""
+    assert llm.demonstrate_gpu_fast_path is llm.demonstrate_fast_path
+    report = llm.demonstrate_gpu_fast_path(model="tiny", device="cpu", quick=True, seed=1)
+    overhead, modes = report["overhead"][0], report["modes"]
+    assert overhead["ops per step"] > 50 and overhead["eager step (ms)"] > 0
+    assert {r["mode"] for r in modes} >= {"generate (§1)", "eager"}
+    assert all(r["same tokens"] is True and r["tokens/s"] > 0 for r in modes)
+    assert "Takeaway" in capsys.readouterr().out
