@@ -6872,7 +6872,12 @@ def _time_matvec_configs(launch: Callable, w: torch.Tensor, rounds: int = 7) -> 
     Timing one launch at a time instead (even with L2 flushed) moved the pick by several µs from
     run to run and ranked some candidates differently than the captured step did."""
     spill = 4 * torch.cuda.get_device_properties(w.device).L2_cache_size
-    copies = [w] + [w.clone() for _ in range(min(-(-spill // (w.numel() * w.element_size())), 64) - 1)]
+    copies = [w]
+    try:
+        while len(copies) < min(-(-spill // (w.numel() * w.element_size())), 64):
+            copies.append(w.clone())
+    except torch.cuda.OutOfMemoryError:  # a full GPU: time with the copies there was room for
+        pass
     graphs = []
     for cfg in _MATVEC_CONFIGS:
         launch(cfg)  # compiles this variant outside the capture
