@@ -197,7 +197,8 @@ def bench_matvec(llm, name):
     """Each distinct batch-1 projection of the model's decode step, one matrix-vector product at a
     time (L2 flushed between runs): cuBLAS (`F.linear`), the compiler's tuned reduction, and
     `triton_matvec`, plain and with the neighbours the step folds in (norm, SiLU·up, residual), in
-    µs and in TB/s of weight read; then the folded call under every launch configuration."""
+    µs and in TB/s of weight read; then the folded call under every launch configuration, timed
+    one launch at a time and as the tuner times it (back to back in a CUDA graph)."""
     import triton.testing
 
     model, cfg = random_model(llm, name)
@@ -228,16 +229,12 @@ def bench_matvec(llm, name):
         rows.append(row)
         print(row, flush=True)
         chosen = llm._MATVEC_TUNED[key]
-        single = []
-        for c in llm._MATVEC_CONFIGS:
-            llm._MATVEC_TUNED[key] = c
-            us = triton.testing.do_bench(lambda x=x, w=w, kw=kw: llm.triton_matvec(x, w, **kw))
-            single.append(1e3 * us)
 
-        def launch(c, weight=w, x=x, kw=kw, key=key):
+        def launch(c, weight=w, x=x, kw=kw, key=key):  # the folded call with launch configuration c
             llm._MATVEC_TUNED[key] = c
             llm.triton_matvec(x, weight, **kw)
 
+        single = [1e3 * triton.testing.do_bench(lambda c=c: launch(c)) for c in llm._MATVEC_CONFIGS]
         graphed = llm._time_matvec_configs(launch, w)
         llm._MATVEC_TUNED[key] = chosen
         spread.append(f"{label} folded (picked {chosen}), µs per config, in a graph / one launch: "
