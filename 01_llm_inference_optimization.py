@@ -56,6 +56,19 @@ Table of contents (`grep -n "## §"` finds them; each section names its test fil
 - Appendix B: the tokenizer (byte-level BPE, chat template) ......... tests/test_s1b_tokenizer.py
 - Appendix C: fetching the model, config, streaming, perplexity .... tests/test_s1b_real_model.py
 - Appendix D: tables, progress, notebook demo cells, CLI .. tests/test_s0_setup.py, test_notebook.py
+
+What the field claims for each technique; §9 checks every row on your machine, with the
+sections' own code:
+
+| technique | claimed | where the claim comes from |
+|---|---|---|
+| KV cache | — (the gain grows with the length; no single figure) | |
+| PagedAttention | 2–4× throughput; 96.3% of KV memory holds tokens (20.4–38.2% in Orca) | Kwon et al., SOSP 2023: abstract, Fig. 2 |
+| Continuous batching | up to 36.9× throughput at equal latency | Orca, Yu et al., OSDI 2022 (GPT-3 175B vs FasterTransformer) |
+| Speculative decoding | 2–3.4× | Leviathan et al., ICML 2023 (T5-XXL, T5-small draft) |
+| Flash-decoding | attention up to 50× faster at long contexts | Dao et al., PyTorch blog, Oct 2023 |
+| INT4 weights | 4× less memory than fp16; 1.88× decode tok/s | 16 / 4 bits; gpt-fast README (Llama-2-7B, A100: 196.8 vs 104.9 tok/s) |
+| Compiled step, CUDA graphs | 4.2× decode tok/s | PyTorch blog "Accelerating Generative AI II" (Llama-2-7B, A100: 25.5 → 107.0) |
 """
 
 # %%
@@ -274,7 +287,7 @@ context is after this step (`context_lens`), and where its K/V go in the cache
 (`slot_mapping`, plus a cache row or a block table). The cache is an object with two verbs,
 `write` (store this step's K/V) and `attend` (attention of this step's queries over each
 sequence's context). The contiguous cache here and the paged cache of §4 implement those verbs
-(the split-K attention planned for §7 will too), so the model never changes.
+(and §7's split-K attention is another `attend`), so the model never changes.
 """
 
 
@@ -2198,7 +2211,7 @@ store identical K/V once per sequence.
 Operating systems solved the same problem for process memory with paging, and PagedAttention
 copies the solution:
 
-- The KV pool is cut into **physical blocks** of `bs` tokens each (`bs = 16` in vLLM, §7.2).
+- The KV pool is cut into **physical blocks** of `bs` tokens each (`bs = 16` in vLLM; the paper's Sec. 7.2).
 - Each sequence has a **block table**: logical block `i` (its tokens `i·bs … i·bs + bs − 1`)
   lives in physical block `block_table[i]`, anywhere in the pool. Token `t` lives in slot
   `block_table[t // bs] · bs + t % bs`.
@@ -2228,7 +2241,7 @@ attention-kernel latency for it (paper §7.1). Our PyTorch version first *gather
 sequence's blocks into a contiguous tensor, so it pays an extra read and write of the context's
 K/V; a kernel that follows the table itself avoids that copy. Small blocks waste less memory but give the
 kernel shorter runs of contiguous memory and longer tables; the paper found 16 a good default
-(§7.2).
+(its Sec. 7.2).
 
 The code below: a `BlockManager` that owns blocks, reference counts and the prefix-cache hash
 table (sequences own only their block tables); `paged_attention`, a pure function; and
@@ -2863,8 +2876,9 @@ beams (a synthetic stand-in for scores: real beams die and branch in a pattern s
 model), so parents with several survivors `fork` and parents with none are freed. Memory is the
 manager's used blocks averaged over the decode steps, against each sequence holding its own
 copy of everything. The paper (§6.3, OPT-13B) reports 6.1–9.8% saved for parallel sampling and
-37.6–55.2% for beam search on Alpaca; 16.2–30.5% and 44.3–66.3% on ShareGPT. Random survivors
-make lineages merge quickly, so expect our beam savings at the top of that range or above it.
+37.6–55.2% for beam search on Alpaca; 16.2–30.5% and 44.3–66.3% on ShareGPT. How much beam search
+saves depends on how fast lineages merge, which random survivors only imitate: set the demo's
+figure beside the paper's range as a property of this stand-in, not of a model's beams.
 """
 
 
@@ -3265,8 +3279,10 @@ notebook_demo("paged_attention")  # runs only in a notebook: the section's demo,
 
 Tests: `tests/test_s5_continuous_batching.py`.
 
-**The problem.** Decode is memory-bound (§2): a step costs about the same for 1 sequence as for
-16, so throughput comes from batching. *Static* batching takes B requests, runs them together
+**The problem.** Decode is memory-bound (§2): on a GPU a step costs about the same for 1 sequence
+as for 16, because every step reads all the weights once and 16 sequences add little to that;
+on a small CPU the extra arithmetic shows (§2's table prints both step times for this machine),
+but a batch still shares the weight reads. Either way throughput comes from batching. *Static* batching takes B requests, runs them together
 until the *longest* one finishes, then takes the next B. Requests that finish early leave their
 slot idle (or computing padding) while the others run, and a request that arrives meanwhile
 waits for the whole batch. Output lengths vary a lot (§4's ShareGPT-like lengths have a
@@ -3914,7 +3930,10 @@ target steps, a round costs γc + 1, so the expected speed-up over plain decodin
     S(α, γ, c) = (1 − α^(γ+1)) / ((1 − α)(γc + 1))          (Leviathan et al. 2023, Thm 3.8)
 
 (it assumes verifying γ + 1 tokens costs one decode step; on a CPU it costs a bit more, which
-the demo measures). With α = 0.8, γ = 4 and c = 0.05, S ≈ 2.8; with α = 0.3 speculation loses.
+the demo measures). With α = 0.8, γ = 4 and c = 0.05, S ≈ 2.8. With α = 0.3 and the same cheap draft S peaks at
+about 1.26 (γ = 2); with a draft that costs half a target step (c = 0.5) S < 1 for every γ.
+Speculation pays when the draft is right more often than it is expensive (Leviathan et al.,
+Cor. 3.9: α > c gains at a suitable γ).
 Leviathan et al. report 2–3.4× for T5-XXL with a T5-small draft; Chen et al. 2–2.5× for
 Chinchilla 70B.
 
@@ -4329,9 +4348,10 @@ def demonstrate_speculative_decoding(model: str = "smollm2", device=None, quick:
     print(f"Takeaway: best {best['measured (×)']:.2f}× ({best['draft']}, {best['task']}, γ={best['γ']}, "
           f"α={best['α']:.2f}); worst {worst['measured (×)']:.2f}× ({worst['draft']}, {worst['task']}, "
           f"γ={worst['γ']}, α={worst['α']:.2f}). Speculation pays when the draft is right often (high α) "
-          "and costs little (small c); measured falls below predicted as γ grows because verifying "
-          "γ + 1 tokens costs more than one decode step here (the 'verify' column), which the formula "
-          "ignores. The output is the target's either way.")
+          "and costs little (small c). Where measured falls below predicted there are two causes, both "
+          "in the table: verifying γ + 1 tokens costs more than one decode step here (the 'verify' "
+          "column; the formula assumes one), and drafts are accepted in runs, not independently, so "
+          "tokens/round can fall below (1 − α^(γ+1)) / (1 − α). The output is the target's either way.")
     return rows
 
 
@@ -4347,9 +4367,11 @@ notebook_demo("speculative")  # runs only in a notebook: the section's demo, her
 **The problem.** A decode step's attention reads the whole KV cache to produce one output row
 per head: 2·B·Hkv·T·D numbers, a few FLOPs each. It is bound by memory bandwidth (§2), so the
 only question is whether the kernel keeps *all* of the GPU's memory system busy. A standard
-attention kernel gives each (batch element, head) one thread block, which walks the sequence
-from start to end. At batch 1 with 8 KV heads that is 8 thread blocks on a GPU with 132
-multiprocessors (SMs): 94% of the chip idles while one SM after another streams a long cache.
+attention kernel gives each (batch element, query head) one thread block, which walks the
+sequence from start to end: at batch 1 with 32 query heads that is 32 thread blocks on a GPU with
+132 multiprocessors (SMs), and a kernel that packs the 4 query heads sharing each KV head into
+one block (GQA, so each K/V byte is read once) has 8. Either way most of the chip idles while a
+few SMs stream a long cache.
 Batching hides this on a busy server; a single long-context user pays it on every token.
 
 **The idea** (Dao, Haziza, Massa, Sizov 2023, "Flash-Decoding"). Split the sequence too: S
@@ -4919,12 +4941,12 @@ so reading 4.25 instead of 32 bits per weight could make it up to 7.5× faster, 
 turns codes back into numbers in registers, on the way to the multiply, without writing a
 dequantized copy to memory. Dequantize-then-matmul (the reference path below) reads the codes,
 *writes* a full fp32 weight and reads it again: slower than fp32. PyTorch's built-in int8/int4
-weight-only CPU kernels, fed fp32 activations, were slower than fp32 too on this 2-core CPU
-(measured by the issue behind this section); fed bf16 activations they win, and they are the
-fast path below. What remains is overhead: a token passes ~210 quantized matmuls, each a call
-from Python. Compiling the whole decode step (§10) removes it: `bench_quantized_decode.py`
-measured INT4 g128 at 70.6 tok/s on this machine, against fp32's 21.6 eager and 31.3 compiled,
-and llama.cpp's 71.7 on the same file (one run, median of 3).
+weight-only CPU kernels fed fp32 activations can be slower than fp32 too (on a 2-core x86
+CPU they are); fed bf16 activations they win, and they are the fast path below. What remains
+is overhead: a token passes ~210 quantized matmuls, each a call from Python. Compiling the whole
+decode step (§10) removes it: on a 2-core Intel CPU `bench_quantized_decode.py` measures INT4
+g128 at 70.6 tok/s against fp32's 21.6 eager and 31.3 compiled, and llama.cpp's 71.7 on the same
+file (`benchmarks/RESULTS.md`; run it for your machine's figures).
 
 **The real model's "full precision" is already 4-bit.** SmolLM2's GGUF file stores its weights
 as Q4_1 (§1b), and our fp32 model is their exact dequantization. So the fp32 row below is the
@@ -4982,11 +5004,13 @@ class QuantizedWeight:
 
     @property
     def bits_per_weight(self) -> float:
-        """Code bits plus scale (and offset) bits per weight, as stored (3- and 2-bit codes are
-        counted at their width; this file stores them in nibbles for simplicity)."""
+        """Code bits plus scale (and offset) bits per weight, as stored: a row that ends in a
+        partial group stores it padded, and the padding counts (so this agrees with `nbytes`).
+        3- and 2-bit codes are counted at their width; this file stores them in nibbles."""
         O, K = self.shape
+        slots = self.codes.numel() * (2 if self.bits <= 4 else 1)  # codes stored, padding included
         extra = sum(t.numel() * t.element_size() * 8 for t in (self.scales, self.offsets) if t is not None)
-        return self.bits + extra / (O * K)
+        return (self.bits * slots + extra) / (O * K)
 
     def dequantize(self) -> torch.Tensor:
         """The fp32 weight the codes stand for (O, K)."""
@@ -6175,9 +6199,10 @@ notebook_demo("gguf_formats")  # runs only in a notebook: the demo, here
 """
 ## §9 Summary: every technique's speedup and memory saving, measured
 
-The lesson began with a table of claims. Here each claim is checked on this machine, by calling
-the sections' own measurement functions (small sizes unless `quick=False`), with how it was
-measured and the reason where a claim does not reproduce here. Claimed numbers are the seed's;
+The opening cell lists what papers and projects claim for each technique. Here each claim is
+checked on this machine, by calling the sections' own measurement functions (small sizes unless `quick=False`), with how it was
+measured and the reason where a claim does not reproduce here. Claimed numbers are the opening
+table's, with its sources;
 "measured here" is what the code just measured.
 """
 
@@ -6191,7 +6216,7 @@ def _summary_row(technique, claim_speed, claim_memory, measured, how, complexity
 
 def analyze_optimization_summary(model: str = "smollm2", device=None, quick: bool = True,
                                  seed: int = 0, measured: dict | None = None) -> "Rows":
-    """The seed's technique table with a measured cell per row (see the section of each row).
+    """The opening cell's table of claims with a measured cell per row (see the section of each row).
     `measured` maps a demo's name (as in `main`) to what it returned in this run; a row reads its
     number from there and measures only what is missing, with the demo's own sizes."""
     measured = measured or {}
@@ -6206,7 +6231,7 @@ def analyze_optimization_summary(model: str = "smollm2", device=None, quick: boo
 
     kv = section("kv_cache", None,
                  lambda: analyze_kv_cache(model, device=device, **_kv_cache_sizes(quick))[0])
-    rows.append(_summary_row("KV cache (§3)", "10–100×", "—", f"{kv[-1]['speedup (×)']:.1f}× at "
+    rows.append(_summary_row("KV cache (§3)", "—", "—", f"{kv[-1]['speedup (×)']:.1f}× at "
                              f"{kv[-1]['new tokens']} new tokens",
                              "cached vs recomputing decode, same tokens",
                              "low", "grows with length: each uncached step redoes the whole prefix"))
@@ -6214,7 +6239,7 @@ def analyze_optimization_summary(model: str = "smollm2", device=None, quick: boo
                    lambda: analyze_kv_utilization(num_requests=300 if quick else 2000, seed=seed))
     contiguous, paged = util[0], next(r for r in util if r["scheme"] == "paged, block size 16")
     saved = 100 * (1 - contiguous["tokens held %"] / paged["tokens held %"])
-    rows.append(_summary_row("PagedAttention (§4)", "2–4× throughput", "50–90%",
+    rows.append(_summary_row("PagedAttention (§4)", "2–4× throughput", "96.3% of KV memory holds tokens",
                              f"{saved:.0f}% less KV memory for the same tokens; "
                              f"{paged['seqs in 12 GiB'] / contiguous['seqs in 12 GiB']:.1f}× sequences fit",
                              "ShareGPT-like lengths through the block manager vs max-length reservation",
@@ -6228,14 +6253,14 @@ def analyze_optimization_summary(model: str = "smollm2", device=None, quick: boo
                              "depends on how much of each prompt is shared"))
     cb = section("continuous_batching", None,
                  lambda: analyze_continuous_batching(model, device, seed=seed, **_batching_sizes(quick))[0])
-    rows.append(_summary_row("Continuous batching (§5)", "2–5×", "—",
+    rows.append(_summary_row("Continuous batching (§5)", "up to 36.9× throughput", "—",
                              f"{cb[1]['tokens/s'] / cb[0]['tokens/s']:.1f}× tokens/s", "the same seeded "
                              "workload, static batches vs the engine", "high",
                              "the gain grows with the spread of output lengths and the batch width"))
     spec = section("speculative", None,
                    lambda: measure_speculative_decoding(model, device, **_speculative_sizes(quick)))
     best = max(spec, key=lambda r: r["measured (×)"])
-    rows.append(_summary_row("Speculative decoding (§6)", "2–3×", "—", f"{best['measured (×)']:.1f}× "
+    rows.append(_summary_row("Speculative decoding (§6)", "2–3.4×", "—", f"{best['measured (×)']:.1f}× "
                              f"({best['draft']}, {best['task']}, α={best['α']:.2f})",
                              "greedy, token-identical to plain decoding", "high",
                              "needs a draft that is right often and costs little"))
@@ -6245,7 +6270,7 @@ def analyze_optimization_summary(model: str = "smollm2", device=None, quick: boo
     layer_bytes = sum(m.qw.nbytes for m in lins if m.qw.bits == 4)
     layer_fp16 = 2 * sum(m.qw.shape[0] * m.qw.shape[1] for m in lins if m.qw.bits == 4)
     whole = fp16 / sum(m.qw.nbytes for m in lins)
-    rows.append(_summary_row("INT4 weights (§8)", "—", "4× (vs fp16)",
+    rows.append(_summary_row("INT4 weights (§8)", "1.88× decode tok/s", "4× less memory than fp16",
                              f"{layer_fp16 / layer_bytes:.2f}× on the layers, "
                              f"{whole:.2f}× with the INT8 head",
                              "bytes of the stored codes, scales and offsets vs fp16", "medium",
@@ -6256,7 +6281,7 @@ def analyze_optimization_summary(model: str = "smollm2", device=None, quick: boo
     ctx = max(r["context"] for r in fd)
     times = {r["method"]: r["time (µs)"] for r in fd if r["context"] == ctx}
     fast = "split-K (Triton)" if "split-K (Triton)" in times else "split-K (PyTorch, 8 splits)"
-    rows.append(_summary_row("Flash-decoding (§7)", "—", "—",
+    rows.append(_summary_row("Flash-decoding (§7)", "attention up to 50× faster", "—",
                              f"{times['naive'] / times[fast]:.1f}× vs naive at {ctx:,} tokens ({fast})",
                              "decode attention time, 32/8 heads", "high",
                              "a GPU gain: on a CPU the cores are already busy with one sequence"))
@@ -6265,7 +6290,7 @@ def analyze_optimization_summary(model: str = "smollm2", device=None, quick: boo
                         lambda: measure_fast_path(model, device, (1,), new_tokens=16, compile_step=False))
         speed = {r["mode"]: r["tokens/s"] for r in modes if r["batch"] == 1}
         gain = speed["graph"] / speed["eager"]
-        rows.append(_summary_row("CUDA graphs (§10)", "—", "—", f"{gain:.1f}× decode",
+        rows.append(_summary_row("CUDA graphs (§10)", "4.2× decode tok/s", "—", f"{gain:.1f}× decode",
                                  "static decode step, eager vs replayed", "medium",
                                  "removes launch overhead"))
     else:
@@ -6274,7 +6299,7 @@ def analyze_optimization_summary(model: str = "smollm2", device=None, quick: boo
         compiled = speed.get("compile", float("nan"))
         cpu = (f"; its CPU counterpart, the compiled step, ran at {compiled / speed['eager']:.2f}× eager"
                if math.isfinite(compiled) and speed.get("eager") else "")
-        rows.append(_summary_row("CUDA graphs (§10)", "—", "—", f"needs a GPU{cpu}", "§10's decode modes",
+        rows.append(_summary_row("CUDA graphs (§10)", "4.2× decode tok/s", "—", f"needs a GPU{cpu}", "§10's decode modes",
                                  "medium", "removes per-operation overhead, which a CPU pays in dispatch"))
     return Rows(rows, f"The techniques, measured on {platform_summary()} with {net.cfg.name}"
                       f"{' (quick sizes)' if quick else ''}")

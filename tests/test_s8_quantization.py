@@ -29,7 +29,10 @@ def test_groupwise_error_is_at_most_half_a_step(llm, bits, group, K):
     # half a step, plus the fp16 rounding of the group's offset (its min)
     assert (err <= 0.5 * step_of(qw, K) * (1 + 1e-3) + 1e-3 * w.abs().max()).all()
     assert qw.codes.dtype == torch.uint8 and qw.codes.shape == (24, -(-K // group), group // 2)
-    assert qw.bits_per_weight == pytest.approx(bits + 32 * (-(-K // group)) / K)
+    n_groups = -(-K // group)  # a partial last group is stored padded, and counted so
+    assert qw.bits_per_weight == pytest.approx((bits * n_groups * group + 32 * n_groups) / K)
+    if bits == 4:  # nibbles: the bits agree with the bytes stored
+        assert qw.bits_per_weight == pytest.approx(8 * qw.nbytes / (24 * K))
     assert torch.equal(llm.fake_quantize_groupwise(w, bits, group), qw.dequantize())  # AWQ's shortcut
 
 

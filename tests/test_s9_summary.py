@@ -19,6 +19,19 @@ def test_summary_rows_are_measured(llm):
         assert r["how it was measured"] and r["why"]
 
 
+def test_summary_claims_come_from_the_opening_table(llm):
+    """Every claimed number the summary checks appears in the opening cell's table of claims,
+    which names its source."""
+    rows = llm.analyze_optimization_summary("tiny", "cpu", quick=True)
+    table = llm.__doc__.split("What the field claims")[1]
+    for r in rows:
+        for claim in (r["claimed speedup"], r["claimed memory saving"]):
+            if claim != "—":
+                line = next((ln for ln in table.splitlines() if claim in ln), None)
+                assert line is not None, f"{claim!r} ({r['technique']}) is not in the claims table"
+                assert line.rstrip(" |").rsplit("|", 1)[1].strip(), f"{claim!r} has no source"
+
+
 MEASUREMENTS = ("analyze_kv_cache", "analyze_kv_utilization", "analyze_prefix_caching",
                 "analyze_continuous_batching", "measure_speculative_decoding", "measure_flash_decoding")
 
