@@ -60,15 +60,15 @@ Table of contents (`grep -n "## §"` finds them; each section names its test fil
 What the field claims for each technique; §9 checks every row on your machine, with the
 sections' own code:
 
-| technique | claimed | where the claim comes from |
+| technique | claimed | source |
 |---|---|---|
-| KV cache | — (the gain grows with the length; no single figure) | |
-| PagedAttention | 2–4× throughput; 96.3% of KV memory holds tokens (20.4–38.2% in Orca) | Kwon et al., SOSP 2023: abstract, Fig. 2 |
-| Continuous batching | up to 36.9× throughput at equal latency | Orca, Yu et al., OSDI 2022 (GPT-3 175B vs FasterTransformer) |
-| Speculative decoding | 2–3.4× | Leviathan et al., ICML 2023 (T5-XXL, T5-small draft) |
-| Flash-decoding | attention up to 50× faster at long contexts | Dao et al., PyTorch blog, Oct 2023 |
-| INT4 weights | 4× less memory than fp16; 1.88× decode tok/s | 16 / 4 bits; gpt-fast README (Llama-2-7B, A100: 196.8 vs 104.9 tok/s) |
-| Compiled step, CUDA graphs | 4.2× decode tok/s | PyTorch blog "Accelerating Generative AI II" (Llama-2-7B, A100: 25.5 → 107.0) |
+| KV cache | — (the gain grows with length) | |
+| PagedAttention | 2–4× throughput; 96.3% of KV memory holds tokens | Kwon et al. 2023, abstract, Fig. 2 |
+| Continuous batching | up to 36.9× throughput | Orca, Yu et al. 2022 (vs FasterTransformer) |
+| Speculative decoding | 2–3.4× | Leviathan et al. 2023 (T5-XXL, T5-small draft) |
+| Flash-decoding | attention up to 50× faster | Dao et al. 2023, PyTorch blog (long contexts) |
+| INT4 weights | 4× less memory than fp16; 1.88× decode tok/s | 16/4 bits; gpt-fast README (A100) |
+| Compiled step, CUDA graphs | 4.2× decode tok/s | PyTorch blog 2023, gpt-fast (A100) |
 """
 
 # %%
@@ -91,47 +91,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-_NEEDS = "this lesson needs NumPy, PyTorch and its other requirements: pip install -r requirements.txt"
 try:
     import numpy as np
-except ImportError as exc:
-    raise ImportError(_NEEDS) from exc
-
-
-class _WithoutTorch:
-    """Stands in for `torch`, `torch.nn` and `torch.nn.functional` where PyTorch is not
-    installed: the file still imports (its arithmetic, e.g. `analyze_memory_requirements`, and
-    the GGUF reader work without PyTorch), and the first call into PyTorch raises ImportError.
-    It only has to survive what runs at import: annotations, defaults, decorators, base classes."""
-
-    Module = object  # the base class of the model's layers: defined, never built without PyTorch
-
-    def __getattr__(self, name: str) -> "_WithoutTorch":
-        return self
-
-    def __or__(self, other) -> "_WithoutTorch":  # annotations such as `torch.Tensor | None`
-        return self
-
-    __ror__ = __or__
-
-    def __instancecheck__(self, obj) -> bool:  # isinstance(x, torch.Tensor): nothing is a tensor
-        return False
-
-    def __call__(self, *args, **kwargs):
-        raise ImportError(_NEEDS)
-
-    def inference_mode(self, *args, **kwargs) -> Callable:  # decorators applied at import
-        return lambda fn: fn
-
-    no_grad = inference_mode
-
-
-try:
     import torch
     import torch.nn.functional as F
     from torch import nn
-except ImportError:
-    torch = nn = F = _WithoutTorch()
+except ImportError as exc:
+    raise ImportError("this lesson needs NumPy, PyTorch and its other requirements: "
+                      "pip install -r requirements.txt") from exc
 
 # %% [markdown]
 """
@@ -605,7 +572,7 @@ def attend_within_step(q, k, v, meta: AttentionMetadata) -> torch.Tensor:
     """Attention when the whole context is in this step (no cache): q (N, H, D), k/v (N, Hkv, D)."""
     if meta.is_uniform:
         S, T = meta.num_seqs, meta.query_lens[0]
-        shape = lambda x: x.view(S, T, *x.shape[1:])  # noqa: E731
+        shape = lambda x: x.view(S, T, *x.shape[1:])
         return sdpa_attention(shape(q), shape(k), shape(v)).reshape(q.shape)
     return ragged_attention(q, meta.query_start, lambda s, a, b: (k[a:b], v[a:b]))
 
@@ -1081,7 +1048,7 @@ def batched_generate(model: Transformer, prompts: Sequence[Sequence[int]], max_n
         _check_generation_args(model, p, max_new_tokens)
     T_max = max(len(p) for p in prompts) + max_new_tokens
     cache = ContiguousKVCache(model.cfg, len(prompts), T_max, model.device, model.dtype)
-    step = lambda seqs: run_step(model, cache, seqs, [s.num_uncomputed_tokens for s in seqs])  # noqa: E731
+    step = lambda seqs: run_step(model, cache, seqs, [s.num_uncomputed_tokens for s in seqs])
     seqs = [SequenceState(i, list(p)) for i, p in enumerate(prompts)]
     return greedy_batch_loop(step, seqs, max_new_tokens, stop_ids), cache
 
@@ -1749,7 +1716,7 @@ def _measure_step(net: Transformer, batch: int, context_len: int, new_tokens: in
     cache = ContiguousKVCache(cfg, batch, context_len + new_tokens, device, net.dtype)
     positions, meta = cache.metadata_at(range(batch), [context_len] * batch, [new_tokens] * batch)
     tokens = torch.zeros(batch * new_tokens, dtype=torch.long, device=device)  # ids don't change the work
-    step = lambda: net(tokens, positions, meta, cache, logits_at=meta.last_token_indices)  # noqa: E731
+    step = lambda: net(tokens, positions, meta, cache, logits_at=meta.last_token_indices)
     seconds = benchmark(step, device, repeat=repeat, reduce=min)  # best of `repeat`, like the roofs
     est = prefill_decode_intensity(cfg, batch, context_len, new_tokens, bytes_per_param=net.dtype.itemsize)
     intensity, roof = est["intensity"], min(peak_flops, est["intensity"] * bandwidth)
@@ -2817,7 +2784,7 @@ def sample_request_lengths(n: int, dataset: str = "sharegpt", seed: int = 0, max
         raise InvalidArgumentError(f"unknown dataset {dataset!r}; choose {list(_REQUEST_LENGTH_MEANS)}")
     rng = np.random.default_rng(seed)
     mean_p, mean_o = _REQUEST_LENGTH_MEANS[dataset]
-    lognormal = lambda mean: rng.lognormal(math.log(mean) - sigma**2 / 2, sigma, n)  # noqa: E731
+    lognormal = lambda mean: rng.lognormal(math.log(mean) - sigma**2 / 2, sigma, n)
     prompt = np.clip(np.round(lognormal(mean_p)), 1, max_len // 2).astype(np.int64)
     output = np.clip(np.round(lognormal(mean_o)), 1, max_len - prompt).astype(np.int64)
     return prompt, output
@@ -3084,9 +3051,9 @@ def _time_decode_attention(cfg: ModelConfig, B: int, T: int, block_size: int, de
     tables = torch.randperm(B * nb, generator=gen).view(B, nb).to(device)  # blocks scattered
     k_cache, v_cache = (scatter_into_blocks(x, tables, block_size) for x in (k, v))
     lens, starts = [T] * B, list(range(B + 1))
-    dense = lambda: sdpa_attention(q[:, None], k, v)[:, 0]  # noqa: E731
-    paged = lambda: paged_attention(q, k_cache, v_cache, tables, lens, starts)  # noqa: E731
-    gather = lambda: (k_cache[tables], v_cache[tables])  # noqa: E731
+    dense = lambda: sdpa_attention(q[:, None], k, v)[:, 0]
+    paged = lambda: paged_attention(q, k_cache, v_cache, tables, lens, starts)
+    gather = lambda: (k_cache[tables], v_cache[tables])
     err = (dense() - paged()).abs().max().item()
     t_dense, t_paged = (benchmark(fn, device, repeat=repeat) for fn in (dense, paged))
     return {"B": B, "T": T, "contiguous ms": 1e3 * t_dense, "paged ms": 1e3 * t_paged,
@@ -3112,7 +3079,7 @@ def analyze_paged_attention_speed(cases: Sequence[tuple[int, int]] = ((1, 1024),
 def plot_kv_utilization(rows: Sequence[dict], name: str = "s4_kv_utilization") -> Path:
     """Stacked bars: tokens held / reserved for later / never used, per scheme; paper's dots."""
     fig, ax = new_figure(figsize=(9, 4))
-    short = lambda s: ("paged\nbs " + s.split()[-1] if s.startswith("paged")  # noqa: E731
+    short = lambda s: ("paged\nbs " + s.split()[-1] if s.startswith("paged")
                        else "contiguous\n" + s[s.index("(") + 1:-1])
     labels = [short(r["scheme"]) for r in rows]
     bottom = np.zeros(len(rows))
@@ -3279,14 +3246,15 @@ notebook_demo("paged_attention")  # runs only in a notebook: the section's demo,
 
 Tests: `tests/test_s5_continuous_batching.py`.
 
-**The problem.** Decode is memory-bound (§2): on a GPU a step costs about the same for 1 sequence
-as for 16, because every step reads all the weights once and 16 sequences add little to that;
-on a small CPU the extra arithmetic shows (§2's table prints both step times for this machine),
-but a batch still shares the weight reads. Either way throughput comes from batching. *Static* batching takes B requests, runs them together
-until the *longest* one finishes, then takes the next B. Requests that finish early leave their
-slot idle (or computing padding) while the others run, and a request that arrives meanwhile
-waits for the whole batch. Output lengths vary a lot (§4's ShareGPT-like lengths have a
-standard deviation larger than their mean), so most slots idle most of the time.
+**The problem.** Decode is memory-bound (§2): on a GPU a step costs about the same for 1
+sequence as for 16, because every step reads all the weights once and 16 sequences add little to
+that; on a small CPU the extra arithmetic shows (§2's table prints both step times for this
+machine), but a batch still shares the weight reads. Either way throughput comes from batching.
+*Static* batching takes B requests, runs them together until the *longest* one finishes, then
+takes the next B. Requests that finish early leave their slot idle (or computing padding) while
+the others run, and a request that arrives meanwhile waits for the whole batch. Output lengths
+vary a lot (§4's ShareGPT-like lengths have a standard deviation larger than their mean), so
+most slots idle most of the time.
 
 **The idea** (Orca, Yu et al., OSDI 2022: "iteration-level scheduling"). Schedule every *step*,
 not every batch: after each forward, finished requests leave and waiting ones join at once.
@@ -3930,12 +3898,11 @@ target steps, a round costs γc + 1, so the expected speed-up over plain decodin
     S(α, γ, c) = (1 − α^(γ+1)) / ((1 − α)(γc + 1))          (Leviathan et al. 2023, Thm 3.8)
 
 (it assumes verifying γ + 1 tokens costs one decode step; on a CPU it costs a bit more, which
-the demo measures). With α = 0.8, γ = 4 and c = 0.05, S ≈ 2.8. With α = 0.3 and the same cheap draft S peaks at
-about 1.26 (γ = 2); with a draft that costs half a target step (c = 0.5) S < 1 for every γ.
-Speculation pays when the draft is right more often than it is expensive (Leviathan et al.,
-Cor. 3.9: α > c gains at a suitable γ).
-Leviathan et al. report 2–3.4× for T5-XXL with a T5-small draft; Chen et al. 2–2.5× for
-Chinchilla 70B.
+the demo measures). With α = 0.8, γ = 4 and c = 0.05, S ≈ 2.8. With α = 0.3 and the same cheap
+draft S peaks at about 1.26 (γ = 2); with a draft that costs half a target step (c = 0.5) S < 1
+for every γ. Speculation pays when the draft is right more often than it is expensive (Leviathan
+et al., Cor. 3.9: α > c gains at a suitable γ). Leviathan et al. report 2–3.4× for T5-XXL with a
+T5-small draft; Chen et al. 2–2.5× for Chinchilla 70B.
 
 **Drafts.** Anything that proposes tokens works; this file has two behind one verb,
 `propose(context, gamma)`:
@@ -6200,10 +6167,10 @@ notebook_demo("gguf_formats")  # runs only in a notebook: the demo, here
 ## §9 Summary: every technique's speedup and memory saving, measured
 
 The opening cell lists what papers and projects claim for each technique. Here each claim is
-checked on this machine, by calling the sections' own measurement functions (small sizes unless `quick=False`), with how it was
-measured and the reason where a claim does not reproduce here. Claimed numbers are the opening
-table's, with its sources;
-"measured here" is what the code just measured.
+checked on this machine, by calling the sections' own measurement functions (small sizes unless
+`quick=False`), with how it was measured and the reason where a claim does not reproduce here.
+Claimed numbers are the opening table's, with its sources; "measured here" is what the code just
+measured.
 """
 
 
@@ -6299,7 +6266,8 @@ def analyze_optimization_summary(model: str = "smollm2", device=None, quick: boo
         compiled = speed.get("compile", float("nan"))
         cpu = (f"; its CPU counterpart, the compiled step, ran at {compiled / speed['eager']:.2f}× eager"
                if math.isfinite(compiled) and speed.get("eager") else "")
-        rows.append(_summary_row("CUDA graphs (§10)", "4.2× decode tok/s", "—", f"needs a GPU{cpu}", "§10's decode modes",
+        rows.append(_summary_row("CUDA graphs (§10)", "4.2× decode tok/s", "—", f"needs a GPU{cpu}",
+                                 "§10's decode modes",
                                  "medium", "removes per-operation overhead, which a CPU pays in dispatch"))
     return Rows(rows, f"The techniques, measured on {platform_summary()} with {net.cfg.name}"
                       f"{' (quick sizes)' if quick else ''}")
@@ -8638,7 +8606,7 @@ def run_demo(name: str, **options):
 
 # %%
 def _sections() -> dict[str, tuple[str, Callable | None]]:
-    """Demo name → (title, function or None while the section is not written yet)."""
+    """Demo name → (title, function), in the order the file defines them."""
     g = globals()
     return {
         name: (title, g.get(fn))
@@ -8687,10 +8655,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     sections = _sections()
     if args.list:
-        for name, (title, fn) in sections.items():
-            print(f"{name:22s} {title}{'' if fn else '  (not yet written)'}")
+        for name, (title, _) in sections.items():
+            print(f"{name:22s} {title}")
         return 0
-    chosen = args.section or [n for n, (_, fn) in sections.items() if fn]
+    chosen = args.section or list(sections)
     unknown = [n for n in chosen if n not in sections and n != "none"]
     if unknown:
         parser.error(f"unknown section(s) {unknown}; --list shows the names")
@@ -8702,9 +8670,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             continue
         title, fn = sections[name]
         print(f"\n{'=' * 80}\n{title}\n{'=' * 80}", flush=True)
-        if fn is None:
-            print("This section is not written yet.")
-            continue
         with Timer(args.device if args.device != "auto" else None) as t:
             measured[name] = _call_demo(fn, model=args.model, seed=args.seed, device=args.device,
                                         quick=args.quick, plots=not args.no_plots, measured=measured)
