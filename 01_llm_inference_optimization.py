@@ -138,18 +138,26 @@ class LessonError(Exception):
 
 
 def pick_device(device: str | torch.device | None = None) -> torch.device:
-    """`cuda` if present, else `cpu`; an explicit `device` (e.g. "cpu") always wins."""
+    """`cuda` if present, else `cpu`; an explicit `device` ("cpu", "cuda", "cuda:1", "mps") always
+    wins. A name torch does not know raises InvalidArgumentError listing these."""
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise InvalidArgumentError(f"unknown device {device!r}; use 'cpu', 'cuda', 'cuda:N' (N = GPU "
+                                   "index), 'mps', or None for cuda if present else cpu") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise LessonError("device 'cuda' was asked for but no CUDA GPU is visible; use --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise LessonError("device 'mps' was asked for but this machine has no Apple GPU; use --device cpu")
     return device
 
 
 def synchronize(device: torch.device | str | None = None) -> None:
     """Wait for queued GPU work, so that a wall-clock timer measures the work itself."""
-    if device is not None and torch.device(device).type == "cuda":
+    device = None if device is None else pick_device(device)
+    if device is not None and device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
@@ -3268,7 +3276,8 @@ make it work under a memory budget, with vLLM's knob names:
   last.
 - **Chunked prefill** (`enable_chunked_prefill`): a long prompt is prefilled a budget-sized chunk
   per step, mixed with the decodes of others, so a 2,000-token prompt does not stall every
-  running request for a whole step of its own.
+  running request for a whole step of its own. Without it a prompt runs whole, so it must fit
+  the budget (`add_request` refuses a longer one).
 - **Preemption**: when a running request needs a new block and none is free, the
   lowest-priority running request (the latest admitted) is evicted: by *recompute* (free its
   blocks; re-prefill prompt + generated tokens later, cheap with prefix caching) or by *swap*
@@ -3290,9 +3299,33 @@ class RequestError(LessonError, ValueError):
     """A request the engine cannot serve (empty prompt, too long, never fits the block pool)."""
 
 
+class SchedulerStallError(LessonError, RuntimeError):
+    """The scheduler found nothing it can run while requests wait: raised by `LLMEngine.step`
+    instead of looping on empty steps."""
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
+
+
+def _int_tuple(ids) -> tuple[int, ...] | None:
+    """`ids` as a tuple of ints, or None when it is not an iterable of ints (a bare int, text)."""
+    if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
+        return None
+    ids = tuple(ids)
+    return tuple(int(t) for t in ids) if all(map(_is_int, ids)) else None
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """How one request samples: `max_tokens` new tokens, greedy at temperature 0, its own seed."""
+    """How one request samples: `max_tokens` new tokens, greedy at temperature 0, its own seed.
+
+    Every field is checked here, so a bad value fails on the caller's line, never inside an
+    engine step that serves other requests too. `top_k` / `top_p` None turn that filter off."""
 
     max_tokens: int = 16
     temperature: float = 0.0
@@ -3302,41 +3335,61 @@ class SamplingParams:
     seed: int = 0
 
     def __post_init__(self):
-        if self.max_tokens <= 0:
-            raise RequestError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if self.temperature < 0:
-            raise RequestError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        object.__setattr__(self, "stop_ids", tuple(self.stop_ids))
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
+            raise RequestError(f"max_tokens must be an int >= 1, got {self.max_tokens!r}")
+        if not _is_real(self.temperature) or not 0 <= self.temperature < math.inf:
+            raise RequestError(f"temperature must be a finite number >= 0 (0 = greedy), got "
+                               f"{self.temperature!r}")
+        if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 1):
+            raise RequestError(f"top_k must be an int >= 1, or None for no top-k filter, got {self.top_k!r}")
+        if self.top_p is not None and (not _is_real(self.top_p) or not 0 < self.top_p <= 1):
+            raise RequestError(f"top_p must be a number in (0, 1], or None for no nucleus filter, got "
+                               f"{self.top_p!r}")
+        stop = _int_tuple(self.stop_ids)
+        if stop is None:
+            raise RequestError(f"stop_ids must be a sequence of token ids (ints), e.g. (tok.eos_id,), got "
+                               f"{self.stop_ids!r}")
+        if not _is_int(self.seed):
+            raise RequestError(f"seed must be an int, got {self.seed!r}")
+        for name, value in [("max_tokens", int(self.max_tokens)), ("temperature", float(self.temperature)),
+                            ("top_k", None if self.top_k is None else int(self.top_k)),
+                            ("top_p", None if self.top_p is None else float(self.top_p)),
+                            ("stop_ids", stop), ("seed", int(self.seed))]:
+            object.__setattr__(self, name, value)  # plain Python numbers from here on
 
 
 @dataclass
 class RequestOutput:
-    """One request's state as the caller sees it: new tokens so far, and its latency metrics."""
+    """One request's state as the caller sees it: new tokens so far, and its latency metrics
+    (None while the event they measure has not happened)."""
 
     request_id: int
     prompt_ids: list[int]
     token_ids: list[int] = field(default_factory=list)
     finished: bool = False
-    finish_reason: str | None = None  # "stop", "length" or "abort"
+    finish_reason: str | None = None  # "stop", "length", "abort" or "error" (then see `error`)
     arrival_time: float = 0.0
     first_token_time: float | None = None
     finish_time: float | None = None
     num_preemptions: int = 0
     token_steps: list[int] = field(default_factory=list)  # the engine step that made each token
+    error: str | None = None  # why serving this request failed (finish_reason "error")
 
     @property
-    def ttft(self) -> float:
-        """Time to first token (s): queueing + prefill."""
-        return self.first_token_time - self.arrival_time
+    def ttft(self) -> float | None:
+        """Time to first token (s): queueing + prefill; None before the first token."""
+        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
 
     @property
-    def latency(self) -> float:
-        """End-to-end seconds from arrival to the last token."""
-        return self.finish_time - self.arrival_time
+    def latency(self) -> float | None:
+        """End-to-end seconds from arrival to the last token; None until finished."""
+        return None if self.finish_time is None else self.finish_time - self.arrival_time
 
     @property
-    def tpot(self) -> float:
-        """Mean time per output token after the first (s)."""
+    def tpot(self) -> float | None:
+        """Mean time per output token after the first (s); None until finished with a token."""
+        if self.finish_time is None or self.first_token_time is None:
+            return None
         n = len(self.token_ids) - 1
         return (self.finish_time - self.first_token_time) / n if n > 0 else 0.0
 
@@ -3398,6 +3451,41 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running or self.swapped)
 
+    def check_fits(self, prompt_len: int, max_len: int) -> None:
+        """RequestError unless a request of `prompt_len` prompt tokens that may grow to `max_len`
+        can always be scheduled under these knobs: its prompt fits one step's budget when prefill
+        is not chunked, and it fits the block pool on its own (preemption can always make room
+        for the oldest request, so every request that fits alone finishes)."""
+        if not self.chunked and prompt_len > self.max_num_batched_tokens:
+            raise RequestError(
+                f"the prompt has {prompt_len} tokens but, with chunked prefill off, a prompt runs in "
+                f"one step of at most max_num_batched_tokens={self.max_num_batched_tokens}; build the "
+                f"engine with enable_chunked_prefill=True or max_num_batched_tokens >= {prompt_len}")
+        need, bm = self.bm.blocks_for(max_len), self.bm
+        if need > bm.num_blocks:
+            raise RequestError(f"this request needs {need} blocks at full length but the pool has "
+                               f"{bm.num_blocks}; build the engine with more num_blocks")
+
+    def stall_reason(self) -> str:
+        """Why a step found nothing to run (for SchedulerStallError)."""
+        return (f"a step scheduled nothing while {len(self.waiting)} sequences wait, {len(self.swapped)} "
+                f"are swapped out and {len(self.running)} run ({self.bm.num_free_blocks} of "
+                f"{self.bm.num_blocks} blocks free, budget {self.max_num_batched_tokens} tokens, chunked "
+                f"prefill {'on' if self.chunked else 'off'}); were sequences added without "
+                "LLMEngine.add_request's checks? Give the engine more num_blocks or max_num_batched_tokens")
+
+    def _prefills_whole(self, seq: SequenceState) -> bool:
+        """Whether seq's uncomputed tokens must run in one step: with chunked prefill off, yes,
+        unless they can never fit the budget. Only a sequence preempted by recompute gets there
+        (`check_fits` refuses longer prompts): it re-prefills prompt + generated tokens, which
+        may exceed the budget, and its re-prefill then runs in budget-sized chunks. That rebuilds
+        the same K/V, so its tokens do not change; failing it instead would drop a request the
+        engine accepted, and swapping it would spend host memory that preemption_mode="recompute"
+        did not ask for. (vLLM avoids the case by refusing chunked prefill off with a budget below
+        the model's context at construction, `SchedulerConfig`; here small budgets are the point
+        of the lesson's experiments, so the engine refuses per request instead.)"""
+        return not self.chunked and seq.num_tokens <= self.max_num_batched_tokens
+
     def finish(self, seq: SequenceState) -> None:
         """Release a sequence that finished or was aborted, wherever it is."""
         if seq in self.running:
@@ -3424,7 +3512,7 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_uncomputed_tokens, budget)
-            if n < seq.num_uncomputed_tokens and not self.chunked:
+            if n < seq.num_uncomputed_tokens and self._prefills_whole(seq):
                 break  # an unchunked prefill must fit the budget whole
             while not self._reserve_slots(seq, seq.num_computed_tokens + n, out):
                 victim = self.running[-1]
@@ -3486,7 +3574,7 @@ class Scheduler:
             seq = self.waiting[0]
             if not self.bm.can_allocate(seq):
                 break  # FCFS: nobody overtakes the head of the queue
-            if not self.chunked and seq.num_tokens > budget:
+            if self._prefills_whole(seq) and seq.num_tokens > budget:
                 break  # unchunked: the whole prompt must fit this step's budget
             self.waiting.popleft()
             self.bm.allocate(seq)
@@ -3508,6 +3596,12 @@ with that request's own parameters and generator → append → commit the compu
 the finished. Sampling uses the same `sample_next_token` and per-request seeded generator as
 `generate`, so a request's tokens through the engine equal `generate` on it alone (the tests
 check this, with and without chunking, prefix caching and preemption).
+
+Errors stay with their request. `SamplingParams` and `add_request` check everything a request
+brings (the prompt exactly as `generate` does), and `add_request` refuses a request the knobs
+can never serve, so every accepted request finishes. Should a step still fail while serving one
+request, that request finishes with `finish_reason="error"` and the message in `error`, its
+blocks are freed, and the others go on.
 """
 
 
@@ -3566,19 +3660,18 @@ class LLMEngine:
         return rid
 
     def _check_request(self, prompt_ids, params: SamplingParams) -> list[int]:
-        cfg, bm = self.model.cfg, self.block_manager
-        if isinstance(prompt_ids, str) or len(prompt_ids) == 0:
-            raise RequestError("a request needs a non-empty list of token ids (encode text first)")
-        prompt = [int(t) for t in prompt_ids]
-        if not all(0 <= t < cfg.vocab_size for t in prompt):
-            raise RequestError(f"token ids must lie in [0, {cfg.vocab_size}) for {cfg.name}")
+        """The prompt as ints, or RequestError: the prompt as `generate` checks it, then whether
+        the engine can ever serve it (context, token budget, block pool)."""
+        cfg = self.model.cfg
+        if not isinstance(params, SamplingParams):
+            raise RequestError(f"params must be a SamplingParams, e.g. SamplingParams(max_tokens=32), "
+                               f"got {type(params).__name__}")
+        prompt = _check_prompt_ids(prompt_ids, cfg.vocab_size, error=RequestError)
         total = len(prompt) + params.max_tokens
         if total > cfg.max_seq_len:
             raise RequestError(f"prompt ({len(prompt)}) + max_tokens ({params.max_tokens}) = {total} "
                                f"exceeds {cfg.name}'s context of {cfg.max_seq_len} tokens")
-        if bm.blocks_for(total) > bm.num_blocks:
-            raise RequestError(f"this request needs {bm.blocks_for(total)} blocks at full length but the "
-                               f"pool has {bm.num_blocks}; build the engine with more num_blocks")
+        self.scheduler.check_fits(len(prompt), total)
         return prompt
 
     def abort(self, request_id: int) -> None:
@@ -3595,7 +3688,12 @@ class LLMEngine:
 
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
-        """Run one step; returns the outputs of the requests that got a new token (or finished)."""
+        """Run one step; returns the outputs of the requests that got a new token or finished.
+
+        A failure while serving one request (its forward or its sampling) finishes that request
+        with finish_reason "error" and the message in `output.error`, frees its blocks, and the
+        others go on. A step that finds nothing to run while requests wait raises
+        SchedulerStallError (`add_request`'s checks keep that from happening)."""
         plan = self.scheduler.schedule()
         for seq in plan.preempted:
             self.requests[seq.seq_id].output.num_preemptions += 1
@@ -3603,26 +3701,62 @@ class LLMEngine:
         self.step_count += 1
         self.step_log.append([s.seq_id for s in plan.seqs])
         if not plan.seqs:
+            if self.has_unfinished() and not (plan.preempted or plan.swap_in):
+                raise SchedulerStallError(self.scheduler.stall_reason())
             return []
         sampling = [i for i, (s, n) in enumerate(zip(plan.seqs, plan.query_lens))
                     if s.num_computed_tokens + n == s.num_tokens]  # their step reaches the end
-        if self.decode_runner is not None and len(sampling) == sum(plan.query_lens):  # decode only
-            logits = self.decode_runner.step(plan.seqs)
-        else:
-            logits = run_step(self.model, self.cache, plan.seqs, plan.query_lens, logits_at=sampling)
+        sampling, logits, changed = self._forward(plan, sampling)
         for seq in plan.seqs:
-            self.block_manager.commit(seq)
-        now, changed = time.perf_counter(), []
+            if seq.status is SequenceStatus.RUNNING:
+                self.block_manager.commit(seq)
+        now = time.perf_counter()
         reqs = [self.requests[plan.seqs[i].seq_id] for i in sampling]
         greedy = [j for j, req in enumerate(reqs) if req.params.temperature == 0]
         argmax = dict(zip(greedy, logits[greedy].argmax(-1).tolist())) if greedy else {}  # one sync
         for j, (row, req) in enumerate(zip(logits, reqs)):
             p = req.params
-            token = argmax[j] if j in argmax else sample_next_token(row, p.temperature, p.top_k, p.top_p,
-                                                                    req.generator)
-            self._append(req, token, now)
+            try:
+                token = argmax[j] if j in argmax else sample_next_token(row, p.temperature, p.top_k,
+                                                                        p.top_p, req.generator)
+                self._append(req, token, now)
+            except Exception as exc:  # this request fails; the step goes on
+                self._fail(req, exc, now)
             changed.append(req.output)
         return changed
+
+    def _forward(self, plan: SchedulerOutput, sampling: list[int]
+                 ) -> tuple[list[int], torch.Tensor, list[RequestOutput]]:
+        """One packed forward of the plan: (the indices in `plan.seqs` that sample, their logits
+        (len, V), the outputs of requests that failed). If the packed forward raises, each
+        sequence runs alone, so that the failure finishes only the request that causes it."""
+        try:
+            if self.decode_runner is not None and len(sampling) == sum(plan.query_lens):  # decode only
+                logits = self.decode_runner.step(plan.seqs)
+            else:
+                logits = run_step(self.model, self.cache, plan.seqs, plan.query_lens, logits_at=sampling)
+            return sampling, logits, []
+        except Exception:  # nothing counts as computed after a failed forward: retry one by one
+            pass
+        rows, alive, failed = [], [], []
+        for i, (seq, n) in enumerate(zip(plan.seqs, plan.query_lens)):
+            try:
+                row = run_step(self.model, self.cache, [seq], [n])[0]
+            except Exception as exc:  # this request fails; the others run
+                failed.append(self._fail(self.requests[seq.seq_id], exc))
+                continue
+            if i in sampling:
+                rows.append(row)
+                alive.append(i)
+        empty = torch.empty(0, self.model.cfg.vocab_size, device=self.model.device)
+        return alive, torch.stack(rows) if rows else empty, failed
+
+    def _fail(self, req: Request, exc: Exception, now: float | None = None) -> RequestOutput:
+        """Finish req with an error, freeing its blocks; the engine can step on."""
+        self.scheduler.finish(req.seq)
+        self._finish(req, "error", now)
+        req.output.error = f"{type(exc).__name__}: {exc}"
+        return req.output
 
     def _copy_blocks(self, plan: SchedulerOutput) -> None:
         """The scheduler's copies, in the order that keeps data safe: out before in before CoW."""
@@ -4135,6 +4269,17 @@ class SpeculativeStats:
         return self.new_tokens / self.rounds if self.rounds else float("nan")
 
 
+def _checked_draft_tokens(drafted: Sequence, vocab_size: int) -> list[int]:
+    """The drafted ids as ints, or DraftMismatchError when one is no token id of the target."""
+    ids = [int(x) if isinstance(x, np.integer) or (isinstance(x, torch.Tensor) and x.numel() == 1
+                                                   and not x.is_floating_point()) else x for x in drafted]
+    bad = [x for x in ids if type(x) is not int or not 0 <= x < vocab_size]  # bools and floats too
+    if bad:
+        raise DraftMismatchError(f"the draft proposed {bad[:5]}, not token ids of the target's vocabulary "
+                                 f"[0, {vocab_size}); a draft must propose ints from the target's tokenizer")
+    return ids
+
+
 @torch.inference_mode()
 def score_step(model: Transformer, cache, seq: SequenceState, query_len: int) -> torch.Tensor:
     """`run_step` for one sequence returning the logits of *every* token of the step
@@ -4154,6 +4299,9 @@ def speculative_generate(target: Transformer, draft, prompt_ids: Sequence[int], 
         raise InvalidArgumentError(f"gamma (tokens drafted per round) must be an int >= 1, got {gamma!r}")
     if temperature < 0:
         raise InvalidArgumentError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not callable(getattr(draft, "propose", None)):
+        raise InvalidArgumentError(f"draft must be a ModelDraft, an NgramDraft or an object with a "
+                                   f"propose(context, gamma) method, got {type(draft).__name__}")
     vocab = getattr(draft, "vocab_size", None)
     if vocab is not None and vocab != target.cfg.vocab_size:
         raise DraftMismatchError(f"the draft's vocabulary has {vocab} tokens, the target's "
@@ -4175,7 +4323,7 @@ def speculative_generate(target: Transformer, draft, prompt_ids: Sequence[int], 
         n, g = len(seq.token_ids), min(gamma, max_new_tokens - len(out) - 1)
         with Timer(target.device) as t:
             drafted, q = draft.propose(list(seq.token_ids), g) if g > 0 else ([], None)
-            drafted = [int(x) for x in drafted[:g]]
+            drafted = _checked_draft_tokens(drafted[:g], V)
         stats.draft_time += t.seconds
         seq.token_ids.extend(drafted)
         with Timer(target.device) as t:
@@ -8210,20 +8358,29 @@ notebook_demo("tokenizer")  # runs only in a notebook: the section's demo, here
 
 
 # %%
-def _check_generation_args(model: Transformer, prompt_ids: Sequence[int], max_new_tokens: int):
-    if isinstance(prompt_ids, str) or not all(isinstance(t, (int, np.integer)) for t in prompt_ids):
-        raise InvalidArgumentError(
-            "the prompt must be a list of token ids; encode text first, e.g. "
+def _check_prompt_ids(prompt_ids: Sequence[int], vocab_size: int,
+                     error: type[LessonError] = InvalidArgumentError) -> list[int]:
+    """The prompt as a list of ints, or `error` saying what is wrong: not a sequence of ints (text,
+    floats, bools), empty, or ids outside [0, vocab_size). `generate` and the §5 engine share it."""
+    if isinstance(prompt_ids, (str, bytes)) or not hasattr(prompt_ids, "__len__") or not all(
+            isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in prompt_ids):
+        raise error(
+            "the prompt must be a list of token ids (ints); encode text first, e.g. "
             "`generate(model, tok.encode_chat([{'role': 'user', 'content': text}]), 32)`")
+    if len(prompt_ids) == 0:
+        raise error("the prompt is empty; pass a non-empty list of token ids (at least one, e.g. BOS)")
+    bad = [int(t) for t in prompt_ids if not 0 <= int(t) < vocab_size]
+    if bad:
+        raise error(
+            f"token ids {bad[:5]} are outside the vocabulary [0, {vocab_size}); "
+            "were they made by another model's tokenizer?")
+    return [int(t) for t in prompt_ids]
+
+
+def _check_generation_args(model: Transformer, prompt_ids: Sequence[int], max_new_tokens: int):
+    _check_prompt_ids(prompt_ids, model.cfg.vocab_size)
     if max_new_tokens < 0:
         raise InvalidArgumentError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if len(prompt_ids) == 0:
-        raise InvalidArgumentError("the prompt is empty; pass at least one token id (e.g. BOS)")
-    bad = [t for t in prompt_ids if not 0 <= int(t) < model.cfg.vocab_size]
-    if bad:
-        raise InvalidArgumentError(
-            f"token ids {bad[:5]} are outside the vocabulary [0, {model.cfg.vocab_size}); "
-            "were they made by another model's tokenizer?")
     if len(prompt_ids) + max_new_tokens > model.cfg.max_seq_len:
         raise ContextOverflowError(
             f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
@@ -8595,7 +8752,10 @@ def _log_progress(iterable, desc: str, total: int | None):
 
 def run_demo(name: str, **options):
     """Run demo `name` with options from the environment ($LESSON_MODEL, ...) unless given."""
-    title, fn = _sections()[name]
+    sections = _sections()
+    if name not in sections:
+        raise InvalidArgumentError(f"no demo named {name!r}; the demos are: {', '.join(sections)}")
+    title, fn = sections[name]
     defaults = {"model": os.environ.get("LESSON_MODEL", "smollm2"),
                 "quick": os.environ.get("LESSON_QUICK", "") not in ("", "0"),
                 "device": os.environ.get("LESSON_DEVICE") or None,

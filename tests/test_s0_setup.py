@@ -36,6 +36,15 @@ def test_pick_device(llm):
             llm.pick_device("cuda")
 
 
+def test_unknown_device_and_demo_names_get_named_errors(llm):
+    with pytest.raises(llm.InvalidArgumentError, match="'gpu'; use 'cpu', 'cuda', 'cuda:N'.*'mps'"):
+        llm.pick_device("gpu")
+    with pytest.raises(llm.InvalidArgumentError, match="'gpu'"):
+        llm.Timer("gpu").__enter__()  # the timer resolves its device the same way
+    with pytest.raises(llm.InvalidArgumentError, match="no demo named 'nope'.*continuous_batching"):
+        llm.run_demo("nope")
+
+
 def test_timer_and_benchmark(llm):
     with llm.Timer("cpu") as t:
         sum(range(10000))

@@ -1,11 +1,17 @@
 """§5 Continuous batching: the engine gives every request the tokens `generate` gives it alone
 (greedy and seeded sampling; chunked prefill, prefix caching and preemption by recompute and by
-swap on and off), the scheduler keeps its limits, and bad requests fail at the call."""
+swap on and off), the scheduler keeps its limits, bad requests fail at the call, a failure while
+serving one request finishes only that request, and a state machine of random knobs, requests,
+bad requests and aborts always drains with `generate`'s tokens and no leaked block."""
 
+import math
+
+import numpy as np
 import pytest
 from conftest import load_lesson
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 llm_module = load_lesson()
 
@@ -108,8 +114,8 @@ def workloads(draw):
               "preemption_mode": draw(st.sampled_from(["recompute", "swap"]))}
     need = max(-(-(len(p) + m) // config["block_size"]) for p, m in zip(prompts, max_tokens))
     config["num_blocks"] = need + draw(st.integers(0, 6))  # sometimes barely enough: preemption
-    if not config["enable_chunked_prefill"]:
-        config["max_num_batched_tokens"] = max(config["max_num_batched_tokens"], 40)
+    if not config["enable_chunked_prefill"]:  # unchunked, every prompt must fit one step's budget
+        config["max_num_batched_tokens"] = max(config["max_num_batched_tokens"], *map(len, prompts))
     return prompts, max_tokens, config
 
 
@@ -170,3 +176,249 @@ def test_small_pool_preempts_with_the_same_tokens(llm):
     assert [r["policy"].split(",")[-1].strip() for r in rows[2:]] == ["recompute", "swap"]
     assert all(r["same tokens as static"] for r in rows)
     assert all(r["preemptions"] > 0 for r in rows[2:])
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine always makes progress, or says why at the call
+# ---------------------------------------------------------------------------------------------
+def drain(engine, max_steps=1000):
+    """Step until idle; fails (instead of hanging) if that takes more than max_steps."""
+    for _ in range(max_steps):
+        if not engine.has_unfinished():
+            return
+        engine.step()
+    raise AssertionError(f"the engine did not finish within {max_steps} steps")
+
+
+def test_unchunked_prompt_over_the_budget_is_refused_at_the_call(llm, tiny):
+    engine = llm.LLMEngine(tiny, enable_chunked_prefill=False, max_num_batched_tokens=8)
+    with pytest.raises(llm.RequestError, match="enable_chunked_prefill=True or max_num_batched_tokens >= 20"):
+        engine.generate([list(range(20))], llm.SamplingParams(max_tokens=2))
+    assert not engine.has_unfinished()  # nothing was queued
+    out = engine.generate([list(range(8))], llm.SamplingParams(max_tokens=2))[0]  # fits: served
+    assert out.token_ids == llm.generate(tiny, list(range(8)), 2)
+
+
+@pytest.mark.parametrize("mode", ["recompute", "swap"])
+def test_preempted_sequence_longer_than_the_budget_finishes(llm, tiny, mode):
+    """Prompts of 10 fit the budget of 16, but a sequence preempted by recompute re-prefills
+    prompt + generated tokens (up to 29): its re-prefill is chunked, never left waiting."""
+    prompts = [list(range(i, i + 10)) for i in (0, 10, 20)]
+    engine = llm.LLMEngine(tiny, enable_chunked_prefill=False, max_num_batched_tokens=16, block_size=4,
+                           num_blocks=10, preemption_mode=mode)
+    ids = [engine.add_request(p, llm.SamplingParams(max_tokens=20)) for p in prompts]
+    drain(engine, max_steps=300)
+    outs = [engine.requests[i].output for i in ids]
+    assert [o.token_ids for o in outs] == [llm.generate(tiny, p, 20) for p in prompts]
+    assert engine.scheduler.num_preemptions > 0
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_a_step_that_can_schedule_nothing_raises(llm, tiny):
+    engine = llm.LLMEngine(tiny, block_size=4, num_blocks=2)
+    engine.scheduler.add(llm.SequenceState(0, list(range(20))))  # past add_request's checks
+    with pytest.raises(llm.SchedulerStallError, match="scheduled nothing while 1 sequences wait"):
+        engine.step()
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad requests fail at the call; a failure inside a step stays with its request
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs, match", [
+    ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"), ({"top_p": math.nan}, "top_p"),
+    ({"top_k": 0}, "top_k"), ({"top_k": 2.5}, "top_k"), ({"top_k": True}, "top_k"),
+    ({"temperature": math.nan}, "temperature"), ({"temperature": math.inf}, "temperature"),
+    ({"temperature": -1.0}, "temperature"), ({"temperature": "0"}, "temperature"),
+    ({"max_tokens": 2.5}, "max_tokens"), ({"max_tokens": True}, "max_tokens"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"stop_ids": 5}, "stop_ids"), ({"stop_ids": "ab"}, "stop_ids"), ({"stop_ids": [1.5]}, "stop_ids"),
+    ({"seed": 1.5}, "seed"), ({"seed": None}, "seed"),
+])
+def test_sampling_params_are_checked_at_construction(llm, kwargs, match):
+    with pytest.raises(llm.RequestError, match=match):
+        llm.SamplingParams(**kwargs)
+
+
+def test_sampling_params_keep_plain_python_values(llm):
+    p = llm.SamplingParams(max_tokens=np.int64(3), temperature=1, top_k=np.int32(5), top_p=1,
+                           stop_ids=[np.int64(7), 8], seed=np.int64(2))
+    assert (p.max_tokens, p.temperature, p.top_k, p.top_p, p.stop_ids, p.seed) == (3, 1.0, 5, 1.0, (7, 8), 2)
+    assert all(type(v) in (int, float) for v in (p.max_tokens, p.temperature, p.top_k, p.top_p, p.seed))
+
+
+@pytest.mark.parametrize("prompt", [[1.7, 2.9], [True, 2], [1, 260], [-1], "hello", [], 5])
+def test_add_request_checks_the_prompt_as_generate_does(llm, tiny, prompt):
+    engine = llm.LLMEngine(tiny)
+    with pytest.raises(llm.InvalidArgumentError) as from_generate:
+        llm.generate(tiny, prompt, 2)
+    with pytest.raises(llm.RequestError) as from_engine:
+        engine.add_request(prompt, llm.SamplingParams(max_tokens=2))
+    assert str(from_engine.value) == str(from_generate.value)  # one validator
+    assert not engine.requests and not engine.has_unfinished()
+    with pytest.raises(llm.RequestError, match="SamplingParams"):
+        engine.add_request([1, 2], {"max_tokens": 2})
+
+
+def test_latency_metrics_of_a_request_aborted_before_its_first_token(llm, tiny):
+    engine = llm.LLMEngine(tiny)
+    rid = engine.add_request([1, 2, 3], llm.SamplingParams(max_tokens=4))
+    out = engine.requests[rid].output
+    assert out.ttft is None and out.latency is None and out.tpot is None
+    engine.abort(rid)
+    assert out.finish_reason == "abort" and out.ttft is None and out.tpot is None and out.latency >= 0
+
+
+def test_a_failure_in_sampling_finishes_only_its_request(llm, tiny):
+    """A request whose sampling raises (params corrupted after the checks) finishes with an
+    error; the request beside it finishes with generate's tokens, and the engine steps on."""
+    engine = llm.LLMEngine(tiny, block_size=4, max_num_seqs=4)
+    good = engine.add_request(PROMPTS[0], llm.SamplingParams(max_tokens=6))
+    bad_params = llm.SamplingParams(max_tokens=6, temperature=0.8)
+    object.__setattr__(bad_params, "top_p", 0.0)  # frozen: only a deliberate bypass gets here
+    bad = engine.add_request(PROMPTS[1], bad_params)
+    drain(engine, max_steps=50)
+    out = engine.requests[bad].output
+    assert out.finished and out.finish_reason == "error" and "top_p" in out.error
+    assert engine.requests[good].output.token_ids == llm.generate(tiny, PROMPTS[0], 6)
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    later = engine.generate([PROMPTS[3]], llm.SamplingParams(max_tokens=3))[0]  # not wedged
+    assert later.token_ids == llm.generate(tiny, PROMPTS[3], 3)
+
+
+@pytest.mark.parametrize("decode_step", ["packed", "static"])
+def test_a_failure_in_the_forward_finishes_only_its_request(llm, tiny, decode_step):
+    """A sequence whose forward raises (an id past the embedding, planted after the checks) is
+    found by running the step's sequences one at a time; only its request fails."""
+    engine = llm.LLMEngine(tiny, block_size=4, max_num_seqs=4, decode_step=decode_step)
+    good = [engine.add_request(p, llm.SamplingParams(max_tokens=5)) for p in PROMPTS[:2]]
+    engine.step()  # both prefilled
+    bad = engine.add_request(PROMPTS[3], llm.SamplingParams(max_tokens=5))
+    engine.step()
+    engine.requests[bad].seq.token_ids[-1] = 10**6  # its next decode token
+    drain(engine, max_steps=50)
+    out = engine.requests[bad].output
+    assert out.finish_reason == "error" and "IndexError" in out.error and len(out.token_ids) == 1
+    assert [engine.requests[i].output.token_ids for i in good] == [llm.generate(tiny, p, 5)
+                                                                   for p in PROMPTS[:2]]
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    engine.block_manager.check_invariants()
+
+
+# ---------------------------------------------------------------------------------------------
+# A state machine: random knobs, good and bad requests, aborts, steps
+# ---------------------------------------------------------------------------------------------
+TINY = llm_module.build_model("tiny", seed=0, device="cpu")
+REFERENCE: dict[tuple, list[int]] = {}  # (prompt, max_tokens) -> generate's greedy tokens
+
+
+def reference(prompt, max_tokens):
+    key = (tuple(prompt), max_tokens)
+    if key not in REFERENCE:
+        REFERENCE[key] = llm_module.generate(TINY, prompt, max_tokens)
+    return REFERENCE[key]
+
+
+REQUESTS = st.lists(st.tuples(st.lists(st.integers(0, 259), min_size=1, max_size=12), st.integers(1, 8)),
+                    min_size=1, max_size=4)  # (prompt, max_tokens) pairs
+BAD_REQUESTS = st.one_of(
+    st.tuples(st.sampled_from([[], [1.5, 2.0], [True], [260], [-3], "abc", 7, [1, None]]),
+              st.just({"max_tokens": 2})),
+    st.tuples(st.just([1, 2]), st.sampled_from([
+        {"max_tokens": 0}, {"max_tokens": 2.5}, {"max_tokens": True}, {"top_p": 0.0}, {"top_k": 0},
+        {"temperature": math.nan}, {"stop_ids": 5}, {"seed": "1"}, {"max_tokens": 600}])))
+
+
+class EngineMachine(RuleBasedStateMachine):
+    """LLMEngine under random knobs. A request is accepted exactly when the knobs can serve it
+    (the test's own rule below), every accepted one that is not aborted finishes within a step
+    bound with `generate`'s greedy tokens, and an idle engine holds no block."""
+
+    @initialize(block_size=st.sampled_from([1, 2, 4, 8]), pool_tokens=st.integers(6, 40),
+                max_num_seqs=st.integers(1, 4), budget=st.integers(1, 16), chunked=st.booleans(),
+                caching=st.booleans(), mode=st.sampled_from(["recompute", "swap"]), first=REQUESTS)
+    def build(self, block_size, pool_tokens, max_num_seqs, budget, chunked, caching, mode, first):
+        num_blocks = -(-pool_tokens // block_size)  # tiny pools: some requests never fit, others preempt
+        self.engine = llm_module.LLMEngine(
+            TINY, block_size=block_size, num_blocks=num_blocks, max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=budget, enable_chunked_prefill=chunked, enable_prefix_caching=caching,
+            preemption_mode=mode)
+        self.knobs = (block_size, num_blocks, budget, chunked)
+        self.live, self.aborted, self.steps = {}, set(), 0  # live: request id -> (prompt, max_tokens)
+        original = self.engine.scheduler.schedule
+
+        def checked_schedule():
+            out = original()
+            assert out.num_tokens <= budget and len(out.seqs) <= max_num_seqs
+            return out
+
+        self.engine.scheduler.schedule = checked_schedule
+        self.add_good(first)  # load from the start: most examples then preempt or refuse something
+
+    def servable(self, prompt, max_tokens):
+        block_size, num_blocks, budget, chunked = self.knobs
+        fits_pool = -(-(len(prompt) + max_tokens) // block_size) <= num_blocks
+        return fits_pool and (chunked or len(prompt) <= budget)
+
+    @rule(requests=REQUESTS)
+    def add_good(self, requests):
+        """Well-formed requests; those the knobs can never serve must be refused at the call."""
+        for prompt, max_tokens in requests:
+            prompt = [7, 7, 7, 7] + prompt if len(prompt) % 3 == 0 else prompt  # shared prefixes
+            params = llm_module.SamplingParams(max_tokens=max_tokens)
+            if self.servable(prompt, max_tokens):
+                self.live[self.engine.add_request(prompt, params)] = (prompt, max_tokens)
+            else:
+                with pytest.raises(llm_module.RequestError, match="num_blocks|max_num_batched_tokens"):
+                    self.engine.add_request(prompt, params)
+
+    @rule(bad=BAD_REQUESTS)
+    def add_bad(self, bad):
+        prompt, kwargs = bad
+        before = len(self.engine.requests)
+        with pytest.raises(llm_module.RequestError):
+            self.engine.add_request(prompt, llm_module.SamplingParams(**kwargs))
+        assert len(self.engine.requests) == before
+
+    @rule(data=st.data())
+    def abort(self, data):
+        if not self.live:
+            return
+        rid = data.draw(st.sampled_from(sorted(self.live)))
+        self.engine.abort(rid)
+        assert self.engine.requests[rid].output.finished
+        if self.engine.requests[rid].output.finish_reason == "abort":
+            self.aborted.add(rid)
+
+    @rule(n=st.integers(1, 4))
+    def step(self, n):
+        for _ in range(n):
+            if self.engine.has_unfinished():
+                self.engine.step()
+                self.steps += 1
+
+    @invariant()
+    def consistent(self):
+        if hasattr(self, "engine"):
+            self.engine.block_manager.check_invariants()
+
+    def teardown(self):
+        if not hasattr(self, "engine"):
+            return
+        engine = self.engine
+        bound = 50 + 4 * sum(len(p) + m for p, m in self.live.values())  # generous; a hang fails fast
+        drain(engine, max_steps=bound)
+        for rid, (prompt, max_tokens) in self.live.items():
+            out = engine.requests[rid].output
+            assert out.finished and out.finish_reason in ("length", "abort"), (out.finish_reason, out.error)
+            if rid not in self.aborted:
+                assert out.finish_reason == "length" and out.token_ids == reference(prompt, max_tokens)
+        engine.block_manager.check_invariants()
+        assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks  # no leak
+        event(f"{'chunked' if self.knobs[3] else 'unchunked'}, "
+              f"{'preempted' if engine.scheduler.num_preemptions else 'no preemption'}")
+        event(f"served {len(self.live) - len(self.aborted)} requests")
+
+
+EngineMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=8, deadline=None,
+                                           suppress_health_check=[HealthCheck.too_slow])
+TestEngineMachine = EngineMachine.TestCase

@@ -4,6 +4,7 @@ with a check that the test would catch a 1% error), greedy speculative output is
 to plain greedy decoding for every draft and γ, caches roll back to what a fresh prefill writes,
 and bad input fails with named errors."""
 
+import numpy as np
 import pytest
 import torch
 from conftest import load_lesson
@@ -260,6 +261,30 @@ def test_bad_input_gets_named_errors(llm, tiny):
     with pytest.raises(llm.InvalidArgumentError, match="draft_probs"):
         llm.rejection_sample(torch.ones(3, 4) / 4, torch.ones(1, 4) / 4, [0, 1])
     assert llm.speculative_generate(tiny, llm.NgramDraft(), [1, 2], 0)[0] == []
+    with pytest.raises(llm.InvalidArgumentError, match="propose"):
+        llm.speculative_generate(tiny, None, [1, 2], 5)
+
+
+class FixedDraft:
+    """A draft that proposes the given ids whatever the context."""
+
+    def __init__(self, ids):
+        self.ids = ids
+
+    def propose(self, context, gamma):
+        return self.ids[:gamma], None
+
+
+@pytest.mark.parametrize("ids", [[1, 10**6, 2], [-1], [1.5], [True]])
+def test_a_draft_proposing_non_token_ids_gets_a_named_error(llm, tiny, ids):
+    with pytest.raises(llm.DraftMismatchError, match="not token ids of the target's vocabulary"):
+        llm.speculative_generate(tiny, FixedDraft(ids), [1, 2, 3], 5, gamma=3)
+
+
+def test_a_draft_may_propose_numpy_or_tensor_ids(llm, tiny):
+    expected = llm.generate(tiny, [1, 2, 3], 5)
+    for ids in (np.array(expected), torch.tensor(expected)):
+        assert llm.speculative_generate(tiny, FixedDraft(ids), [1, 2, 3], 5, gamma=3)[0] == expected
 
 
 def test_demo_on_tiny_model(llm):
