@@ -73,6 +73,7 @@ sections' own code:
 
 # %%
 import argparse
+import contextlib
 import dataclasses
 import enum
 import functools
@@ -84,6 +85,7 @@ import os
 import re
 import struct
 import sys
+import threading
 import time
 import weakref
 from collections import OrderedDict, deque
@@ -902,29 +904,38 @@ def stream_generate(model: Transformer, prompt_ids: Sequence[int], max_new_token
         return
     gen = seeded_generator(seed)
     ids = list(prompt_ids)
-    graphs = use_cache and model.device.type == "cuda" and cuda_graphs is not False
-    if graphs:  # §10: the same step, captured once per cache length and replayed
-        decoder = _static_decoder(model, 1, len(ids) + max_new_tokens, "graph")
-        cache = decoder.cache
-        logits = prefill(model, cache, ids)
-    elif use_cache:
-        cache = ContiguousKVCache(model.cfg, 1, len(ids) + max_new_tokens, model.device, model.dtype)
-        logits = prefill(model, cache, ids)
-    else:
-        logits = forward_without_cache(model, ids)
-    for i in range(max_new_tokens):
-        token = sample_next_token(logits, temperature, top_k, top_p, gen)
-        ids.append(token)
-        yield token
-        if token in stop_ids or i == max_new_tokens - 1:
-            return
-        if graphs:
-            logits = decoder.step(torch.tensor([token], device=model.device),
-                                  torch.tensor([len(ids) - 1], device=model.device))[0]
+    mode = _kept_decode_mode(model) if use_cache and cuda_graphs is not False else None
+    # §10: the same step, captured once per cache length and replayed, from a decoder lent to
+    # this generation alone (and returned when it ends, is closed or is collected)
+    kept = _kept_decoder(model, 1, len(ids) + max_new_tokens, mode) if mode else contextlib.nullcontext()
+    with kept as decoder:
+        if decoder is not None:
+            cache = decoder.cache
+            logits = prefill(model, cache, ids)
         elif use_cache:
-            logits = decode_one_token(model, cache, token, len(ids) - 1)
+            cache = ContiguousKVCache(model.cfg, 1, len(ids) + max_new_tokens, model.device, model.dtype)
+            logits = prefill(model, cache, ids)
         else:
             logits = forward_without_cache(model, ids)
+        for i in range(max_new_tokens):
+            token = sample_next_token(logits, temperature, top_k, top_p, gen)
+            ids.append(token)
+            yield token
+            if token in stop_ids or i == max_new_tokens - 1:
+                return
+            if decoder is not None:
+                logits = decoder.step(torch.tensor([token], device=model.device),
+                                      torch.tensor([len(ids) - 1], device=model.device))[0]
+            elif use_cache:
+                logits = decode_one_token(model, cache, token, len(ids) - 1)
+            else:
+                logits = forward_without_cache(model, ids)
+
+
+def _kept_decode_mode(model: Transformer) -> str | None:
+    """The mode of the kept §10 decoder `stream_generate` decodes through: "graph" on a GPU, none
+    elsewhere (the tests set "eager" here to run that path on a CPU)."""
+    return "graph" if model.device.type == "cuda" else None
 
 
 def generate(model: Transformer, prompt_ids: Sequence[int], max_new_tokens: int,
@@ -2642,27 +2653,73 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     including its new ones. Returns (N, H, D), each sequence exactly as naive_attention over its
     own K/V.
     """
-    meta = _paged_metadata(q, block_tables, context_lens, query_start)
+    meta = _paged_metadata(q, k_cache, v_cache, block_tables, context_lens, query_start)
     return batched_attention(q, meta, lambda g: (gather_blocks(k_cache, meta.block_tables, g),
                                                  gather_blocks(v_cache, meta.block_tables, g)))
 
 
 def paged_attention_naive(q, k_cache, v_cache, block_tables, context_lens, query_start=None):
     """The reference: gather each sequence's blocks and attend, one sequence at a time."""
-    meta = _paged_metadata(q, block_tables, context_lens, query_start)
+    meta = _paged_metadata(q, k_cache, v_cache, block_tables, context_lens, query_start)
     T = meta.context_lens
     return ragged_attention(q, meta.query_start, lambda s, a, b: (gather_kv(k_cache, block_tables[s], T[s]),
                                                                   gather_kv(v_cache, block_tables[s], T[s])))
 
 
-def _paged_metadata(q, block_tables, context_lens, query_start) -> AttentionMetadata:
+def _paged_metadata(q, k_cache, v_cache, block_tables, context_lens, query_start) -> AttentionMetadata:
     T = [int(x) for x in context_lens]
     starts = list(range(len(T) + 1)) if query_start is None else [int(x) for x in query_start]
     if len(starts) != len(T) + 1 or starts[-1] != q.shape[0]:
         raise InvalidArgumentError(
             f"{len(T)} sequences need {len(T) + 1} query offsets ending at N={q.shape[0]}, got "
             f"{len(starts)} ending at {starts[-1]}; omit query_start for one query per sequence")
+    bad = [s for s in range(len(T)) if not 0 <= starts[s + 1] - starts[s] <= T[s]]
+    if bad:
+        s = bad[0]
+        raise InvalidArgumentError(
+            f"sequence {s} has {starts[s + 1] - starts[s]} queries but a context of {T[s]} tokens; its "
+            "context (context_lens) counts every token it attends to, its new ones included")
+    _check_paged_cache(k_cache, v_cache, block_tables, T, len(T))
     return AttentionMetadata(starts, T, block_tables=block_tables)
+
+
+def _check_paged_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                       context_lens: Sequence[int] | torch.Tensor, S: int) -> None:
+    """What a read through block tables for S sequences cannot survive: a cache not shaped
+    (num_blocks, bs, Hkv, D), fewer table rows than sequences, other than S lengths, a context of
+    no tokens or longer than its table row holds, a block id outside the cache where a context
+    reads. Lengths on a GPU: only their shape (their values would wait for the GPU); block ids
+    only in tables on the CPU, for the same reason."""
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape or block_tables.dim() != 2:
+        raise InvalidArgumentError("need k_cache, v_cache (num_blocks, bs, Hkv, D) of one shape and "
+                                   f"block_tables (S, max_blocks); got {tuple(k_cache.shape)}, "
+                                   f"{tuple(v_cache.shape)}, {tuple(block_tables.shape)}")
+    if block_tables.shape[0] < S:
+        raise InvalidArgumentError(f"block_tables has {block_tables.shape[0]} rows for {S} sequences; pass "
+                                   "one row of block ids per sequence (padded with -1)")
+    on_gpu = isinstance(context_lens, torch.Tensor) and context_lens.device.type == "cuda"
+    lens = context_lens if on_gpu else torch.as_tensor(context_lens, dtype=torch.long).reshape(-1).cpu()
+    if lens.shape != (S,):
+        raise InvalidArgumentError(f"context_lens must hold one length per sequence, {S}, got shape "
+                                   f"{tuple(lens.shape)}")
+    if on_gpu:
+        return
+    bs, width = k_cache.shape[1], block_tables.shape[1]
+    if len(lens) and (lens.min() < 1 or lens.max() > width * bs):
+        raise InvalidArgumentError(
+            f"context_lens {lens.tolist()} must each be in [1, {width * bs}]: a context needs at least "
+            f"one token, and a row of {width} blocks of {bs} holds {width * bs}; pass longer block "
+            "tables or shorter contexts")
+    if block_tables.device.type == "cpu" and len(lens):
+        needed = torch.arange(width) < (-(-lens // bs))[:, None]  # (S, width): blocks the contexts read
+        ids = block_tables[:S]
+        bad = needed & ((ids < 0) | (ids >= k_cache.shape[0]))
+        if bad.any():
+            s = int(bad.any(1).nonzero()[0])
+            raise InvalidArgumentError(
+                f"block_tables row {s} ({ids[s].tolist()}) lists a block outside the cache's "
+                f"{k_cache.shape[0]} (or -1) among the {int(needed[s].sum())} blocks its "
+                f"{int(lens[s])} tokens of context read")
 
 
 def read_blocks(cache: torch.Tensor, block_tables: torch.Tensor, T: int) -> torch.Tensor:
@@ -4633,6 +4690,7 @@ def paged_flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     """Split-K decode attention over §4's paged cache: q (B, H, D), k_cache/v_cache (num_blocks,
     bs, Hkv, D), block_tables (B, max_blocks). PyTorch gathers the blocks first (a copy); the
     Triton kernel below reads them in place."""
+    _check_paged_cache(k_cache, v_cache, block_tables, context_lens, q.shape[0])
     T = int(max(context_lens))
     k, v = gather_paged_kv(k_cache, block_tables, T), gather_paged_kv(v_cache, block_tables, T)
     return flash_decode(q, k, v, context_lens, num_splits)
@@ -4822,13 +4880,14 @@ def triton_paged_flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
                               block_tables: torch.Tensor, context_lens, num_splits: int | None = None,
                               block_n: int = 64, **launch) -> torch.Tensor:
     """Flash-decoding with Triton kernels reading §4's blocks in place (same contract as
-    `paged_flash_decode`). With lengths as a CUDA tensor nothing is checked or synced, and the
-    splits cover the block tables' whole capacity (splits past a sequence's end stay empty)."""
-    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape or block_tables.dim() != 2:
-        raise InvalidArgumentError("need k_cache, v_cache (num_blocks, bs, Hkv, D) of one shape and "
-                                   f"block_tables (B, max_blocks); got {tuple(k_cache.shape)}, "
-                                   f"{tuple(v_cache.shape)}, "
-                                   f"{tuple(block_tables.shape)}")
+    `paged_flash_decode`). With lengths as a CUDA tensor only shapes are checked (nothing
+    syncs), and the splits cover the block tables' whole capacity (splits past a sequence's end
+    stay empty). A cache whose rows of D are not contiguous is copied contiguous first."""
+    if q.dim() != 3:
+        raise InvalidArgumentError(f"need q (B, H, D), got {tuple(q.shape)}")
+    _check_paged_cache(k_cache, v_cache, block_tables, context_lens, q.shape[0])
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:  # the kernel reads each row of D as one run
+        k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()
     bs, Hkv = k_cache.shape[1], k_cache.shape[2]
     capacity = block_tables.shape[1] * bs  # the block tables' capacity
     lens = _checked_lens(context_lens, q.shape[0], capacity)
@@ -6504,6 +6563,21 @@ _FUSED: "weakref.WeakKeyDictionary[nn.Module, torch.Tensor]" = weakref.WeakKeyDi
 _FUSE_GROUPS = (("attn", ("wq", "wk", "wv")), ("mlp", ("w_gate", "w_up")))
 
 
+def weights_signature(model: nn.Module) -> list[tuple]:
+    """What a kept decoder checks before it runs: for every parameter its identity, storage
+    address, version counter (bumped by each in-place write), dtype and device. Python attribute
+    reads only, no tensor compared (SmolLM2's 273 parameters: ~0.1–0.3 ms on a CPU); it changes
+    when a weight is replaced (`load_state_dict(sd, assign=True)`, `layer.wq.weight = …`), written
+    in place (`p.copy_(…)`, `load_state_dict(sd)`) or moved (`.to(dtype)`, `.double()`, `.cuda()`)."""
+    out, stack = [], [model]
+    while stack:  # walks the modules: `model.parameters()` takes about twice as long
+        module = stack.pop()
+        out += [(id(p), p.data_ptr(), p._version, p.dtype, p.device)
+                for p in module._parameters.values() if p is not None]
+        stack += module._modules.values()
+    return out
+
+
 def fuse_projections(model: Transformer) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
     """Per layer, the q/k/v weights as rows of one matrix and gate/up as rows of another, the
     modules' weights re-pointed at views of them: same values, same memory, and a decode step can
@@ -6629,6 +6703,9 @@ class StaticDecoder:
     then captured in a CUDA graph (`mode="compile+graph"`: fused kernels, launched at once).
 
     The batch is padded up to `batch_size` (padding rows decode garbage that nobody reads).
+    What the decoder derives from the weights (fused matrices, a cache in their dtype, a compiled
+    step, captured graphs) is tied to them by `weights_signature`: `generate` checks it first and
+    rebuilds all of it when the weights were replaced, written or moved (`refresh`).
     """
 
     MODES = ("eager", "graph", "compile", "compile+graph")
@@ -6639,8 +6716,21 @@ class StaticDecoder:
         if mode.endswith("graph") and model.device.type != "cuda":
             raise InvalidArgumentError("CUDA graphs need a CUDA device; use mode='compile' or 'eager' on a "
                                        "CPU")
-        self.model, self.mode, self.batch_size = model, mode, batch_size
-        self.cache = ContiguousKVCache(model.cfg, batch_size, max_seq_len, model.device, model.dtype)
+        self.model, self.mode, self.batch_size, self.max_seq_len = model, mode, batch_size, max_seq_len
+        self.busy = False  # a live generation uses the cache (kept decoders are lent to one at a time)
+        self._build()
+
+    def refresh(self) -> bool:
+        """Rebuild what the decoder derived from the weights if they changed since (True if so)."""
+        if weights_signature(self.model) == self.signature:
+            return False
+        self._build()
+        return True
+
+    @torch.inference_mode(False)  # fused weights and the cache must outlive any inference_mode block
+    def _build(self) -> None:
+        model, batch_size = self.model, self.batch_size
+        self.cache = ContiguousKVCache(model.cfg, batch_size, self.max_seq_len, model.device, model.dtype)
         self.tokens = torch.zeros(batch_size, dtype=torch.long, device=model.device)
         self.positions = torch.zeros(batch_size, dtype=torch.long, device=model.device)
         self._graph, self._out, self._compiled = None, None, None
@@ -6658,6 +6748,7 @@ class StaticDecoder:
         # residual adds folded in (None: PyTorch's ops, which the compiler may rewrite and fuse)
         self.matvec_op = _matvec_op() if _use_matvec(model, batch_size) else None
         self._matvec_tuned = False
+        self.signature = weights_signature(model)  # after fusing, which may re-point the weights
 
     def step_eager(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """One decode step for every row: tokens and positions (B,) → logits (B, V). Tensor
@@ -6800,17 +6891,19 @@ class StaticDecoder:
         steps that feed each other on the device. The host reads the tokens once at the end, or, with
         `stop_ids`, every `check_every` steps to stop early (rows keep only what precedes and
         includes their first stop token; a few steps past it may run and are discarded)."""
+        prompts = _prompt_lists(prompts)
         if not 1 <= len(prompts) <= self.batch_size:
             raise InvalidArgumentError(f"{len(prompts)} prompts for a decoder of batch size "
                                        f"{self.batch_size}")
         for p in prompts:
             _check_generation_args(self.model, p, max_new_tokens)
-            if len(p) + max_new_tokens > self.cache.max_seq_len:
+            if len(p) + max_new_tokens > self.max_seq_len:
                 raise ContextOverflowError(f"{len(p)} + {max_new_tokens} tokens do not fit this decoder's "
-                                           f"cache of {self.cache.max_seq_len}; build it with a larger "
+                                           f"cache of {self.max_seq_len}; build it with a larger "
                                            "max_seq_len")
         if max_new_tokens == 0:
             return [[] for _ in prompts]
+        self.refresh()  # weights replaced, written or moved since the last call: rebuild first
         self.cache.k.zero_(), self.cache.v.zero_()
         self._prefill(prompts)  # leaves each row's first token and its position in the decode buffers
         n, stops = len(prompts), set(stop_ids)
@@ -7062,31 +7155,90 @@ def _all_stopped(rows: list[list[int]], stops: set) -> bool:
     return all(any(t in stops for t in row) for row in rows)
 
 
-_DECODERS: dict = {}  # (model, batch size, cache length, mode) → StaticDecoder: capture/compile once
-
-
-def static_generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+def static_generate(model: Transformer, prompts: Sequence[Sequence[int]] | torch.Tensor, max_new_tokens: int,
                     mode: str = "eager", stop_ids: Sequence[int] = ()) -> list[list[int]]:
     """Greedy batch generation through a `StaticDecoder`. Decoders are kept and reused, so a
     graph is captured (or a step compiled) once per batch size and cache length: the batch is
     padded up to the next size in 1, 2, 4, 8, … and the cache length up to a multiple of 256,
-    as serving engines capture a fixed set of sizes."""
+    as serving engines capture a fixed set of sizes. `prompts`: lists of token ids, 1-D tensors,
+    or one (B, T) tensor."""
+    prompts = _prompt_lists(prompts)
     if not prompts:
         raise InvalidArgumentError("static_generate needs at least one prompt")
-    decoder = _static_decoder(model, len(prompts), max(len(p) for p in prompts) + max_new_tokens, mode)
-    return decoder.generate(prompts, max_new_tokens, stop_ids)
+    for p in prompts:
+        _check_generation_args(model, p, max_new_tokens)
+    with _kept_decoder(model, len(prompts), max(len(p) for p in prompts) + max_new_tokens, mode) as decoder:
+        return decoder.generate(prompts, max_new_tokens, stop_ids)
 
 
-def _static_decoder(model: Transformer, batch: int, tokens: int, mode: str) -> "StaticDecoder":
-    """A kept decoder for at least `batch` sequences of `tokens` tokens (sizes rounded up)."""
-    size = 1 << max(0, batch - 1).bit_length()
-    length = min(-(-tokens // 256) * 256, model.cfg.max_seq_len)
-    key = (id(model), size, length, mode)
-    if key not in _DECODERS:
-        if len(_DECODERS) >= 16:  # bound the memory the kept caches hold
-            _DECODERS.pop(next(iter(_DECODERS)))
-        _DECODERS[key] = StaticDecoder(model, size, length, mode)
-    return _DECODERS[key]
+def _prompt_lists(prompts) -> list[list[int]]:
+    """A batch of prompts as lists of ints: from lists, 1-D tensors (or arrays), or one (B, T)."""
+    arrays = (torch.Tensor, np.ndarray)
+    if isinstance(prompts, arrays):
+        if prompts.ndim != 2:
+            raise InvalidArgumentError(f"a tensor of prompts must be (B, T), got shape "
+                                       f"{tuple(prompts.shape)}; for one prompt pass prompt[None] or [ids]")
+        return prompts.tolist()
+    if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not all(
+            (isinstance(p, Sequence) and not isinstance(p, str)) or (isinstance(p, arrays) and p.ndim == 1)
+            for p in prompts):
+        raise InvalidArgumentError("prompts must be a list of prompts, each a list (or 1-D tensor) of token "
+                                   "ids; for one prompt pass [ids]")
+    return [p.tolist() if isinstance(p, arrays) else list(p) for p in prompts]
+
+
+class _KeptDecoders(dict):
+    """A model's kept decoders, {(batch size, cache length, mode): [StaticDecoder, …]}, stored on the
+    model itself (as `model._kept_decoders`), so they live and die with it: a module-level cache
+    would keep every model it ever saw alive. A copy of the model (deepcopy, pickling) starts
+    with none: a decoder holds its own model's cache and captured graphs."""
+
+    def __deepcopy__(self, memo) -> "_KeptDecoders":
+        return _KeptDecoders()
+
+    def __reduce__(self):
+        return _KeptDecoders, ()
+
+
+_KEPT_LOCK = threading.Lock()  # lending decoders is check-then-mark: one thread at a time
+_MAX_KEPT = 16  # decoders kept per model, to bound the memory their caches hold
+
+
+@contextlib.contextmanager
+def _kept_decoder(model: Transformer, batch: int, tokens: int, mode: str):
+    """Lend a kept decoder for at least `batch` sequences of `tokens` tokens (sizes rounded up),
+    its weights checked (`StaticDecoder.refresh`), for one generation: `with _kept_decoder(…) as
+    decoder:`. A decoder is lent to one live generation at a time; while it is busy (two
+    generators consumed in turn, `generate` called from an `on_token` callback, two threads) the
+    next one gets a decoder of its own. It is returned when the block exits, also when a
+    generator holding it is closed or collected."""
+    decoder = _lend_decoder(model, 1 << max(0, batch - 1).bit_length(),
+                            min(-(-tokens // 256) * 256, model.cfg.max_seq_len), mode)
+    try:
+        decoder.refresh()
+        yield decoder
+    finally:
+        decoder.busy = False
+
+
+def _lend_decoder(model: Transformer, size: int, length: int, mode: str) -> StaticDecoder:
+    """An idle kept decoder of this shape and mode, marked busy; a new one if all are busy."""
+    with _KEPT_LOCK:
+        kept = model.__dict__.get("_kept_decoders")
+        if kept is None:
+            kept = model._kept_decoders = _KeptDecoders()
+        key = (size, length, mode)
+        # `d.model is model`: a shallow copy of the model shares this dict, not its decoders
+        decoder = next((d for d in kept.get(key, ()) if not d.busy and d.model is model), None)
+        if decoder is None:
+            decoder = StaticDecoder(model, size, length, mode)
+            if sum(map(len, kept.values())) >= _MAX_KEPT:  # forget the oldest idle one
+                old_key = next((k for k, ds in kept.items() if any(not d.busy for d in ds)), None)
+                if old_key is not None:
+                    kept[old_key].remove(next(d for d in kept[old_key] if not d.busy))
+            kept.setdefault(key, []).append(decoder)
+        decoder.busy = True
+        return decoder
 
 
 # %% [markdown]
@@ -7119,7 +7271,9 @@ def _masked_paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
 
 class PagedDecodeRunner:
     """The engine's decode-only step with static shapes over a `PagedKVCache` (built with
-    `scratch_block=True`), run eagerly or replayed from one CUDA graph per captured batch size."""
+    `scratch_block=True`), run eagerly or replayed from one CUDA graph per captured batch size.
+    Each step first checks `weights_signature`: after a change of the weights it fuses them
+    again and captures new graphs."""
 
     def __init__(self, model: Transformer, cache: PagedKVCache, max_batch: int, graphs: bool = False):
         if cache.scratch is None:
@@ -7135,8 +7289,15 @@ class PagedDecodeRunner:
         self.lens = torch.ones(B, dtype=torch.long, device=dev)
         use_triton = dev.type == "cuda" and triton_available()
         self.attention = triton_paged_flash_decode if use_triton else _masked_paged_decode
-        self._graphs, self._outputs, self._pool = {}, {}, None
-        self.fused = fuse_projections(model)
+        self._pool = None
+        self._derive()
+
+    @torch.inference_mode(False)  # the engine steps in inference mode; the fused weights outlive it
+    def _derive(self) -> None:
+        """What the step takes from the weights: the fused matrices and the captured graphs."""
+        self._graphs, self._outputs = {}, {}
+        self.fused = fuse_projections(self.model)
+        self.signature = weights_signature(self.model)
 
     def step_eager(self, n: int) -> torch.Tensor:
         """The step for the first n buffer rows: logits (n, V). Tensor operations only."""
@@ -7159,6 +7320,8 @@ class PagedDecodeRunner:
         size = next((b for b in self.sizes if b >= n), None)
         if size is None:
             raise InvalidArgumentError(f"{n} sequences; this runner holds at most {self.sizes[-1]}")
+        if weights_signature(self.model) != self.signature:  # weights replaced, written or moved
+            self._derive()
         positions, meta = self.cache.metadata(seqs, [1] * n)  # checks every slot is owned
         tables = meta.block_tables
         self.tokens[:n] = torch.tensor([s.token_ids[s.num_computed_tokens] for s in seqs])

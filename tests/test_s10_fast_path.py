@@ -370,3 +370,100 @@ def test_demonstrate_fast_path_tiny(llm, capsys):
     assert {r["mode"] for r in modes} >= {"generate (§1)", "eager"}
     assert all(r["same tokens"] is True and r["tokens/s"] > 0 for r in modes)
     assert "Takeaway" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ kept decoders follow the weights
+FUSED_SOURCES = ("wq.weight", "wk.weight", "wv.weight", "w_gate.weight", "w_up.weight")
+
+
+def sharp_tiny(llm, seed):
+    """The tiny model with its weights ×10 (at the default std 0.02 it repeats its last token
+    whatever its q/k/v and gate/up weights are, so stale ones would go unnoticed)."""
+    model = llm.build_model("tiny", seed=seed, device="cpu")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.endswith("norm.weight"):
+                p.mul_(10)
+    return model
+
+
+def change_weights(model, how):
+    """New values for the weights a decoder fuses (q/k/v, gate/up), put in `how`."""
+    if how == "to(float64) then new weights":
+        model.to(torch.float64)
+    g = torch.Generator().manual_seed(99)
+    new = {n: (torch.randn(p.shape, generator=g) * 0.3).to(p.dtype) for n, p in model.named_parameters()
+           if n.endswith(FUSED_SOURCES)}
+    if how in ("load_state_dict(assign=True)", "to(float64) then new weights"):
+        model.load_state_dict({**model.state_dict(), **new}, assign=True)
+    elif how == "new nn.Parameter":
+        for name, value in new.items():
+            module = model.get_submodule(name.rsplit(".", 1)[0])
+            module.weight = torch.nn.Parameter(value)
+    elif how == "in-place copy_":
+        with torch.no_grad():
+            for name, value in new.items():
+                model.get_parameter(name).copy_(value)
+    elif how == "double()":
+        model.double()
+
+
+WEIGHT_CHANGES = ["load_state_dict(assign=True)", "new nn.Parameter", "in-place copy_", "double()",
+                  "to(float64) then new weights"]
+
+
+@pytest.mark.parametrize("how", WEIGHT_CHANGES)
+def test_kept_decoder_follows_changed_weights(llm, how):
+    """A kept decoder built before the weights change (replaced, written in place, moved to
+    another dtype) rebuilds what it derived from them: `static_generate` equals `generate` on the
+    new weights, which differ from the old ones' tokens."""
+    model = sharp_tiny(llm, seed=6)
+    prompts = [[5, 17, 99, 3], [42, 7]]
+    before = llm.static_generate(model, prompts, 6)
+    assert before == [llm.generate(model, p, 6) for p in prompts]
+    change_weights(model, how)
+    after = [llm.generate(model, p, 6) for p in prompts]
+    assert after != before or how == "double()"  # float64 keeps the tokens; the cache must follow
+    assert llm.static_generate(model, prompts, 6) == after
+    (decoder,) = [d for ds in model._kept_decoders.values() for d in ds]
+    assert decoder.signature == llm.weights_signature(model) and decoder.cache.k.dtype == model.dtype
+
+
+@pytest.mark.parametrize("how", ["load_state_dict(assign=True)", "in-place copy_"])
+def test_engine_static_step_follows_changed_weights(llm, how):
+    """An engine whose decode steps run `PagedDecodeRunner` ("static"), built before the weights
+    change, gives the new weights' tokens."""
+    model = sharp_tiny(llm, seed=6)
+    prompts, params = [[5, 17, 99, 3], [42, 7]], llm.SamplingParams(max_tokens=6)
+    engine = llm.LLMEngine(model, block_size=4, max_num_seqs=2, decode_step="static")
+    before = [o.token_ids for o in engine.generate(prompts, [params] * 2)]
+    assert before == [llm.generate(model, p, 6) for p in prompts]
+    change_weights(model, how)
+    after = [llm.generate(model, p, 6) for p in prompts]
+    assert after != before
+    assert [o.token_ids for o in engine.generate(prompts, [params] * 2)] == after
+
+
+def test_weights_signature_is_cheap_and_complete(llm):
+    """The signature changes with every kind of change a kept decoder must notice, and is
+    Python attribute reads only (a tuple per parameter)."""
+    model = llm.build_model("tiny", seed=1, device="cpu")
+    seen = [llm.weights_signature(model)]
+    assert {id(p) for p in model.parameters()} == {entry[0] for entry in seen[0]}
+    for how in WEIGHT_CHANGES[:4]:
+        change_weights(model, how)
+        seen.append(llm.weights_signature(model))
+    assert all(a != b for a, b in zip(seen, seen[1:]))
+    assert llm.weights_signature(model) == seen[-1]  # reading it changes nothing
+
+
+def test_static_generate_takes_tensors_of_prompts(llm, tiny):
+    """A (B, T) tensor or a list of 1-D tensors gives what the lists give; a 1-D tensor or a
+    flat list of ids (one prompt, not wrapped) gets a named error saying what to pass."""
+    lists = [[5, 17, 99], [42, 7, 8]]
+    expected = llm.static_generate(tiny, lists, 4)
+    assert llm.static_generate(tiny, torch.tensor(lists), 4) == expected
+    assert llm.static_generate(tiny, [torch.tensor(p) for p in lists], 4) == expected
+    for bad in (torch.tensor(lists[0]), lists[0], "hello"):
+        with pytest.raises(llm.InvalidArgumentError, match="for one prompt pass"):
+            llm.static_generate(tiny, bad, 4)

@@ -1,6 +1,9 @@
 """§1 The model: shapes, causality, RoPE, GQA, KV-cached forward, generation, bad input."""
 
+import copy
+import gc
 import math
+import weakref
 
 import pytest
 import torch
@@ -233,3 +236,81 @@ def test_batched_generate_equals_one_at_a_time(llm, tiny):
     outs, _ = llm.batched_generate(tiny, prompts, 8, stop_ids=[stop])
     assert outs == [llm.generate(tiny, p, 8, stop_ids=[stop]) for p in prompts]
     assert llm.batched_generate(tiny, prompts, 0)[0] == [[], [], []]
+
+
+# ------------------------------------------------------------- generation through a kept decoder
+def sharp_tiny(llm, seed=4):
+    """The tiny model with its weights ×10: with the default std 0.02 it repeats its last token
+    whatever the context, so a mixed-up cache would go unnoticed; at 0.2 every token depends on it."""
+    model = llm.build_model("tiny", seed=seed, device="cpu")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.endswith("norm.weight"):
+                p.mul_(10)
+    return model
+
+
+@pytest.fixture
+def kept_path(llm, monkeypatch):
+    """`stream_generate` through a kept §10 decoder (on a GPU: "graph"), here run eagerly on the
+    CPU; yields a fresh model and a function listing its kept decoders."""
+    monkeypatch.setattr(llm, "_kept_decode_mode", lambda model: "eager")
+    model = sharp_tiny(llm)
+    return model, lambda: [d for ds in model.__dict__.get("_kept_decoders", {}).values() for d in ds]
+
+
+def test_interleaved_generators_get_their_own_cache(llm, kept_path):
+    """Two generators consumed in turn each decode from a decoder of their own (one cache row
+    each), and give the tokens of plain generation; both decoders are idle afterwards, and a
+    later generation reuses one instead of building a third."""
+    model, decoders = kept_path
+    prompts = [[5, 17, 99, 3], [42, 7, 8, 1]]  # same length: the same kept decoder shape
+    expected = [llm.generate(model, p, 6, cuda_graphs=False) for p in prompts]
+    gens = [llm.stream_generate(model, p, 6) for p in prompts]
+    got = [[], []]
+    for _ in range(6):
+        for out, gen in zip(got, gens):
+            out.append(next(gen))
+    assert got == expected and [next(gen, None) for gen in gens] == [None, None]  # both finished
+    assert len(decoders()) == 2 and not any(d.busy for d in decoders())
+    assert llm.generate(model, prompts[0], 6) == expected[0] and len(decoders()) == 2
+
+
+def test_generate_inside_on_token_gets_its_own_cache(llm, kept_path):
+    model, decoders = kept_path
+    outer, inner = [5, 17, 99, 3], [42, 7, 8, 1]
+    expected_outer = llm.generate(model, outer, 4, cuda_graphs=False)
+    expected_inner = llm.generate(model, inner, 3, cuda_graphs=False)
+    nested = []
+    got = llm.generate(model, outer, 4, on_token=lambda t: nested.append(llm.generate(model, inner, 3)))
+    assert got == expected_outer and nested == [expected_inner] * 4
+    assert not any(d.busy for d in decoders())
+
+
+def test_generator_closed_or_dropped_returns_its_decoder(llm, kept_path):
+    model, decoders = kept_path
+    gen = llm.stream_generate(model, [1, 2, 3], 8)
+    next(gen)
+    assert [d.busy for d in decoders()] == [True]
+    gen.close()
+    assert [d.busy for d in decoders()] == [False]
+    gen = llm.stream_generate(model, [1, 2, 3], 8)
+    next(gen)
+    del gen
+    gc.collect()
+    assert [d.busy for d in decoders()] == [False]
+
+
+def test_kept_decoders_do_not_keep_the_model_alive(llm, monkeypatch):
+    """Kept decoders live on their model: deleting the model frees them and it (a module-level
+    cache would keep both); a deep copy of the model starts with none."""
+    monkeypatch.setattr(llm, "_kept_decode_mode", lambda model: "eager")
+    model = llm.build_model("tiny", seed=4, device="cpu")
+    llm.generate(model, [1, 2, 3], 4)
+    llm.static_generate(model, [[1, 2], [3]], 4)
+    assert sum(map(len, model._kept_decoders.values())) == 2
+    assert copy.deepcopy(model)._kept_decoders == {}
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None

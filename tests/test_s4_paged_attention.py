@@ -655,3 +655,26 @@ def test_truncate_rolls_back_blocks_and_hashes(llm):
     with pytest.raises(llm.InvalidArgumentError):
         bm.truncate(seq, 9)
     bm.check_invariants()
+
+
+def test_paged_attention_refuses_what_it_cannot_read(llm):
+    """A context longer than its table row holds, a context of no tokens, fewer table rows than
+    sequences, more queries than context, or a block id outside the cache where the context
+    reads: named errors from `paged_attention` and its reference, not a shape error or zeros."""
+    q, k_cache, v_cache, tables, starts, ks, vs = paged_problem(llm, [5, 19, 2], [1, 1, 1], 4, 2, 3)
+    width = tables.shape[1]  # 19 tokens in blocks of 4: 5 blocks, rows padded to 7
+    holey = tables.clone()
+    holey[1, 2] = -1  # inside sequence 1's 19 tokens
+    outside = tables.clone()
+    outside[0, 0] = k_cache.shape[0]
+    cases = [([5, 4 * width + 1, 2], tables, None, "holds"),  # longer than the row
+             ([5, 0, 2], tables, [0, 1, 1, 2], "at least one token"),  # no context at all
+             ([5, 19, 2], tables[:2], None, "rows for 3 sequences"),
+             ([5, 19, 2], tables, [0, 6, 6, 7], "6 queries but a context of 5"),
+             ([5, 19, 2], holey, None, "outside the cache"),
+             ([5, 19, 2], outside, None, "outside the cache")]
+    for lens, table, query_start, match in cases:
+        qq = q if query_start is None else torch.randn(query_start[-1], *q.shape[1:])
+        for fn in (llm.paged_attention, llm.paged_attention_naive):
+            with pytest.raises(llm.InvalidArgumentError, match=match):
+                fn(qq, k_cache, v_cache, table, lens, query_start)

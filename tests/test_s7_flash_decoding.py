@@ -204,3 +204,48 @@ def test_demo_on_cpu(llm):
     methods = {r["method"] for r in report["timing"]}
     assert {"naive", "PyTorch SDPA", "split-K (PyTorch, 8 splits)"} <= methods
     assert all(r["time (µs)"] > 0 and r["GB/s"] > 0 for r in report["timing"])
+
+
+PAGED_DECODERS = {"paged_flash_decode": lambda llm: llm.paged_flash_decode,
+                  "triton_paged_flash_decode": lambda llm: pytest.skip("triton is not installed")
+                  if not llm.triton_available() else llm.triton_paged_flash_decode}
+
+
+@pytest.mark.parametrize("name", PAGED_DECODERS)
+def test_paged_decode_with_strided_cache(llm, name):
+    """A cache whose rows of D are not contiguous in memory (stride(-1) != 1) gives the answer
+    of the contiguous cache: the Triton kernel copies it contiguous first."""
+    fn = PAGED_DECODERS[name](llm)
+    (q, k, v), lens, _ = random_case(3, device=DEVICE)  # B=2, 4 KV heads, lengths 64 and 39
+    kc, vc, table = scatter_to_blocks(k.cpu(), v.cpu(), block_size=4, seed=3)
+    strided = [x.transpose(-1, -2).contiguous().transpose(-1, -2).to(DEVICE) for x in (kc, vc)]
+    assert strided[0].stride(-1) != 1 and torch.equal(strided[0].cpu(), kc)
+    ref = llm.naive_decode_attention(q.double(), k.double(), v.double(), lens)
+    out = fn(q, *strided, table.to(DEVICE), lens)
+    assert (out.double() - ref).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("name", PAGED_DECODERS)
+def test_paged_decode_refuses_tables_it_cannot_read(llm, name):
+    """Fewer table rows than the batch (also with lengths on the GPU, which are not read), a
+    context longer than the table holds, or a block id outside the cache where a context reads:
+    named errors, not an out-of-bounds read."""
+    fn = PAGED_DECODERS[name](llm)
+    (q, k, v), lens, _ = random_case(6, device=DEVICE)  # B=3, lengths 64, 25, 33
+    kc, vc, table = scatter_to_blocks(k.cpu(), v.cpu(), block_size=4, seed=6)
+    kc, vc = kc.to(DEVICE), vc.to(DEVICE)
+    capacity = table.shape[1] * 4
+    with pytest.raises(llm.InvalidArgumentError, match="rows for 3 sequences"):
+        fn(q, kc, vc, table[:2].to(DEVICE), lens)
+    if DEVICE == "cuda" and name.startswith("triton"):
+        with pytest.raises(llm.InvalidArgumentError, match="rows for 3 sequences"):
+            fn(q, kc, vc, table[:2].to(DEVICE), lens.to(DEVICE, torch.int32))
+    too_long = lens.clone()
+    too_long[1] = capacity + 1
+    with pytest.raises(llm.InvalidArgumentError, match="holds"):
+        fn(q, kc, vc, table.to(DEVICE), too_long)
+    holey = table.clone()
+    holey[0, 0] = kc.shape[0]
+    if DEVICE == "cpu":  # ids are checked in tables on the CPU (on a GPU, reading them would wait)
+        with pytest.raises(llm.InvalidArgumentError, match="outside the cache"):
+            fn(q, kc, vc, holey, lens)
