@@ -5142,14 +5142,53 @@ SUPPORTED_BITS = (2, 3, 4, 8)
 
 
 def _check_quant_args(w: torch.Tensor, bits: int, group_size: int | None) -> None:
+    """Refuse what a quantizer cannot take. group_size None: per channel (INT8 only)."""
     if w.dim() != 2:
         raise QuantizationError(f"need a 2-D weight (out_features, in_features), got shape {tuple(w.shape)}")
+    if w.numel() == 0:
+        raise QuantizationError(f"the weight has shape {tuple(w.shape)}: nothing to quantize; a layer needs "
+                                "at least one output and one input")
     if bits not in SUPPORTED_BITS:
         raise QuantizationError(f"bits must be one of {SUPPORTED_BITS}, got {bits!r}")
-    if group_size is not None and (not isinstance(group_size, int) or group_size < 2 or group_size % 2):
+    if group_size is None and bits != 8:
+        raise QuantizationError(f"{bits}-bit quantization is groupwise: pass group_size as an even int, "
+                                "e.g. 32 or 128 (INT8 is per channel: use quantize_int8)")
+    if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int)
+                                   or group_size < 2 or group_size % 2):
         raise QuantizationError(f"group_size must be an even int >= 2, got {group_size!r}")
     if not torch.isfinite(w).all():
         raise QuantizationError("the weight holds NaN or infinite values; quantize a finite tensor")
+
+
+# Scales and offsets are stored in fp16. Too large, they would overflow to inf: refused, naming the
+# row. Too small (a step below fp16's smallest normal, 2^-14), they lose precision the way ggml's
+# fp16 block scales do; `_fp16_step` rounds such a step *up* to the next fp16 value (at least the
+# smallest subnormal 2^-24), so the grid still covers its row and no value is clamped: the
+# dequantized error stays within half a step plus 2^-24 (about 6e-8) absolute. A row whose
+# values are all below ~3e-8 therefore comes back as zeros (its absolute error is below 3e-8);
+# llama.cpp's Q8_0/Q4_1 do the same for such blocks.
+FP16_MAX, FP16_MIN_NORMAL = 65504.0, 2.0**-14
+
+
+def _check_fp16(values: torch.Tensor, what: str) -> None:
+    """QuantizationError naming the first row (…) whose fp16 `what` would overflow."""
+    bad = values.abs() > FP16_MAX
+    if bad.any():
+        where = tuple(int(i) for i in bad.nonzero()[0])
+        raise QuantizationError(
+            f"row {where[0]}{f' (group {where[1]})' if len(where) > 1 else ''} needs an fp16 {what} of "
+            f"{float(values[where]):.4g}, beyond fp16's largest value {FP16_MAX:g}: the weight is too large "
+            "to quantize with fp16 scales; rescale it (fold the factor into the next layer or norm) or "
+            "leave this layer unquantized")
+
+
+def _fp16_step(step: torch.Tensor) -> torch.Tensor:
+    """fp32 steps (> 0) → fp16, rounded to nearest, except that a step in fp16's subnormal range
+    is rounded up (see above), so that the stored grid spans at least the row's range."""
+    _check_fp16(step, "scale")
+    half = step.half()
+    low = (half.float() < step) & (step < FP16_MIN_NORMAL)
+    return torch.where(low, (half.view(torch.int16) + 1).view(torch.half), half)
 
 
 @dataclass
@@ -5201,7 +5240,7 @@ def quantize_int8(w: torch.Tensor) -> QuantizedWeight:
     _check_quant_args(w, 8, None)
     w = w.detach().float()
     absmax = w.abs().amax(1)
-    scales = torch.where(absmax > 0, absmax / 127, 1.0).half()  # stored in fp16: quantize with that value
+    scales = _fp16_step(torch.where(absmax > 0, absmax / 127, 1.0))  # stored in fp16: quantize with that
     codes = torch.round(w / scales.float()[:, None]).clamp(-127, 127).to(torch.int8)
     return QuantizedWeight(codes, scales, None, 8, w.shape[1], tuple(w.shape))
 
@@ -5218,11 +5257,13 @@ def _group_view(w: torch.Tensor, group_size: int) -> torch.Tensor:
 
 def group_grid(groups: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Asymmetric min–max grid of each group (…, G): fp16 (scale, offset) with
-    offset = min and scale = (max − min) / (2^bits − 1); a constant group gets scale 1."""
+    offset = min and scale = (max − min) / (2^bits − 1); a constant group gets scale 1.
+    QuantizationError if either overflows fp16."""
     lo, hi = groups.amin(-1), groups.amax(-1)
     scale = (hi - lo) / (2**bits - 1)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return scale.half(), lo.half()
+    _check_fp16(lo, "offset (the group's min)")
+    return _fp16_step(scale), lo.half()
 
 
 def _codes_on_grid(groups: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
@@ -5252,6 +5293,7 @@ def quantize_groupwise(w: torch.Tensor, bits: int = 4, group_size: int = 128) ->
 def fake_quantize_groupwise(w: torch.Tensor, bits: int = 4, group_size: int = 128) -> torch.Tensor:
     """`quantize_groupwise(w, bits, group_size).dequantize()` without packing the codes: the
     values a layer computes with, for searches that try many grids (AWQ)."""
+    _check_quant_args(w, bits, group_size)
     O, K = w.shape
     return _round_groups(_group_view(w.detach().float(), group_size), bits).reshape(O, -1)[:, :K]
 
@@ -5479,14 +5521,16 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int = 4, gr
     if hessian.shape != (K, K) or not torch.isfinite(hessian).all():
         raise QuantizationError(f"the Hessian must be a finite ({K}, {K}) matrix for a weight with {K} "
                                 f"inputs, got {tuple(hessian.shape)}")
+    if (torch.diagonal(hessian) < 0).any():
+        raise QuantizationError("the Hessian has negative diagonal entries, so it is not 2XXᵀ of any inputs "
+                                "X; pass the Gram matrix of the layer's calibration inputs")
     W, H = weight.detach().float().clone(), hessian.detach().float().clone()
     dead = torch.diagonal(H) == 0  # inputs that are always zero: their weights do not matter
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
     perm = torch.argsort(torch.diagonal(H), descending=True) if act_order else torch.arange(K)
     W, H = W[:, perm], H[perm][:, perm]
-    H += percdamp * torch.diagonal(H).mean() * torch.eye(K, dtype=H.dtype)
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    Hinv = _damped_inverse_factor(H, percdamp)
     n_groups = -(-K // group_size)
     group_of = perm // group_size  # group of each (permuted) column
     groups = group_of.tolist()
@@ -5523,6 +5567,27 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int = 4, gr
     grouped = F.pad(codes, (0, pad)).view(O, n_groups, group_size)
     qw = QuantizedWeight(_pack_nibbles(grouped), scales, offsets, bits, group_size, (O, K))
     return qw.dequantize(), qw
+
+
+def _damped_inverse_factor(H: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + λI)⁻¹, λ = percdamp · mean(diag H). With few calibration
+    tokens H is singular, and fp32 rounding can leave H + λI not positive definite: then λ grows
+    tenfold (from at least 1%), up to the mean diagonal itself (the GPTQ reference code has the
+    user raise `percdamp` by hand); past that, QuantizationError."""
+    K, mean = H.shape[0], torch.diagonal(H).mean()
+    damp = percdamp
+    while True:
+        L, info = torch.linalg.cholesky_ex(H + damp * mean * torch.eye(K, dtype=H.dtype))
+        if info == 0:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if info == 0:
+                return U
+        if damp >= 1:
+            raise QuantizationError(
+                f"the Hessian is not positive definite even with damping {damp:g} × its mean diagonal: it "
+                "is not 2XXᵀ of real inputs, or far too few calibration tokens reached this layer; pass "
+                "more calibration tokens (calibration_tokens(n_windows=...)) or a larger percdamp")
+        damp = min(max(damp * 10, 0.01), 1.0)
 
 
 def _calibration_context(model: Transformer, tokens: torch.Tensor):
@@ -6123,33 +6188,78 @@ _BLOCK_QUANTIZERS = {
 }
 
 
+def _quant_bf16(x: np.ndarray) -> np.ndarray:
+    """float32 (…, K) → bf16 bytes (…, 2K): the upper 16 bits, rounded to nearest even (as ggml's
+    GGML_FP32_TO_BF16 for finite values)."""
+    bits = x.view(np.uint32)
+    rounded = (bits + (np.uint32(0x7FFF) + ((bits >> 16) & 1))) >> 16
+    return rounded.astype("<u2").view(np.uint8)
+
+
 def quantize_blocks(values: np.ndarray, ggml_type: GGMLType | int) -> np.ndarray:
-    """float values (…, K) → the raw bytes of `ggml_type` blocks (uint8, …, K / block · type_size),
-    rows quantized independently along the last axis (F32/F16/BF16 too)."""
+    """float values (…, K), any strides (a NumPy array, or a PyTorch tensor of any float dtype) →
+    the raw bytes of `ggml_type` blocks (uint8, …, K / block · type_size), rows quantized
+    independently along the last axis (F32, F16 and BF16 too). GGUFError for values a type's
+    fp16 fields (or F16/BF16 themselves) cannot hold: they would overflow to inf."""
     try:
         ggml_type = GGMLType(ggml_type)
     except ValueError:
         raise GGUFError(f"unknown ggml type id {ggml_type}") from None
-    values = np.asarray(values, dtype=np.float32)
+    if isinstance(values, torch.Tensor):
+        values = values.detach().float().cpu().numpy()
+    values = np.ascontiguousarray(values, dtype=np.float32)  # row-major: the blocks run along rows
     if values.ndim == 0 or not np.isfinite(values).all():
         raise GGUFError("quantize_blocks needs a finite array of at least one dimension")
-    if ggml_type == GGMLType.F32:
-        return values.view(np.uint8).copy()
-    if ggml_type == GGMLType.F16:
-        return values.astype(np.float16).view(np.uint8)
-    if ggml_type not in _BLOCK_QUANTIZERS:
-        supported = ", ".join(t.name for t in (GGMLType.F32, GGMLType.F16, *_BLOCK_QUANTIZERS))
+    writable = (GGMLType.F32, GGMLType.F16, GGMLType.BF16, *_BLOCK_QUANTIZERS)
+    if ggml_type not in writable:
+        supported = ", ".join(t.name for t in writable)
         raise GGUFError(f"quantizing to {ggml_type.name} is not implemented here (supported: {supported})")
     block, type_size = GGML_BLOCK_SIZES[ggml_type]
     if values.shape[-1] % block:
         raise GGUFError(f"{ggml_type.name} needs rows whose length is a multiple of {block}; got rows of "
                         f"{values.shape[-1]}: pick a type with smaller blocks (e.g. Q8_0, block 32)")
+    # Past 65504 an fp16 field becomes inf (checked below); values whose tiny scale flushes to 0
+    # meet inf·0 on the way, harmlessly. No block type holds |x| ≥ 2^31 (Q6_K's largest, d·sc·q,
+    # is 65504·128·32 ≈ 2^28), and past ~2^64 the K-quants' squared weights overflow float32.
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = _quantize_rows(values, ggml_type)
+    if not _half_fields_finite(out, ggml_type) or (block > 1 and np.abs(values).max() >= 2.0**31):
+        raise GGUFError(f"values up to {float(np.abs(values).max()):.4g} overflow {ggml_type.name}'s "
+                        f"{'values' if block == 1 else 'fp16 scales or mins'} (largest finite: "
+                        f"{'3.39e38' if ggml_type == GGMLType.BF16 else '65504'}); store this tensor as F32 "
+                        "(or BF16), or rescale it")
+    return out.reshape(*values.shape[:-1], -1)
+
+
+def _half_fields_finite(out: np.ndarray, ggml_type: GGMLType) -> bool:
+    """Whether every 16-bit float of the quantized bytes (F16/BF16 values; blocks' d, m, dmin) is finite."""
+    if ggml_type == GGMLType.F16:
+        return bool(np.isfinite(out.view("<f2")).all())
+    if ggml_type == GGMLType.BF16:
+        return not ((out.view("<u2") & 0x7F80) == 0x7F80).any()  # exponent all ones: inf
+    at = 0
+    for name, n in GGUF_BLOCK_FIELDS.get(ggml_type, ()):  # F32 has no fields
+        if name in ("d", "m", "dmin") and not np.isfinite(out[:, at:at + 2].copy().view("<f2")).all():
+            return False
+        at += n
+    return True
+
+
+def _quantize_rows(values: np.ndarray, ggml_type: GGMLType) -> np.ndarray:
+    """C-contiguous finite float32 (…, K) → (n_blocks, type_size) or, for F32/F16/BF16, (…, bytes)."""
+    if ggml_type == GGMLType.F32:
+        return values.view(np.uint8).copy()
+    if ggml_type == GGMLType.F16:
+        return values.astype("<f2").view(np.uint8)
+    if ggml_type == GGMLType.BF16:
+        return _quant_bf16(values)
+    block, type_size = GGML_BLOCK_SIZES[ggml_type]
     blocks = values.reshape(-1, block)
     out = np.empty((blocks.shape[0], type_size), dtype=np.uint8)
     for start in range(0, blocks.shape[0], DEQUANT_CHUNK_BLOCKS):
         stop = start + DEQUANT_CHUNK_BLOCKS
         out[start:stop] = _BLOCK_QUANTIZERS[ggml_type](blocks[start:stop])
-    return out.reshape(*values.shape[:-1], -1)
+    return out
 
 
 # %% [markdown]
@@ -6200,11 +6310,28 @@ def _scheme_type(scheme: str, gguf_name: str, n_layers: int, row_length: int) ->
     return ggml_type
 
 
+def _float_weights(model: Transformer) -> dict[str, torch.Tensor]:
+    """Parameter name → weight, in state_dict order, with every `QuantizedLinear` (whose codes are
+    buffers, not state) as its dequantized fp32 weight under the name the float layer had."""
+    out = {}
+    for prefix, module in model.named_modules():
+        if isinstance(module, QuantizedLinear):
+            out[f"{prefix}.weight"] = module.weight_dequantized()
+        else:
+            for name, p in module.named_parameters(prefix=prefix, recurse=False):
+                out[name] = p
+    assert set(model.state_dict()) <= set(out), "a weight the export does not know how to write"
+    return out
+
+
 def model_to_gguf_tensors(model: Transformer) -> dict[str, torch.Tensor]:
-    """GGUF name → fp32 tensor for every weight of `model` (tied head written once)."""
+    """GGUF name → fp32 tensor for every weight of `model` (tied head written once). The layers of
+    a quantized copy (`quantize_model`, GPTQ, AWQ) are written dequantized, so every layer is there;
+    an untied INT8 head of a model whose config ties it is not written: the file's head is the
+    embedding, as in the float model."""
     inverse = {v: k for k, v in _GGUF_NAMES.items()}
     out = {}
-    for name, p in model.state_dict().items():
+    for name, p in _float_weights(model).items():
         parts = name.split(".")
         if parts[0] == "layers":
             short = inverse[".".join(parts[2:-1])]
@@ -6223,7 +6350,8 @@ def model_to_gguf_tensors(model: Transformer) -> dict[str, torch.Tensor]:
 def quantize_model_to_gguf(model: Transformer, tokenizer, path: str | Path, scheme: str = "Q4_K_M",
                            show_progress: bool = True) -> Path:
     """Write `model` as a GGUF file quantized by `scheme` (one of GGUF_SCHEMES), with the
-    architecture metadata and `tokenizer`'s own metadata, so `load_model(path)` loads it back."""
+    architecture metadata and `tokenizer`'s own metadata, so `load_model(path)` loads it back.
+    A quantized copy's layers are dequantized (`model_to_gguf_tensors`), then quantized by `scheme`."""
     if scheme not in GGUF_SCHEMES:
         raise GGUFError(f"scheme must be one of {GGUF_SCHEMES}, got {scheme!r}")
     tok_meta = getattr(tokenizer, "metadata", None)
@@ -7869,24 +7997,61 @@ def _check_raw(raw: np.ndarray, ggml_type: GGMLType, shape: tuple[int, ...]) -> 
 # %% [markdown]
 """
 ### Writing GGUF files
-`write_gguf` is §8's writer; the plumbing is here. Metadata values are written with the types
-they were read with when those are known (`GGUFFile.metadata_types`; llama.cpp checks some keys'
-types), else inferred: bool → BOOL, int → UINT32 (INT32 if negative, 64-bit if larger), float →
-FLOAT32, str → STRING, lists → ARRAY of the elements' type. Everything is encoded and quantized
-in memory first; the file is written under a temporary name in the same folder and renamed into
-place, so a failure never leaves a partial file at `path`.
+`write_gguf` is §8's writer; the plumbing is here. It refuses, before writing a byte, anything
+a reader would refuse: an alignment that is not a power of two of at least 8 (GGUF asks for a
+multiple of 8; ggml and gguf-py for a power of two), a `general.alignment` that disagrees with
+the `alignment` argument (the file is always laid out with the alignment it declares), tensors
+of more than 4 dimensions, names llama.cpp would reject, values that do not fit their type.
+
+Metadata values are written with the types they were read with when those are known
+(`GGUFFile.metadata_types`; llama.cpp checks some keys' types), else inferred: bool → BOOL,
+int → UINT32 (INT32 if negative, 64-bit if larger), float → FLOAT32, str → STRING, lists →
+ARRAY of the elements' type; an array of ints gets the narrowest of INT32, UINT32, INT64,
+UINT64 that holds all of them. `types` may nest: `(ARRAY, (ARRAY, UINT8))` is an array of
+arrays of uint8. Tensors are given as a bare array, written as it is in the type of its dtype
+(float32 → F32, float16 → F16, a PyTorch bfloat16 tensor → BF16, float64 → F64, int8..int64 →
+I8..I64), as gguf-py's writer takes them; or as (float array, GGMLType), quantized here; or as
+(uint8 bytes, GGMLType, shape), already quantized. Everything is encoded and quantized in memory
+first; the file is written under a temporary name in the same folder and renamed into place, so
+a failure never leaves a partial file at `path`.
 """
 
 
 # %%
+_GGUF_INT_RANGES = {  # integer value type -> (lowest, highest + 1)
+    GGUFValueType.UINT8: (0, 2**8), GGUFValueType.INT8: (-2**7, 2**7),
+    GGUFValueType.UINT16: (0, 2**16), GGUFValueType.INT16: (-2**15, 2**15),
+    GGUFValueType.UINT32: (0, 2**32), GGUFValueType.INT32: (-2**31, 2**31),
+    GGUFValueType.UINT64: (0, 2**64), GGUFValueType.INT64: (-2**63, 2**63),
+}
+_GGML_MAX_NAME = 64  # llama.cpp's GGML_MAX_NAME: a tensor name takes at most 63 bytes (plus a NUL)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _int_value_type(values: list, key: str, candidates: Sequence[GGUFValueType]) -> GGUFValueType:
+    """The first of `candidates` that holds every int in `values`, or GGUFError."""
+    lo, hi = min(values), max(values)
+    for vtype in candidates:
+        low, end = _GGUF_INT_RANGES[vtype]
+        if low <= lo and hi < end:
+            return vtype
+    what = "mixes negative values with values ≥ 2^63" if lo < 0 <= hi else f"holds {lo if lo < 0 else hi}"
+    raise GGUFError(f"metadata {key!r} {what}: no GGUF integer type (64 bits at most) holds it; store it as "
+                    "a string or split it")
+
+
 def _infer_value_type(value, key: str):
     """GGUF type of a Python value: a GGUFValueType, or (ARRAY, element type) for lists."""
+    U32, I32, U64, I64 = (GGUFValueType.UINT32, GGUFValueType.INT32, GGUFValueType.UINT64,
+                          GGUFValueType.INT64)
+    value = value.tolist() if isinstance(value, np.ndarray) else value
     if isinstance(value, (bool, np.bool_)):
         return GGUFValueType.BOOL
-    if isinstance(value, (int, np.integer)):
-        v = int(value)
-        return (GGUFValueType.UINT32 if 0 <= v < 2**32 else GGUFValueType.INT32 if -2**31 <= v < 0
-                else GGUFValueType.UINT64 if v > 0 else GGUFValueType.INT64)
+    if _is_int(value):
+        return _int_value_type([int(value)], key, (U32, I32, U64, I64))
     if isinstance(value, (float, np.floating)):
         return GGUFValueType.FLOAT32
     if isinstance(value, str):
@@ -7894,60 +8059,171 @@ def _infer_value_type(value, key: str):
     if isinstance(value, (list, tuple)):
         if not value:
             return (GGUFValueType.ARRAY, GGUFValueType.UINT8)
-        kinds = {_infer_value_type(v, key) if not isinstance(v, (list, tuple)) else GGUFValueType.ARRAY
-                 for v in value}
-        if kinds <= {GGUFValueType.UINT32, GGUFValueType.INT32}:
-            return (GGUFValueType.ARRAY, GGUFValueType.INT32 if GGUFValueType.INT32 in kinds or
-                    max(value) < 2**31 else GGUFValueType.UINT32)
+        if all(_is_int(v) for v in value):  # one type wide enough for all: INT32 first, as gguf-py
+            return (GGUFValueType.ARRAY, _int_value_type([int(v) for v in value], key, (I32, U32, I64, U64)))
+        kinds = {GGUFValueType.ARRAY if isinstance(v, (list, tuple, np.ndarray)) else
+                 GGUFValueType.UINT32 if _is_int(v) else _infer_value_type(v, key) for v in value}
         if len(kinds) == 1:
             return (GGUFValueType.ARRAY, kinds.pop())
         raise GGUFError(f"metadata {key!r}: an array mixes element types {sorted(k.name for k in kinds)}; "
-                        "GGUF arrays hold one type")
+                        "GGUF arrays hold one type (write floats as 1.0, not 1)")
     raise GGUFError(f"metadata {key!r}: a {type(value).__name__} cannot be written to GGUF (use bool, int, "
                     "float, str or a list of one of them)")
 
 
+def _value_type_of(spec, key: str) -> tuple[GGUFValueType, object]:
+    """A `types` entry → (value type, element type or None); the element type may itself be a
+    (ARRAY, element type) pair."""
+    vtype, etype = spec if isinstance(spec, tuple) else (spec, None)
+    try:
+        vtype = GGUFValueType(vtype)
+        if etype is not None and not isinstance(etype, tuple):
+            etype = GGUFValueType(etype)
+    except ValueError:
+        raise GGUFError(f"metadata {key!r}: unknown value type {spec!r}; use GGUFValueType's") from None
+    if (etype is not None) != (vtype == GGUFValueType.ARRAY):
+        raise GGUFError(f"metadata {key!r}: type {spec!r}; give arrays as (ARRAY, element type), others "
+                        "as one GGUFValueType")
+    return vtype, etype
+
+
+def _check_scalars(vtype: GGUFValueType, values: list, key: str) -> None:
+    """GGUFError unless every value can be stored as `vtype` without changing it."""
+    if vtype in _GGUF_INT_RANGES:
+        low, end = _GGUF_INT_RANGES[vtype]
+        if not all(_is_int(v) for v in values) or (values and not (low <= min(values) and max(values) < end)):
+            raise GGUFError(f"metadata {key!r}: {vtype.name} holds integers {low}..{end - 1}; got "
+                            f"{values if len(values) < 8 else 'an array outside that'}")
+    elif vtype == GGUFValueType.BOOL:
+        if not all(isinstance(v, (bool, np.bool_)) for v in values):
+            raise GGUFError(f"metadata {key!r}: BOOL needs True or False")
+    elif not all(isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+                 for v in values):
+        raise GGUFError(f"metadata {key!r}: {vtype.name} needs numbers")
+    elif vtype == GGUFValueType.FLOAT32 and any(math.isfinite(v) and abs(v) > 3.4028234663852886e38
+                                                for v in values):
+        raise GGUFError(f"metadata {key!r}: a value beyond float32's range; use FLOAT64")
+
+
 def _encode_value(vtype, value, key: str, etype=None) -> bytes:
+    value = value.tolist() if isinstance(value, np.ndarray) else value
     if vtype == GGUFValueType.STRING:
-        raw = str(value).encode("utf-8")
+        if not isinstance(value, str):
+            raise GGUFError(f"metadata {key!r}: STRING needs a str, got {type(value).__name__}")
+        try:
+            raw = value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise GGUFError(f"metadata {key!r}: not valid as UTF-8 ({exc.reason})") from None
         return struct.pack("<Q", len(raw)) + raw
     if vtype == GGUFValueType.ARRAY:
+        if not isinstance(value, (list, tuple)):
+            raise GGUFError(f"metadata {key!r}: ARRAY needs a list, got {type(value).__name__}")
         if etype is None:
-            etype = _infer_value_type(list(value), key)[1]
+            etype = _infer_value_type(value, key)[1]
+        etype, inner = (GGUFValueType.ARRAY, etype[1]) if isinstance(etype, tuple) else (etype, None)
         head = struct.pack("<IQ", int(etype), len(value))
         if etype in _GGUF_SCALARS:
+            _check_scalars(etype, value, key)
             return head + np.asarray(value, dtype=_GGUF_SCALARS[etype][1]).tobytes()
-        return head + b"".join(_encode_value(etype, v, key) for v in value)
-    try:
-        return struct.pack(_GGUF_SCALARS[vtype][0], value)
-    except (struct.error, KeyError) as exc:
-        raise GGUFError(f"metadata {key!r}: {value!r} does not fit GGUF type {GGUFValueType(vtype).name} "
-                        f"({exc})") from None
+        return head + b"".join(_encode_value(etype, v, key, inner) for v in value)
+    _check_scalars(vtype, [value], key)
+    return struct.pack(_GGUF_SCALARS[vtype][0], value)
+
+
+def _encode_metadata(metadata: dict, types: dict) -> list[bytes]:
+    kv = []
+    for key, value in metadata.items():
+        if not isinstance(key, str):
+            raise GGUFError(f"metadata keys are strings like 'general.name', got {key!r}")
+        spec = types[key] if key in types else _infer_value_type(value, key)  # UINT8 is 0: no `or`
+        vtype, etype = _value_type_of(spec, key)
+        kv.append(_encode_value(GGUFValueType.STRING, key, key) + struct.pack("<I", int(vtype))
+                  + _encode_value(vtype, value, key, etype))
+    return kv
+
+
+def _data_alignment(metadata: dict, types: dict, alignment: int | None) -> tuple[dict, int]:
+    """The alignment the file is laid out with, and metadata declaring it (when not the default)."""
+    declared = metadata.get("general.alignment")
+    if alignment is None:
+        alignment = GGUF_DEFAULT_ALIGNMENT if declared is None else declared
+    elif declared is not None and declared != alignment:
+        raise GGUFError(f"alignment={alignment!r} but metadata 'general.alignment' is {declared!r}: a file "
+                        "is laid out with the alignment it declares; pass one of them, or equal values")
+    if not _is_int(alignment) or not 8 <= alignment < 2**32 or alignment & (alignment - 1):
+        raise GGUFError(f"alignment must be a power of two from 8 to 2^31 (GGUF wants a multiple of 8, ggml "
+                        f"and gguf-py a power of two), got {alignment!r}; the default is 32")
+    if _value_type_of(types.get("general.alignment", GGUFValueType.UINT32), "general.alignment")[0] != \
+            GGUFValueType.UINT32:
+        raise GGUFError("'general.alignment' must be written as UINT32: gguf-py and llama.cpp refuse others")
+    if declared is not None or alignment != GGUF_DEFAULT_ALIGNMENT:
+        metadata = {**metadata, "general.alignment": int(alignment)}
+    return metadata, int(alignment)
+
+
+_BARE_TYPES = {("f", 4): GGMLType.F32, ("f", 2): GGMLType.F16, ("f", 8): GGMLType.F64, ("i", 1): GGMLType.I8,
+               ("i", 2): GGMLType.I16, ("i", 4): GGMLType.I32, ("i", 8): GGMLType.I64}
+
+
+def _bare_tensor(name: str, a) -> tuple[np.ndarray, GGMLType, tuple[int, ...]]:
+    """A bare array, stored as it is: (its little-endian bytes, the GGML type of its dtype, shape)."""
+    if isinstance(a, torch.Tensor):
+        a = a.detach().cpu()
+        if a.dtype == torch.bfloat16:  # NumPy has no bf16: its bits, as int16
+            return a.contiguous().view(torch.int16).numpy().view(np.uint8), GGMLType.BF16, tuple(a.shape)
+        a = a.numpy()
+    ggml_type = _BARE_TYPES.get((a.dtype.kind, a.dtype.itemsize))
+    if ggml_type is None:
+        raise GGUFError(f"tensor {name!r}: a bare array of {a.dtype} has no GGUF type; pass float32, "
+                        "float16, bfloat16 (a torch tensor), float64 or int8..int64, or (values, GGMLType) "
+                        "to quantize")
+    raw = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
+    return raw.view(np.uint8), ggml_type, a.shape
+
+
+def _tensor_entry(name, spec) -> tuple[np.ndarray, GGMLType, tuple[int, ...]]:
+    """(raw bytes, type, NumPy-order shape) of one `write_gguf` tensor spec, checked as a reader would."""
+    if not isinstance(name, str) or not name or len(name.encode()) >= _GGML_MAX_NAME:
+        raise GGUFError(f"tensor name {name!r}: use a non-empty str of at most {_GGML_MAX_NAME - 1} UTF-8 "
+                        "bytes (llama.cpp refuses longer names)")
+    if isinstance(spec, (np.ndarray, torch.Tensor)):
+        raw, ggml_type, shape = _bare_tensor(name, spec)
+    elif isinstance(spec, (tuple, list)) and len(spec) in (2, 3):
+        try:
+            ggml_type = GGMLType(spec[1])
+        except ValueError:
+            raise GGUFError(f"tensor {name!r}: unknown ggml type {spec[1]!r}; use a GGMLType") from None
+        if len(spec) == 3:
+            raw = spec[0].detach().cpu().numpy() if isinstance(spec[0], torch.Tensor) else np.asarray(spec[0])
+            shape = tuple(spec[2])
+            if not all(_is_int(n) and n >= 0 for n in shape):
+                raise GGUFError(f"tensor {name!r}: shape {shape} must hold non-negative ints")
+            raw = np.ascontiguousarray(raw)
+        else:
+            shape, raw = tuple(spec[0].shape), quantize_blocks(spec[0], ggml_type)
+    else:
+        raise GGUFError(f"tensor {name!r}: give an array (stored as its dtype), (float array, GGMLType) or "
+                        f"(uint8 bytes, GGMLType, shape); got {type(spec).__name__}")
+    if not 1 <= len(shape) <= _GGUF_MAX_DIMS:
+        raise GGUFError(f"tensor {name!r} has shape {shape}: GGUF tensors have 1 to {_GGUF_MAX_DIMS} "
+                        "dimensions; reshape it (e.g. merge leading dimensions)")
+    shape = tuple(int(n) for n in shape)
+    return _check_raw(raw, ggml_type, shape), ggml_type, shape  # the same checks the reader applies
 
 
 def write_gguf(path: str | Path, metadata: dict, tensors: dict, types: dict | None = None,
-               alignment: int = GGUF_DEFAULT_ALIGNMENT) -> Path:
-    """Write a GGUF v3 file. `tensors`: name → (float array, GGMLType) to be quantized along its
-    last axis, or (raw uint8 bytes, GGMLType, shape) already quantized. `types`: key →
-    GGUFValueType or (ARRAY, element type), for keys whose type must be kept. Returns the path."""
+               alignment: int | None = None) -> Path:
+    """Write a GGUF v3 file. `tensors`: name → a bare array (stored in its own dtype's type),
+    (float array, GGMLType) to be quantized along its last axis, or (raw uint8 bytes, GGMLType,
+    shape) already quantized. `types`: key → GGUFValueType or (ARRAY, element type), for keys
+    whose type must be kept. `alignment`: of the tensor data, `general.alignment` when the metadata
+    has it, else 32. Returns the path."""
     path, types = Path(path), dict(types or {})
-    if alignment != GGUF_DEFAULT_ALIGNMENT:
-        metadata = {**metadata, "general.alignment": alignment}
-    kv = []
-    for key, value in metadata.items():
-        vtype = types[key] if key in types else _infer_value_type(value, key)  # UINT8 is 0: no `or`
-        vtype, etype = (vtype if isinstance(vtype, tuple) else (vtype, None))
-        kv.append(_encode_value(GGUFValueType.STRING, key, key) + struct.pack("<I", int(vtype))
-                  + _encode_value(vtype, value, key, etype))
+    metadata, alignment = _data_alignment(metadata, types, alignment)
+    kv = _encode_metadata(metadata, types)
     infos, blobs, offset = [], [], 0
     for name, spec in tensors.items():
-        if len(spec) == 3:
-            raw = np.asarray(spec[0], dtype=np.uint8).reshape(-1)
-            ggml_type, shape = GGMLType(spec[1]), tuple(spec[2])
-        else:
-            values, ggml_type = np.asarray(spec[0], dtype=np.float32), GGMLType(spec[1])
-            shape, raw = values.shape, quantize_blocks(values, ggml_type).reshape(-1)
-        raw = _check_raw(raw, ggml_type, shape)  # the same checks the reader applies
+        raw, ggml_type, shape = _tensor_entry(name, spec)
         name_bytes = name.encode()
         infos.append(struct.pack("<Q", len(name_bytes)) + name_bytes + struct.pack("<I", len(shape))
                      + struct.pack(f"<{len(shape)}Q", *reversed(shape))
