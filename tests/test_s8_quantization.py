@@ -177,6 +177,66 @@ def test_gptq_bad_input(llm):
         llm.quantize_int4(torch.randn(3, 4, 5))
 
 
+def test_group_size_none_and_empty_weights_get_named_errors(llm):
+    W = torch.randn(4, 32)
+    for call in (lambda: llm.quantize_groupwise(W, 4, None), lambda: llm.quantize_int4(W, None),
+                 lambda: llm.fake_quantize_groupwise(W, 3, None), lambda: llm.rtn_quantizer(4, None)("x", W),
+                 lambda: llm.gptq_quantize(W, torch.eye(32), 4, None)):
+        with pytest.raises(llm.QuantizationError, match="group_size"):
+            call()
+    for shape in ((0, 32), (4, 0)):
+        gptq = lambda w: llm.gptq_quantize(w, torch.eye(w.shape[1]))  # noqa: E731
+        for call in (llm.quantize_int8, llm.quantize_int4, gptq):
+            with pytest.raises(llm.QuantizationError, match="nothing to quantize"):
+                call(torch.zeros(shape))
+
+
+def test_gptq_hessian_that_is_not_positive_definite(llm):
+    g = torch.Generator().manual_seed(0)
+    W, X = torch.randn(8, 64, generator=g), torch.randn(64, 3, generator=g)
+    with pytest.raises(llm.QuantizationError, match="negative diagonal"):
+        llm.gptq_quantize(W, -torch.eye(64), 4, 32)
+    H = torch.eye(64)
+    H[0, 1] = H[1, 0] = 1e3  # symmetric, positive diagonal, indefinite even with damping 1
+    with pytest.raises(llm.QuantizationError, match="positive definite.*calibration tokens"):
+        llm.gptq_quantize(W, H, 4, 32)
+    # Three tokens for 64 inputs: a singular H. Undamped Cholesky fails; the damping grows to 1%.
+    singular = 2 * X @ X.T
+    with pytest.raises(RuntimeError):
+        torch.linalg.cholesky(singular)
+    w0, _ = llm.gptq_quantize(W, singular, 4, 32, percdamp=0.0)
+    w1, _ = llm.gptq_quantize(W, singular, 4, 32, percdamp=0.01)
+    assert torch.equal(w0, w1)
+
+
+@pytest.mark.parametrize("quantize,big", [(llm_module.quantize_int4, 7e4), (llm_module.quantize_int8, 1e7)])
+def test_fp16_scale_overflow_is_refused(llm, quantize, big):
+    w = torch.randn(4, 128, generator=torch.Generator().manual_seed(0))
+    w[2, 5] = big  # int4: the group's min/max past 65504; int8: max|row| / 127 past 65504
+    w[2, 6] = -big
+    with pytest.raises(llm.QuantizationError, match="row 2.*65504"):
+        quantize(w)
+    w[2] /= 2 if quantize is llm.quantize_int8 else 1.1  # just representable: finite and accurate
+    w_hat = quantize(w).dequantize()
+    assert torch.isfinite(w_hat).all() and (w - w_hat).abs().max() <= big / 10
+
+
+@pytest.mark.parametrize("magnitude", [1e-3, 1e-5, 1e-6, 1e-8, 1e-12])
+def test_tiny_rows_have_a_bounded_error(llm, magnitude):
+    """Steps below fp16's normal range are rounded up, never to 0: every value stays within half a
+    step of its code, plus 2^-24 for the fp16 offset, and nothing becomes inf or NaN."""
+    w = torch.randn(6, 128, generator=torch.Generator().manual_seed(1)) * magnitude
+    w[0] = 0
+    q8, q4 = llm.quantize_int8(w), llm.quantize_int4(w, 32)
+    for qw, step in ((q8, q8.scales.float()[:, None].expand_as(w)), (q4, step_of(q4, 128))):
+        w_hat = qw.dequantize()
+        assert torch.isfinite(w_hat).all() and (qw.scales > 0).all()
+        assert ((w - w_hat).abs() <= 0.5 * step * (1 + 1e-3) + 2**-24).all()
+        assert torch.equal(w_hat[0], w[0])
+    if magnitude >= 1e-6:  # |w| well above fp16's smallest subnormal: the relative error stays small
+        assert (w - q8.dequantize()).abs().max() <= 0.02 * w.abs().max()
+
+
 def test_gptq_model_runs_and_beats_rtn_on_calibration_error(llm, tiny):
     calib = torch.randint(0, tiny.cfg.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
     g = llm.gptq_quantize_model(tiny, calib, 3, 16, show_progress=False)
