@@ -8798,7 +8798,7 @@ notebook_demo("tokenizer")  # runs only in a notebook: the section's demo, here
 
 # %%
 def _check_prompt_ids(prompt_ids: Sequence[int], vocab_size: int,
-                     error: type[LessonError] = InvalidArgumentError) -> list[int]:
+                      error: type[LessonError] = InvalidArgumentError) -> list[int]:
     """The prompt as a list of ints, or `error` saying what is wrong: not a sequence of ints (text,
     floats, bools), empty, or ids outside [0, vocab_size). `generate` and the §5 engine share it."""
     if isinstance(prompt_ids, (str, bytes)) or not hasattr(prompt_ids, "__len__") or not all(
