@@ -1687,11 +1687,15 @@ def measure_matmul_flops(device=None, n: int | None = None, dtype: torch.dtype |
 
 
 def measure_memory_bandwidth(device=None, nbytes: int | None = None, quick: bool = False,
-                             repeat: int | None = None) -> float:
-    """Achieved bytes/s of copying an `nbytes` buffer: 2·nbytes moved (read src + write dst).
-    The buffers must be larger than the last-level cache, or this measures the cache: on the
-    2-core machine this lesson was written on (it reports 300 MiB of L3), a 64 MiB copy read
-    48 GB/s and 256 MiB or more 32 GB/s in the same minute. So a CPU always copies 256 MiB."""
+                             repeat: int | None = None, kind: str = "copy") -> float:
+    """Achieved bytes/s over an `nbytes` buffer, best of `repeat`. `kind="copy"` copies it
+    (2·nbytes moved: read src + write dst); `kind="read"` only reads it (a sum), the access
+    pattern of a decode step, which reads weights and writes almost nothing: the roof a
+    matrix-vector product can reach. The buffers must be larger than the last-level cache, or
+    this measures the cache (a VM may report hundreds of MiB of L3 shared with other guests):
+    a CPU always uses 256 MiB unless `nbytes` says otherwise."""
+    if kind not in ("copy", "read"):
+        raise InvalidArgumentError(f"kind must be 'copy' or 'read', got {kind!r}")
     device = pick_device(device)
     on_gpu = device.type == "cuda"
     if nbytes is None:
@@ -1701,6 +1705,9 @@ def measure_memory_bandwidth(device=None, nbytes: int | None = None, quick: bool
     repeat = repeat or (10 if quick else 20)
     numel = max(1, int(nbytes) // 4)  # fp32 elements
     src = torch.ones(numel, device=device)
+    if kind == "read":
+        seconds = benchmark(lambda: src.sum(), device, repeat=repeat, reduce=min)
+        return numel * 4 / seconds
     dst = torch.empty_like(src)
     seconds = benchmark(lambda: dst.copy_(src), device, repeat=repeat, reduce=min)  # warmup faults pages in
     return 2 * numel * 4 / seconds

@@ -130,7 +130,10 @@ def test_microbenchmarks_divide_the_work_by_the_best_time(llm, monkeypatch):
     monkeypatch.setattr(llm, "benchmark", fake_benchmark)
     assert llm.measure_matmul_flops("cpu", n=64, repeat=2) == 2 * 64**3 / 0.5
     assert llm.measure_memory_bandwidth("cpu", nbytes=1 << 20, repeat=2) == 2 * (1 << 20) / 0.5
-    assert seen == [min, min]
+    assert llm.measure_memory_bandwidth("cpu", nbytes=1 << 20, repeat=2, kind="read") == (1 << 20) / 0.5
+    assert seen == [min, min, min]
+    with pytest.raises(llm.InvalidArgumentError, match="'copy' or 'read'"):
+        llm.measure_memory_bandwidth("cpu", kind="write")
 
 
 ROW_KEYS = {"phase", "batch", "tokens", "context", "time (ms)", "tokens/s", "GFLOP/s", "GB/s",
