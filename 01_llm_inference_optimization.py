@@ -6701,16 +6701,21 @@ _FUSE_GROUPS = (("attn", ("wq", "wk", "wv")), ("mlp", ("w_gate", "w_up")))
 def weights_signature(model: nn.Module) -> list[tuple]:
     """What a kept decoder checks before it runs: for every parameter its identity, storage
     address, version counter (bumped by each in-place write), dtype and device. Python attribute
-    reads only, no tensor compared (SmolLM2's 273 parameters: ~0.1–0.3 ms on a CPU); it changes
-    when a weight is replaced (`load_state_dict(sd, assign=True)`, `layer.wq.weight = …`), written
-    in place (`p.copy_(…)`, `load_state_dict(sd)`) or moved (`.to(dtype)`, `.double()`, `.cuda()`)."""
-    out, stack = [], [model]
-    while stack:  # walks the modules: `model.parameters()` takes about twice as long
+    reads only, no tensor compared (SmolLM2's 272 parameters on CUDA: ~0.2 ms on an H100 host);
+    it changes when a weight is replaced (`load_state_dict(sd, assign=True)`, `layer.wq.weight =
+    …`), written in place (`p.copy_(…)`, `load_state_dict(sd)`) or moved (`.to(dtype)`,
+    `.double()`, `.cuda()`). Weights made under `torch.inference_mode` have no version counter
+    (they cannot be written outside it); for them the rest is checked."""
+    params, stack = [], [model]
+    while stack:  # the modules' own dicts: `model.parameters()` takes about twice as long
         module = stack.pop()
-        out += [(id(p), p.data_ptr(), p._version, p.dtype, p.device)
-                for p in module._parameters.values() if p is not None]
+        params += module._parameters.values()
         stack += module._modules.values()
-    return out
+    try:
+        return [(id(p), p.data_ptr(), p._version, p.dtype, p.device) for p in params if p is not None]
+    except RuntimeError:  # an inference tensor: reading its version raises
+        return [(id(p), p.data_ptr(), -1 if p.is_inference() else p._version, p.dtype, p.device)
+                for p in params if p is not None]
 
 
 def fuse_projections(model: Transformer) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
@@ -7407,8 +7412,10 @@ def _masked_paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
 class PagedDecodeRunner:
     """The engine's decode-only step with static shapes over a `PagedKVCache` (built with
     `scratch_block=True`), run eagerly or replayed from one CUDA graph per captured batch size.
-    Each step first checks `weights_signature`: after a change of the weights it fuses them
-    again and captures new graphs."""
+    A step whose batch differs from the last one's (a request joined or left: every engine call
+    starts so) first checks `weights_signature`, and after a change of the weights fuses them
+    again and captures new graphs; between steps of one batch the weights are trusted (the check
+    reads every parameter: ~0.2 ms for SmolLM2's on an H100 host, too much for every step)."""
 
     def __init__(self, model: Transformer, cache: PagedKVCache, max_batch: int, graphs: bool = False):
         if cache.scratch is None:
@@ -7424,7 +7431,7 @@ class PagedDecodeRunner:
         self.lens = torch.ones(B, dtype=torch.long, device=dev)
         use_triton = dev.type == "cuda" and triton_available()
         self.attention = triton_paged_flash_decode if use_triton else _masked_paged_decode
-        self._pool = None
+        self._pool, self._batch = None, ()
         self._derive()
 
     @torch.inference_mode(False)  # the engine steps in inference mode; the fused weights outlive it
@@ -7455,8 +7462,11 @@ class PagedDecodeRunner:
         size = next((b for b in self.sizes if b >= n), None)
         if size is None:
             raise InvalidArgumentError(f"{n} sequences; this runner holds at most {self.sizes[-1]}")
-        if weights_signature(self.model) != self.signature:  # weights replaced, written or moved
-            self._derive()
+        batch = tuple(seq.seq_id for seq in seqs)
+        if batch != self._batch:  # a request joined or left: the weights may have changed since
+            self._batch = batch
+            if weights_signature(self.model) != self.signature:  # replaced, written or moved
+                self._derive()
         positions, meta = self.cache.metadata(seqs, [1] * n)  # checks every slot is owned
         tables = meta.block_tables
         self.tokens[:n] = torch.tensor([s.token_ids[s.num_computed_tokens] for s in seqs])

@@ -109,3 +109,63 @@ def test_compiled_step_in_a_cuda_graph_equals_eager(llm):
     prompts = [[5, 17, 99, 3, 8, 1], [42], list(range(30, 52))]
     eager = llm.static_generate(gpu, prompts, 10, "eager")
     assert llm.static_generate(gpu, prompts, 10, "compile+graph") == eager
+
+
+def _sharp_tiny(llm, seed=6):
+    """The tiny model on the GPU with its weights ×10, so that every token depends on the q/k/v and
+    gate/up weights and on the whole context (at std 0.02 it repeats its last token)."""
+    model = llm.build_model("tiny", seed=seed, device="cuda")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.endswith("norm.weight"):
+                p.mul_(10)
+    return model
+
+
+def _new_fused_weights(model, seed=99):
+    g = torch.Generator().manual_seed(seed)
+    fused = ("wq.weight", "wk.weight", "wv.weight", "w_gate.weight", "w_up.weight")
+    return {n: (torch.randn(p.shape, generator=g) * 0.3).to(p.device, p.dtype)
+            for n, p in model.named_parameters() if n.endswith(fused)}
+
+
+def test_captured_decoders_follow_changed_weights(llm):
+    """§10 on a GPU: the kept decoders of generate() and static_generate(mode="graph") and an
+    engine's captured decode steps, all captured before the weights are replaced, give the new
+    weights' tokens; after a change of dtype the kept decoder is rebuilt in it."""
+    model = _sharp_tiny(llm)
+    prompts = [[5, 17, 99, 3], [42, 7]]
+    params = llm.SamplingParams(max_tokens=6)
+    engine = llm.LLMEngine(model, block_size=4, max_num_seqs=2)  # decode_step "graph" on a GPU
+    before = llm.static_generate(model, prompts, 6, "graph")
+    assert before == [llm.generate(model, p, 6) for p in prompts] == \
+        [o.token_ids for o in engine.generate(prompts, [params] * 2)]
+    model.load_state_dict({**model.state_dict(), **_new_fused_weights(model)}, assign=True)
+    after = [llm.generate(model, p, 6, cuda_graphs=False) for p in prompts]
+    assert after != before
+    assert llm.static_generate(model, prompts, 6, "graph") == after
+    assert [llm.generate(model, p, 6) for p in prompts] == after
+    assert [o.token_ids for o in engine.generate(prompts, [params] * 2)] == after
+    model.to(torch.bfloat16)
+    fresh = llm.StaticDecoder(model, 2, 256, "eager").generate(prompts, 6)
+    assert llm.static_generate(model, prompts, 6, "graph") == fresh
+    assert all(d.cache.k.dtype == torch.bfloat16 for ds in model._kept_decoders.values() for d in ds
+               if not d.busy and d.mode == "graph" and d.batch_size == 2)
+
+
+def test_interleaved_generators_on_gpu_get_their_own_cache(llm):
+    """Two `generate` streams consumed in turn on a GPU (each through a captured decoder) give
+    plain generation's tokens: each is lent a decoder of its own."""
+    model = _sharp_tiny(llm, seed=4)
+    prompts = [[5, 17, 99, 3], [42, 7, 8, 1]]
+    expected = [llm.generate(model, p, 6, cuda_graphs=False) for p in prompts]
+    gens = [llm.stream_generate(model, p, 6) for p in prompts]
+    got = [[], []]
+    for _ in range(6):
+        for out, gen in zip(got, gens):
+            out.append(next(gen))
+    assert got == expected
+    nested = []
+    outer = llm.generate(model, prompts[0], 3,
+                         on_token=lambda t: nested.append(llm.generate(model, prompts[1], 3)))
+    assert outer == expected[0][:3] and nested == [expected[1][:3]] * 3

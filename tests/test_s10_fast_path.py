@@ -455,6 +455,11 @@ def test_weights_signature_is_cheap_and_complete(llm):
         seen.append(llm.weights_signature(model))
     assert all(a != b for a, b in zip(seen, seen[1:]))
     assert llm.weights_signature(model) == seen[-1]  # reading it changes nothing
+    with torch.inference_mode():  # weights without a version counter (as get_model's demos make)
+        made_in_inference = llm.build_model("tiny", seed=1, device="cpu")
+    assert llm.weights_signature(made_in_inference) == llm.weights_signature(made_in_inference)
+    assert llm.static_generate(made_in_inference, [[1, 2, 3]], 3) == [llm.generate(made_in_inference,
+                                                                                   [1, 2, 3], 3)]
 
 
 def test_static_generate_takes_tensors_of_prompts(llm, tiny):
