@@ -27,16 +27,17 @@ Three ways to use it:
 1. **As a script**: `python 01_llm_inference_optimization.py` runs every section's demo in order
    and ends with each section's wall time. `--list` shows the sections, `--section kv_cache`
    runs one (repeatable), `--quick` uses small sizes, `--model tiny` runs offline on a
-   random-weight model, `--device cuda`, `--seed 1`, `--no-plots`; plots go to `outputs/`
-   (`--save-assets` refreshes the gallery in `assets/`).
+   random-weight model, `--device cuda`, `--seed 1`, `--no-plots`; plots go to
+   `outputs/<model>/` (`--save-assets` refreshes the gallery in `assets/`).
 2. **Interactively**: `python -i 01_llm_inference_optimization.py` loads the file without
    running the demos and leaves you at the prompt: call `analyze_memory_requirements()`,
    `demonstrate_paged_attention()`, `generate(...)`, ... An `analyze_*` result prints as its
    table.
 3. **As a notebook**: the file is in jupytext "percent" format (`# %%` cells). Open it in VS Code
    or JupyterLab with jupytext and run the cells top to bottom: each section ends with a cell
-   that runs its demo (`notebook_demo`; $LESSON_MODEL=tiny and $LESSON_QUICK=1 pick the
-   offline model and small sizes). Importing the file runs nothing.
+   that runs its demo on the notebook's own definitions (`notebook_demo`: edit a cell, re-run the
+   demo), with its figures inline; $LESSON_MODEL=tiny and $LESSON_QUICK=1 pick the offline model
+   and small sizes, $LESSON_PLOTS=0 skips the figures. Importing the file runs nothing.
 
 Table of contents (`grep -n "## §"` finds them; each section names its test file):
 
@@ -212,30 +213,54 @@ def notebook_demo(name: str) -> None:
     """In a notebook, run the demo of section `name` here, where the section ends; elsewhere do
     nothing (a script runs demos through `main`, an import runs nothing).
 
-    The notebook defines functions top to bottom, but some plumbing lives in the appendix at
-    the end, so the demo runs from this same file imported as a module (`lesson_module()`).
-    Sizes and model come from $LESSON_MODEL (default smollm2), $LESSON_QUICK=1, $LESSON_DEVICE.
+    The demo runs on the notebook's own definitions, so a function edited in a cell takes effect.
+    What the notebook has not reached yet (later sections; the appendices' plumbing: `run_demo`,
+    the GGUF reader, the tokenizer, ...) is defined from this file first, never over a name the
+    notebook has, and the cell says so. Model and sizes come from $LESSON_MODEL (default
+    smollm2), $LESSON_QUICK=1, $LESSON_DEVICE; $LESSON_PLOTS=0 draws no figures.
     """
-    if running_as_notebook():
-        lesson_module().run_demo(name)
+    if not running_as_notebook():
+        return
+    namespace = globals()  # in a notebook: the notebook's namespace, where its cells define things
+    added = define_missing(namespace)
+    if added:
+        print(f"(defined from {lesson_path().name}, not yet run in this notebook: {len(added)} names, "
+              f"e.g. {', '.join(added[-3:])})")
+    namespace["run_demo"](name)
 
 
-def lesson_module():
-    """This file imported as a module, once (nothing runs at import). The notebook's demo cells
-    use it; $LESSON_FILE says where the file is if the notebook is elsewhere."""
-    if "llm_lesson" in sys.modules:
-        return sys.modules["llm_lesson"]
-    import importlib.util
-
+def lesson_path() -> Path:
+    """This file: where the notebook's demo cells read definitions the notebook has not reached
+    ($LESSON_FILE says where it is if the notebook is elsewhere)."""
     path = Path(os.environ.get("LESSON_FILE") or HERE / "01_llm_inference_optimization.py")
     if not path.is_file():
-        raise LessonError(f"the notebook's demo cells import the lesson file, but {path} does not exist; "
+        raise LessonError(f"the notebook's demo cells read the lesson file, but {path} does not exist; "
                           "open the notebook next to 01_llm_inference_optimization.py or set LESSON_FILE")
-    spec = importlib.util.spec_from_file_location("llm_lesson", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["llm_lesson"] = module  # dataclasses need the module registered
-    spec.loader.exec_module(module)
-    return module
+    return path
+
+
+def define_missing(namespace: dict) -> list[str]:
+    """Run this file's top-level definitions (def, class, assignment) whose names `namespace`
+    lacks, in file order, inside `namespace`: they then see the notebook's own definitions, edits
+    included, as if their cells had run. Returns the names defined."""
+    import ast
+
+    path = lesson_path()
+    added = []
+    for node in ast.parse(path.read_text(encoding="utf-8"), str(path)).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names = [node.name]
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names = [n.id for t in targets for n in (t.elts if isinstance(t, ast.Tuple) else [t])
+                     if isinstance(n, ast.Name)]
+        else:  # imports ran in the first cell; demo calls and `if __name__ == ...` are not definitions
+            continue
+        missing = [n for n in names if n not in namespace]
+        if missing:
+            exec(compile(ast.Module([node], type_ignores=[]), str(path), "exec"), namespace)
+            added += missing
+    return added
 
 
 # %% [markdown]
@@ -1795,41 +1820,113 @@ def _sweep_steps(cfg: ModelConfig, quick: bool, prompt_lens, batch_sizes, contex
     return steps
 
 
-def plot_roofline(rows: Sequence[dict], peak_flops: float, bandwidth: float,
-                  name: str = "roofline", title: str = "Roofline: measured prefill and decode steps") -> Path:
-    """Log-log roofline min(P, I·BW) with the measured steps as labelled points; returns the path."""
-    fig, ax = new_figure(figsize=(7.5, 4.8))
+def _batch_sweep(rows: Sequence[dict]) -> tuple[int | None, list[dict]]:
+    """(context, decode rows) of the batch sweep: the decode context most rows share."""
+    contexts = [r["context"] for r in rows if r["phase"] == "decode"]
+    if not contexts:
+        return None, []
+    base = max(set(contexts), key=contexts.count)
+    return base, sorted((r for r in rows if r["phase"] == "decode" and r["context"] == base),
+                        key=lambda r: r["batch"])
+
+
+def _label_points(ax, pts: Sequence[dict], x: str, y: str, label: Callable, color: str, below: bool) -> None:
+    """Label every point of a group whose points are well apart on the x axis, above (or below)
+    each; else only the group's two ends, outward (one trend's labels would pile into a clump)."""
+    pts = sorted(pts, key=lambda r: r[x])
+    if all(b[x] / a[x] > 1.4 for a, b in zip(pts, pts[1:])):
+        for r in pts:
+            ax.annotate(label(r), (r[x], r[y]), textcoords="offset points", xytext=(0, -13 if below else 7),
+                        ha="center", fontsize=7, color=color)
+        return
+    for r, dx, ha in ((pts[0], -7, "right"), (pts[-1], 7, "left")):
+        ax.annotate(label(r), (r[x], r[y]), textcoords="offset points", xytext=(dx, -6), ha=ha, va="top",
+                    fontsize=7, color=color)
+
+
+def plot_roofline(rows: Sequence[dict], peak_flops: float, bandwidth: float, name: str = "roofline",
+                  title: str = "Roofline: measured prefill and decode steps", model=None,
+                  gpu: tuple[str, float, float] | None = ("H100 SXM", H100_SXM_PEAK_FLOPS,
+                                                            H100_SXM_BANDWIDTH)) -> "Plot":
+    """Log-log roofline min(P, I·BW) of this machine with the measured steps on it, and the roof
+    of a datasheet GPU `gpu` = (name, FLOP/s, bytes/s) for scale (None: leave it out)."""
+    fig, ax = new_figure(figsize=(8, 5.2))
     balance = peak_flops / bandwidth
     xs_pts = [r["FLOP/byte"] for r in rows]
-    xs = np.logspace(np.log10(min(xs_pts + [balance]) / 3), np.log10(max(xs_pts + [balance]) * 3), 200)
+    ridges = [balance] + ([gpu[1] / gpu[2]] if gpu else [])
+    xs = np.logspace(np.log10(min(xs_pts + ridges) / 3), np.log10(max(xs_pts + ridges) * 3), 200)
     ax.loglog(xs, np.minimum(peak_flops, xs * bandwidth) / 1e9, "k-", lw=2,
-              label=f"roof: min({peak_flops / 1e9:,.0f} GFLOP/s, I × {bandwidth / 1e9:,.0f} GB/s)")
-    ax.axvline(balance, color="gray", ls=":", label=f"ridge I* = {balance:.1f} FLOP/byte")
-    decode_ctx = [r["context"] for r in rows if r["phase"] == "decode"]
-    base_ctx = max(set(decode_ctx), key=decode_ctx.count) if decode_ctx else None  # the batch sweep's
-    groups = [("prefill", "o", "tab:blue", lambda r: r["phase"] == "prefill", lambda r: f"T={r['tokens']}"),
-              (f"decode, context {base_ctx}", "^", "tab:red",
-               lambda r: r["phase"] == "decode" and r["context"] == base_ctx, lambda r: f"B={r['batch']}"),
+              label=f"this machine: min({peak_flops / 1e9:,.0f} GFLOP/s, I × {bandwidth / 1e9:,.0f} GB/s), "
+                    "measured")
+    ax.axvline(balance, color="k", ls=":", lw=1, label=f"its ridge I* = {balance:.1f} FLOP/byte")
+    if gpu:
+        gname, gp, gbw = gpu
+        ax.loglog(xs, np.minimum(gp, xs * gbw) / 1e9, color="tab:gray", ls="--", lw=1.5,
+                  label=f"{gname}: {gp / 1e12:,.0f} TFLOP/s, {gbw / 1e12:.2f} TB/s, ridge {gp / gbw:.0f} "
+                        "FLOP/byte (datasheet)")
+    base_ctx, sweep = _batch_sweep(rows)
+    groups = [("prefill, batch 1", "o", "tab:blue", [r for r in rows if r["phase"] == "prefill"],
+               lambda r: f"T={r['tokens']}", True),
+              (f"decode, {base_ctx} tokens of context", "^", "tab:red", sweep, lambda r: f"B={r['batch']}",
+               False),
               ("decode, longer contexts", "s", "tab:orange",
-               lambda r: r["phase"] == "decode" and r["context"] != base_ctx,
-               lambda r: f"ctx={r['context']}")]
-    for group, marker, color, member, label in groups:
-        pts = [r for r in rows if member(r)]
+               sorted((r for r in rows if r["phase"] == "decode" and r["context"] != base_ctx),
+                      key=lambda r: r["context"]), lambda r: f"ctx {r['context']}", True)]
+    for group, marker, color, pts, label, below in groups:
         if not pts:
             continue
-        ax.scatter([r["FLOP/byte"] for r in pts], [r["GFLOP/s"] for r in pts], marker=marker,
-                   color=color, zorder=3, label=f"{group} (measured)")
-        for i, r in enumerate(pts):  # neighbours alternate above/below so labels do not overprint
-            dx, dy = {"o": (4, 4), "^": (4, -10), "s": (-46, 0)}[marker]
-            ax.annotate(label(r), (r["FLOP/byte"], r["GFLOP/s"]), textcoords="offset points",
-                        xytext=(dx, dy + (9 if i % 2 else 0) * (1 if dy >= 0 else -1)), fontsize=7,
-                        color=color)
+        trend = group.endswith("longer contexts")  # one batch, growing context: joined by a line
+        ax.plot([r["FLOP/byte"] for r in pts], [r["GFLOP/s"] for r in pts], marker=marker,
+                ls="-" if trend else "", lw=0.8, color=color, zorder=3, label=f"{group} (measured)")
+        _label_points(ax, pts, "FLOP/byte", "GFLOP/s", label, color, below)
     ax.set_xlabel("arithmetic intensity (FLOP / byte)")
-    ax.set_ylabel("achieved GFLOP/s")
-    ax.set_title(title)
+    ax.set_ylabel("achieved GFLOP/s (log)")
+    ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    return save_plot(fig, name)
+    ax.legend(fontsize=7, loc="upper left")
+    decode1 = min((r for r in rows if r["phase"] == "decode"), key=lambda r: r["FLOP/byte"], default=None)
+    caption = (f"decode sits at {decode1['FLOP/byte']:.2g} FLOP/byte, far left of the ridge ({balance:.0f} "
+               f"here{f', {gpu[1] / gpu[2]:.0f} on an {gpu[0]}' if gpu else ''}): the memory roof, not "
+               "arithmetic, bounds it; prefill's many tokens per weight read move it right."
+               if decode1 else f"the ridge of this machine is at {balance:.0f} FLOP/byte.")
+    return save_plot(fig, name, caption, model)
+
+
+def plot_decode_batch(rows: Sequence[dict], config: ModelConfig | str, peak_flops: float, bandwidth: float,
+                      bytes_per_param: float = 4, model=None, title: str | None = None) -> "Plot":
+    """Decode step time against batch size: the measured batch sweep of `analyze_prefill_vs_decode`
+    and the cost model's roofline time max(bytes / BW, FLOPs / P), flat until the ridge."""
+    cfg = _as_config(config)
+    ctx, sweep = _batch_sweep(rows)
+    if not sweep:
+        raise InvalidArgumentError("the rows hold no decode steps; pass what analyze_prefill_vs_decode "
+                                   "returns")
+    fig, ax = new_figure(figsize=(7, 4.5))
+    Bs = np.unique(np.geomspace(1, max(r["batch"] for r in sweep) * 8, 60).round().astype(int))
+    est = [prefill_decode_intensity(cfg, int(B), ctx - 1, 1, bytes_per_param) for B in Bs]
+    memory_ms = np.array([e["bytes"] / bandwidth * 1e3 for e in est])
+    compute_ms = np.array([e["flops"] / peak_flops * 1e3 for e in est])
+    ax.loglog(Bs, np.maximum(memory_ms, compute_ms), "k-", lw=2, label="roofline time max(bytes/BW, FLOPs/P)")
+    ax.loglog(Bs, memory_ms, color="tab:blue", ls=":", lw=1, label="reading weights + KV at BW")
+    ax.loglog(Bs, compute_ms, color="tab:green", ls=":", lw=1, label="arithmetic at peak P")
+    ax.plot([r["batch"] for r in sweep], [r["time (ms)"] for r in sweep], "^", color="tab:red", ms=8,
+            zorder=3, label="measured step")
+    ridge = decode_ridge_batch(cfg, ctx - 1, peak_flops / bandwidth, bytes_per_param)
+    if ridge is not None:
+        ax.axvline(ridge, color="gray", ls="--", lw=1, label=f"ridge: B = {ridge}")
+    ax.set(xlabel="batch size B (sequences decoded together)", ylabel="time per decode step (ms, log)",
+           title=title or f"Decode step time vs batch, {cfg.name}, {ctx} tokens of context")
+    ax.title.set_fontsize(10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    lo, hi = sweep[0], sweep[-1]
+    caption = (f"from B={lo['batch']} to B={hi['batch']} the measured step takes "
+               f"{hi['time (ms)'] / lo['time (ms)']:.1f}× as long for {hi['batch'] // lo['batch']}× the "
+               "tokens; "
+               "the cost model's step stays flat up to the ridge"
+               f"{f' (B = {ridge})' if ridge is not None else ' (never reached: KV reads dominate)'}, where "
+               "the arithmetic starts to cost more than reading the weights.")
+    return save_plot(fig, "s2_decode_step_vs_batch", caption, model)
 
 
 def demonstrate_prefill_vs_decode(seed: int = 0, device=None, quick: bool = False, plots: bool = True,
@@ -1846,13 +1943,17 @@ def demonstrate_prefill_vs_decode(seed: int = 0, device=None, quick: bool = Fals
           f"(H100 SXM, datasheet: {H100_SXM_PEAK_FLOPS / H100_SXM_BANDWIDTH:.0f})")
     rows = analyze_prefill_vs_decode(cfg, device, seed, quick, dtype=dtype, peak_flops=peak,
                                      bandwidth=bw, context_len=context_len)
-    print(rows)
+    print_table(rows)
     ridge = analyze_decode_ridge()
     ridge.title = "Decode batch where decode turns compute-bound on an H100 (bf16; cited peak figures)"
-    print(ridge)
+    print_table(ridge)
     _print_prefill_decode_takeaway(rows, cfg, peak / bw, dtype, context_len)
     if plots:
-        print(f"saved {plot_roofline(rows, peak, bw, title=f'Roofline: {cfg.name} steps on {device.type}')}")
+        where = f"{cfg.name} (random weights) on {device_label(device)}, {str(dtype).removeprefix('torch.')}"
+        show_plot(plot_roofline(rows, peak, bw, title=f"Roofline: prefill and decode steps of {where}",
+                                model=model))
+        show_plot(plot_decode_batch(rows, cfg, peak, bw, dtype.itemsize, model=model,
+                                    title=f"Decode step time vs batch: {where}"))
     return rows
 
 
@@ -2023,11 +2124,63 @@ def analyze_memory_requirements(model: ModelConfig | str | None = None, seq_len:
                 f"{dtype}, KV {kv_dtype}, {gpu_memory_utilization:.0%} of each GPU; sizes in GiB)")
 
 
+def analyze_sequences_that_fit(models: Sequence[ModelConfig | str] | None = None,
+                               contexts: Sequence[int] = (512, 1024, 2048, 4096, 8192),
+                               gpu: float = 80, dtype: str = "fp16",
+                               gpu_memory_utilization: float = 0.9) -> "Rows":
+    """`max_concurrent_sequences` per model and context length on one GPU of `gpu` GiB. By default
+    Llama-2-7B (MHA), Llama-3-8B (GQA, 8 KV heads) and Llama-3-8B rebuilt with 32 KV heads (MHA):
+    the same model but for GQA. Contexts past a model's window are left out."""
+    if models is None:
+        models = ("llama-2-7b", "llama-3-8b",
+                  dataclasses.replace(ModelConfig.from_name("llama-3-8b"), n_kv_heads=32,
+                                      name="llama-3-8b as MHA"))
+    rows = []
+    for cfg in map(_as_config, models):
+        for T in contexts:
+            if T <= cfg.max_seq_len:
+                rows.append({"model": cfg.name, "H/Hkv": f"{cfg.n_heads}/{cfg.n_kv_heads}",
+                             "context (tokens)": T,
+                             "KV per sequence (GiB)": kv_cache_bytes(cfg, T, 1, dtype) / GiB,
+                             "sequences that fit": max_concurrent_sequences(cfg, T, gpu, dtype,
+                                                                            None, gpu_memory_utilization)})
+    return Rows(rows, f"Sequences whose KV cache fits on {gpu:g} GiB ({dtype}, {gpu_memory_utilization:.0%} "
+                      "of the GPU; cost model)")
+
+
+def plot_sequences_that_fit(rows: Sequence[dict], model=None, title: str | None = None) -> "Plot":
+    """Sequences that fit against context length, one line per model (the rows of
+    `analyze_sequences_that_fit`)."""
+    fig, ax = new_figure(figsize=(7, 4.5))
+    names = list(dict.fromkeys(r["model"] for r in rows))
+    for i, name in enumerate(names):
+        pts = [r for r in rows if r["model"] == name]
+        ax.plot([r["context (tokens)"] for r in pts], [r["sequences that fit"] for r in pts], "o-",
+                color=f"C{i}", label=f"{name} (H/Hkv = {pts[0]['H/Hkv']})")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    contexts = sorted({r["context (tokens)"] for r in rows})
+    ax.set_xticks(contexts, [f"{t:,}" for t in contexts])
+    ax.set(xlabel="context length per sequence (tokens, log)", ylabel="sequences that fit (log)",
+           title=title or getattr(rows, "title", ""))
+    ax.title.set_fontsize(9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    by = {(r["model"], r["context (tokens)"]): r["sequences that fit"] for r in rows}
+    T = max((t for (n, t) in by if n == "llama-3-8b" and ("llama-3-8b as MHA", t) in by), default=None)
+    caption = ("each doubling of the context halves the sequences that fit"
+               + (f"; at {T:,} tokens GQA fits {by[('llama-3-8b', T)]} Llama-3-8B sequences against "
+                  f"{by[('llama-3-8b as MHA', T)]} for the same model with MHA." if T else "."))
+    return save_plot(fig, "s3_sequences_that_fit", caption, model)
+
+
 def demonstrate_memory_requirements(seq_len: int = 4096, batch_size: int = 1, dtype: str = "fp16",
-                                    gpu: float | Sequence[float] = (24, 40, 80)) -> list[dict]:
-    """Print the memory table for the standard presets and a one-line takeaway; return the rows."""
+                                    gpu: float | Sequence[float] = (24, 40, 80), plots: bool = True,
+                                    model: str | None = None) -> list[dict]:
+    """Print the memory table for the standard presets and a one-line takeaway; return the rows.
+    The figure (sequences that fit vs context, MHA vs GQA) goes in `model`'s plot folder."""
     rows = analyze_memory_requirements(None, seq_len, batch_size, dtype, gpu=gpu)
-    print(rows)
+    print_table(rows)
     by_name = {r["model"]: r for r in rows}
     if {"llama-2-7b", "llama-3-8b"} <= by_name.keys():
         l2, l3 = by_name["llama-2-7b"], by_name["llama-3-8b"]
@@ -2037,6 +2190,11 @@ def demonstrate_memory_requirements(seq_len: int = 4096, batch_size: int = 1, dt
               f"naive 2·L·d formula would say {l3['KV/token 2·L·d (KiB)']:.0f} KiB for both. On a "
               f"{big:g} GiB GPU that is {l2[f'seqs on {big:g} GiB']} vs "
               f"{l3[f'seqs on {big:g} GiB']} concurrent {seq_len}-token sequences.")
+    if plots:
+        big = gpu if isinstance(gpu, (int, float)) else max(gpu)
+        fit = analyze_sequences_that_fit(gpu=big, dtype=dtype)
+        show_plot(plot_sequences_that_fit(fit, model, f"Sequences that fit on one {big:g} GiB GPU ({dtype} "
+                                          "weights and KV, 90% of memory; cost model, no device)"))
     return rows
 
 
@@ -2131,15 +2289,37 @@ def _integrate_steps(steps: Sequence[dict], P: int, n: int) -> tuple[float, floa
     return float(no_cache), float(kv)
 
 
-def plot_kv_cache(steps: Sequence[dict], title: str) -> Path:
-    """Milliseconds per generated token vs context length, with and without the cache."""
-    fig, ax = new_figure(figsize=(7, 4))
+def plot_kv_cache(steps: Sequence[dict], title: str, rows: Sequence[dict] = (), model=None) -> "Plot":
+    """Left: milliseconds per generated token vs context, with and without the cache (measured).
+    Right: cumulative seconds to generate n tokens, the per-step costs summed (`_integrate_steps`),
+    with the totals of `rows` (analyze_kv_cache's first result) as points."""
+    fig, (ax, cum) = new_figure(1, 2, figsize=(11, 4))
     xs = [r["context (tokens)"] for r in steps]
-    for key, label in (("no cache (ms)", "no cache: recompute the prefix"), ("KV cache (ms)", "KV cache")):
-        ax.plot(xs, [r[key] for r in steps], "o-", label=label)
-    ax.set(xlabel="context length (tokens)", ylabel="ms per generated token", title=title)
-    ax.legend()
-    return save_plot(fig, "kv_cache_per_token")
+    styles = (("no cache (ms)", "no cache (s)", "no cache: recompute the prefix", "tab:red"),
+              ("KV cache (ms)", "KV cache (s)", "KV cache", "tab:blue"))
+    for key, _, label, color in styles:
+        ax.plot(xs, [r[key] for r in steps], "o-", color=color, label=label)
+    ax.set(xlabel="context length (tokens)", ylabel="ms per generated token", title="cost of one step")
+    ax.legend(fontsize=8)
+    P = xs[0]  # the first measured context is the prompt's length
+    ns = np.unique(np.linspace(1, xs[-1] - P + 1, 60).round().astype(int))
+    totals = np.array([_integrate_steps(steps, P, int(n)) for n in ns])
+    summed = [r for r in rows if r["how"].startswith("sum")]
+    ends = [r for r in rows if not r["how"].startswith("sum")]
+    for i, (_, total, label, color) in enumerate(styles):
+        cum.plot(ns, totals[:, i], "-", color=color, label=f"{label}: per-step costs summed")
+        cum.plot([r["new tokens"] for r in summed], [r[total] for r in summed], "o", color=color)
+        cum.plot([r["new tokens"] for r in ends], [r[total] for r in ends], "x", color=color, ms=9,
+                 label=f"{label}: timed end to end" if ends else None)
+    cum.set(xlabel="new tokens generated", ylabel="total time (s)",
+            title="cumulative: what the table reports")
+    cum.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    last = max(summed, key=lambda r: r["new tokens"], default=None)
+    caption = ("an uncached step grows with the context while a cached one stays nearly flat, so the total "
+               "grows quadratically without the cache"
+               + (f": {last['speedup (×)']:.1f}× at {last['new tokens']} tokens." if last else "."))
+    return save_plot(fig, "kv_cache_per_token", caption, model)
 
 
 def _kv_cache_sizes(quick: bool) -> dict:
@@ -2152,12 +2332,12 @@ def demonstrate_kv_cache(model: str = "smollm2", seed: int = 0, device=None, qui
                          plots: bool = True) -> list[dict]:
     """Measure the KV cache's speedup on the real model (greedy, so `seed` does not matter)."""
     rows, steps = analyze_kv_cache(model, device=device, **_kv_cache_sizes(quick))
-    print(rows)
-    print(steps)
+    print_table(rows)
+    print_table(steps)
     if plots:
-        name = get_model(model, device)[0].cfg.name
-        title = f"Per-token decode time, {name} on {pick_device(device)} (measured)"
-        print(f"plot: {plot_kv_cache(steps, title)}")
+        net = get_model(model, device)[0]
+        title = f"KV cache vs recomputation, {net.cfg.name} on {device_label(net.device)}, greedy (measured)"
+        show_plot(plot_kv_cache(steps, title, rows, model))
     last = rows[-1]
     print(f"Takeaway: the cache gives the same tokens; at {last['new tokens']} new tokens it is "
           f"{last['speedup (×)']:.1f}× faster, and the gap grows with length: an uncached step redoes "
@@ -3148,9 +3328,11 @@ def analyze_paged_attention_speed(cases: Sequence[tuple[int, int]] = ((1, 1024),
 
 
 # %%
-def plot_kv_utilization(rows: Sequence[dict], name: str = "s4_kv_utilization") -> Path:
+def plot_kv_utilization(rows: Sequence[dict], name: str = "s4_kv_utilization", model=None,
+                        title: str = "Where reserved KV-cache memory goes, ShareGPT-like lengths "
+                                     "(simulated on the BlockManager; no model, no device)") -> "Plot":
     """Stacked bars: tokens held / reserved for later / never used, per scheme; paper's dots."""
-    fig, ax = new_figure(figsize=(9, 4))
+    fig, ax = new_figure(figsize=(10, 4.5))
     short = lambda s: ("paged\nbs " + s.split()[-1] if s.startswith("paged")
                        else "contiguous\n" + s[s.index("(") + 1:-1])
     labels = [short(r["scheme"]) for r in rows]
@@ -3163,11 +3345,15 @@ def plot_kv_utilization(rows: Sequence[dict], name: str = "s4_kv_utilization") -
     paper = [(i, r["paper tokens held %"]) for i, r in enumerate(rows) if r["paper tokens held %"]]
     ax.scatter(*zip(*paper), color="black", marker="D", zorder=3,
                label="tokens held, Kwon et al. 2023 Fig. 2")
-    ax.set_ylabel("share of reserved KV memory (%)")
-    ax.set_title("Where reserved KV-cache memory goes (ShareGPT-like lengths)")
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
-    ax.tick_params(axis="x", labelsize=8)
-    return save_plot(fig, name)
+    ax.set_ylabel("share of reserved KV memory (%)", fontsize=10)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1))
+    ax.tick_params(axis="both", labelsize=10)
+    paged = [r for r in rows if r["scheme"].startswith("paged")]
+    best = min(paged, key=lambda r: abs(int(r["scheme"].split()[-1]) - 16)) if paged else rows[-1]
+    caption = (f"reserving the maximum length leaves {rows[0]['tokens held %']:.0f}% of the memory holding "
+               f"tokens; {best['scheme']} holds {best['tokens held %']:.0f}%, close to the paper's dots.")
+    return save_plot(fig, name, caption, model)
 
 
 # %% [markdown]
@@ -3281,7 +3467,7 @@ def demonstrate_paged_attention(model: str = "smollm2", seed: int = 0, device=No
           f"tokens (vLLM paper, Fig. 2: 96.3%), so {gain:.1f}× as many sequences fit as when reserving the "
           "maximum length.")
     if plots:
-        print(f"Plot: {plot_kv_utilization(out['utilization'])}")
+        show_plot(plot_kv_utilization(out["utilization"], model=model))
 
     out["sharing"] = analyze_sharing(num_requests=10 if quick else 100, seed=seed)
     print_table(out["sharing"], "Memory saved by sharing blocks (fork + copy-on-write), block size 16, "
@@ -4018,18 +4204,71 @@ def analyze_continuous_batching(model="smollm2", device=None, num_requests: int 
                       f"requests, batch width {max_num_seqs} (measured)"), timelines
 
 
-def plot_batching_timeline(timelines: dict, width: int, title: str) -> Path:
-    """Which request holds a batch slot at each step: static (left) vs continuous (right)."""
-    fig, axes = new_figure(1, len(timelines), figsize=(11, 4))
+def _slot_lanes(per_request: Sequence[Sequence[int]], width: int,
+                static: bool) -> list[tuple[int, int, int, int]]:
+    """(request, slot, first step, last step it holds the slot) for each request: a static batch
+    holds its slots until its longest request ends; the engine frees a slot at the request's last
+    token and gives it to the next (slots assigned greedily, first free first)."""
+    spans = []
+    if static:
+        for start in range(0, len(per_request), width):
+            batch = [s for s in per_request[start:start + width] if s]
+            end = max(max(s) for s in batch) if batch else 0
+            spans += [(rid, rid - start, min(s), end)
+                      for rid, s in enumerate(per_request[start:start + width], start) if s]
+        return spans
+    free_at: list[int] = []  # per slot: the last step of its current request
+    for rid in sorted((r for r, s in enumerate(per_request) if s), key=lambda r: min(per_request[r])):
+        first, last = min(per_request[rid]), max(per_request[rid])
+        slot = next((i for i, f in enumerate(free_at) if f < first), len(free_at))
+        free_at[slot:slot + 1] = [last]
+        spans.append((rid, slot, first, last))
+    return spans
+
+
+def plot_batching_timeline(timelines: dict, width: int, title: str, wall_seconds: dict | None = None,
+                           model=None) -> "Plot":
+    """Which request holds each batch slot over time: static batches (left) vs continuous (right),
+    on the same time axis. A step is drawn as the policy's wall time / its steps when
+    `wall_seconds` (policy → seconds) is given, else in engine steps. Hatched: a slot held by a
+    request that has finished (padding: the batch waits for its longest request)."""
+    from matplotlib.patches import Patch
+
+    fig, axes = new_figure(len(timelines), 1, figsize=(11, 1.2 + 0.55 * width * len(timelines)), sharex=True)
     for ax, (name, per_request) in zip(np.atleast_1d(axes), timelines.items()):
-        for rid, steps in enumerate(per_request):
-            if steps:
-                ax.broken_barh([(min(steps), max(steps) - min(steps) + 1)], (rid - 0.4, 0.8),
-                               color=f"C{rid % 10}")
-        ax.set(title=f"{name} (width {width})", xlabel="engine step")
-    np.atleast_1d(axes)[0].set_ylabel("request")
-    fig.suptitle(title)
-    return save_plot(fig, "s5_batching_timeline")
+        steps = max((max(s) for s in per_request if s), default=1)
+        scale = wall_seconds[name] / steps if wall_seconds else 1.0  # seconds (or steps) per step
+        for rid, slot, first, end in _slot_lanes(per_request, width, name == "static"):
+            last = max(per_request[rid])
+            ax.broken_barh([((first - 1) * scale, (last - first + 1) * scale)], (slot - 0.4, 0.8),
+                           color=f"C{rid % 10}")
+            if (last - first + 1) / steps > 0.04:
+                ax.text((first - 1 + (last - first + 1) / 2) * scale, slot, str(rid), ha="center",
+                        va="center", fontsize=7, color="white")
+            if end > last:
+                ax.broken_barh([(last * scale, (end - last) * scale)], (slot - 0.4, 0.8), facecolor="0.9",
+                               edgecolor="0.5", hatch="///", lw=0)
+        tokens = sum(len(s) for s in per_request)
+        ax.set_title(f"{name} (width {width}): {100 * tokens / (steps * width):.0f}% of slot-steps make a "
+                     f"token", fontsize=9)
+        ax.set_yticks(range(width), [f"slot {i}" for i in range(width)], fontsize=8)
+        ax.set_ylim(width - 0.5, -0.5)
+    axes = np.atleast_1d(axes)
+    axes[-1].set_xlabel("time (s; a step drawn as wall time / steps)" if wall_seconds else "engine step")
+    fig.legend(handles=[Patch(color="C0", label="request making tokens (number = request id)"),
+                        Patch(facecolor="0.9", edgecolor="0.5", hatch="///",
+                              label="padding: slot held, request finished"),
+                        Patch(facecolor="white", edgecolor="0.5", label="empty slot")],
+               fontsize=8, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=3, frameon=False)
+    fig.suptitle(title, fontsize=10)
+    ends = {name: max((max(s) for s in per if s), default=0) for name, per in timelines.items()}
+    unit = "s" if wall_seconds else " steps"
+    done = {name: (wall_seconds[name] if wall_seconds else ends[name]) for name in timelines}
+    caption = ("static batches hold finished requests' slots (hatched) until their longest request ends; "
+               "continuous batching hands a freed slot to the next request at once"
+               + (f" and finishes in {done['continuous']:.3g}{unit} instead of {done['static']:.3g}{unit}."
+                  if {"static", "continuous"} <= done.keys() else "."))
+    return save_plot(fig, "s5_batching_timeline", caption, model)
 
 
 def _batching_sizes(quick: bool) -> dict:
@@ -4045,10 +4284,13 @@ def demonstrate_continuous_batching(model: str = "smollm2", seed: int = 0, devic
     sizes = _batching_sizes(quick)
     rows, timelines = analyze_continuous_batching(model, device, seed=seed, **sizes)
     width = sizes["max_num_seqs"]
-    print(rows)
+    print_table(rows)
     if plots:
-        name = get_model(model, device)[0].cfg.name
-        print(f"plot: {plot_batching_timeline(timelines, width, f'{name} on {pick_device(device)}')}")
+        net = get_model(model, device)[0]
+        show_plot(plot_batching_timeline(
+            timelines, width,
+            f"Batch slots over time, {net.cfg.name} on {device_label(net.device)} (measured)",
+            {"static": rows[0]["wall (s)"], "continuous": rows[1]["wall (s)"]}, model))
     static, cont = rows[0], rows[1]
     print(f"Takeaway: same tokens, {cont['tokens/s'] / static['tokens/s']:.1f}× the throughput and "
           f"{static['p50 latency (s)'] / cont['p50 latency (s)']:.1f}× lower median latency: continuous "
@@ -4488,23 +4730,71 @@ def measure_speculative_decoding(model: str = "smollm2", device=None, gammas: Se
                       "new tokens at most (measured; one run each)")
 
 
-def plot_speculative(rows: Sequence[dict], title: str) -> Path:
-    """Measured vs predicted speed-up, one point per (task, draft, γ)."""
-    fig, ax = new_figure(figsize=(6, 5))
+def plot_speculative(rows: Sequence[dict], title: str, model=None) -> "Plot":
+    """Measured vs predicted speed-up, one point per (task, draft, γ), each labelled with its γ."""
+    fig, ax = new_figure(figsize=(6.5, 5))
     markers = {task: m for task, m in zip(dict.fromkeys(r["task"] for r in rows), "os^v")}
     for i, draft in enumerate(dict.fromkeys(r["draft"] for r in rows)):
         for task, marker in markers.items():
-            pts = [(r["predicted (×)"], r["measured (×)"]) for r in rows
-                   if r["draft"] == draft and r["task"] == task]
+            pts = [r for r in rows if r["draft"] == draft and r["task"] == task]
             if pts:
-                ax.scatter(*zip(*pts), marker=marker, color=f"C{i}", label=f"{draft}, {task}")
+                ax.scatter([r["predicted (×)"] for r in pts], [r["measured (×)"] for r in pts], marker=marker,
+                           color=f"C{i}", label=f"{draft}, {task}")
+                for r in pts:
+                    ax.annotate(f"γ={r['γ']}", (r["predicted (×)"], r["measured (×)"]), xytext=(5, 3),
+                                textcoords="offset points", fontsize=7, color=f"C{i}")
     top = np.nanmax([[r["predicted (×)"], r["measured (×)"]] for r in rows])
-    ax.plot([0, top * 1.05], [0, top * 1.05], "k--", lw=0.8, label="measured = predicted")
+    ax.plot([0, top * 1.1], [0, top * 1.1], "k--", lw=0.8, label="measured = predicted")
     ax.axhline(1.0, color="grey", lw=0.8)
-    ax.set(xlabel="predicted speed-up (Leviathan et al., from measured α, c)",
-           ylabel="measured speed-up over plain decoding", title=title)
-    ax.legend(fontsize=7)
-    return save_plot(fig, "s6_speculative")
+    ax.text(top * 1.1, 1.0, "1× = plain decoding ", ha="right", va="bottom", fontsize=7, color="grey")
+    ax.set(xlabel="predicted speed-up (×; Leviathan et al., from measured α, c)",
+           ylabel="measured speed-up over plain decoding (×)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, loc="upper left")
+    below = sum(r["measured (×)"] < r["predicted (×)"] for r in rows)
+    caption = (f"{below} of {len(rows)} points fall below the diagonal: verifying γ + 1 tokens costs more "
+               "than the one decode step the formula assumes, and drafts are accepted in runs.")
+    return save_plot(fig, "s6_speculative", caption, model)
+
+
+def plot_speedup_vs_gamma(rows: Sequence[dict], title: str, alphas: Sequence[float] = (0.3, 0.5, 0.7, 0.9),
+                          model=None) -> "Plot":
+    """Per draft: the formula's speed-up against γ for several α, at the draft's median measured
+    cost c, with the measured points (γ, measured ×) on top, coloured by their measured α."""
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    drafts = list(dict.fromkeys(r["draft"] for r in rows))
+    fig, axes = new_figure(1, len(drafts), figsize=(5.5 * len(drafts), 4.5), sharey=True, squeeze=False)
+    cmap, norm = colormaps["viridis"], Normalize(0, 1)
+    markers = {task: m for task, m in zip(dict.fromkeys(r["task"] for r in rows), "os^v")}
+    for ax, draft in zip(axes[0], drafts):
+        pts = [r for r in rows if r["draft"] == draft]
+        c = float(np.median([r["c"] for r in pts]))
+        gammas = np.arange(1, max(8, max(r["γ"] for r in pts)) + 1)
+        for a in alphas:
+            ax.plot(gammas, [speculative_speedup(a, int(g), c) for g in gammas], "-", color=cmap(norm(a)),
+                    lw=1.2, label=f"formula, α = {a}")
+        for task, marker in markers.items():
+            mine = [r for r in pts if r["task"] == task]
+            if mine:
+                ax.scatter([r["γ"] for r in mine], [r["measured (×)"] for r in mine], marker=marker, s=60,
+                           c=[r["α"] for r in mine], cmap=cmap, norm=norm, edgecolors="black", zorder=3,
+                           label=f"measured, {task}")
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.text(gammas[-1], 1.0, "1× = plain decoding", ha="right", va="bottom", fontsize=7, color="grey")
+        ax.set(xlabel="draft length γ (tokens drafted per round)",
+               title=f"{draft}: c = {c:.2g} (measured median)")
+        ax.title.set_fontsize(9)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("speed-up over plain decoding (×)")
+    fig.colorbar(ScalarMappable(norm, cmap), ax=list(axes[0]), label="acceptance rate α (curves and points)")
+    fig.suptitle(title, fontsize=10)
+    caption = ("each curve rises while another drafted token is likely to be accepted and falls once "
+               "drafting costs more than it saves; a measured point sits near the curve of its own colour "
+               "(its α).")
+    return save_plot(fig, "s6_speedup_vs_gamma", caption, model)
 
 
 def _speculative_sizes(quick: bool) -> dict:
@@ -4516,12 +4806,15 @@ def _speculative_sizes(quick: bool) -> dict:
 def demonstrate_speculative_decoding(model: str = "smollm2", device=None, quick: bool = False,
                                      plots: bool = True) -> "Rows":
     """The formula, then draft-and-verify measured on the real model (greedy: deterministic)."""
-    print(analyze_speculative_decoding())
+    print_table(analyze_speculative_decoding())
     rows = measure_speculative_decoding(model, device, **_speculative_sizes(quick))
-    print(rows)
+    print_table(rows)
     if plots:
-        name = get_model(model, device)[0].cfg.name
-        print(f"plot: {plot_speculative(rows, f'{name} on {pick_device(device)}')}")
+        net = get_model(model, device)[0]
+        where = f"{net.cfg.name} on {device_label(net.device)}, greedy"
+        show_plot(plot_speculative(rows, f"Speculative decoding: measured vs predicted, {where}", model))
+        show_plot(plot_speedup_vs_gamma(rows, f"Speed-up vs draft length: formula and measured, {where}",
+                                        model=model))
     best = max(rows, key=lambda r: r["measured (×)"])
     worst = min(rows, key=lambda r: r["measured (×)"])
     print(f"Takeaway: best {best['measured (×)']:.2f}× ({best['draft']}, {best['task']}, γ={best['γ']}, "
@@ -5049,14 +5342,29 @@ def measure_flash_decoding(device=None, contexts: Sequence[int] = (1024, 4096, 1
                       f"{bw / 1e9:,.0f} GB/s (measured)")
 
 
-def plot_flash_decoding(rows: Sequence[dict], title: str) -> Path:
-    fig, ax = new_figure(figsize=(7, 4.5))
+def plot_flash_decoding(rows: Sequence[dict], title: str, model=None) -> "Plot":
+    """Time per decode attention vs context, per method, against the time the K/V bytes take to
+    stream at the measured copy bandwidth (from each row's time and % of copy bandwidth)."""
+    fig, ax = new_figure(figsize=(7.5, 4.8))
     for i, method in enumerate(dict.fromkeys(r["method"] for r in rows)):
         pts = [(r["context"], r["time (µs)"]) for r in rows if r["method"] == method]
         ax.loglog(*zip(*pts), "o-", color=f"C{i}", label=method)
-    ax.set(xlabel="context length (tokens)", ylabel="time per decode attention (µs)", title=title)
-    ax.legend(fontsize=8)
-    return save_plot(fig, "s7_flash_decoding")
+    floor = {r["context"]: r["time (µs)"] * r["% of copy bandwidth"] / 100 for r in rows}  # bytes / BW
+    bw = next(r["GB/s"] / (r["% of copy bandwidth"] / 100) for r in rows)
+    ax.loglog(list(floor), list(floor.values()), "k--", lw=1.2,
+              label=f"reading K/V at the copy bandwidth ({bw:,.0f} GB/s, measured)")
+    ax.set(xlabel="context length (tokens, log)", ylabel="time per decode attention (µs, log)")
+    ax.set_xticks(list(floor), [f"{t:,}" for t in floor])
+    ax.xaxis.set_minor_formatter("")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    longest = max(floor)
+    best = min((r for r in rows if r["context"] == longest), key=lambda r: r["time (µs)"])
+    caption = (f"at {longest:,} tokens the fastest method, {best['method']}, reaches "
+               f"{best['% of copy bandwidth']:.0f}% of the copy bandwidth: decode attention is a memory "
+               "stream, and the dashed line is its floor on this machine.")
+    return save_plot(fig, "s7_flash_decoding", caption, model)
 
 
 def _flash_contexts(device: torch.device, quick: bool) -> tuple[int, ...]:
@@ -5067,19 +5375,21 @@ def _flash_contexts(device: torch.device, quick: bool) -> tuple[int, ...]:
 
 
 def demonstrate_flash_decoding(device=None, quick: bool = False, seed: int = 0,
-                               plots: bool = True) -> "Report":
-    """The cost model, correctness per dtype, and time vs context length on this machine."""
+                               plots: bool = True, model: str | None = None) -> "Report":
+    """The cost model, correctness per dtype, and time vs context length on this machine (the
+    attention has Llama-3-8B's heads whatever `model` is; `model` names the plot folder)."""
     device = pick_device(device)
     model_rows = analyze_flash_decoding()
-    print(model_rows)
+    print_table(model_rows)
     errors = check_flash_decoding(device, seed)
-    print(errors)
+    print_table(errors)
     contexts = _flash_contexts(device, quick)
     timing = measure_flash_decoding(device, contexts, seed=seed, repeat=3 if quick else 5)
-    print(timing)
+    print_table(timing)
     if plots:
-        card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform_summary()}"
-        print(f"plot: {plot_flash_decoding(timing, f'Decode attention, 32/8 heads, D=128, on {card}')}")
+        machine = torch.cuda.get_device_name(device) if device.type == "cuda" else platform_summary()
+        show_plot(plot_flash_decoding(timing, f"Decode attention, Llama-3-8B heads (32/8, D=128), batch 1, "
+                                              f"measured on {machine}", model))
     longest = [r for r in timing if r["context"] == max(contexts)]
     best = max(longest, key=lambda r: r["GB/s"])
     print(f"Takeaway: at {max(contexts):,} tokens the fastest here is {best['method']} "
@@ -5967,14 +6277,97 @@ def measure_quantization(model: str = "smollm2", device=None, quick: bool = Fals
                       "format: the GPTQ and AWQ rows run INT4 RTN's kernel on the same layout)")
 
 
+def _scheme_family(scheme: str) -> str:
+    """The method a quantization row belongs to, for the figures: RTN, GPTQ, AWQ, GGUF or fp32."""
+    for family in ("fp32", "GPTQ", "AWQ"):
+        if scheme.startswith(family):
+            return family
+    return "GGUF" if scheme.startswith(("Q4", "Q5", "Q6", "Q8")) else "RTN"
+
+
+def plot_perplexity_vs_bits(rows: Sequence[dict], title: str, gguf_rows: Sequence[dict] = (),
+                            model=None) -> "Plot":
+    """Perplexity increase over fp32 (%) against bits per weight, one marker per method: the rows
+    of `measure_quantization` and, if given, the GGUF files of `demonstrate_gguf_formats` (same
+    keys; a file's bits are its size over the parameter count)."""
+    fig, ax = new_figure(figsize=(7.5, 4.8))
+    styles = {"RTN": ("o", "C0"), "GPTQ": ("s", "C1"), "AWQ": ("^", "C2"), "GGUF": ("D", "C3")}
+    points = [r for r in [*rows, *gguf_rows] if _scheme_family(r["scheme"]) != "fp32"
+              and math.isfinite(r["bits/weight"])]
+    for family, (marker, color) in styles.items():
+        pts = [r for r in points if _scheme_family(r["scheme"]) == family]
+        if not pts:
+            continue
+        label = "GGUF file written and read back (file bits / parameter)" if family == "GGUF" else family
+        ax.plot([r["bits/weight"] for r in pts], [r["perplexity vs fp32 %"] for r in pts], marker,
+                color=color, ms=7, label=label)
+        for r in pts:
+            ax.annotate(r["scheme"].removeprefix(family).strip() or r["scheme"], (r["bits/weight"],
+                        r["perplexity vs fp32 %"]), textcoords="offset points", xytext=(5, 3), fontsize=6,
+                        color=color)
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.text(ax.get_xlim()[1], 0, "fp32 ", ha="right", va="bottom", fontsize=7, color="grey")
+    ax.set_yscale("symlog", linthresh=1)
+    ax.set(xlabel="bits per weight (scales and offsets included)", ylabel="perplexity increase over fp32 (%)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    four = [r for r in points if 4 <= r["bits/weight"] < 5]
+    best = min(four, key=lambda r: r["perplexity vs fp32 %"], default=None)
+    caption = ("fewer bits, more error; at about 4 bits the method matters as much as the bits"
+               + (f": the best there is {best['scheme']} ({best['perplexity vs fp32 %']:+.1f}%)."
+                  if best else "."))
+    return save_plot(fig, "s8_perplexity_vs_bits", caption, model)
+
+
+def plot_decode_vs_bandwidth(rows: Sequence[dict], bandwidth: float, title: str, model=None) -> "Plot":
+    """Measured decode tokens/s per storage format against its bandwidth roof: tokens/s if a step
+    took only the time to read the linear weights once at `bandwidth` (bytes/s)."""
+    timed = [r for r in rows if "decode (tok/s)" in r]
+    if not timed:
+        raise InvalidArgumentError("these rows hold no decode speeds: measure_quantization times decode "
+                                   "only without quick=True")
+    fig, ax = new_figure(figsize=(7.5, 4.8))
+    formats = {}  # one point per storage format: GPTQ and AWQ run INT4 RTN's kernel on the same layout
+    for r in timed:
+        formats.setdefault((round(r["bits/weight"], 3), round(r["decode (tok/s)"], 6)), r)
+    bits = np.geomspace(2, 40, 100)
+    per_bit = timed[0]["linear weights (MB)"] * 1e6 / timed[0]["bits/weight"]  # bytes per bit per weight
+    ax.loglog(bits, bandwidth / (per_bit * bits), "k-", lw=1.5,
+              label=f"roof: linear weights read once per token at {bandwidth / 1e9:,.1f} GB/s (measured)")
+    pts = list(formats.values())
+    ax.loglog([r["bits/weight"] for r in pts], [r["decode (tok/s)"] for r in pts], "o", color="tab:red", ms=7,
+              label="measured decode, batch 1")
+    for r in pts:
+        ax.plot([r["bits/weight"]] * 2, [r["decode (tok/s)"], bandwidth / (r["linear weights (MB)"] * 1e6)],
+                ":", color="tab:red", lw=0.8)
+        ax.annotate(r["scheme"], (r["bits/weight"], r["decode (tok/s)"]), textcoords="offset points",
+                    xytext=(5, -10), fontsize=7)
+    ax.set(xlabel="bits per weight (log)", ylabel="decode tokens/s (log)")
+    ax.set_xticks([2, 3, 4, 5, 6, 8, 16, 32], ["2", "3", "4", "5", "6", "8", "16", "32"])
+    ax.minorticks_off()
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fp32 = timed[0]
+    fastest = max(pts, key=lambda r: r["decode (tok/s)"])
+    caption = (f"the roof rises {fp32['bits/weight'] / fastest['bits/weight']:.0f}× from fp32 to "
+               f"{fastest['scheme']}, the measured speed "
+               f"{fastest['decode (tok/s)'] / fp32['decode (tok/s)']:.1f}×: "
+               "the distance to the roof (dotted) is time spent unpacking and dispatching, not reading.")
+    return save_plot(fig, "s8_decode_vs_bandwidth", caption, model)
+
+
 def demonstrate_quantization(model: str = "smollm2", device=None, quick: bool = False,
-                             full: bool = False) -> "Report":
+                             full: bool = False, plots: bool = True) -> "Report":
     """Outliers, then each scheme's size, error, perplexity and decode speed on the real model
     (`full=True`: 9 schemes, 2,048 evaluation and 4,096 calibration tokens; ~8 min on 2 cores)."""
     outliers = analyze_activation_outliers(model, device, n_windows=1 if quick else 4)
-    print(outliers)
+    print_table(outliers)
     table = measure_quantization(model, device, quick, full)
-    print(table)
+    print_table(table)
+    if plots:
+        _plot_quantization(table, model, device)
     fp32 = table[0]
     best4 = min((r for r in table if "4-bit" in r["scheme"] or "INT4" in r["scheme"]),
                 key=lambda r: r["perplexity"])
@@ -5989,6 +6382,20 @@ def demonstrate_quantization(model: str = "smollm2", device=None, quick: bool = 
           f"{speed}. Rounding each weight alone (RTN) loses the most where groups are "
           "wide and bits few; GPTQ and AWQ use calibration text to put the error where it matters least.")
     return Report(outliers=outliers, schemes=table)
+
+
+def _plot_quantization(table: Sequence[dict], model: str, device) -> None:
+    """§8's figures: perplexity vs bits; decode speed vs the bandwidth roof where decode was timed."""
+    net = get_model(model, device)[0]
+    where = f"{net.cfg.name} on {device_label(net.device)}"
+    show_plot(plot_perplexity_vs_bits(table, f"Perplexity vs bits per weight, {where} (measured)",
+                                      model=model))
+    if "decode (tok/s)" in table[0]:
+        bandwidth = measure_memory_bandwidth(net.device, nbytes=_stream_bytes(net), quick=True)
+        title = f"Decode speed per format vs the bandwidth roof, {where}, batch 1 (measured)"
+        show_plot(plot_decode_vs_bandwidth(table, bandwidth, title, model))
+    else:
+        print("(decode speeds are timed without --quick: no decode-vs-bandwidth figure in this run)")
 
 
 # %%
@@ -6431,36 +6838,59 @@ def analyze_gguf_formats(model: str = "smollm2", device=None, n_layers: int | No
                 f"Block formats on {net.cfg.name}'s down-projections ({w.size / 1e6:.1f}M weights, measured)")
 
 
-def plot_block_layouts(title: str = "GGUF block layouts") -> Path:
-    """One bar per type: its block's bytes, field by field."""
-    fig, ax = new_figure(figsize=(10, 4))
+GGUF_FIELD_MEANING = {"d": "d: block scale (fp16)", "dmin": "dmin / m: block minimum, offset (fp16)",
+                      "m": None, "scales": "scales: sub-block scales and mins (6-bit; 8-bit in Q6_K)",
+                      "qh": "qh: high bits of the codes", "q": "q / qs / ql: the codes' low bits",
+                      "qs": None, "ql": None}
+
+
+def plot_block_layouts(title: str = "GGUF block layouts, field by field (the format's definition; "
+                                    "no model, no device)", model=None) -> "Plot":
+    """One bar per type: its block's bytes, field by field; fields too narrow to hold their name
+    are named above the bar, with a tick down to the field."""
+    from matplotlib.patches import Patch
+
+    fig, ax = new_figure(figsize=(10.5, 5))
     colors = {"d": "C0", "dmin": "C1", "m": "C1", "scales": "C2", "qh": "C3", "q": "C4", "qs": "C4",
               "ql": "C4"}
     for row, (t, fields) in enumerate(GGUF_BLOCK_FIELDS.items()):
-        start = 0
+        start, next_free = 0, -1e9  # next_free: where the next label above the bar may start (bytes)
         for name, nbytes in fields:
-            ax.barh(row, nbytes, left=start, color=colors[name], edgecolor="white")
-            if nbytes >= 8:
-                ax.text(start + nbytes / 2, row, name, ha="center", va="center", fontsize=7, color="white")
+            ax.barh(row, nbytes, left=start, color=colors[name], edgecolor="white", height=0.6)
+            middle = start + nbytes / 2
+            if nbytes >= 10:
+                ax.text(middle, row, f"{name} {nbytes}", ha="center", va="center", fontsize=7, color="white")
+            else:  # a narrow field: its name above the bar, shifted right of the previous one
+                x = max(middle, next_free)
+                ax.annotate(f"{name} {nbytes}", (middle, row - 0.3), xytext=(x, row - 0.52), fontsize=6.5,
+                            ha="left", va="bottom", color=colors[name],
+                            arrowprops=dict(arrowstyle="-", color=colors[name], lw=0.6))
+                next_free = x + 4 + 2.2 * len(f"{name} {nbytes}")
             start += nbytes
         block = GGML_BLOCK_SIZES[t][0]
         ax.text(start + 2, row, f"{start} B / {block} weights = {8 * start / block:.4g} bits", va="center",
                 fontsize=7)
     ax.set_yticks(range(len(GGUF_BLOCK_FIELDS)), [t.name for t in GGUF_BLOCK_FIELDS])
-    ax.set(xlabel="bytes in one block", title=title, xlim=(0, 290))
-    ax.invert_yaxis()
-    return save_plot(fig, "s8_gguf_block_layouts")
+    ax.set(xlabel="bytes in one block", xlim=(0, 290), ylim=(len(GGUF_BLOCK_FIELDS) - 0.5, -0.9))
+    ax.set_title(title, fontsize=9)
+    ax.legend(handles=[Patch(color=colors[k], label=v) for k, v in GGUF_FIELD_MEANING.items() if v],
+              fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    caption = ("the codes (purple) are most of every block; the K-quants spend 12–16 bytes per 256 weights "
+               "on sub-block scales, the simple types 2–4 bytes per 32 on one scale (and minimum).")
+    return save_plot(fig, "s8_gguf_block_layouts", caption, model)
 
 
 def demonstrate_gguf_formats(model: str = "smollm2", device=None, quick: bool = False,
-                             plots: bool = True) -> "Report":
-    """Every block type's size and error, then the whole model written, reloaded and measured."""
+                             plots: bool = True, measured: dict | None = None) -> "Report":
+    """Every block type's size and error, then the whole model written, reloaded and measured.
+    With the §8 quantization table of the same run (`measured`, as `main` passes it), the
+    perplexity-vs-bits figure shows the GGUF files beside RTN, GPTQ and AWQ."""
     import tempfile
 
     errors = analyze_gguf_formats(model, device, n_layers=2 if quick else 8)  # the K-quant search is slow
-    print(errors)
+    print_table(errors)
     if plots:
-        print(f"plot: {plot_block_layouts()}")
+        show_plot(plot_block_layouts(model=model))
     net, tok = get_model(model, device)
     if not getattr(tok, "metadata", None):
         print("The tiny model has no GGUF tokenizer to write; run with --model smollm2 for the file round "
@@ -6468,8 +6898,9 @@ def demonstrate_gguf_formats(model: str = "smollm2", device=None, quick: bool = 
         return Report(errors=errors)
     ids = text_slices(tok)["eval"][: 256 if quick else 512]
     base = evaluate_perplexity(net, ids, show_progress=False)
-    rows = [{"scheme": "fp32 (the dequantized Q4_1 file)", "file (MB)": float("nan"), "perplexity": base,
-             "increase": 0.0, "llama.cpp increase, Llama-3-8B": float("nan"), "write (s)": float("nan")}]
+    rows = [{"scheme": "fp32 (the dequantized Q4_1 file)", "file (MB)": float("nan"), "bits/weight": 32.0,
+             "perplexity": base, "increase": 0.0, "perplexity vs fp32 %": 0.0,
+             "llama.cpp increase, Llama-3-8B": float("nan"), "write (s)": float("nan")}]
     with tempfile.TemporaryDirectory() as folder:
         for scheme in (("Q4_0",) if quick else GGUF_SCHEMES):  # quick: one file, no K-quant search
             path = Path(folder) / f"smollm2-{scheme}.gguf"
@@ -6477,13 +6908,18 @@ def demonstrate_gguf_formats(model: str = "smollm2", device=None, quick: bool = 
                 quantize_model_to_gguf(net, tok, path, scheme, show_progress=False)
             reloaded, _ = load_model(path, device)
             ppl = evaluate_perplexity(reloaded, ids, show_progress=False)
-            rows.append({"scheme": scheme, "file (MB)": path.stat().st_size / 1e6, "perplexity": ppl,
-                         "increase": ppl - base,
+            rows.append({"scheme": scheme, "file (MB)": path.stat().st_size / 1e6,
+                         "bits/weight": 8 * path.stat().st_size / net.cfg.n_params, "perplexity": ppl,
+                         "increase": ppl - base, "perplexity vs fp32 %": 100 * (ppl / base - 1),
                          "llama.cpp increase, Llama-3-8B": LLAMA_CPP_PPL_INCREASE[scheme],
                          "write (s)": t.seconds})
     table = Rows(rows, f"{net.cfg.name} written by write_gguf in each scheme, read back by read_gguf; "
                        f"perplexity on {len(ids)} evaluation tokens (measured; llama.cpp column cited)")
-    print(table)
+    print_table(table)
+    if plots:  # beside this run's §8 table when there is one
+        quantized = ((measured or {}).get("quantization") or {}).get("schemes") or []
+        show_plot(plot_perplexity_vs_bits(quantized, f"Perplexity vs bits per weight, {net.cfg.name} on "
+                                                     f"{device_label(net.device)} (measured)", table, model))
     err = {r["type"]: r["RMSE / RMS(w) %"] for r in errors}
     ppl = {r["scheme"]: r["perplexity"] for r in rows}
     note = ""
@@ -6620,7 +7056,7 @@ def demonstrate_summary(model: str = "smollm2", device=None, seed: int = 0, quic
     """Print the measured summary table. Alone it measures every row (the demos' quick sizes
     unless `quick=False`); after the other demos, `main` passes what they measured."""
     rows = analyze_optimization_summary(model, device, quick=quick, seed=seed, measured=measured)
-    print(rows)
+    print_table(rows)
     print("Takeaway: every claim is checked where this machine can check it; where a number differs "
           "from the claim, the 'why' column says what it depends on.")
     return rows
@@ -7612,16 +8048,50 @@ def measure_fast_path(model: str = "smollm2", device=None, batch_sizes: Sequence
                       f"batch 1, measured before each row, read {span} tok/s (measured)")
 
 
+def plot_step_time(modes: Sequence[dict], overhead: Sequence[dict], title: str, model=None) -> "Plot":
+    """Where a batch-1 decode step's time goes, per mode: reading the weights at the bandwidth
+    measured before the row (1 / its bandwidth limit) and everything else (dispatch, Python, launches,
+    unfused work); from the rows of `measure_fast_path` and `analyze_launch_overhead`."""
+    rows = [r for r in modes if r["batch"] == 1 and math.isfinite(r["tokens/s"])
+            and math.isfinite(r.get("bandwidth limit (tok/s)", float("nan")))]
+    if not rows:
+        raise InvalidArgumentError("no batch-1 row with a speed and a bandwidth limit to plot")
+    fig, ax = new_figure(figsize=(8, 1.6 + 0.55 * len(rows)))
+    names = [r["mode"] for r in rows]
+    total = np.array([1e3 / r["tokens/s"] for r in rows])  # ms per token
+    reading = np.minimum(total, [1e3 / r["bandwidth limit (tok/s)"] for r in rows])
+    ax.barh(names, reading, color="tab:blue", label="reading the weights at the measured bandwidth")
+    ax.barh(names, total - reading, left=reading, color="tab:orange",
+            label="everything else: dispatch, Python, kernel launches")
+    for y, t in enumerate(total):
+        ax.text(t, y, f" {t:.3g} ms", va="center", fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, total.max() * 1.2)
+    ax.set(xlabel="milliseconds per generated token (batch 1)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    o = overhead[0]
+    i = names.index("eager") if "eager" in names else 0
+    caption = (f"an eager step dispatches {o['ops per step']} operations ({o['µs per op']:.0f} µs each); "
+               f"reading the weights is {100 * reading[i] / total[i]:.0f}% of its {total[i]:.3g} ms, the "
+               "rest is overhead, which compiling the step (CUDA graphs on a GPU) removes.")
+    return save_plot(fig, "s10_step_time", caption, model)
+
+
 def demonstrate_fast_path(model: str = "smollm2", device=None, quick: bool = False,
-                          seed: int = 0) -> "Report":
+                          seed: int = 0, plots: bool = True) -> "Report":
     """Launch overhead, then eager vs compiled (vs CUDA graph on a GPU) decode, measured; `seed`
     picks the random prompts."""
     overhead = analyze_launch_overhead(model, device)
-    print(overhead)
+    print_table(overhead)
     on_gpu = pick_device(device).type == "cuda"
     modes = measure_fast_path(model, device, (1, 8) if on_gpu and not quick else (1,),
                               new_tokens=16 if quick else 32, seed=seed, compile_step=not quick)
-    print(modes)
+    print_table(modes)
+    if plots:
+        net = get_model(model, device)[0]
+        show_plot(plot_step_time(modes, overhead, f"Where a decode step's time goes, {net.cfg.name} on "
+                                                  f"{device_label(net.device)} (measured)", model))
     row = overhead[0]
     print(f"Takeaway: one decode step dispatches {row['ops per step']} operations at about "
           f"{row['µs per op']:.0f} µs each; the weights alone would take "
@@ -9093,31 +9563,110 @@ notebook_demo("perplexity")  # runs only in a notebook: the demo, here
 
 
 # %%
-def print_table(rows: Sequence[dict], title: str, floatfmt: str | None = None) -> str:
-    """Print `rows` (dicts sharing keys; put units in the keys) under a title; return the text.
-    Numbers print without scientific notation (`format_table`, Appendix D)."""
+def print_table(rows: Sequence[dict], title: str | None = None, floatfmt: str | None = None) -> str:
+    """Print `rows` (dicts sharing keys; put units in the keys) under a title (a `Rows`' own title
+    by default); return the text. In a Jupyter kernel the table is shown as HTML instead, so that
+    wide tables stay readable. Numbers print without scientific notation (`format_table`)."""
+    title = getattr(rows, "title", "") if title is None else title
     text = format_table(rows, title, floatfmt)
-    print(text)
+    if in_jupyter_kernel():
+        from IPython.display import HTML, display
+
+        display(HTML(format_table(rows, title, floatfmt, tablefmt="html")))
+    else:
+        print(text)
     return text
 
 
-def save_plot(fig, name: str) -> Path:
-    """Save a matplotlib figure as `<plot dir>/<name>.png` and return the path. The plot dir is
-    `outputs/` unless $LESSON_PLOT_DIR says otherwise (`--save-assets` points it at `assets/`)."""
-    folder = Path(os.environ.get("LESSON_PLOT_DIR") or OUTPUT_DIR)
+def in_jupyter_kernel() -> bool:
+    """True inside a running Jupyter kernel (the notebook, or this file imported from one)."""
+    if "IPython" not in sys.modules:
+        return False
+    from IPython import get_ipython
+
+    return hasattr(get_ipython(), "kernel")
+
+
+@dataclass
+class Plot:
+    """A saved figure: its file, the one line that says what to notice in it, and the matplotlib
+    figure, whose artists hold the points drawn. A notebook cell that ends with a Plot shows it."""
+
+    path: Path
+    caption: str
+    figure: object = field(repr=False, default=None)
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def _repr_png_(self) -> bytes:
+        return self.path.read_bytes()
+
+
+def plot_folder(model: "ModelConfig | str | Path | None" = None) -> Path:
+    """Where figures go: $LESSON_PLOT_DIR if set (`--save-assets` sets it to assets/), else
+    `outputs/<model>/`, so that a run of the tiny model never overwrites the real model's."""
+    if os.environ.get("LESSON_PLOT_DIR"):
+        return Path(os.environ["LESSON_PLOT_DIR"])
+    if model is None:
+        return OUTPUT_DIR
+    if isinstance(model, ModelConfig):
+        return OUTPUT_DIR / model.name
+    if str(model).endswith(".gguf"):
+        return OUTPUT_DIR / Path(model).stem.lower()
+    try:
+        return OUTPUT_DIR / ModelConfig.from_name(str(model)).name
+    except ConfigError:
+        return OUTPUT_DIR / re.sub(r"[^a-z0-9._-]+", "-", str(model).lower())
+
+
+def save_plot(fig, name: str, caption: str = "", model: "ModelConfig | str | None" = None) -> Plot:
+    """Save a matplotlib figure as `<plot_folder(model)>/<name>.png`; return it as a `Plot`."""
+    folder = plot_folder(model)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.png"
     fig.savefig(path, dpi=120, bbox_inches="tight")
-    return path
+    return Plot(path, caption, fig)
+
+
+def show_plot(plot: Plot) -> Plot:
+    """Say where a figure went and what to notice in it; in a Jupyter kernel, also draw it inline."""
+    if in_jupyter_kernel():
+        from IPython.display import display
+
+        display(plot)
+        print(f"Figure: {plot.caption} ({_relative(plot.path)})")
+    else:
+        print(f"plot: {_relative(plot.path)}\n  {plot.caption}")
+    return plot
+
+
+def _relative(path: Path) -> str:
+    """`path` relative to the working directory when it lies below it (shorter to print)."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def device_label(device=None) -> str:
+    """A device as a figure title names it: the GPU's name, or 'CPU (N cores)'."""
+    device = pick_device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({os.cpu_count()} cores)"
 
 
 def new_figure(nrows: int = 1, ncols: int = 1, **kwargs):
     """(figure, axes) drawn off-screen, without pyplot: no window, and your session's backend
-    (a notebook's inline plots, say) is left alone. kwargs go to `Figure` (e.g. figsize)."""
+    (a notebook's inline plots, say) is left alone; `show_plot` displays the saved PNG.
+    kwargs go to `Figure.subplots` (e.g. sharex) or to `Figure` (e.g. figsize)."""
     from matplotlib.figure import Figure
 
+    sub = {k: kwargs.pop(k) for k in ("sharex", "sharey", "squeeze", "gridspec_kw", "width_ratios")
+           if k in kwargs}
     fig = Figure(**kwargs)
-    return fig, fig.subplots(nrows, ncols)
+    return fig, fig.subplots(nrows, ncols, **sub)
 
 
 class Rows(list):
@@ -9137,6 +9686,9 @@ class Rows(list):
 
     def __repr__(self) -> str:
         return format_table(self, self.title).lstrip("\n") if self else f"Rows([], {self.title!r})"
+
+    def _repr_html_(self) -> str:  # Jupyter shows a cell's Rows as an HTML table
+        return format_table(self, self.title, tablefmt="html")
 
 
 class Report(dict):
@@ -9171,8 +9723,12 @@ def _format_cell(v, floatfmt: str | None) -> str:
     return str(v)
 
 
-def format_table(rows: Sequence[dict], title: str = "", floatfmt: str | None = None) -> str:
-    """Rows as a GitHub-style table under `title`; numeric columns right-aligned."""
+def format_table(rows: Sequence[dict], title: str = "", floatfmt: str | None = None,
+                 tablefmt: str = "github") -> str:
+    """Rows as a GitHub-style table under `title`; numeric columns right-aligned. `tablefmt="html"`
+    gives an HTML table (tabulate escapes the cells) under a bold title: what a notebook shows."""
+    import html
+
     from tabulate import tabulate
 
     rows = list(rows)
@@ -9180,8 +9736,10 @@ def format_table(rows: Sequence[dict], title: str = "", floatfmt: str | None = N
     numeric = [all(isinstance(r.get(k), (int, float, np.number)) and not isinstance(r.get(k), bool)
                    for r in rows if r.get(k) is not None) for k in keys]
     cells = [[_format_cell(r.get(k), floatfmt) for k in keys] for r in rows]
-    table = tabulate(cells, headers=keys, tablefmt="github", disable_numparse=True,
+    table = tabulate(cells, headers=keys, tablefmt=tablefmt, disable_numparse=True,
                      colalign=["right" if n else "left" for n in numeric])
+    if tablefmt == "html":
+        return (f"<p><b>{html.escape(title)}</b></p>\n" if title else "") + str(table)
     return f"\n{title}\n{table}" if title else "\n" + table
 
 
@@ -9215,7 +9773,8 @@ def run_demo(name: str, **options):
     defaults = {"model": os.environ.get("LESSON_MODEL", "smollm2"),
                 "quick": os.environ.get("LESSON_QUICK", "") not in ("", "0"),
                 "device": os.environ.get("LESSON_DEVICE") or None,
-                "seed": int(os.environ.get("LESSON_SEED", "0")), "plots": True}
+                "seed": int(os.environ.get("LESSON_SEED", "0")),
+                "plots": os.environ.get("LESSON_PLOTS", "1") not in ("", "0")}
     print(f"{title}\n{'-' * len(title)}")
     return _call_demo(fn, **{**defaults, **options})
 

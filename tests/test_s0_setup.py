@@ -64,8 +64,9 @@ def test_save_plot(llm, tmp_path, monkeypatch):
     monkeypatch.setenv("LESSON_PLOT_DIR", str(tmp_path))
     fig, ax = llm.new_figure()
     ax.plot([0, 1], [1, 0])
-    path = llm.save_plot(fig, "check")
-    assert path == tmp_path / "check.png" and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    plot = llm.save_plot(fig, "check", "what to notice")
+    assert plot.path == tmp_path / "check.png" and plot.path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plot.caption == "what to notice" and plot._repr_png_() == plot.path.read_bytes()
 
 
 def test_cli_list_and_unknown_section(llm, capsys):

@@ -160,9 +160,9 @@ def test_plot_roofline_writes_png(llm, tmp_path, monkeypatch):
     monkeypatch.setenv("LESSON_PLOT_DIR", str(tmp_path))
     rows = [{"phase": "prefill", "batch": 1, "tokens": 64, "FLOP/byte": 30.0, "GFLOP/s": 50.0},
             {"phase": "decode", "batch": 1, "tokens": 1, "context": 129, "FLOP/byte": 0.5, "GFLOP/s": 2.0}]
-    path = llm.plot_roofline(rows, peak_flops=1e11, bandwidth=1e10)
-    assert path == tmp_path / "roofline.png"
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    plot = llm.plot_roofline(rows, peak_flops=1e11, bandwidth=1e10)
+    assert plot.path == tmp_path / "roofline.png" and plot.caption
+    assert plot.path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_demonstrate_prefill_vs_decode_tiny(llm, tmp_path, monkeypatch, capsys):

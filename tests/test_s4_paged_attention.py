@@ -566,8 +566,8 @@ def test_speed_analysis_checks_equality(llm):
 
 def test_plot_kv_utilization(llm, tmp_path, monkeypatch):
     monkeypatch.setenv("LESSON_PLOT_DIR", str(tmp_path))
-    path = llm.plot_kv_utilization(llm.analyze_kv_utilization(num_requests=50, seed=0))
-    assert path.exists() and path.parent == tmp_path
+    plot = llm.plot_kv_utilization(llm.analyze_kv_utilization(num_requests=50, seed=0))
+    assert plot.path.exists() and plot.path.parent == tmp_path
 
 
 # ---------------------------------------------------------------------------------------------
