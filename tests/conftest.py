@@ -47,6 +47,20 @@ def engine_tokens(llm, model, preemption_mode: str, decode_step: str, sampled: b
     return [o.token_ids for o in engine.generate(prompts, params)], engine
 
 
+def sharp_tiny(llm, seed: int, device: str = "cpu"):
+    """The tiny model with its weights ×10 (norms left alone): at the default std 0.02 it repeats
+    its last token whatever the context or its q/k/v and gate/up weights, so a mixed-up cache or
+    stale weights would go unnoticed; at 0.2 every token depends on them."""
+    import torch
+
+    model = llm.build_model("tiny", seed=seed, device=device)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.endswith("norm.weight"):
+                p.mul_(10)
+    return model
+
+
 @pytest.fixture(scope="session")
 def llm():
     """The lesson module."""

@@ -3,7 +3,7 @@ with the CPU reference. CI has no GPU; run these on a machine with one."""
 
 import pytest
 import torch
-from conftest import engine_tokens
+from conftest import engine_tokens, sharp_tiny
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -112,14 +112,7 @@ def test_compiled_step_in_a_cuda_graph_equals_eager(llm):
 
 
 def _sharp_tiny(llm, seed=6):
-    """The tiny model on the GPU with its weights ×10, so that every token depends on the q/k/v and
-    gate/up weights and on the whole context (at std 0.02 it repeats its last token)."""
-    model = llm.build_model("tiny", seed=seed, device="cuda")
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if not name.endswith("norm.weight"):
-                p.mul_(10)
-    return model
+    return sharp_tiny(llm, seed, device="cuda")
 
 
 def _new_fused_weights(model, seed=99):

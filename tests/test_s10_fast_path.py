@@ -11,7 +11,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton's CPU interpreter for the matvec kernel
 
-from conftest import engine_tokens, load_lesson  # noqa: E402
+from conftest import engine_tokens, load_lesson, sharp_tiny  # noqa: E402
 
 llm_module = load_lesson()
 needs_triton = pytest.mark.skipif(not llm_module.triton_available(), reason="triton is not installed")
@@ -376,15 +376,6 @@ def test_demonstrate_fast_path_tiny(llm, capsys):
 FUSED_SOURCES = ("wq.weight", "wk.weight", "wv.weight", "w_gate.weight", "w_up.weight")
 
 
-def sharp_tiny(llm, seed):
-    """The tiny model with its weights ×10 (at the default std 0.02 it repeats its last token
-    whatever its q/k/v and gate/up weights are, so stale ones would go unnoticed)."""
-    model = llm.build_model("tiny", seed=seed, device="cpu")
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if not name.endswith("norm.weight"):
-                p.mul_(10)
-    return model
 
 
 def change_weights(model, how):

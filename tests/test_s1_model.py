@@ -5,6 +5,7 @@ import gc
 import math
 import weakref
 
+import conftest
 import pytest
 import torch
 
@@ -240,14 +241,7 @@ def test_batched_generate_equals_one_at_a_time(llm, tiny):
 
 # ------------------------------------------------------------- generation through a kept decoder
 def sharp_tiny(llm, seed=4):
-    """The tiny model with its weights ×10: with the default std 0.02 it repeats its last token
-    whatever the context, so a mixed-up cache would go unnoticed; at 0.2 every token depends on it."""
-    model = llm.build_model("tiny", seed=seed, device="cpu")
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if not name.endswith("norm.weight"):
-                p.mul_(10)
-    return model
+    return conftest.sharp_tiny(llm, seed)
 
 
 @pytest.fixture
