@@ -31,34 +31,46 @@ Three ways to use it:
    `outputs/<model>/` (`--save-assets` refreshes the gallery in `assets/`).
 2. **Interactively**: `python -i 01_llm_inference_optimization.py` loads the file without
    running the demos and leaves you at the prompt: call `analyze_memory_requirements()`,
-   `demonstrate_paged_attention()`, `generate(...)`, ... An `analyze_*` result prints as its
-   table.
+   `demonstrate_paged_attention()`, `generate(...)`, ...
 3. **As a notebook**: the file is in jupytext "percent" format (`# %%` cells). Open it in VS Code
    or JupyterLab with jupytext and run the cells top to bottom: each section ends with a cell
    that runs its demo on the notebook's own definitions (`notebook_demo`: edit a cell, re-run the
    demo), with its figures inline; $LESSON_MODEL=tiny and $LESSON_QUICK=1 pick the offline model
    and small sizes, $LESSON_PLOTS=0 skips the figures. Importing the file runs nothing.
 
+Names say what a function does, in every section:
+
+- `analyze_*(...)` computes a table without timing anything (a cost model, a count, a
+  simulation, an error): the same numbers on every machine. It returns `Rows`, a list of dicts
+  that prints as its table.
+- `measure_*(...)` times real runs on this machine and returns `Rows` too.
+- `demonstrate_<section>(model="smollm2", *, device=None, seed=0, quick=False, plots=True,
+  measured=None, ...)` prints a section's tables, figures and takeaway and returns a `Report`
+  (table name → `Rows`). Every demo takes these keywords; `main` calls them all alike.
+- `plot_*` draws a figure from rows a demo measured (Appendix E).
+
 Table of contents (`grep -n "## §"` finds them; each section names its test file):
 
 - §0 Setup: devices, timing, notation ............................... tests/test_s0_setup.py
 - §1 The model: a LLaMA-architecture transformer, generation ........ tests/test_s1_model.py
-- §1b Real weights: GGUF layout, block formats, loading SmolLM2 ...... tests/test_s1b_*.py
+- §1b Real weights: loading SmolLM2 from its GGUF file .............. tests/test_s1b_*.py
 - §2 Memory-bound vs compute-bound: prefill, decode, roofline ........ tests/test_s2_roofline.py
 - §3 The KV cache: memory analysis and implementation ............... tests/test_s3_*.py
 - §4 PagedAttention: block manager, copy-on-write, prefix caching ... tests/test_s4_paged_attention.py
 - §5 Continuous batching: scheduler, preemption, chunked prefill .... tests/test_s5_continuous_batching.py
 - §6 Speculative decoding: draft, verify, exact rejection sampling .. tests/test_s6_speculative.py
 - §7 Flash-decoding: split-K attention with a log-sum-exp merge ...... tests/test_s7_flash_decoding.py
-- §8 Quantization: INT8, INT4, GPTQ, AWQ, GGUF formats written ...... tests/test_s8_*.py
-- §9 Summary: every technique's speedup and memory saving, measured .. tests/test_s9_summary.py
-- §10 The fast path: launch overhead, CUDA graphs, compiled steps ... tests/test_s10_fast_path.py
-- Appendix A: reading a GGUF file defensively ....................... tests/test_s1b_gguf.py
+- §8 Quantization: INT8, INT4, GPTQ, AWQ ............................ tests/test_s8_quantization.py
+- §9 The fast path: launch overhead, CUDA graphs, compiled steps .... tests/test_s9_fast_path.py
+- §10 Summary: every technique's speedup and memory saving, measured . tests/test_s10_summary.py
+- Appendix A: the GGUF file: reader, block formats, writer ... tests/test_s1b_gguf.py, test_s8_gguf_formats.py
 - Appendix B: the tokenizer (byte-level BPE, chat template) ......... tests/test_s1b_tokenizer.py
 - Appendix C: fetching the model, config, streaming, perplexity .... tests/test_s1b_real_model.py
-- Appendix D: tables, progress, notebook demo cells, CLI .. tests/test_s0_setup.py, test_notebook.py
+- Appendix D: the last 20% on a Hopper GPU: Triton kernels ... tests/test_s7_flash_decoding.py, test_gpu.py
+- Appendix E: the figures ........................................... tests/test_plots.py
+- Appendix F: tables, progress, notebook demo cells, CLI .. tests/test_s0_setup.py, test_notebook.py
 
-What the field claims for each technique; §9 checks every row on your machine, with the
+What the field claims for each technique; §10 checks every row on your machine, with the
 sections' own code:
 
 | technique | claimed | source |
@@ -109,7 +121,7 @@ except ImportError as exc:
 
 Nothing in this file runs at import: no seeding, no global torch settings, no downloads.
 Demos take `seed=` and `device=` and are deterministic for a given seed. The helpers that print
-tables and save plots are plumbing: Appendix D.
+tables are plumbing: Appendix F; the figures are drawn in Appendix E.
 
 ### Notation (the code uses these short names)
 
@@ -922,7 +934,7 @@ def stream_generate(model: Transformer, prompt_ids: Sequence[int], max_new_token
     """Yield new token ids one at a time (an iterator: print them as they come).
 
     Stops after `max_new_tokens` or right after yielding a token in `stop_ids` (e.g. EOS). On a
-    GPU the decode steps are replayed from a CUDA graph (§10) unless `cuda_graphs=False`.
+    GPU the decode steps are replayed from a CUDA graph (§9) unless `cuda_graphs=False`.
     """
     _check_generation_args(model, prompt_ids, max_new_tokens)
     if max_new_tokens == 0:
@@ -930,9 +942,9 @@ def stream_generate(model: Transformer, prompt_ids: Sequence[int], max_new_token
     gen = seeded_generator(seed)
     ids = list(prompt_ids)
     mode = _kept_decode_mode(model) if use_cache and cuda_graphs is not False else None
-    # §10: the same step, captured once per cache length and replayed, from a decoder lent to
+    # §9: the same step, captured once per cache length and replayed, from a decoder lent to
     # this generation alone (and returned when it ends, is closed or is collected)
-    kept = _kept_decoder(model, 1, len(ids) + max_new_tokens, mode) if mode else contextlib.nullcontext()
+    kept = kept_decoder(model, 1, len(ids) + max_new_tokens, mode) if mode else contextlib.nullcontext()
     with kept as decoder:
         if decoder is not None:
             cache = decoder.cache
@@ -958,7 +970,7 @@ def stream_generate(model: Transformer, prompt_ids: Sequence[int], max_new_token
 
 
 def _kept_decode_mode(model: Transformer) -> str | None:
-    """The mode of the kept §10 decoder `stream_generate` decodes through: "graph" on a GPU, none
+    """The mode of the kept §9 decoder `stream_generate` decodes through: "graph" on a GPU, none
     elsewhere (the tests set "eager" here to run that path on a CPU)."""
     return "graph" if model.device.type == "cuda" else None
 
@@ -982,7 +994,6 @@ def generate(model: Transformer, prompt_ids: Sequence[int], max_new_tokens: int,
         if on_token is not None:
             on_token(token)
     return out
-
 
 
 # %% [markdown]
@@ -1099,36 +1110,19 @@ def batched_generate(model: Transformer, prompts: Sequence[Sequence[int]], max_n
 
 # %% [markdown]
 """
-## §1b Real weights: the GGUF format, dequantization, loading SmolLM2
+## §1b Real weights: loading SmolLM2 from its GGUF file
 
 Random weights show how fast a model runs, not whether it is right. To run a real model we
 read the file that llama.cpp and most local runtimes use: **GGUF**. One GGUF file holds
 everything: the architecture's numbers (width, heads, RoPE base), the tokenizer (vocabulary,
 merges, special tokens) and every weight tensor, usually *block-quantized* to 4–8 bits.
-Below: the container's layout (the reader, checked against llama.cpp's own Python reader
-`gguf-py`, is plumbing: Appendix A), the block formats and their vectorized dequantizers (§8
-reuses them), and loading the real model. The tokenizer, rebuilt from the file's metadata with
-the `tokenizers` library, and the chat template are explained in Appendix B; perplexity, the
-quality measure §8 reports, in Appendix C.
-
-### The file layout
-Everything is little-endian. A *string* is a uint64 byte length followed by that many UTF-8
-bytes (no terminating zero).
-
-    offset       field         type        meaning
-    0            magic         4 bytes     the ASCII letters "GGUF"
-    4            version       uint32      3 (version 2 has the same layout; 1 is obsolete)
-    8            n_tensors     uint64      how many tensor infos follow the metadata
-    16           n_kv          uint64      how many metadata key/value pairs follow
-    24           metadata      n_kv × [key: string, value type: uint32, value]
-    ...          tensor infos  n_tensors × [name: string, n_dims: uint32, ne: n_dims × uint64,
-                                            ggml type: uint32, offset: uint64]
-    ...          padding       zeros up to the next multiple of `alignment`
-    data_offset  tensor data   tensor i's bytes start at data_offset + offset_i
-
-`alignment` is the metadata value `general.alignment` if present, else 32; every tensor's
-offset is a multiple of it, so each tensor starts on an aligned address once the file is
-memory-mapped.
+Each block of weights is stored as one or two fp16 scales plus a small integer code per weight,
+and dequantizing is `x = d·q` or `x = d·q + m`: the same idea §8 builds by hand as INT4 with
+groups of 128. This section loads the real model; the container's byte layout, the reader
+(checked against llama.cpp's own Python reader `gguf-py`) and every block format with its
+vectorized dequantizer and quantizer are Appendix A. The tokenizer, rebuilt from the file's
+metadata with the `tokenizers` library, and the chat template are Appendix B; perplexity, the
+quality measure §8 reports, Appendix C.
 """
 
 # %%
@@ -1169,186 +1163,6 @@ GGML_BLOCK_SIZES: dict[GGMLType, tuple[int, int]] = {
     GGMLType.IQ2_S: (QK_K, 2 + 64 + 16), GGMLType.IQ4_XS: (QK_K, 2 + 2 + 128 + 4),
     GGMLType.IQ1_M: (QK_K, 32 + 16 + 8),
 }
-
-
-# %% [markdown]
-"""
-### Block quantization: the formats, byte by byte
-A quantized row is cut into **blocks** of consecutive weights (32, or 256 for the "K-quants").
-Each block stores one or two fp16 numbers, a scale `d` and maybe an offset `m`, plus one small
-integer code `q` per weight; the weight is rebuilt as `x = d·q` (symmetric formats, `_0`) or
-`x = d·q + m` (`_1`). Bits per weight = 8 · bytes per block / weights per block.
-
-| type | block | bytes | bits/w | fields, in storage order                          | value            |
-|------|-------|-------|--------|---------------------------------------------------|------------------|
-| F32  | 1     | 4     | 32     | IEEE float32                                      | x                |
-| F16  | 1     | 2     | 16     | IEEE float16                                      | x                |
-| BF16 | 1     | 2     | 16     | the top 16 bits of a float32                      | bits << 16       |
-| Q8_0 | 32    | 34    | 8.5    | d: f16; q[32]: int8                               | d·q              |
-| Q4_0 | 32    | 18    | 4.5    | d: f16; qs[16]: two 4-bit codes per byte          | d·(q − 8)        |
-| Q4_1 | 32    | 20    | 5.0    | d: f16; m: f16; qs[16]                            | d·q + m          |
-| Q5_0 | 32    | 22    | 5.5    | d: f16; qh: 4 bytes = 32 fifth bits; qs[16]       | d·(q − 16)       |
-| Q5_1 | 32    | 24    | 6.0    | d: f16; m: f16; qh[4]; qs[16]                     | d·q + m          |
-| Q4_K | 256   | 144   | 4.5    | d, dmin: f16; scales[12]; qs[128]                 | d·s_j·q − dmin·m_j |
-| Q5_K | 256   | 176   | 5.5    | d, dmin: f16; scales[12]; qh[32]; qs[128]         | d·s_j·q − dmin·m_j |
-| Q6_K | 256   | 210   | 6.5625 | ql[128]; qh[64]; scales[16]: int8; d: f16 (last!) | d·s_j·(q − 32)   |
-
-Where each code's bits live (element index i inside its block):
-
-- **4-bit codes in 32-blocks** (Q4_0, Q4_1, low bits of Q5_0/Q5_1): byte `qs[i]` holds element
-  i in its low nibble and element i + 16 in its high nibble; *not* neighbours 2i, 2i+1.
-- **Fifth bit of Q5_0/Q5_1**: read `qh` as a little-endian uint32; bit i is element i's bit 4.
-- **K-quants** group 256 weights into sub-blocks, each with its own integer scale (and min),
-  and store those small integers scaled by the block's fp16 `d` (and `dmin`): two levels of
-  scales. Q4_K/Q5_K: 8 sub-blocks of 32, sub-block j = elements 32j .. 32j+31, with 6-bit
-  `s_j` and `m_j` packed into 12 bytes `sc`: for j < 4, `s_j = sc[j] & 63`, `m_j = sc[j+4] & 63`;
-  for j ≥ 4, the low 4 bits come from `sc[j+4]` (low nibble for s, high nibble for m) and the
-  top 2 bits from the spare top bits of `sc[j-4]` (for s) and `sc[j]` (for m). The 4-bit codes
-  come in 4 chunks of 32 bytes: chunk c's low nibbles are elements 64c .. 64c+31, its high
-  nibbles elements 64c+32 .. 64c+63. Q5_K's fifth bit of element 32j + l is bit j of `qh[l]`.
-- **Q6_K**: 16 sub-blocks of 16 with int8 scales, `s_j` for elements 16j .. 16j+15. The block is
-  two halves of 128; half h uses `ql[64h : 64h+64]` and `qh[32h : 32h+32]`. Within a half,
-  element 32k + l (k = 0..3, l = 0..31) takes its low 4 bits from `ql[l + 32·(k mod 2)]` (low
-  nibble for k < 2, high nibble for k ≥ 2) and its top 2 bits from bits 2k, 2k+1 of `qh[l]`.
-
-The dequantizers below do each step for all blocks at once with NumPy (no Python loop over
-blocks), in ggml's float32 operation order; the tests find them bit-identical to gguf-py's
-(Appendix A says how they are made fast).
-"""
-
-
-# %%
-def _f16(blocks: np.ndarray, at: int) -> np.ndarray:
-    """The fp16 field at byte `at` of every block, as float32 of shape (n, 1)."""
-    return np.ascontiguousarray(blocks[:, at:at + 2]).view("<f2").astype(np.float32)
-
-
-def _nibbles(qs: np.ndarray) -> np.ndarray:
-    """(..., k) bytes → (..., 2k) 4-bit codes: all low nibbles, then all high nibbles."""
-    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
-
-
-def _fifth_bits(qh: np.ndarray) -> np.ndarray:
-    """(n, 4) bytes = a little-endian uint32 per block → (n, 32) bits, bit i first."""
-    return np.unpackbits(qh, axis=-1, bitorder="little")
-
-
-def _dequant_q8_0(b: np.ndarray) -> np.ndarray:  # b: (n, 34) → (n, 32)
-    return _f16(b, 0) * b[:, 2:].view(np.int8)  # int8 · float32 → float32 (exact conversion)
-
-
-def _dequant_q4_0(b: np.ndarray) -> np.ndarray:  # b: (n, 18) → (n, 32)
-    q = _nibbles(b[:, 2:]).view(np.int8) - 8  # (n, 32) in -8..7
-    return _f16(b, 0) * q
-
-
-def _dequant_q4_1(b: np.ndarray) -> np.ndarray:  # b: (n, 20) → (n, 32)
-    q = _nibbles(b[:, 4:])  # (n, 32) in 0..15
-    return _f16(b, 0) * q + _f16(b, 2)
-
-
-def _dequant_q5_0(b: np.ndarray) -> np.ndarray:  # b: (n, 22) → (n, 32)
-    q = _nibbles(b[:, 6:]) | (_fifth_bits(b[:, 2:6]) << 4)  # (n, 32) in 0..31
-    return _f16(b, 0) * (q.view(np.int8) - 16)
-
-
-def _dequant_q5_1(b: np.ndarray) -> np.ndarray:  # b: (n, 24) → (n, 32)
-    q = _nibbles(b[:, 8:]) | (_fifth_bits(b[:, 4:8]) << 4)  # (n, 32) in 0..31
-    return _f16(b, 0) * q + _f16(b, 2)
-
-
-def _k_scales_mins(sc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(n, 12) packed bytes → 6-bit scales (n, 8) and mins (n, 8), as float32."""
-    lo, mid, hi = sc[:, 0:4], sc[:, 4:8], sc[:, 8:12]  # (n, 4) each
-    scales = np.concatenate([lo & 63, (hi & 0x0F) | ((lo >> 6) << 4)], axis=1)
-    mins = np.concatenate([mid & 63, (hi >> 4) | ((mid >> 6) << 4)], axis=1)
-    return scales.astype(np.float32), mins.astype(np.float32)
-
-
-def _k_low_nibbles(qs: np.ndarray) -> np.ndarray:
-    """(n, 128) bytes → (n, 8, 32) 4-bit codes, sub-block by sub-block."""
-    chunks = qs.reshape(-1, 4, 1, 32)  # (n, chunk c, 1, 32)
-    return np.concatenate([chunks & 0x0F, chunks >> 4], axis=2).reshape(-1, 8, 32)
-
-
-def _dequant_q4_k(b: np.ndarray) -> np.ndarray:  # b: (n, 144) → (n, 256)
-    scales, mins = _k_scales_mins(b[:, 4:16])
-    q = _k_low_nibbles(b[:, 16:])  # (n, 8, 32) in 0..15
-    out = (_f16(b, 0) * scales)[:, :, None] * q - (_f16(b, 2) * mins)[:, :, None]
-    return out.reshape(-1, QK_K)
-
-
-def _dequant_q5_k(b: np.ndarray) -> np.ndarray:  # b: (n, 176) → (n, 256)
-    scales, mins = _k_scales_mins(b[:, 4:16])
-    high = np.unpackbits(b[:, 16:48, None], axis=2, bitorder="little")  # (n, l, j) = bit j of qh[l]
-    q = _k_low_nibbles(b[:, 48:]) | (high.transpose(0, 2, 1) << 4)  # (n, 8, 32) in 0..31
-    out = (_f16(b, 0) * scales)[:, :, None] * q - (_f16(b, 2) * mins)[:, :, None]
-    return out.reshape(-1, QK_K)
-
-
-_Q6_SHIFTS = np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)
-
-
-def _dequant_q6_k(b: np.ndarray) -> np.ndarray:  # b: (n, 210) → (n, 256)
-    ql = b[:, :128].reshape(-1, 2, 2, 32)  # (n, half h, k mod 2, l)
-    low = np.concatenate([ql & 0x0F, ql >> 4], axis=2)  # (n, h, k, l): k < 2 low nibble, k >= 2 high
-    high = (b[:, 128:192].reshape(-1, 2, 1, 32) >> _Q6_SHIFTS) & 3  # (n, h, k, l): bits 2k, 2k+1
-    q = (low | (high << 4)).reshape(-1, 16, 16).view(np.int8) - 32  # (n, sub-block j, 16) in -32..31
-    scales = b[:, 192:208].view(np.int8).astype(np.float32)  # (n, 16)
-    return ((_f16(b, 208) * scales)[:, :, None] * q).reshape(-1, QK_K)
-
-
-def _dequant_bf16(raw: np.ndarray) -> np.ndarray:
-    return (raw.view("<u2").astype(np.uint32) << 16).view(np.float32)
-
-
-_BLOCK_DEQUANTIZERS = {
-    GGMLType.Q8_0: _dequant_q8_0, GGMLType.Q4_0: _dequant_q4_0, GGMLType.Q4_1: _dequant_q4_1,
-    GGMLType.Q5_0: _dequant_q5_0, GGMLType.Q5_1: _dequant_q5_1, GGMLType.Q4_K: _dequant_q4_k,
-    GGMLType.Q5_K: _dequant_q5_k, GGMLType.Q6_K: _dequant_q6_k,
-}
-# One element per "block": a plain NumPy dtype, converted with astype (BF16 has none in NumPy).
-_PLAIN_DTYPES = {GGMLType.F32: "<f4", GGMLType.F16: "<f2", GGMLType.F64: "<f8", GGMLType.I8: "<i1",
-                 GGMLType.I16: "<i2", GGMLType.I32: "<i4", GGMLType.I64: "<i8"}
-DEQUANT_CHUNK_BLOCKS = 4096  # blocks per NumPy pass: bounds temporaries, keeps them in cache
-
-
-# %%
-def dequantize(raw: np.ndarray, ggml_type: GGMLType | int, shape: Sequence[int]) -> np.ndarray:
-    """Decode a tensor's raw bytes (uint8) into float32 of `shape` (NumPy order).
-
-    >>> raw = np.frombuffer(np.float16(0.5).tobytes() + bytes(range(16)), np.uint8)  # one Q4_0 block
-    >>> dequantize(raw, GGMLType.Q4_0, (32,))[:3]   # d·(q − 8): q = 0, 1, 2 from the low nibbles
-    array([-4. , -3.5, -3. ], dtype=float32)
-    """
-    try:
-        ggml_type = GGMLType(ggml_type)
-    except ValueError:
-        raise GGUFError(f"unknown ggml type id {ggml_type}; see GGMLType for the known ones") from None
-    shape = tuple(int(s) for s in shape)
-    if ggml_type not in _PLAIN_DTYPES and ggml_type not in _BLOCK_DEQUANTIZERS \
-            and ggml_type != GGMLType.BF16:
-        supported = ", ".join(t.name for t in (*_PLAIN_DTYPES, GGMLType.BF16, *_BLOCK_DEQUANTIZERS))
-        raise GGUFError(f"dequantizing {ggml_type.name} is not implemented here (supported: {supported}); "
-                        "re-quantize the model with llama.cpp's llama-quantize to e.g. Q8_0 or Q4_K_M")
-    raw = _check_raw(raw, ggml_type, shape)
-    if ggml_type in _PLAIN_DTYPES:
-        return raw.view(_PLAIN_DTYPES[ggml_type]).astype(np.float32).reshape(shape)
-    if ggml_type == GGMLType.BF16:
-        return _dequant_bf16(raw).reshape(shape)
-    return _dequantize_blocks(raw, ggml_type).reshape(shape)
-
-
-def _dequantize_blocks(raw: np.ndarray, ggml_type: GGMLType) -> np.ndarray:
-    """(n_blocks · type_size,) bytes → (n_blocks · block_size,) float32, a chunk of blocks at a time."""
-    block_size, type_size = GGML_BLOCK_SIZES[ggml_type]
-    blocks = raw.reshape(-1, type_size)  # (n_blocks, type_size)
-    out = np.empty((blocks.shape[0], block_size), dtype=np.float32)
-    kernel = _BLOCK_DEQUANTIZERS[ggml_type]
-    for start in range(0, blocks.shape[0], DEQUANT_CHUNK_BLOCKS):
-        stop = start + DEQUANT_CHUNK_BLOCKS
-        out[start:stop] = kernel(blocks[start:stop])
-    return out.reshape(-1)
 
 
 # %% [markdown]
@@ -1439,9 +1253,10 @@ def get_model(name: str | Path = "smollm2", device=None, dtype=torch.float32):
 
 
 # %%
-def demonstrate_generation(model: str = "smollm2", prompt: str = "What is a KV cache? Answer briefly.",
-                           max_new_tokens: int = 64, temperature: float = 0.0, seed: int = 0,
-                           device=None, quick: bool = False) -> dict:
+def demonstrate_generation(model: str = "smollm2", *, device=None, seed: int = 0,
+                           quick: bool = False, plots: bool = True, measured: dict | None = None,
+                           prompt: str = "What is a KV cache? Answer briefly.", max_new_tokens: int = 64,
+                           temperature: float = 0.0) -> "Report":
     """Chat with the model: stream its answer and report prefill time and decode tokens/s."""
     n = 16 if quick else max_new_tokens
     if n < 1:
@@ -1449,7 +1264,14 @@ def demonstrate_generation(model: str = "smollm2", prompt: str = "What is a KV c
     net, tok = get_model(model, device)
     ids = tok.encode_chat([{"role": "user", "content": prompt}])
     print(f"\n[{net.cfg.name} on {net.device}] user: {prompt}\nassistant: ", end="", flush=True)
-    stamps, stream = [], TextStreamer(tok, skip_ids=[tok.eos_id])
+    stamps = []
+    if resolve_model(model) == "tiny":  # random weights: its bytes are noise, so show the ids
+        print("(random weights, so token ids instead of text) ", end="")
+
+        def stream(t):
+            print(t, end=" ", flush=True)
+    else:
+        stream = TextStreamer(tok, skip_ids=[tok.eos_id])
 
     def on_token(t):
         synchronize(net.device)
@@ -1467,7 +1289,7 @@ def demonstrate_generation(model: str = "smollm2", prompt: str = "What is a KV c
     print_table([row], f"Generation ({'greedy' if temperature == 0 else 'sampled'}; measured)")
     print("Takeaway: the first token costs a whole prompt pass (prefill); each later token is "
           "one small decode step over the KV cache.")
-    return row
+    return Report(generation=Rows([row], "Generation"))
 
 
 # %%
@@ -1738,6 +1560,19 @@ def measure_memory_bandwidth(device=None, nbytes: int | None = None, quick: bool
     return 2 * numel * 4 / seconds
 
 
+_BANDWIDTH: dict[str, float] = {}
+
+
+def machine_bandwidth(device=None, refresh: bool = False) -> float:
+    """This machine's copy bandwidth (bytes/s), measured once per process and device and reused
+    by every section that sets a time against the memory roof (§2, §7, §8, §9), so one run
+    quotes one number. `refresh=True` measures again (a shared machine's bandwidth drifts)."""
+    device = pick_device(device)
+    if refresh or str(device) not in _BANDWIDTH:
+        _BANDWIDTH[str(device)] = measure_memory_bandwidth(device)
+    return _BANDWIDTH[str(device)]
+
+
 # %% [markdown]
 """
 ### Measuring prefill and decode
@@ -1754,7 +1589,7 @@ Python. On a GPU this dominates small models: reading SmolLM2's ~270 MB of bf16 
 under 0.1 ms at 3 TB/s, yet an eager SmolLM2 decode step takes tens of milliseconds there, about
 the same at batch 1 and batch 64 (run this section with `--device cuda` to measure it on your
 GPU): the GPU waits for Python. Serving engines capture decode steps in CUDA graphs or compile
-them for this reason (§10); what the roofline still tells us is which roof a step would hit once
+them for this reason (§9); what the roofline still tells us is which roof a step would hit once
 overhead is gone.
 """
 
@@ -1779,7 +1614,7 @@ def _measure_step(net: Transformer, batch: int, context_len: int, new_tokens: in
             "bound": "memory" if intensity < peak_flops / bandwidth else "compute"}
 
 
-def analyze_prefill_vs_decode(model: ModelConfig | str = "smollm2-135m", device=None, seed: int = 0,
+def measure_prefill_vs_decode(model: ModelConfig | str = "smollm2-135m", device=None, seed: int = 0,
                               quick: bool = False, dtype: torch.dtype | None = None,
                               peak_flops: float | None = None, bandwidth: float | None = None,
                               prompt_lens: Sequence[int] | None = None,
@@ -1798,7 +1633,7 @@ def analyze_prefill_vs_decode(model: ModelConfig | str = "smollm2-135m", device=
     steps = _sweep_steps(cfg, quick, prompt_lens, batch_sizes, context_len, decode_contexts, context_batch)
     dtype = dtype or default_compute_dtype(device)
     peak_flops = peak_flops or measure_matmul_flops(device, dtype=dtype, quick=quick)
-    bandwidth = bandwidth or measure_memory_bandwidth(device, quick=quick)
+    bandwidth = bandwidth or machine_bandwidth(device)
     net = build_model(cfg, seed=seed, device=device, dtype=dtype)
     with torch.inference_mode():
         return Rows([_measure_step(net, B, ctx, n, peak_flops, bandwidth, 2 if quick else 3)
@@ -1844,104 +1679,20 @@ def _label_points(ax, pts: Sequence[dict], x: str, y: str, label: Callable, colo
                     fontsize=7, color=color)
 
 
-def plot_roofline(rows: Sequence[dict], peak_flops: float, bandwidth: float, name: str = "roofline",
-                  title: str = "Roofline: measured prefill and decode steps", model=None,
-                  gpu: tuple[str, float, float] | None = ("H100 SXM", H100_SXM_PEAK_FLOPS,
-                                                            H100_SXM_BANDWIDTH)) -> "Plot":
-    """Log-log roofline min(P, I·BW) of this machine with the measured steps on it, and the roof
-    of a datasheet GPU `gpu` = (name, FLOP/s, bytes/s) for scale (None: leave it out)."""
-    fig, ax = new_figure(figsize=(8, 5.2))
-    balance = peak_flops / bandwidth
-    xs_pts = [r["FLOP/byte"] for r in rows]
-    ridges = [balance] + ([gpu[1] / gpu[2]] if gpu else [])
-    xs = np.logspace(np.log10(min(xs_pts + ridges) / 3), np.log10(max(xs_pts + ridges) * 3), 200)
-    ax.loglog(xs, np.minimum(peak_flops, xs * bandwidth) / 1e9, "k-", lw=2,
-              label=f"this machine: min({peak_flops / 1e9:,.0f} GFLOP/s, I × {bandwidth / 1e9:,.0f} GB/s), "
-                    "measured")
-    ax.axvline(balance, color="k", ls=":", lw=1, label=f"its ridge I* = {balance:.1f} FLOP/byte")
-    if gpu:
-        gname, gp, gbw = gpu
-        ax.loglog(xs, np.minimum(gp, xs * gbw) / 1e9, color="tab:gray", ls="--", lw=1.5,
-                  label=f"{gname}: {gp / 1e12:,.0f} TFLOP/s, {gbw / 1e12:.2f} TB/s, ridge {gp / gbw:.0f} "
-                        "FLOP/byte (datasheet)")
-    base_ctx, sweep = _batch_sweep(rows)
-    groups = [("prefill, batch 1", "o", "tab:blue", [r for r in rows if r["phase"] == "prefill"],
-               lambda r: f"T={r['tokens']}", True),
-              (f"decode, {base_ctx} tokens of context", "^", "tab:red", sweep, lambda r: f"B={r['batch']}",
-               False),
-              ("decode, longer contexts", "s", "tab:orange",
-               sorted((r for r in rows if r["phase"] == "decode" and r["context"] != base_ctx),
-                      key=lambda r: r["context"]), lambda r: f"ctx {r['context']}", True)]
-    for group, marker, color, pts, label, below in groups:
-        if not pts:
-            continue
-        trend = group.endswith("longer contexts")  # one batch, growing context: joined by a line
-        ax.plot([r["FLOP/byte"] for r in pts], [r["GFLOP/s"] for r in pts], marker=marker,
-                ls="-" if trend else "", lw=0.8, color=color, zorder=3, label=f"{group} (measured)")
-        _label_points(ax, pts, "FLOP/byte", "GFLOP/s", label, color, below)
-    ax.set_xlabel("arithmetic intensity (FLOP / byte)")
-    ax.set_ylabel("achieved GFLOP/s (log)")
-    ax.set_title(title, fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left")
-    decode1 = min((r for r in rows if r["phase"] == "decode"), key=lambda r: r["FLOP/byte"], default=None)
-    caption = (f"decode sits at {decode1['FLOP/byte']:.2g} FLOP/byte, far left of the ridge ({balance:.0f} "
-               f"here{f', {gpu[1] / gpu[2]:.0f} on an {gpu[0]}' if gpu else ''}): the memory roof, not "
-               "arithmetic, bounds it; prefill's many tokens per weight read move it right."
-               if decode1 else f"the ridge of this machine is at {balance:.0f} FLOP/byte.")
-    return save_plot(fig, name, caption, model)
-
-
-def plot_decode_batch(rows: Sequence[dict], config: ModelConfig | str, peak_flops: float, bandwidth: float,
-                      bytes_per_param: float = 4, model=None, title: str | None = None) -> "Plot":
-    """Decode step time against batch size: the measured batch sweep of `analyze_prefill_vs_decode`
-    and the cost model's roofline time max(bytes / BW, FLOPs / P), flat until the ridge."""
-    cfg = _as_config(config)
-    ctx, sweep = _batch_sweep(rows)
-    if not sweep:
-        raise InvalidArgumentError("the rows hold no decode steps; pass what analyze_prefill_vs_decode "
-                                   "returns")
-    fig, ax = new_figure(figsize=(7, 4.5))
-    Bs = np.unique(np.geomspace(1, max(r["batch"] for r in sweep) * 8, 60).round().astype(int))
-    est = [prefill_decode_intensity(cfg, int(B), ctx - 1, 1, bytes_per_param) for B in Bs]
-    memory_ms = np.array([e["bytes"] / bandwidth * 1e3 for e in est])
-    compute_ms = np.array([e["flops"] / peak_flops * 1e3 for e in est])
-    ax.loglog(Bs, np.maximum(memory_ms, compute_ms), "k-", lw=2, label="roofline time max(bytes/BW, FLOPs/P)")
-    ax.loglog(Bs, memory_ms, color="tab:blue", ls=":", lw=1, label="reading weights + KV at BW")
-    ax.loglog(Bs, compute_ms, color="tab:green", ls=":", lw=1, label="arithmetic at peak P")
-    ax.plot([r["batch"] for r in sweep], [r["time (ms)"] for r in sweep], "^", color="tab:red", ms=8,
-            zorder=3, label="measured step")
-    ridge = decode_ridge_batch(cfg, ctx - 1, peak_flops / bandwidth, bytes_per_param)
-    if ridge is not None:
-        ax.axvline(ridge, color="gray", ls="--", lw=1, label=f"ridge: B = {ridge}")
-    ax.set(xlabel="batch size B (sequences decoded together)", ylabel="time per decode step (ms, log)",
-           title=title or f"Decode step time vs batch, {cfg.name}, {ctx} tokens of context")
-    ax.title.set_fontsize(10)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    lo, hi = sweep[0], sweep[-1]
-    caption = (f"from B={lo['batch']} to B={hi['batch']} the measured step takes "
-               f"{hi['time (ms)'] / lo['time (ms)']:.1f}× as long for {hi['batch'] // lo['batch']}× the "
-               "tokens; "
-               "the cost model's step stays flat up to the ridge"
-               f"{f' (B = {ridge})' if ridge is not None else ' (never reached: KV reads dominate)'}, where "
-               "the arithmetic starts to cost more than reading the weights.")
-    return save_plot(fig, "s2_decode_step_vs_batch", caption, model)
-
-
-def demonstrate_prefill_vs_decode(seed: int = 0, device=None, quick: bool = False, plots: bool = True,
-                                  model: ModelConfig | str = "smollm2-135m",
-                                  context_len: int = 128) -> list[dict]:
+def demonstrate_prefill_vs_decode(model: str = "smollm2", *, device=None, seed: int = 0,
+                                  quick: bool = False, plots: bool = True, measured: dict | None = None,
+                                  context_len: int = 128) -> "Report":
     """Measure the machine, then prefill and decode steps; print tables and a takeaway."""
     cfg, device = _as_config(model), pick_device(device)
     _sweep_steps(cfg, quick, None, None, context_len, None, 8)  # bad input fails before timing
     dtype = default_compute_dtype(device)
     peak = measure_matmul_flops(device, dtype=dtype, quick=quick)
-    bw = measure_memory_bandwidth(device, quick=quick)
+    bw = machine_bandwidth(device)
     print(f"Measured here ({device.type}, {dtype}): matmul {peak / 1e9:.1f} GFLOP/s, copy "
-          f"{bw / 1e9:.1f} GB/s → machine balance I* = {peak / bw:.1f} FLOP/byte "
+          f"{bw / 1e9:.1f} GB/s (this run's bandwidth; §7–§9 reuse it) → machine balance "
+          f"I* = {peak / bw:.1f} FLOP/byte "
           f"(H100 SXM, datasheet: {H100_SXM_PEAK_FLOPS / H100_SXM_BANDWIDTH:.0f})")
-    rows = analyze_prefill_vs_decode(cfg, device, seed, quick, dtype=dtype, peak_flops=peak,
+    rows = measure_prefill_vs_decode(cfg, device, seed, quick, dtype=dtype, peak_flops=peak,
                                      bandwidth=bw, context_len=context_len)
     print_table(rows)
     ridge = analyze_decode_ridge()
@@ -1954,7 +1705,7 @@ def demonstrate_prefill_vs_decode(seed: int = 0, device=None, quick: bool = Fals
                                 model=model))
         show_plot(plot_decode_batch(rows, cfg, peak, bw, dtype.itemsize, model=model,
                                     title=f"Decode step time vs batch: {where}"))
-    return rows
+    return Report(steps=rows, ridge=ridge)
 
 
 def _print_prefill_decode_takeaway(rows, cfg, balance, dtype, context_len) -> None:
@@ -2148,35 +1899,10 @@ def analyze_sequences_that_fit(models: Sequence[ModelConfig | str] | None = None
                       "of the GPU; cost model)")
 
 
-def plot_sequences_that_fit(rows: Sequence[dict], model=None, title: str | None = None) -> "Plot":
-    """Sequences that fit against context length, one line per model (the rows of
-    `analyze_sequences_that_fit`)."""
-    fig, ax = new_figure(figsize=(7, 4.5))
-    names = list(dict.fromkeys(r["model"] for r in rows))
-    for i, name in enumerate(names):
-        pts = [r for r in rows if r["model"] == name]
-        ax.plot([r["context (tokens)"] for r in pts], [r["sequences that fit"] for r in pts], "o-",
-                color=f"C{i}", label=f"{name} (H/Hkv = {pts[0]['H/Hkv']})")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    contexts = sorted({r["context (tokens)"] for r in rows})
-    ax.set_xticks(contexts, [f"{t:,}" for t in contexts])
-    ax.set(xlabel="context length per sequence (tokens, log)", ylabel="sequences that fit (log)",
-           title=title or getattr(rows, "title", ""))
-    ax.title.set_fontsize(9)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    by = {(r["model"], r["context (tokens)"]): r["sequences that fit"] for r in rows}
-    T = max((t for (n, t) in by if n == "llama-3-8b" and ("llama-3-8b as MHA", t) in by), default=None)
-    caption = ("each doubling of the context halves the sequences that fit"
-               + (f"; at {T:,} tokens GQA fits {by[('llama-3-8b', T)]} Llama-3-8B sequences against "
-                  f"{by[('llama-3-8b as MHA', T)]} for the same model with MHA." if T else "."))
-    return save_plot(fig, "s3_sequences_that_fit", caption, model)
-
-
-def demonstrate_memory_requirements(seq_len: int = 4096, batch_size: int = 1, dtype: str = "fp16",
-                                    gpu: float | Sequence[float] = (24, 40, 80), plots: bool = True,
-                                    model: str | None = None) -> list[dict]:
+def demonstrate_memory_requirements(model: str = "smollm2", *, device=None, seed: int = 0,
+                                    quick: bool = False, plots: bool = True, measured: dict | None = None,
+                                    seq_len: int = 4096, batch_size: int = 1, dtype: str = "fp16",
+                                    gpu: float | Sequence[float] = (24, 40, 80)) -> "Report":
     """Print the memory table for the standard presets and a one-line takeaway; return the rows.
     The figure (sequences that fit vs context, MHA vs GQA) goes in `model`'s plot folder."""
     rows = analyze_memory_requirements(None, seq_len, batch_size, dtype, gpu=gpu)
@@ -2195,7 +1921,7 @@ def demonstrate_memory_requirements(seq_len: int = 4096, batch_size: int = 1, dt
         fit = analyze_sequences_that_fit(gpu=big, dtype=dtype)
         show_plot(plot_sequences_that_fit(fit, model, f"Sequences that fit on one {big:g} GiB GPU ({dtype} "
                                           "weights and KV, 90% of memory; cost model, no device)"))
-    return rows
+    return Report(memory=rows)
 
 
 # %% [markdown]
@@ -2237,9 +1963,9 @@ def time_step_at(model: Transformer, p: int, use_cache: bool, repeat: int = 3) -
     return benchmark(lambda: decode_one_token(model, cache, 1, p - 1), model.device, repeat=repeat)
 
 
-def analyze_kv_cache(model="smollm2", new_tokens: Sequence[int] = (64, 256, 1024), device=None,
+def measure_kv_cache(model="smollm2", new_tokens: Sequence[int] = (64, 256, 1024), device=None,
                      prompt: str = "Explain why the sky is blue.", checked_tokens: int = 32,
-                     num_positions: int = 7) -> tuple[list[dict], list[dict]]:
+                     num_positions: int = 7) -> "Rows":
     """Cached vs uncached greedy generation: one end-to-end run of `checked_tokens` (tokens must
     be identical), then per-step costs at `num_positions` context lengths, summed over every
     position for each n in `new_tokens`. Returns (rows per n, rows per measured position)."""
@@ -2275,7 +2001,8 @@ def analyze_kv_cache(model="smollm2", new_tokens: Sequence[int] = (64, 256, 1024
         rows.append({"new tokens": n, "how": f"sum of per-step costs ({len(points)} measured)",
                      "no cache (s)": t_no, "KV cache (s)": t_kv, "speedup (×)": t_no / t_kv,
                      "identical tokens": None, f"KV memory {dtype} (MiB)": kv_bytes * (P + n) / 2**20})
-    return rows, steps
+    rows.steps = steps  # the per-step timings, for the plot
+    return rows
 
 
 def _integrate_steps(steps: Sequence[dict], P: int, n: int) -> tuple[float, float]:
@@ -2289,49 +2016,17 @@ def _integrate_steps(steps: Sequence[dict], P: int, n: int) -> tuple[float, floa
     return float(no_cache), float(kv)
 
 
-def plot_kv_cache(steps: Sequence[dict], title: str, rows: Sequence[dict] = (), model=None) -> "Plot":
-    """Left: milliseconds per generated token vs context, with and without the cache (measured).
-    Right: cumulative seconds to generate n tokens, the per-step costs summed (`_integrate_steps`),
-    with the totals of `rows` (analyze_kv_cache's first result) as points."""
-    fig, (ax, cum) = new_figure(1, 2, figsize=(11, 4))
-    xs = [r["context (tokens)"] for r in steps]
-    styles = (("no cache (ms)", "no cache (s)", "no cache: recompute the prefix", "tab:red"),
-              ("KV cache (ms)", "KV cache (s)", "KV cache", "tab:blue"))
-    for key, _, label, color in styles:
-        ax.plot(xs, [r[key] for r in steps], "o-", color=color, label=label)
-    ax.set(xlabel="context length (tokens)", ylabel="ms per generated token", title="cost of one step")
-    ax.legend(fontsize=8)
-    P = xs[0]  # the first measured context is the prompt's length
-    ns = np.unique(np.linspace(1, xs[-1] - P + 1, 60).round().astype(int))
-    totals = np.array([_integrate_steps(steps, P, int(n)) for n in ns])
-    summed = [r for r in rows if r["how"].startswith("sum")]
-    ends = [r for r in rows if not r["how"].startswith("sum")]
-    for i, (_, total, label, color) in enumerate(styles):
-        cum.plot(ns, totals[:, i], "-", color=color, label=f"{label}: per-step costs summed")
-        cum.plot([r["new tokens"] for r in summed], [r[total] for r in summed], "o", color=color)
-        cum.plot([r["new tokens"] for r in ends], [r[total] for r in ends], "x", color=color, ms=9,
-                 label=f"{label}: timed end to end" if ends else None)
-    cum.set(xlabel="new tokens generated", ylabel="total time (s)",
-            title="cumulative: what the table reports")
-    cum.legend(fontsize=7)
-    fig.suptitle(title, fontsize=10)
-    last = max(summed, key=lambda r: r["new tokens"], default=None)
-    caption = ("an uncached step grows with the context while a cached one stays nearly flat, so the total "
-               "grows quadratically without the cache"
-               + (f": {last['speedup (×)']:.1f}× at {last['new tokens']} tokens." if last else "."))
-    return save_plot(fig, "kv_cache_per_token", caption, model)
-
-
 def _kv_cache_sizes(quick: bool) -> dict:
-    """The §3 demo's sizes (the §9 summary measures with the same ones)."""
+    """The §3 demo's sizes (the §10 summary measures with the same ones)."""
     return dict(new_tokens=(16, 64, 256) if quick else (64, 256, 1024), checked_tokens=8 if quick else 32,
                 num_positions=3 if quick else 7)
 
 
-def demonstrate_kv_cache(model: str = "smollm2", seed: int = 0, device=None, quick: bool = False,
-                         plots: bool = True) -> list[dict]:
+def demonstrate_kv_cache(model: str = "smollm2", *, device=None, seed: int = 0,
+                         quick: bool = False, plots: bool = True, measured: dict | None = None) -> "Report":
     """Measure the KV cache's speedup on the real model (greedy, so `seed` does not matter)."""
-    rows, steps = analyze_kv_cache(model, device=device, **_kv_cache_sizes(quick))
+    rows = measure_kv_cache(model, device=device, **_kv_cache_sizes(quick))
+    steps = rows.steps
     print_table(rows)
     print_table(steps)
     if plots:
@@ -2342,7 +2037,7 @@ def demonstrate_kv_cache(model: str = "smollm2", seed: int = 0, device=None, qui
     print(f"Takeaway: the cache gives the same tokens; at {last['new tokens']} new tokens it is "
           f"{last['speedup (×)']:.1f}× faster, and the gap grows with length: an uncached step redoes "
           "the whole prefix, a cached one reads it.")
-    return rows
+    return Report(speedup=rows, steps=steps)
 
 
 # %%
@@ -2935,7 +2630,7 @@ class PagedKVCache:
             raise InvalidArgumentError(
                 f"cache needs num_blocks > 0 and block_size > 0, got {num_blocks}, {block_size}")
         # `scratch_block`: one more block, never handed out, that the padding rows of a captured
-        # decode step (§10) write to and read from, so they touch no sequence's data
+        # decode step (§9) write to and read from, so they touch no sequence's data
         self.scratch = num_blocks if scratch_block else None
         shape = (config.n_layers, num_blocks + scratch_block, block_size, config.n_kv_heads, config.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)  # (L, num_blocks, bs, Hkv, D)
@@ -3295,7 +2990,7 @@ def scatter_into_blocks(x: torch.Tensor, tables: torch.Tensor, block_size: int) 
 
 def _time_decode_attention(cfg: ModelConfig, B: int, T: int, block_size: int, device, dtype,
                            gen: torch.Generator, repeat: int) -> dict:
-    """One row of analyze_paged_attention_speed: same q/K/V, contiguous vs paged, checked equal."""
+    """One row of measure_paged_attention_speed: same q/K/V, contiguous vs paged, checked equal."""
     q = torch.randn(B, cfg.n_heads, cfg.head_dim, generator=gen).to(device, dtype)
     k, v = (torch.randn(B, T, cfg.n_kv_heads, cfg.head_dim, generator=gen).to(device, dtype)
             for _ in range(2))
@@ -3313,7 +3008,7 @@ def _time_decode_attention(cfg: ModelConfig, B: int, T: int, block_size: int, de
             "paged / contiguous": t_paged / t_dense, "max abs diff": err}
 
 
-def analyze_paged_attention_speed(cases: Sequence[tuple[int, int]] = ((1, 1024), (8, 1024), (32, 1024),
+def measure_paged_attention_speed(cases: Sequence[tuple[int, int]] = ((1, 1024), (8, 1024), (32, 1024),
                                                                       (32, 4096)),
                                   model: str = "smollm2-135m", block_size: int = 16, device=None,
                                   dtype=torch.float32, seed: int = 0, repeat: int = 5) -> list[dict]:
@@ -3328,34 +3023,6 @@ def analyze_paged_attention_speed(cases: Sequence[tuple[int, int]] = ((1, 1024),
 
 
 # %%
-def plot_kv_utilization(rows: Sequence[dict], name: str = "s4_kv_utilization", model=None,
-                        title: str = "Where reserved KV-cache memory goes, ShareGPT-like lengths "
-                                     "(simulated on the BlockManager; no model, no device)") -> "Plot":
-    """Stacked bars: tokens held / reserved for later / never used, per scheme; paper's dots."""
-    fig, ax = new_figure(figsize=(10, 4.5))
-    short = lambda s: ("paged\nbs " + s.split()[-1] if s.startswith("paged")
-                       else "contiguous\n" + s[s.index("(") + 1:-1])
-    labels = [short(r["scheme"]) for r in rows]
-    bottom = np.zeros(len(rows))
-    for key, color in (("tokens held %", "tab:green"), ("reserved for later %", "tab:orange"),
-                       ("never used %", "tab:red")):
-        values = np.array([r[key] for r in rows])
-        ax.bar(labels, values, bottom=bottom, color=color, label=key.replace(" %", ""))
-        bottom += values
-    paper = [(i, r["paper tokens held %"]) for i, r in enumerate(rows) if r["paper tokens held %"]]
-    ax.scatter(*zip(*paper), color="black", marker="D", zorder=3,
-               label="tokens held, Kwon et al. 2023 Fig. 2")
-    ax.set_ylabel("share of reserved KV memory (%)", fontsize=10)
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1))
-    ax.tick_params(axis="both", labelsize=10)
-    paged = [r for r in rows if r["scheme"].startswith("paged")]
-    best = min(paged, key=lambda r: abs(int(r["scheme"].split()[-1]) - 16)) if paged else rows[-1]
-    caption = (f"reserving the maximum length leaves {rows[0]['tokens held %']:.0f}% of the memory holding "
-               f"tokens; {best['scheme']} holds {best['tokens held %']:.0f}%, close to the paper's dots.")
-    return save_plot(fig, name, caption, model)
-
-
 # %% [markdown]
 """
 ### The real model on the paged cache
@@ -3417,8 +3084,8 @@ def paged_generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new
     return outputs, stats
 
 
-def analyze_paged_generation(model="smollm2", device=None, max_new_tokens: int = 32,
-                             questions: Sequence[str] | None = None) -> list[dict]:
+def measure_paged_generation(model="smollm2", device=None, max_new_tokens: int = 32,
+                             questions: Sequence[str] | None = None) -> "Rows":
     """Chat requests (sharing the chat template's system prompt) batched on the contiguous cache
     and on the paged cache with prefix caching off and on. "identical tokens" compares each with
     `generate` run one prompt at a time; paged memory is the peak of blocks in use."""
@@ -3447,14 +3114,21 @@ def analyze_paged_generation(model="smollm2", device=None, max_new_tokens: int =
                 "(measured)")
 
 
-def demonstrate_paged_attention(model: str = "smollm2", seed: int = 0, device=None, quick: bool = False,
-                                plots: bool = True) -> "Report":
+def demonstrate_paged_attention(model: str = "smollm2", *, device=None, seed: int = 0,
+                                quick: bool = False, plots: bool = True,
+                                measured: dict | None = None) -> "Report":
     """Print the §4 analyses with the paper's numbers beside ours; return their rows."""
-    out = Report({"real_model": analyze_paged_generation(model, device, max_new_tokens=8 if quick else 48)})
-    print_table(out["real_model"], f"{get_model(model, device)[0].cfg.name}: 4 chat requests, greedy, "
-                "contiguous vs paged cache (measured)")
-    print("Takeaway: the same tokens either way; the paged cache holds only the blocks in use, and "
-          "with prefix caching the shared system prompt is computed once.")
+    out = Report({"real_model": measure_paged_generation(model, device, max_new_tokens=8 if quick else 48)})
+    contiguous, paged, cached = out["real_model"]
+    print_table(out["real_model"])
+    kv = next(k for k in contiguous if k.startswith("KV held"))
+    same = all(r["identical tokens"] for r in out["real_model"])
+    skipped = paged["prompt tokens computed"] - cached["prompt tokens computed"]
+    print(f"Takeaway: {'the same tokens' if same else 'NOT the same tokens'} on every cache; the paged "
+          f"cache holds {cached[kv]:.0f} KiB where the contiguous one reserves {contiguous[kv]:.0f}, and "
+          + (f"prefix caching skips {skipped} prompt tokens that the requests' shared system prompt "
+             "fills in full blocks." if skipped else
+             "prefix caching skips nothing here: the shared system prompt fills no whole block."))
     n = 300 if quick else 2000
     P, O = sample_request_lengths(n, "sharegpt", seed)
     out["utilization"] = analyze_kv_utilization(num_requests=n, seed=seed)
@@ -3485,7 +3159,7 @@ def demonstrate_paged_attention(model: str = "smollm2", seed: int = 0, device=No
           "pool can keep them; prefill shrinks to the user's message.")
 
     cases = ((1, 512), (8, 512), (8, 2048)) if quick else ((1, 1024), (8, 1024), (32, 1024), (32, 4096))
-    out["speed"] = analyze_paged_attention_speed(cases, device=device, seed=seed, repeat=3 if quick else 5)
+    out["speed"] = measure_paged_attention_speed(cases, device=device, seed=seed, repeat=3 if quick else 5)
     print_table(out["speed"], f"Decode attention, one layer, SmolLM2-135M heads, on {pick_device(device)} "
                 "(measured)")
     print("Takeaway: the block-table indirection costs time here because PyTorch gathers the blocks "
@@ -3870,7 +3544,7 @@ class LLMEngine:
                  enable_chunked_prefill: bool = True, enable_prefix_caching: bool = True,
                  preemption_mode: str = "recompute", kv_cache_gib: float = 1.0, decode_step: str = "auto"):
         """`decode_step`: how steps in which every sequence decodes one token run: "packed" (the
-        ordinary forward), "static" (§10's static-shape step, eager), "graph" (that step replayed
+        ordinary forward), "static" (§9's static-shape step, eager), "graph" (that step replayed
         from CUDA graphs captured for batch sizes 1, 2, 4, …), or "auto" (graph on a GPU, else
         packed)."""
         if decode_step == "auto":
@@ -4066,7 +3740,7 @@ class LLMEngine:
 # %% [markdown]
 """
 ### The baseline: static batching
-`static_batch_generate` serves the same requests in fixed batches of `batch_size`, in arrival
+`serve_static_batches` serves the same requests in fixed batches of `batch_size`, in arrival
 order, on a contiguous cache with one row per request, as a server without iteration-level
 scheduling does: one ragged prefill step for the batch (we do not pad it), then decode steps over
 *every* row until the batch's longest request is done. Rows whose request finished keep
@@ -4077,7 +3751,7 @@ batch is returned when the batch completes. The next batch starts only then.
 
 # %%
 @torch.inference_mode()
-def static_batch_generate(model: Transformer, prompts: Sequence[Sequence[int]],
+def serve_static_batches(model: Transformer, prompts: Sequence[Sequence[int]],
                           params: Sequence[SamplingParams], batch_size: int = 16) -> list[RequestOutput]:
     """Fixed batches, each run until its longest request finishes. Same sampler as the engine."""
     if batch_size < 1 or len(params) != len(prompts):
@@ -4154,35 +3828,36 @@ def serving_workload(tokenizer, num_requests: int = 24, seed: int = 0, mean_outp
     return work
 
 
-def _serving_row(policy: str, outs: Sequence[RequestOutput], seconds: float, occupancy: float,
-                 preemptions: int) -> dict:
+def _serving_row(policy: str, outs: Sequence[RequestOutput], seconds: float, steps: int,
+                 width: int, preemptions: int) -> dict:
     ttft = [o.ttft for o in outs]
     lat = [o.latency for o in outs]
     tokens = sum(len(o.token_ids) for o in outs)
+    occupancy = tokens / (steps * width)  # of the batch's slots, the share that made a token
     return {"policy": policy, "requests": len(outs), "new tokens": tokens, "wall (s)": seconds,
-            "tokens/s": tokens / seconds, "p50 TTFT (s)": float(np.median(ttft)),
+            "tokens/s": tokens / seconds, "steps": steps, "ms per step": 1e3 * seconds / steps,
+            "p50 TTFT (s)": float(np.median(ttft)),
             "p90 TTFT (s)": float(np.percentile(ttft, 90)), "p50 latency (s)": float(np.median(lat)),
             "p90 latency (s)": float(np.percentile(lat, 90)), "occupancy %": 100 * occupancy,
             "preemptions": preemptions}
 
 
-def analyze_continuous_batching(model="smollm2", device=None, num_requests: int = 24,
+def measure_continuous_batching(model="smollm2", device=None, num_requests: int = 24,
                                 mean_output: int = 48, max_num_seqs: int = 8, seed: int = 0,
                                 small_pool_blocks: int | None = None,
                                 preemption_modes: Sequence[str] = ("recompute", "swap"),
-                                ) -> tuple[list[dict], dict]:
+                                ) -> "Rows":
     """Static vs continuous batching on one workload: throughput, latency, occupancy; then the
     continuous engine under a small block pool with each of `preemption_modes`. Every request's
-    tokens must be the same under every policy. Returns (rows, timelines for the plot)."""
+    tokens must be the same under every policy. `.timelines` holds each request's steps, for the plot."""
     net, tok = get_model(model, device)
     work = serving_workload(tok, num_requests, seed, mean_output, max_len=net.cfg.max_seq_len // 2)
     prompts, params = [p for p, _ in work], [sp for _, sp in work]
-    static_batch_generate(net, prompts[:2], params[:2], batch_size=2)  # warm-up
+    serve_static_batches(net, prompts[:2], params[:2], batch_size=2)  # warm-up
     with Timer(net.device) as t:
-        static = static_batch_generate(net, prompts, params, batch_size=max_num_seqs)
+        static = serve_static_batches(net, prompts, params, batch_size=max_num_seqs)
     steps = max(max(o.token_steps) for o in static)
-    static_occ = sum(len(o.token_ids) for o in static) / (steps * max_num_seqs)
-    rows = [_serving_row("static batches", static, t.seconds, static_occ, 0)]
+    rows = [_serving_row("static batches", static, t.seconds, steps, max_num_seqs, 0)]
     timelines = {"static": [o.token_steps for o in static]}
     reference = [o.token_ids for o in static]
     runs = [("continuous", None, "recompute")]
@@ -4193,15 +3868,15 @@ def analyze_continuous_batching(model="smollm2", device=None, num_requests: int 
         engine = LLMEngine(net, num_blocks=num_blocks, max_num_seqs=max_num_seqs, preemption_mode=mode)
         with Timer(net.device) as t:
             outs = engine.generate(prompts, params)
-        occ = sum(len(o.token_ids) for o in outs) / (engine.step_count * max_num_seqs)  # as for static
-        row = _serving_row(name, outs, t.seconds, occ, engine.scheduler.num_preemptions)
+        row = _serving_row(name, outs, t.seconds, engine.step_count, max_num_seqs,
+                           engine.scheduler.num_preemptions)
         row["same tokens as static"] = [o.token_ids for o in outs] == reference
         rows.append(row)
         if num_blocks is None:
             timelines["continuous"] = [o.token_steps for o in outs]
     rows[0]["same tokens as static"] = True
     return Rows(rows, f"Static vs continuous batching, {net.cfg.name} on {net.device}, {num_requests} "
-                      f"requests, batch width {max_num_seqs} (measured)"), timelines
+                      f"requests, batch width {max_num_seqs} (measured)", timelines=timelines)
 
 
 def _slot_lanes(per_request: Sequence[Sequence[int]], width: int,
@@ -4226,63 +3901,20 @@ def _slot_lanes(per_request: Sequence[Sequence[int]], width: int,
     return spans
 
 
-def plot_batching_timeline(timelines: dict, width: int, title: str, wall_seconds: dict | None = None,
-                           model=None) -> "Plot":
-    """Which request holds each batch slot over time: static batches (left) vs continuous (right),
-    on the same time axis. A step is drawn as the policy's wall time / its steps when
-    `wall_seconds` (policy → seconds) is given, else in engine steps. Hatched: a slot held by a
-    request that has finished (padding: the batch waits for its longest request)."""
-    from matplotlib.patches import Patch
-
-    fig, axes = new_figure(len(timelines), 1, figsize=(11, 1.2 + 0.55 * width * len(timelines)), sharex=True)
-    for ax, (name, per_request) in zip(np.atleast_1d(axes), timelines.items()):
-        steps = max((max(s) for s in per_request if s), default=1)
-        scale = wall_seconds[name] / steps if wall_seconds else 1.0  # seconds (or steps) per step
-        for rid, slot, first, end in _slot_lanes(per_request, width, name == "static"):
-            last = max(per_request[rid])
-            ax.broken_barh([((first - 1) * scale, (last - first + 1) * scale)], (slot - 0.4, 0.8),
-                           color=f"C{rid % 10}")
-            if (last - first + 1) / steps > 0.04:
-                ax.text((first - 1 + (last - first + 1) / 2) * scale, slot, str(rid), ha="center",
-                        va="center", fontsize=7, color="white")
-            if end > last:
-                ax.broken_barh([(last * scale, (end - last) * scale)], (slot - 0.4, 0.8), facecolor="0.9",
-                               edgecolor="0.5", hatch="///", lw=0)
-        tokens = sum(len(s) for s in per_request)
-        ax.set_title(f"{name} (width {width}): {100 * tokens / (steps * width):.0f}% of slot-steps make a "
-                     f"token", fontsize=9)
-        ax.set_yticks(range(width), [f"slot {i}" for i in range(width)], fontsize=8)
-        ax.set_ylim(width - 0.5, -0.5)
-    axes = np.atleast_1d(axes)
-    axes[-1].set_xlabel("time (s; a step drawn as wall time / steps)" if wall_seconds else "engine step")
-    fig.legend(handles=[Patch(color="C0", label="request making tokens (number = request id)"),
-                        Patch(facecolor="0.9", edgecolor="0.5", hatch="///",
-                              label="padding: slot held, request finished"),
-                        Patch(facecolor="white", edgecolor="0.5", label="empty slot")],
-               fontsize=8, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=3, frameon=False)
-    fig.suptitle(title, fontsize=10)
-    ends = {name: max((max(s) for s in per if s), default=0) for name, per in timelines.items()}
-    unit = "s" if wall_seconds else " steps"
-    done = {name: (wall_seconds[name] if wall_seconds else ends[name]) for name in timelines}
-    caption = ("static batches hold finished requests' slots (hatched) until their longest request ends; "
-               "continuous batching hands a freed slot to the next request at once"
-               + (f" and finishes in {done['continuous']:.3g}{unit} instead of {done['static']:.3g}{unit}."
-                  if {"static", "continuous"} <= done.keys() else "."))
-    return save_plot(fig, "s5_batching_timeline", caption, model)
-
-
-def _batching_sizes(quick: bool) -> dict:
-    """The §5 demo's workload (the §9 summary measures with the same one)."""
+def batching_sizes(quick: bool) -> dict:
+    """The §5 demo's workload (the §10 summary measures with the same one)."""
     return dict(num_requests=8 if quick else 12, mean_output=8 if quick else 24,
                 max_num_seqs=4 if quick else 6,
                 preemption_modes=() if quick else ("recompute",))  # quick: too short to preempt
 
 
-def demonstrate_continuous_batching(model: str = "smollm2", seed: int = 0, device=None, quick: bool = False,
-                                    plots: bool = True) -> list[dict]:
+def demonstrate_continuous_batching(model: str = "smollm2", *, device=None, seed: int = 0,
+                                    quick: bool = False, plots: bool = True,
+                                    measured: dict | None = None) -> "Report":
     """Static vs continuous batching on the real model, with preemption under a small pool."""
-    sizes = _batching_sizes(quick)
-    rows, timelines = analyze_continuous_batching(model, device, seed=seed, **sizes)
+    sizes = batching_sizes(quick)
+    rows = measure_continuous_batching(model, device, seed=seed, **sizes)
+    timelines = rows.timelines
     width = sizes["max_num_seqs"]
     print_table(rows)
     if plots:
@@ -4292,14 +3924,20 @@ def demonstrate_continuous_batching(model: str = "smollm2", seed: int = 0, devic
             f"Batch slots over time, {net.cfg.name} on {device_label(net.device)} (measured)",
             {"static": rows[0]["wall (s)"], "continuous": rows[1]["wall (s)"]}, model))
     static, cont = rows[0], rows[1]
-    print(f"Takeaway: same tokens, {cont['tokens/s'] / static['tokens/s']:.1f}× the throughput and "
-          f"{static['p50 latency (s)'] / cont['p50 latency (s)']:.1f}× lower median latency: continuous "
+    print(f"Takeaway: same tokens, {cont['tokens/s'] / static['tokens/s']:.2f}× the throughput and "
+          f"{static['p50 latency (s)'] / cont['p50 latency (s)']:.1f}× lower median latency. Continuous "
           f"batching keeps {cont['occupancy %']:.0f}% of the batch's slots making tokens against "
-          f"{static['occupancy %']:.0f}% for static batches, which wait for their longest request."
+          f"{static['occupancy %']:.0f}% for static batches, which wait for their longest request, so it "
+          f"needs {cont['steps']} steps where static batching needs {static['steps']} "
+          f"({static['steps'] / cont['steps']:.2f}×); but its fuller steps cost "
+          f"{cont['ms per step']:.0f} ms against {static['ms per step']:.0f} ms "
+          f"({cont['ms per step'] / static['ms per step']:.2f}×). Throughput is the product of the two. "
+          "Where a step costs the same for 1 sequence as for many (a GPU, §2), the first factor is "
+          "the whole gain; where the arithmetic shows (a small CPU), the second takes part of it back."
           + (" Under a small pool, preemption trades recomputation for memory, and every request still "
              "finishes with the same tokens (preemption_modes=('recompute', 'swap') adds swapping to "
              "host memory)." if len(rows) > 2 else ""))
-    return rows
+    return Report(throughput=rows)
 
 
 # %%
@@ -4730,83 +4368,18 @@ def measure_speculative_decoding(model: str = "smollm2", device=None, gammas: Se
                       "new tokens at most (measured; one run each)")
 
 
-def plot_speculative(rows: Sequence[dict], title: str, model=None) -> "Plot":
-    """Measured vs predicted speed-up, one point per (task, draft, γ), each labelled with its γ."""
-    fig, ax = new_figure(figsize=(6.5, 5))
-    markers = {task: m for task, m in zip(dict.fromkeys(r["task"] for r in rows), "os^v")}
-    for i, draft in enumerate(dict.fromkeys(r["draft"] for r in rows)):
-        for task, marker in markers.items():
-            pts = [r for r in rows if r["draft"] == draft and r["task"] == task]
-            if pts:
-                ax.scatter([r["predicted (×)"] for r in pts], [r["measured (×)"] for r in pts], marker=marker,
-                           color=f"C{i}", label=f"{draft}, {task}")
-                for r in pts:
-                    ax.annotate(f"γ={r['γ']}", (r["predicted (×)"], r["measured (×)"]), xytext=(5, 3),
-                                textcoords="offset points", fontsize=7, color=f"C{i}")
-    top = np.nanmax([[r["predicted (×)"], r["measured (×)"]] for r in rows])
-    ax.plot([0, top * 1.1], [0, top * 1.1], "k--", lw=0.8, label="measured = predicted")
-    ax.axhline(1.0, color="grey", lw=0.8)
-    ax.text(top * 1.1, 1.0, "1× = plain decoding ", ha="right", va="bottom", fontsize=7, color="grey")
-    ax.set(xlabel="predicted speed-up (×; Leviathan et al., from measured α, c)",
-           ylabel="measured speed-up over plain decoding (×)")
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7, loc="upper left")
-    below = sum(r["measured (×)"] < r["predicted (×)"] for r in rows)
-    caption = (f"{below} of {len(rows)} points fall below the diagonal: verifying γ + 1 tokens costs more "
-               "than the one decode step the formula assumes, and drafts are accepted in runs.")
-    return save_plot(fig, "s6_speculative", caption, model)
-
-
-def plot_speedup_vs_gamma(rows: Sequence[dict], title: str, alphas: Sequence[float] = (0.3, 0.5, 0.7, 0.9),
-                          model=None) -> "Plot":
-    """Per draft: the formula's speed-up against γ for several α, at the draft's median measured
-    cost c, with the measured points (γ, measured ×) on top, coloured by their measured α."""
-    from matplotlib import colormaps
-    from matplotlib.cm import ScalarMappable
-    from matplotlib.colors import Normalize
-
-    drafts = list(dict.fromkeys(r["draft"] for r in rows))
-    fig, axes = new_figure(1, len(drafts), figsize=(5.5 * len(drafts), 4.5), sharey=True, squeeze=False)
-    cmap, norm = colormaps["viridis"], Normalize(0, 1)
-    markers = {task: m for task, m in zip(dict.fromkeys(r["task"] for r in rows), "os^v")}
-    for ax, draft in zip(axes[0], drafts):
-        pts = [r for r in rows if r["draft"] == draft]
-        c = float(np.median([r["c"] for r in pts]))
-        gammas = np.arange(1, max(8, max(r["γ"] for r in pts)) + 1)
-        for a in alphas:
-            ax.plot(gammas, [speculative_speedup(a, int(g), c) for g in gammas], "-", color=cmap(norm(a)),
-                    lw=1.2, label=f"formula, α = {a}")
-        for task, marker in markers.items():
-            mine = [r for r in pts if r["task"] == task]
-            if mine:
-                ax.scatter([r["γ"] for r in mine], [r["measured (×)"] for r in mine], marker=marker, s=60,
-                           c=[r["α"] for r in mine], cmap=cmap, norm=norm, edgecolors="black", zorder=3,
-                           label=f"measured, {task}")
-        ax.axhline(1.0, color="grey", lw=0.8)
-        ax.text(gammas[-1], 1.0, "1× = plain decoding", ha="right", va="bottom", fontsize=7, color="grey")
-        ax.set(xlabel="draft length γ (tokens drafted per round)",
-               title=f"{draft}: c = {c:.2g} (measured median)")
-        ax.title.set_fontsize(9)
-        ax.legend(fontsize=7)
-    axes[0][0].set_ylabel("speed-up over plain decoding (×)")
-    fig.colorbar(ScalarMappable(norm, cmap), ax=list(axes[0]), label="acceptance rate α (curves and points)")
-    fig.suptitle(title, fontsize=10)
-    caption = ("each curve rises while another drafted token is likely to be accepted and falls once "
-               "drafting costs more than it saves; a measured point sits near the curve of its own colour "
-               "(its α).")
-    return save_plot(fig, "s6_speedup_vs_gamma", caption, model)
-
-
 def _speculative_sizes(quick: bool) -> dict:
-    """The §6 demo's sizes (the §9 summary measures with the same ones)."""
+    """The §6 demo's sizes (the §10 summary measures with the same ones)."""
     return dict(gammas=(4,) if quick else (2, 4, 8), model_draft_gammas=(2,) if quick else (1,),
                 max_new_tokens=16 if quick else 48)
 
 
-def demonstrate_speculative_decoding(model: str = "smollm2", device=None, quick: bool = False,
-                                     plots: bool = True) -> "Rows":
+def demonstrate_speculative_decoding(model: str = "smollm2", *, device=None, seed: int = 0,
+                                     quick: bool = False, plots: bool = True,
+                                     measured: dict | None = None) -> "Report":
     """The formula, then draft-and-verify measured on the real model (greedy: deterministic)."""
-    print_table(analyze_speculative_decoding())
+    formula = analyze_speculative_decoding()
+    print_table(formula)
     rows = measure_speculative_decoding(model, device, **_speculative_sizes(quick))
     print_table(rows)
     if plots:
@@ -4824,12 +4397,11 @@ def demonstrate_speculative_decoding(model: str = "smollm2", device=None, quick:
           "in the table: verifying γ + 1 tokens costs more than one decode step here (the 'verify' "
           "column; the formula assumes one), and drafts are accepted in runs, not independently, so "
           "tokens/round can fall below (1 − α^(γ+1)) / (1 − α). The output is the target's either way.")
-    return rows
+    return Report(formula=formula, measured=rows)
 
 
 # %%
 notebook_demo("speculative")  # runs only in a notebook: the section's demo, here
-
 
 
 # %% [markdown]
@@ -4998,212 +4570,6 @@ def paged_flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
 
 # %% [markdown]
 """
-### Triton kernels: the split pass and the merge on a GPU
-The split kernel runs one program per (batch element, KV head, split). It loads the g query
-heads that share that KV head (GQA: each K/V tile is read once for all of them), walks its
-chunk of keys in tiles of `BLOCK_N` with the online softmax, and writes g partial rows and
-their lse. `tl.dot` needs at least 16 rows, so the g queries are padded to 16 with zeros. The
-paged kernel is the same program with one change: the address of token t is computed from its
-block, `block_table[t // bs]`, loaded per token, so tiles need not align with blocks.
-
-The merge runs as its own kernel, one program per (batch element, head). We also tried fusing
-it into the split kernel (`fused=True`): each program, after writing its partial, bumps an
-arrival counter for its (batch element, KV head) with an atomic add, and the program that
-arrives last merges all S partials and resets the counter. It saves a launch, but on an H200 it
-was *slower* (16 µs against 9 µs at 4K tokens): the last program merges S partials alone, in
-series, while the separate merge kernel spreads them over B·H programs.
-
-Triton is imported only when a kernel is first needed (nothing at import). With
-`TRITON_INTERPRET=1` Triton runs the same kernels on the CPU through NumPy: slow, but it is how
-the tests check them on a machine without a GPU.
-"""
-
-
-# %%
-def triton_available() -> bool:
-    """True if the Triton kernels can run here: Triton installed, and a CUDA GPU or
-    TRITON_INTERPRET=1 (Triton's CPU interpreter, for tests)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
-
-
-@functools.cache
-def _triton_decode_kernels():
-    """Define (and cache) the Triton kernels on first use."""
-    if not triton_available():
-        raise LessonError("the Triton kernels need the `triton` package and a CUDA GPU (or "
-                          "TRITON_INTERPRET=1 for the slow CPU interpreter); use flash_decode, the PyTorch "
-                          "version, instead")
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def split_kernel(Q, K, V, Lens, Tables, O, LSE, Out, Counters, scale, chunk, n_kv_heads,
-                     sq_b, sq_h, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, st_b,
-                     G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-                     S: tl.constexpr, PAGED: tl.constexpr, BS: tl.constexpr, PRECISION: tl.constexpr,
-                     FUSED: tl.constexpr):
-        bh, split = tl.program_id(0), tl.program_id(1)
-        b, hkv = bh // n_kv_heads, bh % n_kv_heads
-        length = tl.load(Lens + b)
-        start = split * chunk
-        end = tl.minimum(start + chunk, length)
-        offs_g, offs_d, offs_n = tl.arange(0, BLOCK_G), tl.arange(0, D), tl.arange(0, BLOCK_N)
-        heads = hkv * G + offs_g
-        q = tl.load(Q + b * sq_b + heads[:, None] * sq_h + offs_d[None, :], mask=(offs_g < G)[:, None],
-                    other=0.0)
-        m = tl.full([BLOCK_G], float("-inf"), tl.float32)
-        l = tl.zeros([BLOCK_G], tl.float32)
-        acc = tl.zeros([BLOCK_G, D], tl.float32)
-        for n0 in range(start, end, BLOCK_N):
-            t = n0 + offs_n
-            valid = t < end
-            if PAGED:  # token t lives in block Tables[b, t // BS] at row t % BS
-                block = tl.load(Tables + b * st_b + t // BS, mask=valid, other=0)
-                k_rows = block * sk_b + (t % BS) * sk_t
-                v_rows = block * sv_b + (t % BS) * sv_t
-            else:
-                k_rows, v_rows = b * sk_b + t * sk_t, b * sv_b + t * sv_t
-            k = tl.load(K + (k_rows + hkv * sk_h)[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
-            v = tl.load(V + (v_rows + hkv * sv_h)[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # (BLOCK_G, BLOCK_N)
-            s = tl.where(valid[None, :], s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, 1))
-            alpha = tl.exp(m - m_new)
-            p = tl.exp(s - m_new[:, None])
-            l = l * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m = m_new
-        has = l > 0
-        out = acc / tl.where(has, l, 1.0)[:, None]
-        lse = tl.where(has, m + tl.log(tl.where(has, l, 1.0)), float("-inf"))
-        row = (b * n_kv_heads * G + heads) * S + split  # O: (B, H, S, D), LSE: (B, H, S), contiguous
-        tl.store(O + row[:, None] * D + offs_d[None, :], out, mask=(offs_g < G)[:, None])
-        tl.store(LSE + row, lse, mask=offs_g < G)
-        if FUSED:  # the last program of this (b, hkv) to finish merges all S partials: no 2nd kernel
-            done = tl.atomic_add(Counters + bh, 1)  # acq_rel: the other programs' partials are visible
-            if done == S - 1:
-                first = (b * n_kv_heads * G + heads) * S
-                top = tl.full([BLOCK_G], float("-inf"), tl.float32)
-                total = tl.zeros([BLOCK_G], tl.float32)
-                merged = tl.zeros([BLOCK_G, D], tl.float32)
-                for s_ in range(S):  # a running merge, as in the online softmax
-                    lse_s = tl.load(LSE + first + s_, mask=offs_g < G, other=float("-inf"),
-                                    cache_modifier=".cg")  # .cg: from L2, where the others wrote
-                    o_s = tl.load(O + (first + s_)[:, None] * D + offs_d[None, :], mask=(offs_g < G)[:, None],
-                                  other=0.0, cache_modifier=".cg")
-                    new_top = tl.maximum(top, lse_s)
-                    shift = tl.where(new_top == float("-inf"), 0.0, new_top)
-                    w_old, w_s = tl.exp(top - shift), tl.exp(lse_s - shift)
-                    merged = merged * w_old[:, None] + o_s * w_s[:, None]
-                    total = total * w_old + w_s
-                    top = new_top
-                res = merged / tl.where(total > 0, total, 1.0)[:, None]  # padded rows have total 0
-                tl.store(Out + (b * n_kv_heads * G + heads)[:, None] * D + offs_d[None, :],
-                         res.to(Out.dtype.element_ty), mask=(offs_g < G)[:, None])
-                tl.atomic_xchg(Counters + bh, 0)  # ready for the next call (and graph replays)
-
-    @triton.jit
-    def merge_kernel(O, LSE, Out, S: tl.constexpr, BLOCK_S: tl.constexpr, D: tl.constexpr):
-        bh = tl.program_id(0)
-        offs_s, offs_d = tl.arange(0, BLOCK_S), tl.arange(0, D)
-        lse = tl.load(LSE + bh * S + offs_s, mask=offs_s < S, other=float("-inf"))
-        top = tl.max(lse, 0)
-        top = tl.where(top == float("-inf"), 0.0, top)
-        w = tl.exp(lse - top)
-        o = tl.load(O + (bh * S + offs_s)[:, None] * D + offs_d[None, :], mask=(offs_s < S)[:, None],
-                    other=0.0)
-        out = tl.sum(w[:, None] * o, 0) / tl.sum(w, 0)
-        tl.store(Out + bh * D + offs_d, out.to(Out.dtype.element_ty))
-
-    return split_kernel, merge_kernel, triton.next_power_of_2
-
-
-def default_num_splits(batch: int, kv_heads: int, context: int, device=None, block_n: int = 64) -> int:
-    """Enough splits for about two programs per SM, but at least one tile of keys per split."""
-    device = pick_device(device)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
-    return max(1, min(-(-2 * sms // (batch * kv_heads)), -(-context // block_n)))
-
-
-_TRITON_COUNTERS: dict = {}  # device → int32 arrival counters of the fused merge (always left at 0)
-
-
-def _triton_decode(q, k, v, lens, T, strides, paged_tables, num_splits, block_n, block_size=1,
-                   fused: bool = False, **launch):
-    split_kernel, merge_kernel, next_pow2 = _triton_decode_kernels()
-    (B, H, D), Hkv = q.shape, strides[0]
-    if D & (D - 1):
-        raise InvalidArgumentError(f"the Triton kernels need a power-of-two head dim, got {D}")
-    S = num_splits or default_num_splits(B, Hkv, T, q.device, block_n)
-    chunk = -(-T // S)
-    chunk = -(-chunk // block_n) * block_n  # whole tiles per split (the last splits may be empty)
-    G = H // Hkv
-    o = torch.empty(B, H, S, D, device=q.device, dtype=torch.float32)
-    lse = torch.empty(B, H, S, device=q.device, dtype=torch.float32)
-    q = q.contiguous()
-    tables = paged_tables if paged_tables is not None else lens  # any tensor: unused when not paged
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    launch.setdefault("num_stages", 3)  # loads of the next tiles in flight while this one computes
-    out = torch.empty_like(q)
-    counters = _TRITON_COUNTERS.get(q.device)
-    if counters is None or counters.numel() < B * Hkv:  # allocated outside any graph capture, once
-        counters = torch.zeros(max(B * Hkv, 4096), dtype=torch.int32, device=q.device)
-        _TRITON_COUNTERS[q.device] = counters
-    split_kernel[(B * Hkv, S)](q, k, v, lens, tables, o, lse, out, counters, D**-0.5, chunk, Hkv, q.stride(0),
-                               q.stride(1), *strides[1:], G=G, BLOCK_G=max(16, next_pow2(G)), D=D,
-                               BLOCK_N=block_n, S=S, PAGED=paged_tables is not None, BS=block_size,
-                               PRECISION=precision, FUSED=fused, **launch)
-    if not fused:
-        merge_kernel[(B * H,)](o, lse, out, S=S, BLOCK_S=next_pow2(S), D=D)
-    return out
-
-
-def triton_flash_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context_lens=None,
-                        num_splits: int | None = None, block_n: int = 64, **launch) -> torch.Tensor:
-    """Flash-decoding with Triton kernels on the contiguous layout (same contract as
-    `flash_decode`); `num_splits` defaults to about two programs per SM. `launch` (num_warps,
-    num_stages) goes to the split kernel. Lengths given as a CUDA tensor are not checked (that
-    would wait for the GPU), so the call can be captured in a CUDA graph."""
-    lens = _decode_shapes(q, k, v, context_lens).to(torch.int32)
-    if k.stride(-1) != 1 or v.stride(-1) != 1:
-        k, v = k.contiguous(), v.contiguous()
-    strides = (k.shape[1], k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), 0)
-    return _triton_decode(q, k, v, lens.to(torch.int32), k.shape[2], strides, None, num_splits, block_n,
-                          **launch)
-
-
-def triton_paged_flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                              block_tables: torch.Tensor, context_lens, num_splits: int | None = None,
-                              block_n: int = 64, **launch) -> torch.Tensor:
-    """Flash-decoding with Triton kernels reading §4's blocks in place (same contract as
-    `paged_flash_decode`). With lengths as a CUDA tensor only shapes are checked (nothing
-    syncs), and the splits cover the block tables' whole capacity (splits past a sequence's end
-    stay empty). A cache whose rows of D are not contiguous is copied contiguous first."""
-    if q.dim() != 3:
-        raise InvalidArgumentError(f"need q (B, H, D), got {tuple(q.shape)}")
-    _check_paged_cache(k_cache, v_cache, block_tables, context_lens, q.shape[0])
-    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:  # the kernel reads each row of D as one run
-        k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()
-    bs, Hkv = k_cache.shape[1], k_cache.shape[2]
-    capacity = block_tables.shape[1] * bs  # the block tables' capacity
-    lens = _checked_lens(context_lens, q.shape[0], capacity)
-    T = capacity if lens.device.type == "cuda" else int(lens.max())
-    if q.shape[1] % Hkv or q.shape[2] != k_cache.shape[3]:
-        raise InvalidArgumentError(f"q {tuple(q.shape)} does not fit the cache's Hkv={Hkv}, "
-                                   f"D={k_cache.shape[3]}")
-    tables = block_tables.to(torch.int32).contiguous()
-    strides = (Hkv, k_cache.stride(0), k_cache.stride(2), k_cache.stride(1),
-               v_cache.stride(0), v_cache.stride(2), v_cache.stride(1), tables.stride(0))
-    return _triton_decode(q, k_cache, v_cache, lens.to(q.device, torch.int32), T, strides, tables, num_splits,
-                          block_n, bs, **launch)
-
-
-# %% [markdown]
-"""
 ### The cost model, and measuring it
 `analyze_flash_decoding` counts, for one decode step's attention, the thread blocks each
 scheme launches, the fraction of SMs they can keep busy, the bytes that must be read, and the
@@ -5259,7 +4625,7 @@ def _decode_inputs(B, H, Hkv, T, D, dtype, device, seed, scale=1.0):
 def cuda_graph_time(fn: Callable[[], object], replays: int = 50, repeat: int = 5) -> float:
     """Median seconds per call of `fn()` captured `replays` times in one CUDA graph and replayed
     (`repeat` timed replays, CUDA events). A graph replays the recorded kernels without Python,
-    so this times the GPU work, not the launch overhead of small kernels (§10 uses graphs for
+    so this times the GPU work, not the launch overhead of small kernels (§9 uses graphs for
     whole decode steps)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -5323,7 +4689,7 @@ def measure_flash_decoding(device=None, contexts: Sequence[int] = (1024, 4096, 1
     """Median time of each variant per context length; GB/s = K/V bytes read / time."""
     device = pick_device(device)
     dtype = default_compute_dtype(device)
-    bw = measure_memory_bandwidth(device, quick=True)
+    bw = machine_bandwidth(device)
     variants = {k: v for k, v in decode_attention_variants(device).items() if k != "online softmax"}
     variants["PyTorch SDPA"] = lambda q, k, v, lens: sdpa_decode_attention(q, k, v)
     rows = []
@@ -5342,40 +4708,16 @@ def measure_flash_decoding(device=None, contexts: Sequence[int] = (1024, 4096, 1
                       f"{bw / 1e9:,.0f} GB/s (measured)")
 
 
-def plot_flash_decoding(rows: Sequence[dict], title: str, model=None) -> "Plot":
-    """Time per decode attention vs context, per method, against the time the K/V bytes take to
-    stream at the measured copy bandwidth (from each row's time and % of copy bandwidth)."""
-    fig, ax = new_figure(figsize=(7.5, 4.8))
-    for i, method in enumerate(dict.fromkeys(r["method"] for r in rows)):
-        pts = [(r["context"], r["time (µs)"]) for r in rows if r["method"] == method]
-        ax.loglog(*zip(*pts), "o-", color=f"C{i}", label=method)
-    floor = {r["context"]: r["time (µs)"] * r["% of copy bandwidth"] / 100 for r in rows}  # bytes / BW
-    bw = next(r["GB/s"] / (r["% of copy bandwidth"] / 100) for r in rows)
-    ax.loglog(list(floor), list(floor.values()), "k--", lw=1.2,
-              label=f"reading K/V at the copy bandwidth ({bw:,.0f} GB/s, measured)")
-    ax.set(xlabel="context length (tokens, log)", ylabel="time per decode attention (µs, log)")
-    ax.set_xticks(list(floor), [f"{t:,}" for t in floor])
-    ax.xaxis.set_minor_formatter("")
-    ax.set_title(title, fontsize=9)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
-    longest = max(floor)
-    best = min((r for r in rows if r["context"] == longest), key=lambda r: r["time (µs)"])
-    caption = (f"at {longest:,} tokens the fastest method, {best['method']}, reaches "
-               f"{best['% of copy bandwidth']:.0f}% of the copy bandwidth: decode attention is a memory "
-               "stream, and the dashed line is its floor on this machine.")
-    return save_plot(fig, "s7_flash_decoding", caption, model)
-
-
 def _flash_contexts(device: torch.device, quick: bool) -> tuple[int, ...]:
-    """The §7 demo's context lengths (the §9 summary reads its longest)."""
+    """The §7 demo's context lengths (the §10 summary reads its longest)."""
     if device.type == "cuda":
         return (1024, 8192, 32768) if quick else (1024, 4096, 16384, 65536, 131072)
     return (1024, 4096) if quick else (1024, 4096, 16384)
 
 
-def demonstrate_flash_decoding(device=None, quick: bool = False, seed: int = 0,
-                               plots: bool = True, model: str | None = None) -> "Report":
+def demonstrate_flash_decoding(model: str = "smollm2", *, device=None, seed: int = 0,
+                               quick: bool = False, plots: bool = True,
+                               measured: dict | None = None) -> "Report":
     """The cost model, correctness per dtype, and time vs context length on this machine (the
     attention has Llama-3-8B's heads whatever `model` is; `model` names the plot folder)."""
     device = pick_device(device)
@@ -5401,7 +4743,6 @@ def demonstrate_flash_decoding(device=None, quick: bool = False, seed: int = 0,
 
 # %%
 notebook_demo("flash_decoding")  # runs only in a notebook: the section's demo, here
-
 
 
 # %% [markdown]
@@ -5435,7 +4776,7 @@ dequantized copy to memory. Dequantize-then-matmul (the reference path below) re
 weight-only CPU kernels fed fp32 activations can be slower than fp32 too (on a 2-core x86
 CPU they are); fed bf16 activations they win, and they are the fast path below. What remains
 is overhead: a token passes ~210 quantized matmuls, each a call from Python. Compiling the whole
-decode step (§10) removes it: on a 2-core Intel CPU `bench_quantized_decode.py` measures INT4
+decode step (§9) removes it: on a 2-core Intel CPU `bench_quantized_decode.py` measures INT4
 g128 at 70.6 tok/s against fp32's 21.6 eager and 31.3 compiled, and llama.cpp's 71.7 on the same
 file (`benchmarks/RESULTS.md`; run it for your machine's figures).
 
@@ -5753,7 +5094,7 @@ class QuantizedLinear(nn.Module):
                 return self.builtin_matmul(flat.float()).to(x.dtype).view(*x.shape[:-1], self.out_features)
             raw = _int8_matvec if self.qw.bits == 8 else _int4_matvec
             args = (self.codes, self.scales) + (() if self.qw.bits == 8 else (self.offsets,))
-            if torch.compiler.is_compiling():  # inside a compiled decode step (§10): fuse into it
+            if torch.compiler.is_compiling():  # inside a compiled decode step (§9): fuse into it
                 return raw(flat.float(), *args).to(x.dtype).view(*x.shape[:-1], self.out_features)
             kernel = _compiled(raw)
             if kernel is not None:
@@ -5799,7 +5140,6 @@ def rtn_quantizer(bits: int = 4, group_size: int = 128) -> Callable[[str, torch.
         return quantize_int8(w) if bits == 8 or name == "lm_head" else quantize_groupwise(w, bits, group_size)
 
     return quantize
-
 
 
 # %% [markdown]
@@ -6285,81 +5625,9 @@ def _scheme_family(scheme: str) -> str:
     return "GGUF" if scheme.startswith(("Q4", "Q5", "Q6", "Q8")) else "RTN"
 
 
-def plot_perplexity_vs_bits(rows: Sequence[dict], title: str, gguf_rows: Sequence[dict] = (),
-                            model=None) -> "Plot":
-    """Perplexity increase over fp32 (%) against bits per weight, one marker per method: the rows
-    of `measure_quantization` and, if given, the GGUF files of `demonstrate_gguf_formats` (same
-    keys; a file's bits are its size over the parameter count)."""
-    fig, ax = new_figure(figsize=(7.5, 4.8))
-    styles = {"RTN": ("o", "C0"), "GPTQ": ("s", "C1"), "AWQ": ("^", "C2"), "GGUF": ("D", "C3")}
-    points = [r for r in [*rows, *gguf_rows] if _scheme_family(r["scheme"]) != "fp32"
-              and math.isfinite(r["bits/weight"])]
-    for family, (marker, color) in styles.items():
-        pts = [r for r in points if _scheme_family(r["scheme"]) == family]
-        if not pts:
-            continue
-        label = "GGUF file written and read back (file bits / parameter)" if family == "GGUF" else family
-        ax.plot([r["bits/weight"] for r in pts], [r["perplexity vs fp32 %"] for r in pts], marker,
-                color=color, ms=7, label=label)
-        for r in pts:
-            ax.annotate(r["scheme"].removeprefix(family).strip() or r["scheme"], (r["bits/weight"],
-                        r["perplexity vs fp32 %"]), textcoords="offset points", xytext=(5, 3), fontsize=6,
-                        color=color)
-    ax.axhline(0, color="grey", lw=0.8)
-    ax.text(ax.get_xlim()[1], 0, "fp32 ", ha="right", va="bottom", fontsize=7, color="grey")
-    ax.set_yscale("symlog", linthresh=1)
-    ax.set(xlabel="bits per weight (scales and offsets included)", ylabel="perplexity increase over fp32 (%)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    four = [r for r in points if 4 <= r["bits/weight"] < 5]
-    best = min(four, key=lambda r: r["perplexity vs fp32 %"], default=None)
-    caption = ("fewer bits, more error; at about 4 bits the method matters as much as the bits"
-               + (f": the best there is {best['scheme']} ({best['perplexity vs fp32 %']:+.1f}%)."
-                  if best else "."))
-    return save_plot(fig, "s8_perplexity_vs_bits", caption, model)
-
-
-def plot_decode_vs_bandwidth(rows: Sequence[dict], bandwidth: float, title: str, model=None) -> "Plot":
-    """Measured decode tokens/s per storage format against its bandwidth roof: tokens/s if a step
-    took only the time to read the linear weights once at `bandwidth` (bytes/s)."""
-    timed = [r for r in rows if "decode (tok/s)" in r]
-    if not timed:
-        raise InvalidArgumentError("these rows hold no decode speeds: measure_quantization times decode "
-                                   "only without quick=True")
-    fig, ax = new_figure(figsize=(7.5, 4.8))
-    formats = {}  # one point per storage format: GPTQ and AWQ run INT4 RTN's kernel on the same layout
-    for r in timed:
-        formats.setdefault((round(r["bits/weight"], 3), round(r["decode (tok/s)"], 6)), r)
-    bits = np.geomspace(2, 40, 100)
-    per_bit = timed[0]["linear weights (MB)"] * 1e6 / timed[0]["bits/weight"]  # bytes per bit per weight
-    ax.loglog(bits, bandwidth / (per_bit * bits), "k-", lw=1.5,
-              label=f"roof: linear weights read once per token at {bandwidth / 1e9:,.1f} GB/s (measured)")
-    pts = list(formats.values())
-    ax.loglog([r["bits/weight"] for r in pts], [r["decode (tok/s)"] for r in pts], "o", color="tab:red", ms=7,
-              label="measured decode, batch 1")
-    for r in pts:
-        ax.plot([r["bits/weight"]] * 2, [r["decode (tok/s)"], bandwidth / (r["linear weights (MB)"] * 1e6)],
-                ":", color="tab:red", lw=0.8)
-        ax.annotate(r["scheme"], (r["bits/weight"], r["decode (tok/s)"]), textcoords="offset points",
-                    xytext=(5, -10), fontsize=7)
-    ax.set(xlabel="bits per weight (log)", ylabel="decode tokens/s (log)")
-    ax.set_xticks([2, 3, 4, 5, 6, 8, 16, 32], ["2", "3", "4", "5", "6", "8", "16", "32"])
-    ax.minorticks_off()
-    ax.set_title(title, fontsize=9)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    fp32 = timed[0]
-    fastest = max(pts, key=lambda r: r["decode (tok/s)"])
-    caption = (f"the roof rises {fp32['bits/weight'] / fastest['bits/weight']:.0f}× from fp32 to "
-               f"{fastest['scheme']}, the measured speed "
-               f"{fastest['decode (tok/s)'] / fp32['decode (tok/s)']:.1f}×: "
-               "the distance to the roof (dotted) is time spent unpacking and dispatching, not reading.")
-    return save_plot(fig, "s8_decode_vs_bandwidth", caption, model)
-
-
-def demonstrate_quantization(model: str = "smollm2", device=None, quick: bool = False,
-                             full: bool = False, plots: bool = True) -> "Report":
+def demonstrate_quantization(model: str = "smollm2", *, device=None, seed: int = 0,
+                             quick: bool = False, plots: bool = True, measured: dict | None = None,
+                             full: bool = False) -> "Report":
     """Outliers, then each scheme's size, error, perplexity and decode speed on the real model
     (`full=True`: 9 schemes, 2,048 evaluation and 4,096 calibration tokens; ~8 min on 2 cores)."""
     outliers = analyze_activation_outliers(model, device, n_windows=1 if quick else 4)
@@ -6384,700 +5652,22 @@ def demonstrate_quantization(model: str = "smollm2", device=None, quick: bool = 
     return Report(outliers=outliers, schemes=table)
 
 
-def _plot_quantization(table: Sequence[dict], model: str, device) -> None:
-    """§8's figures: perplexity vs bits; decode speed vs the bandwidth roof where decode was timed."""
-    net = get_model(model, device)[0]
-    where = f"{net.cfg.name} on {device_label(net.device)}"
-    show_plot(plot_perplexity_vs_bits(table, f"Perplexity vs bits per weight, {where} (measured)",
-                                      model=model))
-    if "decode (tok/s)" in table[0]:
-        bandwidth = measure_memory_bandwidth(net.device, nbytes=_stream_bytes(net), quick=True)
-        title = f"Decode speed per format vs the bandwidth roof, {where}, batch 1 (measured)"
-        show_plot(plot_decode_vs_bandwidth(table, bandwidth, title, model))
-    else:
-        print("(decode speeds are timed without --quick: no decode-vs-bandwidth figure in this run)")
-
-
 # %%
 notebook_demo("quantization")  # runs only in a notebook: the section's demo, here
 
 
 # %% [markdown]
 """
-### Part II: GGUF's block formats, written
-§1b *reads* GGUF's block formats. Here we *write* them: a quantizer for each type, and a GGUF
-writer, so the real model can be re-quantized to Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 or the K-quants
-and loaded back through our own reader, or llama.cpp.
-
-**The simple types** round each block of 32 on its own grid. Q8_0 and Q4_0/Q5_0 are symmetric:
-Q8_0 scales by max|x| / 127 and rounds half away from zero; Q4_0 (Q5_0) puts the value of
-largest magnitude, *with its sign*, at code −8 (−16): d = x_max / −8, so that extreme value is
-represented exactly and the grid's extra negative step points the other way. Q4_1/Q5_1 are
-min–max: d = (max − min) / 15 (31), m = min, codes rounded by adding ½ and truncating. Each
-quantizer below follows ggml's reference C arithmetic in float32, so its bytes equal those of
-llama.cpp's `gguf` Python package (the tests compare them on random and adversarial blocks).
-
-**The K-quants** work on super-blocks of 256 with a scale (and min) per sub-block, themselves
-quantized to 6 bits (Q4_K, Q5_K) or 8 bits (Q6_K) against one fp16 super-scale. Rounding the
-sub-block grid by min–max is not the best one can do: llama.cpp searches, for each sub-block,
-a handful of candidate scales around the min–max one, fits scale and min to the codes each
-candidate produces by weighted least squares (weights grow with |x|, so large weights, which
-matter most, are fitted best), and keeps the best. `_fit_affine_grid` does that search for all
-sub-blocks at once; the 6-bit packing of scales and mins inverts §1b's `_k_scales_mins`.
-"""
-
-
-# %%
-def _f16_bytes(x: np.ndarray) -> np.ndarray:
-    """float32 (n, 1) → its fp16 bytes (n, 2)."""
-    return x.astype(np.float16).reshape(-1, 1).view(np.uint8)
-
-
-def _round_half_away(x: np.ndarray) -> np.ndarray:
-    """C's roundf: halves round away from zero (np.round would round them to even)."""
-    return np.sign(x) * np.floor(np.abs(x) + np.float32(0.5))
-
-
-def _inverse(d: np.ndarray) -> np.ndarray:
-    with np.errstate(divide="ignore"):
-        return np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)
-
-
-def _quant_q8_0(x: np.ndarray) -> np.ndarray:  # (n, 32) float32 → (n, 34)
-    d = (np.abs(x).max(axis=1, keepdims=True) / np.float32(127)).astype(np.float32)
-    q = _round_half_away(x * _inverse(d)).astype(np.int8).view(np.uint8)
-    return np.concatenate([_f16_bytes(d), q], axis=1)
-
-
-def _signed_extreme(x: np.ndarray) -> np.ndarray:
-    """The value of largest magnitude in each row, with its sign (first one on ties)."""
-    return np.take_along_axis(x, np.abs(x).argmax(axis=1)[:, None], axis=1)
-
-
-def _pack_low_nibbles(q: np.ndarray) -> np.ndarray:
-    """(n, 32) codes → (n, 16): byte i holds element i (low nibble) and element i + 16 (high)."""
-    return (q[:, :16] & 0x0F) | ((q[:, 16:] & 0x0F) << 4)
-
-
-def _fifth_bits_bytes(q: np.ndarray) -> np.ndarray:
-    """(n, 32) 5-bit codes → (n, 4): bit i of the little-endian uint32 = bit 4 of element i."""
-    return np.packbits((q >> 4) & 1, axis=1, bitorder="little")
-
-
-def _quant_symmetric(x: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray]:
-    d = (_signed_extreme(x) / np.float32(-levels)).astype(np.float32)
-    q = np.trunc(x * _inverse(d) + np.float32(levels + 0.5)).astype(np.float32)
-    return d, np.clip(q, 0, 2 * levels - 1).astype(np.uint8)
-
-
-def _quant_minmax(x: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    lo, hi = x.min(axis=1, keepdims=True), x.max(axis=1, keepdims=True)
-    d = ((hi - lo) / np.float32(top)).astype(np.float32)
-    q = np.trunc((x - lo) * _inverse(d) + np.float32(0.5)).astype(np.float32)
-    return d, lo, np.clip(q, 0, top).astype(np.uint8)
-
-
-def _quant_q4_0(x):  # → (n, 18)
-    d, q = _quant_symmetric(x, 8)
-    return np.concatenate([_f16_bytes(d), _pack_low_nibbles(q)], axis=1)
-
-
-def _quant_q5_0(x):  # → (n, 22)
-    d, q = _quant_symmetric(x, 16)
-    return np.concatenate([_f16_bytes(d), _fifth_bits_bytes(q), _pack_low_nibbles(q)], axis=1)
-
-
-def _quant_q4_1(x):  # → (n, 20)
-    d, m, q = _quant_minmax(x, 15)
-    return np.concatenate([_f16_bytes(d), _f16_bytes(m), _pack_low_nibbles(q)], axis=1)
-
-
-def _quant_q5_1(x):  # → (n, 24)
-    d, m, q = _quant_minmax(x, 31)
-    return np.concatenate([_f16_bytes(d), _f16_bytes(m), _fifth_bits_bytes(q), _pack_low_nibbles(q)], axis=1)
-
-
-def _fit_affine_grid(x: np.ndarray, nmax: int, steps: int = 20) -> tuple[np.ndarray, np.ndarray]:
-    """For each sub-block x (..., L): scale ≥ 0 and min ≥ 0 with x ≈ scale·q − min, q in 0..nmax.
-    Tries `steps` + 1 grids around the min–max one; for each, rounds, then fits scale and min to
-    the codes by weighted least squares (weights |x| + rms(x)); keeps the lowest weighted error."""
-    x = x.astype(np.float32)
-    w = np.abs(x) + np.sqrt((x * x).mean(-1, keepdims=True))
-    lo = np.minimum(x.min(-1, keepdims=True), 0)  # the format can only shift down (−dmin·m)
-    span = x.max(-1, keepdims=True) - lo
-    safe = np.where(span > 0, span, 1)
-    best_a, best_b = span / nmax, lo.copy()
-    q = np.clip(np.round((x - lo) / np.where(best_a > 0, best_a, 1)), 0, nmax)
-    best_err = (w * (best_a * q + best_b - x) ** 2).sum(-1, keepdims=True)
-    sw, swx = w.sum(-1, keepdims=True), (w * x).sum(-1, keepdims=True)
-    for k in range(steps + 1):
-        iscale = (nmax - 1 + 0.1 * k) / safe  # candidates from (nmax − 1)/span to (nmax + 1)/span
-        q = np.clip(np.round(iscale * (x - lo)), 0, nmax)
-        swq, swq2, swqx = (w * q).sum(-1, keepdims=True), (w * q * q).sum(-1, keepdims=True), (w * q * x).sum(
-            -1, keepdims=True)
-        det = sw * swq2 - swq * swq
-        ok = det > 0
-        det = np.where(ok, det, 1)
-        a = np.where(ok, (sw * swqx - swq * swx) / det, best_a)
-        b = np.where(ok, (swq2 * swx - swq * swqx) / det, best_b)
-        clip = b > 0  # a positive offset is not representable: refit the scale with b = 0
-        a = np.where(clip, swqx / np.where(swq2 > 0, swq2, 1), a)
-        b = np.where(clip, 0, b)
-        err = (w * (a * q + b - x) ** 2).sum(-1, keepdims=True)
-        better = (err < best_err) & (a >= 0)
-        best_a, best_b, best_err = np.where(better, a, best_a), np.where(better, b, best_b), np.minimum(
-            np.where(better, err, best_err), best_err)
-    return best_a[..., 0], -best_b[..., 0]
-
-
-def _pack_k_scales(s: np.ndarray, m: np.ndarray) -> np.ndarray:
-    """6-bit scales and mins (n, 8) → 12 bytes (n, 12): the inverse of `_k_scales_mins`."""
-    s, m = s.astype(np.uint8), m.astype(np.uint8)
-    lo = (s[:, :4] & 63) | ((s[:, 4:] >> 4) << 6)
-    mid = (m[:, :4] & 63) | ((m[:, 4:] >> 4) << 6)
-    hi = (s[:, 4:] & 0x0F) | ((m[:, 4:] & 0x0F) << 4)
-    return np.concatenate([lo, mid, hi], axis=1)
-
-
-def _quant_k_affine(x: np.ndarray, nmax: int):
-    """Q4_K/Q5_K core: (n, 256) → d, dmin (n, 1) fp32 as stored, 6-bit s, m (n, 8), codes (n, 8, 32)."""
-    sub = x.reshape(-1, 8, 32)
-    scale, mn = _fit_affine_grid(sub, nmax)
-    d = (scale.max(1, keepdims=True) / 63).astype(np.float16).astype(np.float32)
-    dmin = (mn.max(1, keepdims=True) / 63).astype(np.float16).astype(np.float32)
-    s = np.clip(np.round(scale * _inverse(d)), 0, 63)
-    m = np.clip(np.round(mn * _inverse(dmin)), 0, 63)
-    step = (d * s)[..., None]
-    q = np.round((sub + (dmin * m)[..., None]) / np.where(step > 0, step, 1))
-    return d, dmin, s, m, np.clip(np.where(step > 0, q, 0), 0, nmax).astype(np.uint8)
-
-
-def _k_nibble_bytes(q: np.ndarray) -> np.ndarray:
-    """Codes (n, 8, 32) → 128 bytes: chunk c = sub-block 2c in low nibbles, 2c + 1 in high."""
-    return ((q[:, 0::2] & 0x0F) | ((q[:, 1::2] & 0x0F) << 4)).reshape(-1, 128)
-
-
-def _quant_q4_k(x):  # (n, 256) → (n, 144)
-    d, dmin, s, m, q = _quant_k_affine(x, 15)
-    return np.concatenate([_f16_bytes(d), _f16_bytes(dmin), _pack_k_scales(s, m), _k_nibble_bytes(q)], axis=1)
-
-
-def _quant_q5_k(x):  # (n, 256) → (n, 176)
-    d, dmin, s, m, q = _quant_k_affine(x, 31)
-    qh = np.packbits(((q >> 4) & 1).transpose(0, 2, 1), axis=2, bitorder="little").reshape(-1, 32)
-    return np.concatenate([_f16_bytes(d), _f16_bytes(dmin), _pack_k_scales(s, m), qh, _k_nibble_bytes(q)],
-                          axis=1)
-
-
-def _quant_q6_k(x):  # (n, 256) → (n, 210)
-    sub = x.reshape(-1, 16, 16).astype(np.float32)
-    w = sub * sub
-    extreme = np.take_along_axis(sub, np.abs(sub).argmax(-1)[..., None], -1)  # signed, (n, 16, 1)
-    best_scale, best_err = np.zeros(sub.shape[:2] + (1,), np.float32), np.full(sub.shape[:2] + (1,), np.inf)
-    for k in range(-9, 10):  # candidate grids: the extreme value at code −32 ± 0.9
-        iscale = -(32 + 0.1 * k) / np.where(extreme != 0, extreme, 1)
-        q = np.clip(np.round(iscale * sub), -32, 31)
-        sq2 = (w * q * q).sum(-1, keepdims=True)
-        scale = (w * q * sub).sum(-1, keepdims=True) / np.where(sq2 > 0, sq2, 1)
-        err = (w * (scale * q - sub) ** 2).sum(-1, keepdims=True)
-        better = err < best_err
-        best_scale, best_err = np.where(better, scale, best_scale), np.where(better, err, best_err)
-    scales = best_scale[..., 0]  # (n, 16), signed
-    top = np.take_along_axis(scales, np.abs(scales).argmax(1)[:, None], 1)  # (n, 1)
-    d = (top / -128).astype(np.float16).astype(np.float32)
-    sc = np.clip(np.round(scales * _inverse(d)), -128, 127)
-    step = (d * sc)[..., None]
-    q = np.clip(np.round(sub / np.where(step != 0, step, 1)), -32, 31)
-    q = (np.where(step != 0, q, 0) + 32).astype(np.uint8).reshape(-1, 2, 4, 32)  # (n, half, k, l)
-    ql = (q[:, :, :2] & 0x0F) | ((q[:, :, 2:] & 0x0F) << 4)  # (n, half, 2, 32)
-    qh = ((q >> 4) << np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)).sum(2, dtype=np.uint8)
-    return np.concatenate([ql.reshape(-1, 128), qh.reshape(-1, 64), sc.astype(np.int8).view(np.uint8),
-                           _f16_bytes(d)], axis=1)
-
-
-_BLOCK_QUANTIZERS = {
-    GGMLType.Q8_0: _quant_q8_0, GGMLType.Q4_0: _quant_q4_0, GGMLType.Q4_1: _quant_q4_1,
-    GGMLType.Q5_0: _quant_q5_0, GGMLType.Q5_1: _quant_q5_1, GGMLType.Q4_K: _quant_q4_k,
-    GGMLType.Q5_K: _quant_q5_k, GGMLType.Q6_K: _quant_q6_k,
-}
-
-
-def _quant_bf16(x: np.ndarray) -> np.ndarray:
-    """float32 (…, K) → bf16 bytes (…, 2K): the upper 16 bits, rounded to nearest even (as ggml's
-    GGML_FP32_TO_BF16 for finite values)."""
-    bits = x.view(np.uint32)
-    rounded = (bits + (np.uint32(0x7FFF) + ((bits >> 16) & 1))) >> 16
-    return rounded.astype("<u2").view(np.uint8)
-
-
-def quantize_blocks(values: np.ndarray, ggml_type: GGMLType | int) -> np.ndarray:
-    """float values (…, K), any strides (a NumPy array, or a PyTorch tensor of any float dtype) →
-    the raw bytes of `ggml_type` blocks (uint8, …, K / block · type_size), rows quantized
-    independently along the last axis (F32, F16 and BF16 too). GGUFError for values a type's
-    fp16 fields (or F16/BF16 themselves) cannot hold: they would overflow to inf."""
-    try:
-        ggml_type = GGMLType(ggml_type)
-    except ValueError:
-        raise GGUFError(f"unknown ggml type id {ggml_type}") from None
-    if isinstance(values, torch.Tensor):
-        values = values.detach().float().cpu().numpy()
-    values = np.ascontiguousarray(values, dtype=np.float32)  # row-major: the blocks run along rows
-    if values.ndim == 0 or not np.isfinite(values).all():
-        raise GGUFError("quantize_blocks needs a finite array of at least one dimension")
-    writable = (GGMLType.F32, GGMLType.F16, GGMLType.BF16, *_BLOCK_QUANTIZERS)
-    if ggml_type not in writable:
-        supported = ", ".join(t.name for t in writable)
-        raise GGUFError(f"quantizing to {ggml_type.name} is not implemented here (supported: {supported})")
-    block, type_size = GGML_BLOCK_SIZES[ggml_type]
-    if values.shape[-1] % block:
-        raise GGUFError(f"{ggml_type.name} needs rows whose length is a multiple of {block}; got rows of "
-                        f"{values.shape[-1]}: pick a type with smaller blocks (e.g. Q8_0, block 32)")
-    # Past 65504 an fp16 field becomes inf (checked below); values whose tiny scale flushes to 0
-    # meet inf·0 on the way, harmlessly. No block type holds |x| ≥ 2^31 (Q6_K's largest, d·sc·q,
-    # is 65504·128·32 ≈ 2^28), and past ~2^64 the K-quants' squared weights overflow float32.
-    with np.errstate(over="ignore", invalid="ignore"):
-        out = _quantize_rows(values, ggml_type)
-    if not _half_fields_finite(out, ggml_type) or (block > 1 and np.abs(values).max() >= 2.0**31):
-        raise GGUFError(f"values up to {float(np.abs(values).max()):.4g} overflow {ggml_type.name}'s "
-                        f"{'values' if block == 1 else 'fp16 scales or mins'} (largest finite: "
-                        f"{'3.39e38' if ggml_type == GGMLType.BF16 else '65504'}); store this tensor as F32 "
-                        "(or BF16), or rescale it")
-    return out.reshape(*values.shape[:-1], -1)
-
-
-def _half_fields_finite(out: np.ndarray, ggml_type: GGMLType) -> bool:
-    """Whether every 16-bit float of the quantized bytes (F16/BF16 values; blocks' d, m, dmin) is finite."""
-    if ggml_type == GGMLType.F16:
-        return bool(np.isfinite(out.view("<f2")).all())
-    if ggml_type == GGMLType.BF16:
-        return not ((out.view("<u2") & 0x7F80) == 0x7F80).any()  # exponent all ones: inf
-    at = 0
-    for name, n in GGUF_BLOCK_FIELDS.get(ggml_type, ()):  # F32 has no fields
-        if name in ("d", "m", "dmin") and not np.isfinite(out[:, at:at + 2].copy().view("<f2")).all():
-            return False
-        at += n
-    return True
-
-
-def _quantize_rows(values: np.ndarray, ggml_type: GGMLType) -> np.ndarray:
-    """C-contiguous finite float32 (…, K) → (n_blocks, type_size) or, for F32/F16/BF16, (…, bytes)."""
-    if ggml_type == GGMLType.F32:
-        return values.view(np.uint8).copy()
-    if ggml_type == GGMLType.F16:
-        return values.astype("<f2").view(np.uint8)
-    if ggml_type == GGMLType.BF16:
-        return _quant_bf16(values)
-    block, type_size = GGML_BLOCK_SIZES[ggml_type]
-    blocks = values.reshape(-1, block)
-    out = np.empty((blocks.shape[0], type_size), dtype=np.uint8)
-    for start in range(0, blocks.shape[0], DEQUANT_CHUNK_BLOCKS):
-        stop = start + DEQUANT_CHUNK_BLOCKS
-        out[start:stop] = _BLOCK_QUANTIZERS[ggml_type](blocks[start:stop])
-    return out
-
-
-# %% [markdown]
-"""
-### Writing a GGUF file, and re-quantizing the real model
-`write_gguf` lays out the file §1b reads: header, metadata, tensor infos, padding to the
-alignment, tensor data (Appendix A has the writer's plumbing: value encoding and the atomic
-rename that leaves no half-written file). `quantize_model_to_gguf` maps our parameter names back
-to GGUF's, re-permutes the q/k rows for llama.cpp's RoPE (§1b), quantizes every matrix to the
-scheme's type and writes the tokenizer metadata too, so the file loads back with
-`load_model(path)` and chats. The K-quants need rows that are a multiple of 256 values; like
-llama.cpp, a tensor whose rows are not falls back to a 32-block type of similar size (Q4_K →
-Q5_0, Q5_K → Q5_1, Q6_K → Q8_0). In SmolLM2 (width 576) that is every matrix except the
-down-projections, so its "Q4_K_M" is mostly Q5_0.
-
-The Q4_K_M-style mix follows llama.cpp's recipe in spirit: Q4_K by default; Q6_K for the
-value projections and down-projections of the first and last eighth of the layers and of every
-third layer between; Q6_K for the embedding, which SmolLM2 also uses as its output head.
-"""
-
-
-# %%
-GGUF_SCHEMES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K_M")
-_K_FALLBACK = {GGMLType.Q4_K: GGMLType.Q5_0, GGMLType.Q5_K: GGMLType.Q5_1, GGMLType.Q6_K: GGMLType.Q8_0}
-
-
-def permute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """The inverse of `unpermute_rope_rows`: (rotate-half halves) → llama.cpp's adjacent pairs."""
-    rows, cols = w.shape
-    return w.reshape(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
-
-
-def _scheme_type(scheme: str, gguf_name: str, n_layers: int, row_length: int) -> GGMLType:
-    """The ggml type `scheme` gives one tensor (norms stay F32)."""
-    if gguf_name.endswith("norm.weight"):
-        return GGMLType.F32
-    if scheme != "Q4_K_M":
-        return GGMLType[scheme]
-    ggml_type = GGMLType.Q4_K
-    if gguf_name in ("token_embd.weight", "output.weight"):
-        ggml_type = GGMLType.Q6_K
-    elif gguf_name.endswith(("attn_v.weight", "ffn_down.weight")):
-        i = int(gguf_name.split(".")[1])
-        if i < n_layers // 8 or i >= 7 * n_layers // 8 or (i - n_layers // 8) % 3 == 2:
-            ggml_type = GGMLType.Q6_K
-    if row_length % QK_K:
-        ggml_type = _K_FALLBACK[ggml_type]
-    return ggml_type
-
-
-def _float_weights(model: Transformer) -> dict[str, torch.Tensor]:
-    """Parameter name → weight, in state_dict order, with every `QuantizedLinear` (whose codes are
-    buffers, not state) as its dequantized fp32 weight under the name the float layer had."""
-    out = {}
-    for prefix, module in model.named_modules():
-        if isinstance(module, QuantizedLinear):
-            out[f"{prefix}.weight"] = module.weight_dequantized()
-        else:
-            for name, p in module.named_parameters(prefix=prefix, recurse=False):
-                out[name] = p
-    assert set(model.state_dict()) <= set(out), "a weight the export does not know how to write"
-    return out
-
-
-def model_to_gguf_tensors(model: Transformer) -> dict[str, torch.Tensor]:
-    """GGUF name → fp32 tensor for every weight of `model` (tied head written once). The layers of
-    a quantized copy (`quantize_model`, GPTQ, AWQ) are written dequantized, so every layer is there;
-    an untied INT8 head of a model whose config ties it is not written: the file's head is the
-    embedding, as in the float model."""
-    inverse = {v: k for k, v in _GGUF_NAMES.items()}
-    out = {}
-    for name, p in _float_weights(model).items():
-        parts = name.split(".")
-        if parts[0] == "layers":
-            short = inverse[".".join(parts[2:-1])]
-            gname = f"blk.{parts[1]}.{short}.{parts[-1]}"
-        else:
-            if name == "lm_head.weight" and model.cfg.tie_embeddings:
-                continue
-            gname = f"{inverse[parts[0]]}.{parts[1]}"
-        w = p.detach().float().cpu()
-        if heads := rope_heads(gname, model.cfg):
-            w = permute_rope_rows(w, heads)
-        out[gname] = w
-    return out
-
-
-def quantize_model_to_gguf(model: Transformer, tokenizer, path: str | Path, scheme: str = "Q4_K_M",
-                           show_progress: bool = True) -> Path:
-    """Write `model` as a GGUF file quantized by `scheme` (one of GGUF_SCHEMES), with the
-    architecture metadata and `tokenizer`'s own metadata, so `load_model(path)` loads it back.
-    A quantized copy's layers are dequantized (`model_to_gguf_tensors`), then quantized by `scheme`."""
-    if scheme not in GGUF_SCHEMES:
-        raise GGUFError(f"scheme must be one of {GGUF_SCHEMES}, got {scheme!r}")
-    tok_meta = getattr(tokenizer, "metadata", None)
-    if not tok_meta:
-        raise GGUFError("the tokenizer carries no GGUF metadata to write; pass the GGUFTokenizer of a GGUF "
-                        "model (load_model returns one)")
-    cfg = model.cfg
-    metadata = {"general.architecture": "llama",
-                "general.name": f"{cfg.name} {scheme} (written by this lesson)",
-                "llama.context_length": cfg.max_seq_len, "llama.embedding_length": cfg.dim,
-                "llama.block_count": cfg.n_layers, "llama.feed_forward_length": cfg.ffn_dim,
-                "llama.attention.head_count": cfg.n_heads, "llama.attention.head_count_kv": cfg.n_kv_heads,
-                "llama.rope.freq_base": float(cfg.rope_theta), "llama.rope.dimension_count": cfg.head_dim,
-                "llama.attention.layer_norm_rms_epsilon": float(cfg.norm_eps),
-                "llama.vocab_size": cfg.vocab_size,
-                **tok_meta}
-    tensors = {}
-    for gname, w in progress(list(model_to_gguf_tensors(model).items()), f"quantizing to {scheme}",
-                             enabled=show_progress):
-        tensors[gname] = (w.numpy(), _scheme_type(scheme, gname, cfg.n_layers, w.shape[-1]))
-    return write_gguf(path, metadata, tensors, types=getattr(tokenizer, "metadata_types", None))
-
-
-# %% [markdown]
-"""
-### Measuring the GGUF formats
-`analyze_gguf_formats` quantizes the real model's down-projections (rows of 1,536, which every
-type accepts; we drop the first 16 columns, so that no type gets the file's own Q4_1 blocks for
-free) to each type and reports bits per weight and the error; `demonstrate_gguf_formats`
-then writes the whole model in each scheme with our writer, loads the file back with our
-reader, measures perplexity, and puts llama.cpp's published perplexity increase for the same
-type on Llama-3-8B beside it (its `quantize` tool's help text; REFERENCES). A figure draws each
-block's bytes.
-"""
-
-
-# %%
-GGUF_BLOCK_FIELDS = {  # storage order of each block's fields: (name, bytes)
-    GGMLType.Q8_0: [("d", 2), ("q", 32)], GGMLType.Q4_0: [("d", 2), ("qs", 16)],
-    GGMLType.Q4_1: [("d", 2), ("m", 2), ("qs", 16)], GGMLType.Q5_0: [("d", 2), ("qh", 4), ("qs", 16)],
-    GGMLType.Q5_1: [("d", 2), ("m", 2), ("qh", 4), ("qs", 16)],
-    GGMLType.Q4_K: [("d", 2), ("dmin", 2), ("scales", 12), ("qs", 128)],
-    GGMLType.Q5_K: [("d", 2), ("dmin", 2), ("scales", 12), ("qh", 32), ("qs", 128)],
-    GGMLType.Q6_K: [("ql", 128), ("qh", 64), ("scales", 16), ("d", 2)],
-}
-LLAMA_CPP_PPL_INCREASE = {"Q8_0": 0.0026, "Q6_K": 0.0217, "Q5_1": 0.1062, "Q5_0": 0.1316, "Q4_K_M": 0.1754,
-                          "Q4_1": 0.4511, "Q4_0": 0.4685}  # Llama-3-8B, llama.cpp quantize help (REFERENCES)
-
-
-def analyze_gguf_formats(model: str = "smollm2", device=None, n_layers: int | None = None) -> "Rows":
-    """Bits per weight and error of every writable block type on the model's down-projections
-    (of the first `n_layers` layers; all by default)."""
-    net, _ = get_model(model, device)
-    layers = list(net.layers)[:n_layers]
-    w = torch.cat([layer.mlp.w_down.weight.detach().float().cpu() for layer in layers]).numpy()
-    if w.shape[1] >= 256 + 16:  # skip half a block: the file's own Q4_1 grid would give Q4_1 zero error
-        w = np.ascontiguousarray(w[:, 16:16 + (w.shape[1] - 16) // 256 * 256])
-    rms = float(np.sqrt((w ** 2).mean()))
-    rows = []
-    for t in GGUF_BLOCK_FIELDS:
-        if w.shape[1] % GGML_BLOCK_SIZES[t][0]:
-            continue
-        with Timer() as timer:
-            raw = quantize_blocks(w, t)
-        back = dequantize(raw.reshape(-1), t, w.shape)
-        block, size = GGML_BLOCK_SIZES[t]
-        rows.append({"type": t.name, "bits/weight": 8 * size / block, "RMSE / RMS(w) %": 100 * float(
-            np.sqrt(((back - w) ** 2).mean())) / rms, "quantize (s)": timer.seconds})
-    return Rows(sorted(rows, key=lambda r: -r["bits/weight"]),
-                f"Block formats on {net.cfg.name}'s down-projections ({w.size / 1e6:.1f}M weights, measured)")
-
-
-GGUF_FIELD_MEANING = {"d": "d: block scale (fp16)", "dmin": "dmin / m: block minimum, offset (fp16)",
-                      "m": None, "scales": "scales: sub-block scales and mins (6-bit; 8-bit in Q6_K)",
-                      "qh": "qh: high bits of the codes", "q": "q / qs / ql: the codes' low bits",
-                      "qs": None, "ql": None}
-
-
-def plot_block_layouts(title: str = "GGUF block layouts, field by field (the format's definition; "
-                                    "no model, no device)", model=None) -> "Plot":
-    """One bar per type: its block's bytes, field by field; fields too narrow to hold their name
-    are named above the bar, with a tick down to the field."""
-    from matplotlib.patches import Patch
-
-    fig, ax = new_figure(figsize=(10.5, 5))
-    colors = {"d": "C0", "dmin": "C1", "m": "C1", "scales": "C2", "qh": "C3", "q": "C4", "qs": "C4",
-              "ql": "C4"}
-    for row, (t, fields) in enumerate(GGUF_BLOCK_FIELDS.items()):
-        start, next_free = 0, -1e9  # next_free: where the next label above the bar may start (bytes)
-        for name, nbytes in fields:
-            ax.barh(row, nbytes, left=start, color=colors[name], edgecolor="white", height=0.6)
-            middle = start + nbytes / 2
-            if nbytes >= 10:
-                ax.text(middle, row, f"{name} {nbytes}", ha="center", va="center", fontsize=7, color="white")
-            else:  # a narrow field: its name above the bar, shifted right of the previous one
-                x = max(middle, next_free)
-                ax.annotate(f"{name} {nbytes}", (middle, row - 0.3), xytext=(x, row - 0.52), fontsize=6.5,
-                            ha="left", va="bottom", color=colors[name],
-                            arrowprops=dict(arrowstyle="-", color=colors[name], lw=0.6))
-                next_free = x + 4 + 2.2 * len(f"{name} {nbytes}")
-            start += nbytes
-        block = GGML_BLOCK_SIZES[t][0]
-        ax.text(start + 2, row, f"{start} B / {block} weights = {8 * start / block:.4g} bits", va="center",
-                fontsize=7)
-    ax.set_yticks(range(len(GGUF_BLOCK_FIELDS)), [t.name for t in GGUF_BLOCK_FIELDS])
-    ax.set(xlabel="bytes in one block", xlim=(0, 290), ylim=(len(GGUF_BLOCK_FIELDS) - 0.5, -0.9))
-    ax.set_title(title, fontsize=9)
-    ax.legend(handles=[Patch(color=colors[k], label=v) for k, v in GGUF_FIELD_MEANING.items() if v],
-              fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
-    caption = ("the codes (purple) are most of every block; the K-quants spend 12–16 bytes per 256 weights "
-               "on sub-block scales, the simple types 2–4 bytes per 32 on one scale (and minimum).")
-    return save_plot(fig, "s8_gguf_block_layouts", caption, model)
-
-
-def demonstrate_gguf_formats(model: str = "smollm2", device=None, quick: bool = False,
-                             plots: bool = True, measured: dict | None = None) -> "Report":
-    """Every block type's size and error, then the whole model written, reloaded and measured.
-    With the §8 quantization table of the same run (`measured`, as `main` passes it), the
-    perplexity-vs-bits figure shows the GGUF files beside RTN, GPTQ and AWQ."""
-    import tempfile
-
-    errors = analyze_gguf_formats(model, device, n_layers=2 if quick else 8)  # the K-quant search is slow
-    print_table(errors)
-    if plots:
-        show_plot(plot_block_layouts(model=model))
-    net, tok = get_model(model, device)
-    if not getattr(tok, "metadata", None):
-        print("The tiny model has no GGUF tokenizer to write; run with --model smollm2 for the file round "
-              "trip.")
-        return Report(errors=errors)
-    ids = text_slices(tok)["eval"][: 256 if quick else 512]
-    base = evaluate_perplexity(net, ids, show_progress=False)
-    rows = [{"scheme": "fp32 (the dequantized Q4_1 file)", "file (MB)": float("nan"), "bits/weight": 32.0,
-             "perplexity": base, "increase": 0.0, "perplexity vs fp32 %": 0.0,
-             "llama.cpp increase, Llama-3-8B": float("nan"), "write (s)": float("nan")}]
-    with tempfile.TemporaryDirectory() as folder:
-        for scheme in (("Q4_0",) if quick else GGUF_SCHEMES):  # quick: one file, no K-quant search
-            path = Path(folder) / f"smollm2-{scheme}.gguf"
-            with Timer() as t:
-                quantize_model_to_gguf(net, tok, path, scheme, show_progress=False)
-            reloaded, _ = load_model(path, device)
-            ppl = evaluate_perplexity(reloaded, ids, show_progress=False)
-            rows.append({"scheme": scheme, "file (MB)": path.stat().st_size / 1e6,
-                         "bits/weight": 8 * path.stat().st_size / net.cfg.n_params, "perplexity": ppl,
-                         "increase": ppl - base, "perplexity vs fp32 %": 100 * (ppl / base - 1),
-                         "llama.cpp increase, Llama-3-8B": LLAMA_CPP_PPL_INCREASE[scheme],
-                         "write (s)": t.seconds})
-    table = Rows(rows, f"{net.cfg.name} written by write_gguf in each scheme, read back by read_gguf; "
-                       f"perplexity on {len(ids)} evaluation tokens (measured; llama.cpp column cited)")
-    print_table(table)
-    if plots:  # beside this run's §8 table when there is one
-        quantized = ((measured or {}).get("quantization") or {}).get("schemes") or []
-        show_plot(plot_perplexity_vs_bits(quantized, f"Perplexity vs bits per weight, {net.cfg.name} on "
-                                                     f"{device_label(net.device)} (measured)", table, model))
-    err = {r["type"]: r["RMSE / RMS(w) %"] for r in errors}
-    ppl = {r["scheme"]: r["perplexity"] for r in rows}
-    note = ""
-    if {"Q4_1", "Q5_0", "Q5_1"} <= set(ppl):
-        note = (f" In the file table Q4_1 ({ppl['Q4_1']:.2f}) beats Q5_0 ({ppl['Q5_0']:.2f}) and Q5_1 "
-                f"({ppl['Q5_1']:.2f}) with fewer bits: SmolLM2's weights are already Q4_1 blocks, so "
-                "rewriting Q4_1 lands on the same grid, while the 5-bit grids do not contain those points "
-                "and round every weight again.")
-    print(f"Takeaway: more bits per weight, less error; at the same 4.5 bits the K-quants' searched scales "
-          f"beat the min-max blocks on the down-projections (RMS error Q4_K {err['Q4_K']:.1f}% vs Q4_0 "
-          f"{err['Q4_0']:.1f}%).{note} llama.cpp's increases (an 8B model quantized from 16-bit weights) "
-          "are far smaller.")
-    return Report(errors=errors, files=table)
-
-
-# %%
-notebook_demo("gguf_formats")  # runs only in a notebook: the demo, here
-
-
-
-# %% [markdown]
-"""
-## §9 Summary: every technique's speedup and memory saving, measured
-
-The opening cell lists what papers and projects claim for each technique. Here each claim is
-checked on this machine, by calling the sections' own measurement functions (small sizes unless
-`quick=False`), with how it was measured and the reason where a claim does not reproduce here.
-Claimed numbers are the opening table's, with its sources; "measured here" is what the code just
-measured.
-"""
-
-
-# %%
-def _summary_row(technique, claim_speed, claim_memory, measured, how, complexity, note=""):
-    return {"technique": technique, "claimed speedup": claim_speed,
-            "claimed memory saving": claim_memory, "measured here": measured, "how it was measured": how,
-            "complexity": complexity, "why": note}
-
-
-def analyze_optimization_summary(model: str = "smollm2", device=None, quick: bool = True,
-                                 seed: int = 0, measured: dict | None = None) -> "Rows":
-    """The opening cell's table of claims with a measured cell per row (see the section of each row).
-    `measured` maps a demo's name (as in `main`) to what it returned in this run; a row reads its
-    number from there and measures only what is missing, with the demo's own sizes."""
-    measured = measured or {}
-    device = pick_device(device)
-    net, tok = get_model(model, device)
-    rows = []
-
-    def section(name: str, key: str | None, measure: Callable):
-        got = measured.get(name)
-        got = got.get(key) if key and isinstance(got, dict) else got
-        return got if got else measure()
-
-    kv = section("kv_cache", None,
-                 lambda: analyze_kv_cache(model, device=device, **_kv_cache_sizes(quick))[0])
-    rows.append(_summary_row("KV cache (§3)", "—", "—", f"{kv[-1]['speedup (×)']:.1f}× at "
-                             f"{kv[-1]['new tokens']} new tokens",
-                             "cached vs recomputing decode, same tokens",
-                             "low", "grows with length: each uncached step redoes the whole prefix"))
-    util = section("paged_attention", "utilization",
-                   lambda: analyze_kv_utilization(num_requests=300 if quick else 2000, seed=seed))
-    contiguous, paged = util[0], next(r for r in util if r["scheme"] == "paged, block size 16")
-    saved = 100 * (1 - contiguous["tokens held %"] / paged["tokens held %"])
-    rows.append(_summary_row("PagedAttention (§4)", "2–4× throughput", "96.3% of KV memory holds tokens",
-                             f"{saved:.0f}% less KV memory for the same tokens; "
-                             f"{paged['seqs in 12 GiB'] / contiguous['seqs in 12 GiB']:.1f}× sequences fit",
-                             "ShareGPT-like lengths through the block manager vs max-length reservation",
-                             "medium", "capacity measured, not throughput: more sequences fit, which "
-                             "continuous batching turns into throughput"))
-    prefix = section("paged_attention", "prefix_caching",
-                     lambda: analyze_prefix_caching(num_requests=100 if quick else 400, seed=seed))
-    skipped = max(r["prefill skipped %"] for r in prefix)
-    rows.append(_summary_row("Prefix caching (§4)", "—", "—", f"{skipped:.0f}% of prefill skipped",
-                             "shared system prompts through the block manager", "medium",
-                             "depends on how much of each prompt is shared"))
-    cb = section("continuous_batching", None,
-                 lambda: analyze_continuous_batching(model, device, seed=seed, **_batching_sizes(quick))[0])
-    rows.append(_summary_row("Continuous batching (§5)", "up to 36.9× throughput", "—",
-                             f"{cb[1]['tokens/s'] / cb[0]['tokens/s']:.1f}× tokens/s", "the same seeded "
-                             "workload, static batches vs the engine", "high",
-                             "the gain grows with the spread of output lengths and the batch width"))
-    spec = section("speculative", None,
-                   lambda: measure_speculative_decoding(model, device, **_speculative_sizes(quick)))
-    best = max(spec, key=lambda r: r["measured (×)"])
-    rows.append(_summary_row("Speculative decoding (§6)", "2–3.4×", "—", f"{best['measured (×)']:.1f}× "
-                             f"({best['draft']}, {best['task']}, α={best['α']:.2f})",
-                             "greedy, token-identical to plain decoding", "high",
-                             "needs a draft that is right often and costs little"))
-    q4 = quantize_model(net, rtn_quantizer(4, 128))
-    lins = [m for m in q4.modules() if isinstance(m, QuantizedLinear)]
-    fp16 = 2 * sum(m.qw.shape[0] * m.qw.shape[1] for m in lins)
-    layer_bytes = sum(m.qw.nbytes for m in lins if m.qw.bits == 4)
-    layer_fp16 = 2 * sum(m.qw.shape[0] * m.qw.shape[1] for m in lins if m.qw.bits == 4)
-    whole = fp16 / sum(m.qw.nbytes for m in lins)
-    rows.append(_summary_row("INT4 weights (§8)", "1.88× decode tok/s", "4× less memory than fp16",
-                             f"{layer_fp16 / layer_bytes:.2f}× on the layers, "
-                             f"{whole:.2f}× with the INT8 head",
-                             "bytes of the stored codes, scales and offsets vs fp16", "medium",
-                             "fp16 scale and offset cost 0.25 bit per weight at groups of 128, and a row "
-                             "that ends in a partial group (576 = 4.5 × 128) stores it padded"))
-    fd = section("flash_decoding", "timing",
-                 lambda: measure_flash_decoding(device, _flash_contexts(device, quick)[-1:], repeat=3))
-    ctx = max(r["context"] for r in fd)
-    times = {r["method"]: r["time (µs)"] for r in fd if r["context"] == ctx}
-    fast = "split-K (Triton)" if "split-K (Triton)" in times else "split-K (PyTorch, 8 splits)"
-    rows.append(_summary_row("Flash-decoding (§7)", "attention up to 50× faster", "—",
-                             f"{times['naive'] / times[fast]:.1f}× vs naive at {ctx:,} tokens ({fast})",
-                             "decode attention time, 32/8 heads", "high",
-                             "a GPU gain: on a CPU the cores are already busy with one sequence"))
-    if device.type == "cuda":
-        modes = section("fast_path", "modes",
-                        lambda: measure_fast_path(model, device, (1,), new_tokens=16, compile_step=False))
-        speed = {r["mode"]: r["tokens/s"] for r in modes if r["batch"] == 1}
-        gain = speed["graph"] / speed["eager"]
-        rows.append(_summary_row("CUDA graphs (§10)", "4.2× decode tok/s", "—", f"{gain:.1f}× decode",
-                                 "static decode step, eager vs replayed", "medium",
-                                 "removes launch overhead"))
-    else:
-        modes = (measured.get("fast_path") or {}).get("modes") or []  # §10's demo compiles only at full size
-        speed = {r["mode"]: r["tokens/s"] for r in modes if r["batch"] == 1}
-        compiled = speed.get("compile", float("nan"))
-        cpu = (f"; its CPU counterpart, the compiled step, ran at {compiled / speed['eager']:.2f}× eager"
-               if math.isfinite(compiled) and speed.get("eager") else "")
-        rows.append(_summary_row("CUDA graphs (§10)", "4.2× decode tok/s", "—", f"needs a GPU{cpu}",
-                                 "§10's decode modes",
-                                 "medium", "removes per-operation overhead, which a CPU pays in dispatch"))
-    return Rows(rows, f"The techniques, measured on {platform_summary()} with {net.cfg.name}"
-                      f"{' (quick sizes)' if quick else ''}")
-
-
-def demonstrate_summary(model: str = "smollm2", device=None, seed: int = 0, quick: bool = True,
-                        measured: dict | None = None) -> "Rows":
-    """Print the measured summary table. Alone it measures every row (the demos' quick sizes
-    unless `quick=False`); after the other demos, `main` passes what they measured."""
-    rows = analyze_optimization_summary(model, device, quick=quick, seed=seed, measured=measured)
-    print_table(rows)
-    print("Takeaway: every claim is checked where this machine can check it; where a number differs "
-          "from the claim, the 'why' column says what it depends on.")
-    return rows
-
-
-# %%
-notebook_demo("summary")  # runs only in a notebook: the section's demo, here
-
-
-# %% [markdown]
-"""
-## §10 The fast path: launch overhead, CUDA graphs, compiled decode steps
+## §9 The fast path: launch overhead, CUDA graphs, compiled decode steps
 
 **The problem.** §2 placed decode on the bandwidth roof: at batch 1 a step should take about
 (bytes of weights) / (bandwidth). Measured, our eager decode is far slower than that, on a GPU
-by two orders of magnitude for a small model. A decode step is a few hundred small operations
-(per layer: norms, three projections, RoPE, a cache write, attention, the output projection, the
-MLP), each issued from Python through PyTorch's dispatcher. On a CPU each costs microseconds of
-dispatch; on a GPU each is a kernel launch, and the GPU finishes a small kernel before Python
-has issued the next: it waits for the CPU. The step is *overhead-bound*: neither memory nor
-arithmetic limits it.
+by two orders of magnitude for a small model. A decode step is a couple of thousand small
+operations (per layer some sixty: norms, three projections, RoPE, a cache write, attention, the
+output projection, the MLP, and the views and casts between them), each issued from Python
+through PyTorch's dispatcher. On a CPU each costs microseconds of dispatch; on a GPU each is a
+kernel launch, and the GPU finishes a small kernel before Python has issued the next: it waits
+for the CPU. The step is *overhead-bound*: neither memory nor arithmetic limits it.
 
 **The idea.** Record the step once and replay it. A **CUDA graph** captures every kernel the
 step launches, with its arguments, and replays the whole sequence with one call: no Python, no
@@ -7093,19 +5683,21 @@ padding a batch up to the next captured size; gpt-fast compiles its decode step 
 `mode="reduce-overhead"`.
 
 **Cost model.** Step time ≈ max(bytes / bandwidth, ops × per-op overhead).
-`analyze_launch_overhead` counts the ops of one step and measures both sides.
+`measure_launch_overhead` counts the ops of one step and measures both sides; the time beyond
+the weights' read, divided by the op count, is the overhead each op adds.
 
 **Three things the compiler does not do for us.** (1) It does not merge matmuls that read the
 same input: `fuse_projections` lays q/k/v out as rows of one matrix and gate/up as rows of
 another (the modules' weights become views of them, so no memory is added), and the step runs
 one matmul for each; a bigger matrix also streams closer to full bandwidth on a GPU. (2) It
 keeps an in-place cache write in place only when the write mutates the cache tensor itself:
-written through a view (a per-layer slice, a flat reshape), the compiled step copied the whole
-cache every step. (3) A batch-1 matmul is a matrix-vector product; on a GPU the compiler's
-coordinate-descent tuning rewrites it as a tuned reduction (gpt-fast's setting), on a CPU a C++
-wrapper (`cpp_wrapper`) removes the Python that calls the compiled kernels. How well a tuned
-reduction reads a matrix varies by shape and by process, so for large matrices the GPU step
-uses a kernel of our own (`triton_matvec`, below).
+written through a view (a per-layer slice, a flat reshape), a compiled step copies the whole
+cache every step, so the step writes with `index_put_` on the cache tensor. (3) A batch-1 matmul
+is a matrix-vector product; on a GPU the compiler's coordinate-descent tuning rewrites it as a
+tuned reduction (gpt-fast's setting), on a CPU a C++ wrapper (`cpp_wrapper`) removes the Python
+that calls the compiled kernels. How well a tuned reduction reads a matrix varies by shape and
+by process, so for large matrices the GPU step uses a kernel of our own (`triton_matvec`,
+Appendix D).
 
 **Keeping the loop on the device.** A graph removes the launches inside a step; the loop around
 the steps can still make the GPU wait. If the host reads each new token (`.tolist()`) before it
@@ -7115,17 +5707,14 @@ picked tokens, positions + 1). `generate` replays it back to back and reads all 
 the end, or every `check_every` steps when it must watch for a stop token. The prefill gets the
 same treatment: `prefill_and_pick` is the decode step over every prompt token at once (B·L rows,
 causal attention inside each prompt, prompts padded at their end), captured once per padded
-length; run eagerly it issued ~90 ops a layer and took ~37 ms of a 545 ms LLaMA-2-7B
-generation on the H200, captured about 10 ms of 515. What a profile of
-the compiled LLaMA-2-7B step on an H200 showed next: the matrix-vector products ran at 2.8–4.4
-TB/s (a copy runs at 4.2), and PyTorch's attention took 8% of the step, since for one query row
-it launches one program per head; §7's split-K kernel, wrapped as a PyTorch operator
-(`_flash_decode_op`) so that torch.compile calls it as one opaque op, halved that. The operator
-is registered when the decoder is built: registering it while torch.compile traced the step
-broke the graph at every layer, and the step silently ran mostly uncompiled (so the step now
-compiles with `fullgraph=True`, which turns any graph break into an error). On a CPU each call
-of a compiled step first checks its guards (every weight's dtype and shape: 0.5 ms of a 22 ms
-SmolLM2 step); within one generation only the first call checks them.
+length (eager, a LLaMA-2-7B prefill issues ~90 ops a layer). On a GPU the compiled step calls
+§7's split-K kernel as one opaque PyTorch operator (`flash_decode_operator`, Appendix D): PyTorch's
+own attention launches one program per head for a single query row. The operator is registered
+when the decoder is built, not while torch.compile traces the step, and the step compiles with
+`fullgraph=True`, so that anything that would split the graph is an error instead of a step that
+silently runs uncompiled. On a CPU each call of a compiled step first checks its guards (every
+weight's dtype and shape, about half a millisecond for SmolLM2); within one generation only the
+first call checks them.
 """
 
 
@@ -7191,7 +5780,7 @@ def _is_plain_linear(module: nn.Module) -> bool:
     return type(module) is nn.Linear and module.bias is None
 
 
-def _layer_matrices(layer: nn.Module, fused_pair: tuple) -> list[torch.Tensor]:
+def layer_matrices(layer: nn.Module, fused_pair: tuple) -> list[torch.Tensor]:
     """The weights a static step multiplies one layer's activations by, in order: q/k/v, wo,
     gate/up, down (the fused matrices from `fuse_projections`), leaving out quantized layers."""
     (w_qkv, w_gate_up), wo, down = fused_pair, layer.attn.wo, layer.mlp.w_down
@@ -7319,10 +5908,10 @@ class StaticDecoder:
         # the graph at every layer (LLaMA-2-7B B=1, H200: 197 instead of 233 tok/s)
         D = model.cfg.head_dim
         split_k = model.device.type == "cuda" and triton_available() and not D & (D - 1)
-        self.attention_op = _flash_decode_op() if split_k else None  # None: SDPA with a mask
+        self.attention_op = flash_decode_operator() if split_k else None  # None: SDPA with a mask
         # At batch 1 on a GPU, the projections run `triton_matvec` with the norms, SiLU·up and the
         # residual adds folded in (None: PyTorch's ops, which the compiler may rewrite and fuse)
-        self.matvec_op = _matvec_op() if _use_matvec(model, batch_size) else None
+        self.matvec_op = matvec_operator() if use_matvec(model, batch_size) else None
         self._matvec_tuned = False
         self.signature = weights_signature(model)  # after fusing, which may re-point the weights
 
@@ -7423,8 +6012,8 @@ class StaticDecoder:
             return self.step_and_pick(self.tokens, self.positions)
         if self.mode.startswith("compile") and self._compiled is None:
             # On a GPU, coordinate-descent tuning also turns batch-1 matmuls into tuned Triton
-            # reductions (as gpt-fast does): LLaMA-2-7B shapes, B=1, H200: 175 → 194 tok/s. On a
-            # CPU, a C++ wrapper calls the compiled kernels without Python (SmolLM2: −2 ms a step)
+            # reductions (as gpt-fast does); on a CPU, a C++ wrapper calls the compiled kernels
+            # without Python in between
             on_gpu = self.model.device.type == "cuda"
             opts = {"coordinate_descent_tuning": True} if on_gpu else {"cpp_wrapper": True}
             # fullgraph: a graph break is an error here, not a silent slowdown
@@ -7496,232 +6085,7 @@ class StaticDecoder:
         return [_cut_at_stop(row, stops) for row in outputs]
 
 
-def _use_matvec(model: Transformer, batch_size: int) -> bool:
-    """Batch 1 on a GPU (with Triton). Measured on an H200, bf16, batch 1 (median of 3, one
-    process each): SmolLM2 shapes in graph mode 570 tok/s with it (341 without, an earlier
-    session: its folds replace ~5 small kernels a layer), compiled and captured 1,380 with it and
-    1,235 without; LLaMA-2-7B shapes compiled and captured 251–254 with it, 233 without (earlier)."""
-    return batch_size == 1 and model.device.type == "cuda" and triton_available()
-
-
-def _lesson_op(name: str, impl: Callable, fake: Callable) -> Callable:
-    """`impl` as the PyTorch operator `llm_lesson::name`, registered once per process: torch.compile
-    sees one opaque call whose output shape `fake` gives, and compiles around it; a CUDA graph
-    captures its launches."""
-    try:
-        return getattr(torch.ops.llm_lesson, name).default
-    except (AttributeError, RuntimeError):
-        pass
-    torch.library.custom_op(f"llm_lesson::{name}", impl, mutates_args=()).register_fake(fake)
-    return getattr(torch.ops.llm_lesson, name).default
-
-
-def _flash_decode_op() -> Callable:
-    """§7's fused split-K Triton decode attention (q (B, H, D), k, v (B, Hkv, T, D), lengths (B,)
-    int32 on the GPU) as a PyTorch operator."""
-    def flash_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
-        return triton_flash_decode(q, k, v, lens, fused=True)
-
-    return _lesson_op("flash_decode", flash_decode, lambda q, k, v, lens: torch.empty_like(q))
-
-
-# %% [markdown]
-"""
-### A matrix-vector kernel for batch 1
-At batch 1 every projection is a matrix-vector product: each weight is read once, each element
-used for one multiply-add, so the kernel's only job is to stream the matrix at full bandwidth.
-The compiler's tuned reductions do that for some shapes and not for others: profiles of the
-compiled LLaMA-2-7B step on an H200 showed the down-projection (4096 × 11008) at 27, 37 and
-44 µs in three processes (3.3, 2.4 and 2.0 TB/s; a copy runs at 4.2), depending on which
-configuration coordinate-descent tuning settled on. `triton_matvec` is the kernel written out:
-each program owns `BLOCK_N` rows of the weight, walks along them `BLOCK_K` columns at a time,
-accumulating products elementwise in fp32, and sums across the tile once at the end. Ten
-launch configurations are timed per weight shape on first use, in the setting the step runs them
-in (`_time_matvec_configs`): back to back inside a CUDA graph, each launch reading another copy of
-the weight so that every read comes from memory (a 4096 × 4096 bf16 matrix fits in the H200's
-50 MB L2, so a loop over one copy would time the cache), the median of 7 rounds. Timed one launch
-at a time instead, each figure carries 6–23 µs of launch and ramp-up, more than the gaps between
-candidates, and the pick moved from run to run. Like §7's kernel it is wrapped as a PyTorch
-operator (`_matvec_op`), which torch.compile calls as it is.
-
-Left alone, the ops around it would be small kernels of their own (1–3 µs each, ~100 a step):
-the RMSNorm before q/k/v and gate/up, SiLU·up after gate/up, the residual add after wo and down.
-The kernel folds them in. The residual is an epilogue (add the old x to the finished row). SiLU·up
-needs a gate row and its up row in the same program: with gate and up stacked as one matrix,
-each program also walks row N + n. The norm looks harder, since it needs all of x before any
-product starts, but RMSNorm is `x · g / rms(x)`, and 1/rms(x) is one number for the whole row:
-each program multiplies x by g on the fly, accumulates Σx² alongside its dot products (it reads
-all of x anyway), and scales its finished sums by 1/rms once. Measured on the H200 (LLaMA-2-7B
-shapes, B=1, compiled and captured): without the folds the projections took 102 µs a layer for
-405 MB (3.97 TB/s) and the norms and SiLU·up another ~6 µs; with them and the graph-timed pick,
-106 µs a layer with nothing around them (3.8 TB/s), and one step 3.82 ms of GPU time, 257 tok/s
-in steady state, 251–254 tok/s end to end (80–82% of the bandwidth limit). A `StaticDecoder`
-uses the kernel at batch 1 on a GPU (`_use_matvec`): for SmolLM2's small matrices too, where
-the compiled step ran at 1,380 tok/s with it against 1,235 with the compiler's own kernels.
-"""
-
-
 # %%
-@functools.cache
-def _triton_matvec_kernel():
-    if not triton_available():
-        raise LessonError("triton_matvec needs the `triton` package and a CUDA GPU (or TRITON_INTERPRET=1); "
-                          "use F.linear instead")
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def matvec_kernel(X, W, G, R, Out, N, K, stride_w, eps, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      EVEN: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        cols = tl.arange(0, BLOCK_K)
-        w_ptrs = W + rows.to(tl.int64)[:, None] * stride_w + cols[None, :]
-        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        acc_up = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # SWIGLU: rows N + row of W
-        squares = tl.zeros((BLOCK_K,), dtype=tl.float32)  # NORM: Σ x², alongside the products
-        for k0 in range(0, K, BLOCK_K):
-            if EVEN:  # no masks: the shape is a whole number of tiles
-                x = tl.load(X + k0 + cols).to(tl.float32)
-                w = tl.load(w_ptrs + k0)
-                if NORM:
-                    g = tl.load(G + k0 + cols).to(tl.float32)
-                if SWIGLU:
-                    up = tl.load(w_ptrs + N * stride_w + k0)
-            else:
-                in_k = k0 + cols < K
-                in_w = (rows[:, None] < N) & in_k[None, :]
-                x = tl.load(X + k0 + cols, mask=in_k, other=0.0).to(tl.float32)
-                w = tl.load(w_ptrs + k0, mask=in_w, other=0.0)
-                if NORM:
-                    g = tl.load(G + k0 + cols, mask=in_k, other=0.0).to(tl.float32)
-                if SWIGLU:
-                    up = tl.load(w_ptrs + N * stride_w + k0, mask=in_w, other=0.0)
-            if NORM:
-                squares += x * x
-                x = x * g
-            acc += w.to(tl.float32) * x[None, :]
-            if SWIGLU:
-                acc_up += up.to(tl.float32) * x[None, :]
-        out = tl.sum(acc, axis=1)
-        if NORM:  # RMSNorm's 1/rms is one number for the row: it scales the finished dot products
-            rstd = tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
-            out = out * rstd
-        if SWIGLU:
-            up_out = tl.sum(acc_up, axis=1)
-            if NORM:
-                up_out = up_out * rstd
-            out = out * tl.sigmoid(out) * up_out  # silu(gate) · up
-        if RESIDUAL:  # round as `x + linear(h)` does: the product to the output dtype, then the sum
-            residual = tl.load(R + rows, mask=rows < N).to(tl.float32)
-            out = out.to(Out.dtype.element_ty).to(tl.float32) + residual
-        tl.store(Out + rows, out.to(Out.dtype.element_ty), mask=rows < N)
-
-    return matvec_kernel
-
-
-# (BLOCK_N, BLOCK_K, num_warps, num_stages): the candidates timed per weight shape on a GPU
-_MATVEC_CONFIGS = ((8, 256, 4, 3), (8, 512, 4, 3), (16, 256, 4, 3), (16, 512, 8, 3), (4, 512, 4, 4),
-                   (4, 1024, 4, 3), (32, 256, 8, 3), (2, 1024, 4, 4), (8, 1024, 8, 3), (16, 1024, 8, 2))
-_MATVEC_TUNED: dict = {}  # _matvec_key(…) → the fastest config
-
-
-def _matvec_key(w: torch.Tensor, norm: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-                swiglu: bool = False) -> tuple:
-    """What a launch configuration is tuned for: the output rows, K, dtype, device and the folds."""
-    N, K = w.shape
-    return (N // 2 if swiglu else N, K, w.dtype, w.device, (norm is not None, swiglu, residual is not None))
-
-
-def triton_matvec(x: torch.Tensor, w: torch.Tensor, norm: torch.Tensor | None = None, eps: float = 0.0,
-                  residual: torch.Tensor | None = None, swiglu: bool = False) -> torch.Tensor:
-    """`F.linear(x, w)` for one row: x (1, K) or (K,), w (N, K) with unit column stride → (…, N)
-    in x's dtype, accumulated in fp32, with the step's neighbours folded in:
-    - `norm` (K,): RMSNorm of x with this weight and `eps` first, `F.linear(rms_norm(x), w)`;
-    - `swiglu`: w is gate and up stacked (2F, K): returns silu(x·gateᵀ) · (x·upᵀ), (…, F);
-    - `residual` (…, N): returns residual + the product.
-    The launch configuration is tuned on the first call per shape and fusion (on a GPU; the
-    interpreter takes the first candidate)."""
-    N, K = w.shape
-    if x.shape[-1] != K or x.numel() != K or w.stride(1) != 1 or (swiglu and N % 2):
-        raise InvalidArgumentError(f"triton_matvec needs one row x (…, {K}) and a weight (N, K) with unit "
-                                   f"column stride (N even with swiglu); got x {tuple(x.shape)}, w "
-                                   f"{tuple(w.shape)} strides {w.stride()}")
-    N = N // 2 if swiglu else N
-    for name, t, n in (("norm", norm, K), ("residual", residual, N)):
-        if t is not None and (t.numel() != n or t.device != x.device):
-            raise InvalidArgumentError(f"triton_matvec's {name} must hold {n} values on {x.device}; got "
-                                       f"{tuple(t.shape)} on {t.device}")
-    kernel, xv = _triton_matvec_kernel(), x.reshape(K).contiguous()
-    out = torch.empty(*x.shape[:-1], N, device=x.device, dtype=x.dtype)
-    g = xv if norm is None else norm.reshape(K).contiguous()  # unused pointers point at x
-    r = xv if residual is None else residual.reshape(N).contiguous()
-
-    def launch(cfg, weight=w):
-        bn, bk, warps, stages = cfg
-        kernel[(-(-N // bn),)](xv, weight, g, r, out, N, K, w.stride(0), eps, BLOCK_N=bn, BLOCK_K=bk,
-                               EVEN=N % bn == 0 and K % bk == 0, NORM=norm is not None, SWIGLU=swiglu,
-                               RESIDUAL=residual is not None, num_warps=warps, num_stages=stages)
-
-    key = _matvec_key(w, norm, residual, swiglu)
-    if key not in _MATVEC_TUNED:
-        if x.device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
-            times = _time_matvec_configs(launch, w)
-            _MATVEC_TUNED[key] = _MATVEC_CONFIGS[times.index(min(times))]
-        else:
-            _MATVEC_TUNED[key] = _MATVEC_CONFIGS[0]
-    launch(_MATVEC_TUNED[key])
-    return out
-
-
-def _time_matvec_configs(launch: Callable, w: torch.Tensor, rounds: int = 7) -> list[float]:
-    """µs per launch of `launch(cfg, weight)` for each of `_MATVEC_CONFIGS`, timed the way the
-    decode step runs it: back to back inside a CUDA graph (no launch gaps), each launch reading a
-    different copy of the weight, enough copies to overflow the L2 cache four times over (so every
-    read comes from memory, as in a step that streams 13 GB of weights; at most 64), and the median of
-    `rounds` rounds that visit the candidates in turn (so a clock change hits all of them alike).
-    Timing one launch at a time instead (even with L2 flushed) moved the pick by several µs from
-    run to run and ranked some candidates differently than the captured step did."""
-    spill = 4 * torch.cuda.get_device_properties(w.device).L2_cache_size
-    copies = [w]
-    try:
-        while len(copies) < min(-(-spill // (w.numel() * w.element_size())), 64):
-            copies.append(w.clone())
-    except torch.cuda.OutOfMemoryError:  # a full GPU: time with the copies there was room for
-        pass
-    graphs, passes = [], 2  # each graph walks the copies twice
-    for cfg in _MATVEC_CONFIGS:
-        launch(cfg)  # compiles this variant outside the capture
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for weight in copies * passes:
-                launch(cfg, weight)
-        graphs.append(graph)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = [[] for _ in graphs]
-    for _ in range(rounds):
-        for graph, ms in zip(graphs, times):
-            start.record()
-            graph.replay()
-            end.record()
-            end.synchronize()
-            ms.append(start.elapsed_time(end))
-    return [1e3 * float(np.median(ms)) / (passes * len(copies)) for ms in times]
-
-
-def _matvec_op() -> Callable:
-    """`triton_matvec` as a PyTorch operator (every argument given: an operator's schema has no
-    defaults here)."""
-    def matvec(x: torch.Tensor, w: torch.Tensor, norm: torch.Tensor | None, eps: float,
-               residual: torch.Tensor | None, swiglu: bool) -> torch.Tensor:
-        return triton_matvec(x, w, norm, eps, residual, swiglu)
-
-    def shape(x, w, norm, eps, residual, swiglu):
-        return x.new_empty(*x.shape[:-1], w.shape[0] // 2 if swiglu else w.shape[0])
-
-    return _lesson_op("matvec", matvec, shape)
-
-
 def _cut_at_stop(row: list[int], stops: set) -> list[int]:
     """The row up to and including its first stop token."""
     return next((row[:i + 1] for i, t in enumerate(row) if t in stops), row)
@@ -7743,7 +6107,7 @@ def static_generate(model: Transformer, prompts: Sequence[Sequence[int]] | torch
         raise InvalidArgumentError("static_generate needs at least one prompt")
     for p in prompts:
         _check_generation_args(model, p, max_new_tokens)
-    with _kept_decoder(model, len(prompts), max(len(p) for p in prompts) + max_new_tokens, mode) as decoder:
+    with kept_decoder(model, len(prompts), max(len(p) for p in prompts) + max_new_tokens, mode) as decoder:
         return decoder.generate(prompts, max_new_tokens, stop_ids)
 
 
@@ -7781,9 +6145,9 @@ _MAX_KEPT = 16  # decoders kept per model, to bound the memory their caches hold
 
 
 @contextlib.contextmanager
-def _kept_decoder(model: Transformer, batch: int, tokens: int, mode: str):
+def kept_decoder(model: Transformer, batch: int, tokens: int, mode: str):
     """Lend a kept decoder for at least `batch` sequences of `tokens` tokens (sizes rounded up),
-    its weights checked (`StaticDecoder.refresh`), for one generation: `with _kept_decoder(…) as
+    its weights checked (`StaticDecoder.refresh`), for one generation: `with kept_decoder(…) as
     decoder:`. A decoder is lent to one live generation at a time; while it is busy (two
     generators consumed in turn, `generate` called from an `on_token` callback, two threads) the
     next one gets a decoder of its own. It is returned when the block exits, also when a
@@ -7819,137 +6183,8 @@ def _lend_decoder(model: Transformer, size: int, length: int, mode: str) -> Stat
 
 # %% [markdown]
 """
-### The engine's decode steps, captured
-The §5 engine runs on the paged cache, so its decode step needs the same treatment with block
-tables: `PagedDecodeRunner` keeps buffers for the largest batch (token, position, cache slot,
-a block table padded to the longest a sequence can have, context length), fills the first n
-rows from the scheduler's sequences and pads the rest up to the next captured size: padding
-rows write and read a scratch block that the block manager never hands out. Attention reads
-the blocks in place through §7's Triton kernel (lengths as a GPU tensor, so nothing syncs), or,
-without Triton, gathers every block of the table and masks past each length. Steps that
-prefill anything still run the ordinary packed forward.
-"""
-
-
-# %%
-def _masked_paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                         block_tables: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
-    """Decode attention over whole block tables with a length mask: tensor operations only."""
-    B, W = block_tables.shape
-    bs, Hkv, D = k_cache.shape[1:]
-    k = k_cache[block_tables].reshape(B, W * bs, Hkv, D).transpose(1, 2)  # (B, Hkv, W·bs, D)
-    v = v_cache[block_tables].reshape(B, W * bs, Hkv, D).transpose(1, 2)
-    visible = (torch.arange(W * bs, device=q.device) < context_lens[:, None])[:, None, None, :]
-    o = F.scaled_dot_product_attention(q[:, :, None].to(k.dtype), k, v, attn_mask=visible,
-                                       enable_gqa=q.shape[1] != Hkv)
-    return o[:, :, 0]
-
-
-class PagedDecodeRunner:
-    """The engine's decode-only step with static shapes over a `PagedKVCache` (built with
-    `scratch_block=True`), run eagerly or replayed from one CUDA graph per captured batch size.
-    A step whose batch differs from the last one's (a request joined or left: every engine call
-    starts so) first checks `weights_signature`, and after a change of the weights fuses them
-    again and captures new graphs; between steps of one batch the weights are trusted (the check
-    reads every parameter: ~0.2 ms for SmolLM2's on an H100 host, too much for every step)."""
-
-    def __init__(self, model: Transformer, cache: PagedKVCache, max_batch: int, graphs: bool = False):
-        if cache.scratch is None:
-            raise InvalidArgumentError("PagedDecodeRunner needs a PagedKVCache built with scratch_block=True")
-        self.model, self.cache, self.graphs = model, cache, graphs
-        self.sizes = [1 << i for i in range(max(0, max_batch - 1).bit_length() + 1)]  # 1, 2, 4, … ≥ max
-        B, dev = self.sizes[-1], model.device
-        width = -(-model.cfg.max_seq_len // cache.block_size)
-        self.tokens = torch.zeros(B, dtype=torch.long, device=dev)
-        self.positions = torch.zeros(B, dtype=torch.long, device=dev)
-        self.slots = torch.full((B,), cache.scratch * cache.block_size, dtype=torch.long, device=dev)
-        self.tables = torch.full((B, width), cache.scratch, dtype=torch.long, device=dev)
-        self.lens = torch.ones(B, dtype=torch.long, device=dev)
-        use_triton = dev.type == "cuda" and triton_available()
-        self.attention = triton_paged_flash_decode if use_triton else _masked_paged_decode
-        self._pool, self._batch = None, ()
-        self._derive()
-
-    @torch.inference_mode(False)  # the engine steps in inference mode; the fused weights outlive it
-    def _derive(self) -> None:
-        """What the step takes from the weights: the fused matrices and the captured graphs."""
-        self._graphs, self._outputs = {}, {}
-        self.fused = fuse_projections(self.model)
-        self.signature = weights_signature(self.model)
-
-    def step_eager(self, n: int) -> torch.Tensor:
-        """The step for the first n buffer rows: logits (n, V). Tensor operations only."""
-        cache, Hkv, bs = self.cache, self.model.cfg.n_kv_heads, self.cache.block_size
-        # Where row r, head h goes in layer i: cache[i, block, offset, h], every index (n, Hkv)
-        block = (self.slots[:n] // bs)[:, None].expand(n, Hkv)
-        offset = (self.slots[:n] % bs)[:, None].expand(n, Hkv)
-        h = torch.arange(Hkv, device=cache.k.device)[None, :].expand(n, Hkv)
-
-        def attend(i, q, k, v):
-            _write_rows(cache.k, cache.v, (torch.full_like(h, i), block, offset, h), k, v)
-            return self.attention(q, cache.k[i], cache.v[i], self.tables[:n], self.lens[:n])  # (n, H, D)
-
-        return static_decode_step(self.model, self.tokens[:n], self.positions[:n], attend, self.fused)
-
-    def step(self, seqs: Sequence[SequenceState]) -> torch.Tensor:
-        """One decode token for each sequence (each must own its slot); logits (len(seqs), V).
-        Afterwards the tokens count as computed, as after `run_step`."""
-        n = len(seqs)
-        size = next((b for b in self.sizes if b >= n), None)
-        if size is None:
-            raise InvalidArgumentError(f"{n} sequences; this runner holds at most {self.sizes[-1]}")
-        batch = tuple(seq.seq_id for seq in seqs)
-        if batch != self._batch:  # a request joined or left: the weights may have changed since
-            self._batch = batch
-            if weights_signature(self.model) != self.signature:  # replaced, written or moved
-                self._derive()
-        positions, meta = self.cache.metadata(seqs, [1] * n)  # checks every slot is owned
-        tables = meta.block_tables
-        self.tokens[:n] = torch.tensor([s.token_ids[s.num_computed_tokens] for s in seqs])
-        self.positions[:n] = positions
-        self.slots[:n] = meta.slot_mapping
-        self.tables[:n] = self.cache.scratch
-        self.tables[:n, :tables.shape[1]] = torch.where(tables >= 0, tables, self.cache.scratch)
-        self.lens[:n] = torch.tensor(meta.context_lens)
-        if n < size:  # padding rows: scratch slot and block, length 1
-            self.slots[n:size] = self.cache.scratch * self.cache.block_size
-            self.tables[n:size] = self.cache.scratch
-            self.lens[n:size] = 1
-        if self.graphs:
-            if size not in self._graphs:
-                self._capture(size)
-            self._graphs[size].replay()
-            logits = self._outputs[size][:n]
-        else:
-            logits = self.step_eager(size)[:n]
-        for seq in seqs:
-            seq.num_computed_tokens += 1
-        return logits
-
-    def capture_all(self) -> None:
-        """Capture every size now, largest first (as vLLM does at start-up), not on first use."""
-        for size in reversed(self.sizes):
-            if self.graphs and size not in self._graphs:
-                self._capture(size)
-
-    def _capture(self, size: int) -> None:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # warm up (Triton compiles, cuBLAS handles) outside the graph
-                self.step_eager(size)
-        torch.cuda.current_stream().wait_stream(stream)
-        self._pool = self._pool or torch.cuda.graph_pool_handle()  # the graphs share one memory pool
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            self._outputs[size] = self.step_eager(size)
-        self._graphs[size] = graph
-
-
-# %% [markdown]
-"""
 ### Measuring it
-`analyze_launch_overhead` counts the operations PyTorch dispatches in one eager decode step
+`measure_launch_overhead` counts the operations PyTorch dispatches in one eager decode step
 (each one a kernel launch on a GPU) and times the step: wall time (what the user waits), and on
 a GPU the device's own busy time from CUDA events around a graph replay of the same step.
 `demonstrate_fast_path` then decodes with each mode and compares tokens/s with the bandwidth
@@ -7974,26 +6209,21 @@ def count_dispatched_ops(fn: Callable[[], object]) -> int:
     return Counter.count
 
 
-def _stream_bytes(net: Transformer) -> int:
-    """The copy that measures a decode step's bandwidth limit: as many bytes as the step streams
-    (capped at 2 GiB on a GPU, where bandwidth has long plateaued by then)."""
-    return min(net.param_bytes, 2**31) if net.device.type == "cuda" else net.param_bytes
-
-
 @torch.inference_mode()
-def analyze_launch_overhead(model: str = "smollm2", device=None, batch_size: int = 1,
+def measure_launch_overhead(model: str = "smollm2", device=None, batch_size: int = 1,
                             context: int = 128) -> "Rows":
-    """Ops per decode step, eager step time, per-op overhead, and the bandwidth limit."""
+    """Ops per decode step, eager step time, the bandwidth limit (the weights' read at the copy
+    bandwidth measured now), and the overhead per op: (step − limit) / ops."""
     net, _ = get_model(model, device)
     dec = StaticDecoder(net, batch_size, context + 8)
     tokens = torch.ones(batch_size, dtype=torch.long, device=net.device)
     positions = torch.full((batch_size,), context, device=net.device)
     ops = count_dispatched_ops(lambda: dec.step_eager(tokens, positions))
     eager = benchmark(lambda: dec.step_eager(tokens, positions), net.device, warmup=2, repeat=5)
-    bw = measure_memory_bandwidth(net.device, nbytes=_stream_bytes(net), quick=True)
+    limit = net.param_bytes / machine_bandwidth(net.device)
     row = {"model": net.cfg.name, "device": str(net.device), "batch": batch_size, "ops per step": ops,
-           "eager step (ms)": eager * 1e3, "µs per op": eager / ops * 1e6,
-           "bandwidth limit (ms)": net.param_bytes / bw * 1e3}
+           "eager step (ms)": eager * 1e3, "bandwidth limit (ms)": limit * 1e3,
+           "overhead per op (µs)": max(eager - limit, 0.0) / ops * 1e6}
     if net.device.type == "cuda":
         graph = StaticDecoder(net, batch_size, context + 8, "graph")
         graph.step(tokens, positions)
@@ -8006,13 +6236,13 @@ def measure_fast_path(model: str = "smollm2", device=None, batch_sizes: Sequence
                       new_tokens: int = 32, prompt_len: int = 32, seed: int = 0,
                       compile_step: bool = True) -> "Rows":
     """Decode tokens/s per mode and batch size (greedy; the same tokens checked across modes).
-    At batch 1 each row is set against the bandwidth limit measured right before it (a shared
-    machine's bandwidth drifts within a minute). `compile_step=False` skips torch.compile
+    At batch 1 each row is set against the bandwidth limit: weight bytes at this run's copy
+    bandwidth (`machine_bandwidth`). `compile_step=False` skips torch.compile
     (building it takes most of a minute on a CPU)."""
     net, _ = get_model(model, device)
     modes = ["generate (§1)", "eager"] + (["graph"] if net.device.type == "cuda" else []) + \
         (["compile"] if compile_step else [])
-    limits, rows = [], []
+    rows = []
     for B in batch_sizes:
         g = seeded_generator(seed)
         prompts = [torch.randint(0, net.cfg.vocab_size, (prompt_len,), generator=g).tolist()
@@ -8029,10 +6259,8 @@ def measure_fast_path(model: str = "smollm2", device=None, batch_sizes: Sequence
                 rows.append({"batch": B, "mode": mode, "tokens/s": float("nan"), "note": type(exc).__name__})
                 continue
             limit = float("nan")
-            if B == 1:  # tokens/s if reading the weights were all, measured now
-                bandwidth = measure_memory_bandwidth(net.device, nbytes=_stream_bytes(net), repeat=5)
-                limit = bandwidth / net.param_bytes
-                limits.append(limit)
+            if B == 1:  # tokens/s if reading the weights were all
+                limit = machine_bandwidth(net.device) / net.param_bytes
             with Timer(net.device) as t:
                 out = run()
             with Timer(net.device) as t1:
@@ -8043,46 +6271,15 @@ def measure_fast_path(model: str = "smollm2", device=None, batch_sizes: Sequence
                          "% of bandwidth limit": 100 * tps / limit,
                          "same tokens": out == reference, "note": ""})
     dtype = str(net.dtype).removeprefix("torch.")
-    span = f"{min(limits):,.1f}–{max(limits):,.1f}" if limits else "—"
     return Rows(rows, f"Decode modes on {net.cfg.name} ({net.device}, {dtype}); the bandwidth limit at "
-                      f"batch 1, measured before each row, read {span} tok/s (measured)")
+                      "batch 1 = this run's copy bandwidth / weight bytes (measured)")
 
 
-def plot_step_time(modes: Sequence[dict], overhead: Sequence[dict], title: str, model=None) -> "Plot":
-    """Where a batch-1 decode step's time goes, per mode: reading the weights at the bandwidth
-    measured before the row (1 / its bandwidth limit) and everything else (dispatch, Python, launches,
-    unfused work); from the rows of `measure_fast_path` and `analyze_launch_overhead`."""
-    rows = [r for r in modes if r["batch"] == 1 and math.isfinite(r["tokens/s"])
-            and math.isfinite(r.get("bandwidth limit (tok/s)", float("nan")))]
-    if not rows:
-        raise InvalidArgumentError("no batch-1 row with a speed and a bandwidth limit to plot")
-    fig, ax = new_figure(figsize=(8, 1.6 + 0.55 * len(rows)))
-    names = [r["mode"] for r in rows]
-    total = np.array([1e3 / r["tokens/s"] for r in rows])  # ms per token
-    reading = np.minimum(total, [1e3 / r["bandwidth limit (tok/s)"] for r in rows])
-    ax.barh(names, reading, color="tab:blue", label="reading the weights at the measured bandwidth")
-    ax.barh(names, total - reading, left=reading, color="tab:orange",
-            label="everything else: dispatch, Python, kernel launches")
-    for y, t in enumerate(total):
-        ax.text(t, y, f" {t:.3g} ms", va="center", fontsize=8)
-    ax.invert_yaxis()
-    ax.set_xlim(0, total.max() * 1.2)
-    ax.set(xlabel="milliseconds per generated token (batch 1)")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, loc="lower right")
-    o = overhead[0]
-    i = names.index("eager") if "eager" in names else 0
-    caption = (f"an eager step dispatches {o['ops per step']} operations ({o['µs per op']:.0f} µs each); "
-               f"reading the weights is {100 * reading[i] / total[i]:.0f}% of its {total[i]:.3g} ms, the "
-               "rest is overhead, which compiling the step (CUDA graphs on a GPU) removes.")
-    return save_plot(fig, "s10_step_time", caption, model)
-
-
-def demonstrate_fast_path(model: str = "smollm2", device=None, quick: bool = False,
-                          seed: int = 0, plots: bool = True) -> "Report":
+def demonstrate_fast_path(model: str = "smollm2", *, device=None, seed: int = 0,
+                          quick: bool = False, plots: bool = True, measured: dict | None = None) -> "Report":
     """Launch overhead, then eager vs compiled (vs CUDA graph on a GPU) decode, measured; `seed`
     picks the random prompts."""
-    overhead = analyze_launch_overhead(model, device)
+    overhead = measure_launch_overhead(model, device)
     print_table(overhead)
     on_gpu = pick_device(device).type == "cuda"
     modes = measure_fast_path(model, device, (1, 8) if on_gpu and not quick else (1,),
@@ -8093,30 +6290,157 @@ def demonstrate_fast_path(model: str = "smollm2", device=None, quick: bool = Fal
         show_plot(plot_step_time(modes, overhead, f"Where a decode step's time goes, {net.cfg.name} on "
                                                   f"{device_label(net.device)} (measured)", model))
     row = overhead[0]
-    print(f"Takeaway: one decode step dispatches {row['ops per step']} operations at about "
-          f"{row['µs per op']:.0f} µs each; the weights alone would take "
-          f"{row['bandwidth limit (ms)']:.1f} ms to read. Removing the per-operation cost (a compiled "
+    print(f"Takeaway: one decode step dispatches {row['ops per step']} operations and takes "
+          f"{row['eager step (ms)']:.1f} ms; reading the weights alone would take "
+          f"{row['bandwidth limit (ms)']:.1f} ms, so each operation adds about "
+          f"{row['overhead per op (µs)']:.0f} µs of overhead. Removing the per-operation cost (a compiled "
           "step on a CPU, a CUDA graph on a GPU) is what lets decode approach the memory roof that §2 "
           "and §8 reason about.")
     return Report(overhead=overhead, modes=modes)
 
 
-# The name §10's issue asked for: on a GPU this demo is the CUDA-graph comparison, on a CPU the
+# The name §9's issue asked for: on a GPU this demo is the CUDA-graph comparison, on a CPU the
 # compiled step's
-demonstrate_gpu_fast_path = demonstrate_fast_path
 
 
 # %%
 notebook_demo("fast_path")  # runs only in a notebook: the section's demo, here
 
 
+# %% [markdown]
+"""
+## §10 Summary: every technique's speedup and memory saving, measured
+
+The opening cell lists what papers and projects claim for each technique. Here each claim is
+checked on this machine, by calling the sections' own measurement functions (small sizes unless
+`quick=False`), with how it was measured and the reason where a claim does not reproduce here.
+Claimed numbers are the opening table's, with its sources; "measured here" is what the code just
+measured.
+"""
+
+
+# %%
+def _summary_row(technique, claim_speed, claim_memory, measured, how, complexity, note=""):
+    return {"technique": technique, "claimed speedup": claim_speed,
+            "claimed memory saving": claim_memory, "measured here": measured, "how it was measured": how,
+            "complexity": complexity, "why": note}
+
+
+def measure_optimization_summary(model: str = "smollm2", device=None, quick: bool = True,
+                                 seed: int = 0, measured: dict | None = None) -> "Rows":
+    """The opening cell's table of claims with a measured cell per row (see the section of each row).
+    `measured` maps a demo's name (as in `main`) to what it returned in this run; a row reads its
+    number from there and measures only what is missing, with the demo's own sizes."""
+    measured = measured or {}
+    device = pick_device(device)
+    net, tok = get_model(model, device)
+    rows = []
+
+    def section(name: str, key: str | None, measure: Callable):
+        got = measured.get(name)
+        got = got.get(key) if isinstance(got, dict) else None
+        return got if got else measure()
+
+    kv = section("kv_cache", "speedup",
+                 lambda: measure_kv_cache(model, device=device, **_kv_cache_sizes(quick)))
+    rows.append(_summary_row("KV cache (§3)", "—", "—", f"{kv[-1]['speedup (×)']:.1f}× at "
+                             f"{kv[-1]['new tokens']} new tokens",
+                             "cached vs recomputing decode, same tokens",
+                             "low", "grows with length: each uncached step redoes the whole prefix"))
+    util = section("paged_attention", "utilization",
+                   lambda: analyze_kv_utilization(num_requests=300 if quick else 2000, seed=seed))
+    contiguous, paged = util[0], next(r for r in util if r["scheme"] == "paged, block size 16")
+    saved = 100 * (1 - contiguous["tokens held %"] / paged["tokens held %"])
+    rows.append(_summary_row("PagedAttention (§4)", "2–4× throughput", "96.3% of KV memory holds tokens",
+                             f"{saved:.0f}% less KV memory for the same tokens; "
+                             f"{paged['seqs in 12 GiB'] / contiguous['seqs in 12 GiB']:.1f}× sequences fit",
+                             "ShareGPT-like lengths through the block manager vs max-length reservation",
+                             "medium", "capacity measured, not throughput: more sequences fit, which "
+                             "continuous batching turns into throughput"))
+    prefix = section("paged_attention", "prefix_caching",
+                     lambda: analyze_prefix_caching(num_requests=100 if quick else 400, seed=seed))
+    skipped = max(r["prefill skipped %"] for r in prefix)
+    rows.append(_summary_row("Prefix caching (§4)", "—", "—", f"{skipped:.0f}% of prefill skipped",
+                             "shared system prompts through the block manager", "medium",
+                             "depends on how much of each prompt is shared"))
+    cb = section("continuous_batching", "throughput",
+                 lambda: measure_continuous_batching(model, device, seed=seed, **batching_sizes(quick)))
+    rows.append(_summary_row("Continuous batching (§5)", "up to 36.9× throughput", "—",
+                             f"{cb[1]['tokens/s'] / cb[0]['tokens/s']:.1f}× tokens/s", "the same seeded "
+                             "workload, static batches vs the engine", "high",
+                             "the gain grows with the spread of output lengths and the batch width"))
+    spec = section("speculative", "measured",
+                   lambda: measure_speculative_decoding(model, device, **_speculative_sizes(quick)))
+    best = max(spec, key=lambda r: r["measured (×)"])
+    rows.append(_summary_row("Speculative decoding (§6)", "2–3.4×", "—", f"{best['measured (×)']:.1f}× "
+                             f"({best['draft']}, {best['task']}, α={best['α']:.2f})",
+                             "greedy, token-identical to plain decoding", "high",
+                             "needs a draft that is right often and costs little"))
+    q4 = quantize_model(net, rtn_quantizer(4, 128))
+    lins = [m for m in q4.modules() if isinstance(m, QuantizedLinear)]
+    fp16 = 2 * sum(m.qw.shape[0] * m.qw.shape[1] for m in lins)
+    layer_bytes = sum(m.qw.nbytes for m in lins if m.qw.bits == 4)
+    layer_fp16 = 2 * sum(m.qw.shape[0] * m.qw.shape[1] for m in lins if m.qw.bits == 4)
+    whole = fp16 / sum(m.qw.nbytes for m in lins)
+    rows.append(_summary_row("INT4 weights (§8)", "1.88× decode tok/s", "4× less memory than fp16",
+                             f"{layer_fp16 / layer_bytes:.2f}× on the layers, "
+                             f"{whole:.2f}× with the INT8 head",
+                             "bytes of the stored codes, scales and offsets vs fp16", "medium",
+                             "fp16 scale and offset cost 0.25 bit per weight at groups of 128, and a row "
+                             "that ends in a partial group (576 = 4.5 × 128) stores it padded"))
+    fd = section("flash_decoding", "timing",
+                 lambda: measure_flash_decoding(device, _flash_contexts(device, quick)[-1:], repeat=3))
+    ctx = max(r["context"] for r in fd)
+    times = {r["method"]: r["time (µs)"] for r in fd if r["context"] == ctx}
+    fast = "split-K (Triton)" if "split-K (Triton)" in times else "split-K (PyTorch, 8 splits)"
+    rows.append(_summary_row("Flash-decoding (§7)", "attention up to 50× faster", "—",
+                             f"{times['naive'] / times[fast]:.1f}× vs naive at {ctx:,} tokens ({fast})",
+                             "decode attention time, 32/8 heads", "high",
+                             "a GPU gain: on a CPU the cores are already busy with one sequence"))
+    if device.type == "cuda":
+        modes = section("fast_path", "modes",
+                        lambda: measure_fast_path(model, device, (1,), new_tokens=16, compile_step=False))
+        speed = {r["mode"]: r["tokens/s"] for r in modes if r["batch"] == 1}
+        gain = speed["graph"] / speed["eager"]
+        rows.append(_summary_row("CUDA graphs (§9)", "4.2× decode tok/s", "—", f"{gain:.1f}× decode",
+                                 "static decode step, eager vs replayed", "medium",
+                                 "removes launch overhead"))
+    else:
+        modes = (measured.get("fast_path") or {}).get("modes") or []  # §9's demo compiles only at full size
+        speed = {r["mode"]: r["tokens/s"] for r in modes if r["batch"] == 1}
+        compiled = speed.get("compile", float("nan"))
+        cpu = (f"; its CPU counterpart, the compiled step, ran at {compiled / speed['eager']:.2f}× eager"
+               if math.isfinite(compiled) and speed.get("eager") else "")
+        rows.append(_summary_row("CUDA graphs (§9)", "4.2× decode tok/s", "—", f"needs a GPU{cpu}",
+                                 "§9's decode modes",
+                                 "medium", "removes per-operation overhead, which a CPU pays in dispatch"))
+    return Rows(rows, f"The techniques, measured on {platform_summary()} with {net.cfg.name}"
+                      f"{' (quick sizes)' if quick else ''}")
+
+
+def demonstrate_summary(model: str = "smollm2", *, device=None, seed: int = 0,
+                        quick: bool = False, plots: bool = True, measured: dict | None = None) -> "Report":
+    """Print the measured summary table. After the other demos, `main` passes what they measured;
+    alone it measures every row with the demos' own sizes (`quick=True` for a fast look)."""
+    rows = measure_optimization_summary(model, device, quick=quick, seed=seed, measured=measured)
+    print_table(rows)
+    print("Takeaway: every claim is checked where this machine can check it; where a number differs "
+          "from the claim, the 'why' column says what it depends on.")
+    return Report(summary=rows)
+
+
+# %%
+notebook_demo("summary")  # runs only in a notebook: the section's demo, here
+
 
 # %% [markdown]
 """
-## Appendix A: reading a GGUF file, defensively
+## Appendix A: the GGUF file: a defensive reader, the block formats, a writer
 
 The plumbing behind `read_gguf` (§1b): value types, a cursor that checks every read, tensor
-infos and the file object. A reader who only wants the lesson can skip it.
+infos and the file object; then the block formats byte by byte, with a vectorized dequantizer
+and quantizer for each, and a writer that re-quantizes the real model to each GGUF type. A
+reader who only wants the lesson can skip it.
 
 **Shape order.** GGUF lists dimensions fastest-varying first, as ggml does: `ne[0]` is the
 length of a row (the elements that are contiguous in memory). NumPy and PyTorch list them
@@ -8126,7 +6450,7 @@ slowest first, so `GGUFTensor.shape = tuple(reversed(ne))`. Example: SmolLM2's
 transpose is needed. Quantization blocks run along rows, so `ne[0]` must be a multiple of the
 block size.
 
-**How the dequantizers of §1b are built.** They turn the bytes into a (n_blocks,
+**How the dequantizers below are built.** They turn the bytes into a (n_blocks,
 bytes_per_block) array and do each step for all blocks at once with NumPy; there is no Python
 loop over blocks. They follow the same float32 operation order as ggml's reference C code (e.g.
 `(d·s_j)·q − dmin·m_j`, not a fused multiply-add), and the tests find every tensor of the real
@@ -8140,7 +6464,7 @@ stay in the CPU's caches instead of spilling to memory (`DEQUANT_CHUNK_BLOCKS`;
 **Why memory-map.** The reader never reads the tensor data: it maps the file (`mmap`) and hands
 out zero-copy NumPy views of it. The operating system pages in only the bytes that are touched,
 so opening a 40 GB model is instant and costs no RAM until a tensor is dequantized. llama.cpp
-loads models the same way. The parser itself (`read_gguf`, Appendix A) treats every count and
+loads models the same way. The parser itself (`read_gguf`) treats every count and
 length in the file as untrusted, so a corrupt file fails fast with a `GGUFError` naming the byte
 offset.
 
@@ -8755,12 +7079,13 @@ def analyze_gguf_storage(gguf: "GGUFFile") -> list[dict]:
                 "Storage by block format (read from the file)")
 
 
-def demonstrate_gguf(model: str = "smollm2") -> list[dict]:
+def demonstrate_gguf(model: str = "smollm2", *, device=None, seed: int = 0,
+                     quick: bool = False, plots: bool = True, measured: dict | None = None) -> "Report":
     """What the model file holds: metadata highlights and storage per block format (from the file)."""
     path = resolve_model(model)
     if path == "tiny":
         print("The tiny model has no GGUF file (random weights); run with --model smollm2 or a path.")
-        return []
+        return Report(storage=Rows([], "Storage by block format"))
     gguf = read_gguf(path)
     md = gguf.metadata
     print(f"\n{Path(path).name}: GGUF v{gguf.version}, {len(md)} metadata keys, "
@@ -8774,11 +7099,752 @@ def demonstrate_gguf(model: str = "smollm2") -> list[dict]:
     total = sum(r["MiB"] for r in rows) * 2**20 * 8 / sum(r["weights (M)"] * 1e6 for r in rows)
     print(f"Takeaway: {total:.2f} bits per weight on average; the fp32 model in memory is "
           f"{32 / total:.1f}× larger than the file.")
-    return rows
+    return Report(storage=Rows(rows, "Storage by block format"))
 
 
 # %%
 notebook_demo("gguf")  # runs only in a notebook: the demo, here
+
+
+# %% [markdown]
+"""
+### The file layout
+Everything is little-endian. A *string* is a uint64 byte length followed by that many UTF-8
+bytes (no terminating zero).
+
+    offset       field         type        meaning
+    0            magic         4 bytes     the ASCII letters "GGUF"
+    4            version       uint32      3 (version 2 has the same layout; 1 is obsolete)
+    8            n_tensors     uint64      how many tensor infos follow the metadata
+    16           n_kv          uint64      how many metadata key/value pairs follow
+    24           metadata      n_kv × [key: string, value type: uint32, value]
+    ...          tensor infos  n_tensors × [name: string, n_dims: uint32, ne: n_dims × uint64,
+                                            ggml type: uint32, offset: uint64]
+    ...          padding       zeros up to the next multiple of `alignment`
+    data_offset  tensor data   tensor i's bytes start at data_offset + offset_i
+
+`alignment` is the metadata value `general.alignment` if present, else 32; every tensor's
+offset is a multiple of it, so each tensor starts on an aligned address once the file is
+memory-mapped.
+"""
+
+
+# %% [markdown]
+"""
+### Block quantization: the formats, byte by byte
+A quantized row is cut into **blocks** of consecutive weights (32, or 256 for the "K-quants").
+Each block stores one or two fp16 numbers, a scale `d` and maybe an offset `m`, plus one small
+integer code `q` per weight; the weight is rebuilt as `x = d·q` (symmetric formats, `_0`) or
+`x = d·q + m` (`_1`). Bits per weight = 8 · bytes per block / weights per block.
+
+| type | block | bytes | bits/w | fields, in storage order                          | value            |
+|------|-------|-------|--------|---------------------------------------------------|------------------|
+| F32  | 1     | 4     | 32     | IEEE float32                                      | x                |
+| F16  | 1     | 2     | 16     | IEEE float16                                      | x                |
+| BF16 | 1     | 2     | 16     | the top 16 bits of a float32                      | bits << 16       |
+| Q8_0 | 32    | 34    | 8.5    | d: f16; q[32]: int8                               | d·q              |
+| Q4_0 | 32    | 18    | 4.5    | d: f16; qs[16]: two 4-bit codes per byte          | d·(q − 8)        |
+| Q4_1 | 32    | 20    | 5.0    | d: f16; m: f16; qs[16]                            | d·q + m          |
+| Q5_0 | 32    | 22    | 5.5    | d: f16; qh: 4 bytes = 32 fifth bits; qs[16]       | d·(q − 16)       |
+| Q5_1 | 32    | 24    | 6.0    | d: f16; m: f16; qh[4]; qs[16]                     | d·q + m          |
+| Q4_K | 256   | 144   | 4.5    | d, dmin: f16; scales[12]; qs[128]                 | d·s_j·q − dmin·m_j |
+| Q5_K | 256   | 176   | 5.5    | d, dmin: f16; scales[12]; qh[32]; qs[128]         | d·s_j·q − dmin·m_j |
+| Q6_K | 256   | 210   | 6.5625 | ql[128]; qh[64]; scales[16]: int8; d: f16 (last!) | d·s_j·(q − 32)   |
+
+Where each code's bits live (element index i inside its block):
+
+- **4-bit codes in 32-blocks** (Q4_0, Q4_1, low bits of Q5_0/Q5_1): byte `qs[i]` holds element
+  i in its low nibble and element i + 16 in its high nibble; *not* neighbours 2i, 2i+1.
+- **Fifth bit of Q5_0/Q5_1**: read `qh` as a little-endian uint32; bit i is element i's bit 4.
+- **K-quants** group 256 weights into sub-blocks, each with its own integer scale (and min),
+  and store those small integers scaled by the block's fp16 `d` (and `dmin`): two levels of
+  scales. Q4_K/Q5_K: 8 sub-blocks of 32, sub-block j = elements 32j .. 32j+31, with 6-bit
+  `s_j` and `m_j` packed into 12 bytes `sc`: for j < 4, `s_j = sc[j] & 63`, `m_j = sc[j+4] & 63`;
+  for j ≥ 4, the low 4 bits come from `sc[j+4]` (low nibble for s, high nibble for m) and the
+  top 2 bits from the spare top bits of `sc[j-4]` (for s) and `sc[j]` (for m). The 4-bit codes
+  come in 4 chunks of 32 bytes: chunk c's low nibbles are elements 64c .. 64c+31, its high
+  nibbles elements 64c+32 .. 64c+63. Q5_K's fifth bit of element 32j + l is bit j of `qh[l]`.
+- **Q6_K**: 16 sub-blocks of 16 with int8 scales, `s_j` for elements 16j .. 16j+15. The block is
+  two halves of 128; half h uses `ql[64h : 64h+64]` and `qh[32h : 32h+32]`. Within a half,
+  element 32k + l (k = 0..3, l = 0..31) takes its low 4 bits from `ql[l + 32·(k mod 2)]` (low
+  nibble for k < 2, high nibble for k ≥ 2) and its top 2 bits from bits 2k, 2k+1 of `qh[l]`.
+
+The dequantizers below do each step for all blocks at once with NumPy (no Python loop over
+blocks), in ggml's float32 operation order; the tests find them bit-identical to gguf-py's
+(the start of this appendix says how they are made fast).
+"""
+
+
+# %%
+def _f16(blocks: np.ndarray, at: int) -> np.ndarray:
+    """The fp16 field at byte `at` of every block, as float32 of shape (n, 1)."""
+    return np.ascontiguousarray(blocks[:, at:at + 2]).view("<f2").astype(np.float32)
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """(..., k) bytes → (..., 2k) 4-bit codes: all low nibbles, then all high nibbles."""
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
+
+
+def _fifth_bits(qh: np.ndarray) -> np.ndarray:
+    """(n, 4) bytes = a little-endian uint32 per block → (n, 32) bits, bit i first."""
+    return np.unpackbits(qh, axis=-1, bitorder="little")
+
+
+def _dequant_q8_0(b: np.ndarray) -> np.ndarray:  # b: (n, 34) → (n, 32)
+    return _f16(b, 0) * b[:, 2:].view(np.int8)  # int8 · float32 → float32 (exact conversion)
+
+
+def _dequant_q4_0(b: np.ndarray) -> np.ndarray:  # b: (n, 18) → (n, 32)
+    q = _nibbles(b[:, 2:]).view(np.int8) - 8  # (n, 32) in -8..7
+    return _f16(b, 0) * q
+
+
+def _dequant_q4_1(b: np.ndarray) -> np.ndarray:  # b: (n, 20) → (n, 32)
+    q = _nibbles(b[:, 4:])  # (n, 32) in 0..15
+    return _f16(b, 0) * q + _f16(b, 2)
+
+
+def _dequant_q5_0(b: np.ndarray) -> np.ndarray:  # b: (n, 22) → (n, 32)
+    q = _nibbles(b[:, 6:]) | (_fifth_bits(b[:, 2:6]) << 4)  # (n, 32) in 0..31
+    return _f16(b, 0) * (q.view(np.int8) - 16)
+
+
+def _dequant_q5_1(b: np.ndarray) -> np.ndarray:  # b: (n, 24) → (n, 32)
+    q = _nibbles(b[:, 8:]) | (_fifth_bits(b[:, 4:8]) << 4)  # (n, 32) in 0..31
+    return _f16(b, 0) * q + _f16(b, 2)
+
+
+def _k_scales_mins(sc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(n, 12) packed bytes → 6-bit scales (n, 8) and mins (n, 8), as float32."""
+    lo, mid, hi = sc[:, 0:4], sc[:, 4:8], sc[:, 8:12]  # (n, 4) each
+    scales = np.concatenate([lo & 63, (hi & 0x0F) | ((lo >> 6) << 4)], axis=1)
+    mins = np.concatenate([mid & 63, (hi >> 4) | ((mid >> 6) << 4)], axis=1)
+    return scales.astype(np.float32), mins.astype(np.float32)
+
+
+def _k_low_nibbles(qs: np.ndarray) -> np.ndarray:
+    """(n, 128) bytes → (n, 8, 32) 4-bit codes, sub-block by sub-block."""
+    chunks = qs.reshape(-1, 4, 1, 32)  # (n, chunk c, 1, 32)
+    return np.concatenate([chunks & 0x0F, chunks >> 4], axis=2).reshape(-1, 8, 32)
+
+
+def _dequant_q4_k(b: np.ndarray) -> np.ndarray:  # b: (n, 144) → (n, 256)
+    scales, mins = _k_scales_mins(b[:, 4:16])
+    q = _k_low_nibbles(b[:, 16:])  # (n, 8, 32) in 0..15
+    out = (_f16(b, 0) * scales)[:, :, None] * q - (_f16(b, 2) * mins)[:, :, None]
+    return out.reshape(-1, QK_K)
+
+
+def _dequant_q5_k(b: np.ndarray) -> np.ndarray:  # b: (n, 176) → (n, 256)
+    scales, mins = _k_scales_mins(b[:, 4:16])
+    high = np.unpackbits(b[:, 16:48, None], axis=2, bitorder="little")  # (n, l, j) = bit j of qh[l]
+    q = _k_low_nibbles(b[:, 48:]) | (high.transpose(0, 2, 1) << 4)  # (n, 8, 32) in 0..31
+    out = (_f16(b, 0) * scales)[:, :, None] * q - (_f16(b, 2) * mins)[:, :, None]
+    return out.reshape(-1, QK_K)
+
+
+_Q6_SHIFTS = np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)
+
+
+def _dequant_q6_k(b: np.ndarray) -> np.ndarray:  # b: (n, 210) → (n, 256)
+    ql = b[:, :128].reshape(-1, 2, 2, 32)  # (n, half h, k mod 2, l)
+    low = np.concatenate([ql & 0x0F, ql >> 4], axis=2)  # (n, h, k, l): k < 2 low nibble, k >= 2 high
+    high = (b[:, 128:192].reshape(-1, 2, 1, 32) >> _Q6_SHIFTS) & 3  # (n, h, k, l): bits 2k, 2k+1
+    q = (low | (high << 4)).reshape(-1, 16, 16).view(np.int8) - 32  # (n, sub-block j, 16) in -32..31
+    scales = b[:, 192:208].view(np.int8).astype(np.float32)  # (n, 16)
+    return ((_f16(b, 208) * scales)[:, :, None] * q).reshape(-1, QK_K)
+
+
+def _dequant_bf16(raw: np.ndarray) -> np.ndarray:
+    return (raw.view("<u2").astype(np.uint32) << 16).view(np.float32)
+
+
+_BLOCK_DEQUANTIZERS = {
+    GGMLType.Q8_0: _dequant_q8_0, GGMLType.Q4_0: _dequant_q4_0, GGMLType.Q4_1: _dequant_q4_1,
+    GGMLType.Q5_0: _dequant_q5_0, GGMLType.Q5_1: _dequant_q5_1, GGMLType.Q4_K: _dequant_q4_k,
+    GGMLType.Q5_K: _dequant_q5_k, GGMLType.Q6_K: _dequant_q6_k,
+}
+# One element per "block": a plain NumPy dtype, converted with astype (BF16 has none in NumPy).
+_PLAIN_DTYPES = {GGMLType.F32: "<f4", GGMLType.F16: "<f2", GGMLType.F64: "<f8", GGMLType.I8: "<i1",
+                 GGMLType.I16: "<i2", GGMLType.I32: "<i4", GGMLType.I64: "<i8"}
+DEQUANT_CHUNK_BLOCKS = 4096  # blocks per NumPy pass: bounds temporaries, keeps them in cache
+
+
+# %%
+def dequantize(raw: np.ndarray, ggml_type: GGMLType | int, shape: Sequence[int]) -> np.ndarray:
+    """Decode a tensor's raw bytes (uint8) into float32 of `shape` (NumPy order).
+
+    >>> raw = np.frombuffer(np.float16(0.5).tobytes() + bytes(range(16)), np.uint8)  # one Q4_0 block
+    >>> dequantize(raw, GGMLType.Q4_0, (32,))[:3]   # d·(q − 8): q = 0, 1, 2 from the low nibbles
+    array([-4. , -3.5, -3. ], dtype=float32)
+    """
+    try:
+        ggml_type = GGMLType(ggml_type)
+    except ValueError:
+        raise GGUFError(f"unknown ggml type id {ggml_type}; see GGMLType for the known ones") from None
+    shape = tuple(int(s) for s in shape)
+    if ggml_type not in _PLAIN_DTYPES and ggml_type not in _BLOCK_DEQUANTIZERS \
+            and ggml_type != GGMLType.BF16:
+        supported = ", ".join(t.name for t in (*_PLAIN_DTYPES, GGMLType.BF16, *_BLOCK_DEQUANTIZERS))
+        raise GGUFError(f"dequantizing {ggml_type.name} is not implemented here (supported: {supported}); "
+                        "re-quantize the model with llama.cpp's llama-quantize to e.g. Q8_0 or Q4_K_M")
+    raw = _check_raw(raw, ggml_type, shape)
+    if ggml_type in _PLAIN_DTYPES:
+        return raw.view(_PLAIN_DTYPES[ggml_type]).astype(np.float32).reshape(shape)
+    if ggml_type == GGMLType.BF16:
+        return _dequant_bf16(raw).reshape(shape)
+    return _dequantize_blocks(raw, ggml_type).reshape(shape)
+
+
+def _dequantize_blocks(raw: np.ndarray, ggml_type: GGMLType) -> np.ndarray:
+    """(n_blocks · type_size,) bytes → (n_blocks · block_size,) float32, a chunk of blocks at a time."""
+    block_size, type_size = GGML_BLOCK_SIZES[ggml_type]
+    blocks = raw.reshape(-1, type_size)  # (n_blocks, type_size)
+    out = np.empty((blocks.shape[0], block_size), dtype=np.float32)
+    kernel = _BLOCK_DEQUANTIZERS[ggml_type]
+    for start in range(0, blocks.shape[0], DEQUANT_CHUNK_BLOCKS):
+        stop = start + DEQUANT_CHUNK_BLOCKS
+        out[start:stop] = kernel(blocks[start:stop])
+    return out.reshape(-1)
+
+
+# %% [markdown]
+"""
+### GGUF's block formats, written
+Above, the block formats are *read*. Here they are *written*: a quantizer for each type, and a GGUF
+writer, so the real model can be re-quantized to Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 or the K-quants
+and loaded back through our own reader, or llama.cpp.
+
+**The simple types** round each block of 32 on its own grid. Q8_0 and Q4_0/Q5_0 are symmetric:
+Q8_0 scales by max|x| / 127 and rounds half away from zero; Q4_0 (Q5_0) puts the value of
+largest magnitude, *with its sign*, at code −8 (−16): d = x_max / −8, so that extreme value is
+represented exactly and the grid's extra negative step points the other way. Q4_1/Q5_1 are
+min–max: d = (max − min) / 15 (31), m = min, codes rounded by adding ½ and truncating. Each
+quantizer below follows ggml's reference C arithmetic in float32, so its bytes equal those of
+llama.cpp's `gguf` Python package (the tests compare them on random and adversarial blocks).
+
+**The K-quants** work on super-blocks of 256 with a scale (and min) per sub-block, themselves
+quantized to 6 bits (Q4_K, Q5_K) or 8 bits (Q6_K) against one fp16 super-scale. Rounding the
+sub-block grid by min–max is not the best one can do: llama.cpp searches, for each sub-block,
+a handful of candidate scales around the min–max one, fits scale and min to the codes each
+candidate produces by weighted least squares (weights grow with |x|, so large weights, which
+matter most, are fitted best), and keeps the best. `_fit_affine_grid` does that search for all
+sub-blocks at once; the 6-bit packing of scales and mins inverts `_k_scales_mins` above.
+"""
+
+
+# %%
+def _f16_bytes(x: np.ndarray) -> np.ndarray:
+    """float32 (n, 1) → its fp16 bytes (n, 2)."""
+    return x.astype(np.float16).reshape(-1, 1).view(np.uint8)
+
+
+def _round_half_away(x: np.ndarray) -> np.ndarray:
+    """C's roundf: halves round away from zero (np.round would round them to even)."""
+    return np.sign(x) * np.floor(np.abs(x) + np.float32(0.5))
+
+
+def _inverse(d: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore"):
+        return np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)
+
+
+def _quant_q8_0(x: np.ndarray) -> np.ndarray:  # (n, 32) float32 → (n, 34)
+    d = (np.abs(x).max(axis=1, keepdims=True) / np.float32(127)).astype(np.float32)
+    q = _round_half_away(x * _inverse(d)).astype(np.int8).view(np.uint8)
+    return np.concatenate([_f16_bytes(d), q], axis=1)
+
+
+def _signed_extreme(x: np.ndarray) -> np.ndarray:
+    """The value of largest magnitude in each row, with its sign (first one on ties)."""
+    return np.take_along_axis(x, np.abs(x).argmax(axis=1)[:, None], axis=1)
+
+
+def _pack_low_nibbles(q: np.ndarray) -> np.ndarray:
+    """(n, 32) codes → (n, 16): byte i holds element i (low nibble) and element i + 16 (high)."""
+    return (q[:, :16] & 0x0F) | ((q[:, 16:] & 0x0F) << 4)
+
+
+def _fifth_bits_bytes(q: np.ndarray) -> np.ndarray:
+    """(n, 32) 5-bit codes → (n, 4): bit i of the little-endian uint32 = bit 4 of element i."""
+    return np.packbits((q >> 4) & 1, axis=1, bitorder="little")
+
+
+def _quant_symmetric(x: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray]:
+    d = (_signed_extreme(x) / np.float32(-levels)).astype(np.float32)
+    q = np.trunc(x * _inverse(d) + np.float32(levels + 0.5)).astype(np.float32)
+    return d, np.clip(q, 0, 2 * levels - 1).astype(np.uint8)
+
+
+def _quant_minmax(x: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    lo, hi = x.min(axis=1, keepdims=True), x.max(axis=1, keepdims=True)
+    d = ((hi - lo) / np.float32(top)).astype(np.float32)
+    q = np.trunc((x - lo) * _inverse(d) + np.float32(0.5)).astype(np.float32)
+    return d, lo, np.clip(q, 0, top).astype(np.uint8)
+
+
+def _quant_q4_0(x):  # → (n, 18)
+    d, q = _quant_symmetric(x, 8)
+    return np.concatenate([_f16_bytes(d), _pack_low_nibbles(q)], axis=1)
+
+
+def _quant_q5_0(x):  # → (n, 22)
+    d, q = _quant_symmetric(x, 16)
+    return np.concatenate([_f16_bytes(d), _fifth_bits_bytes(q), _pack_low_nibbles(q)], axis=1)
+
+
+def _quant_q4_1(x):  # → (n, 20)
+    d, m, q = _quant_minmax(x, 15)
+    return np.concatenate([_f16_bytes(d), _f16_bytes(m), _pack_low_nibbles(q)], axis=1)
+
+
+def _quant_q5_1(x):  # → (n, 24)
+    d, m, q = _quant_minmax(x, 31)
+    return np.concatenate([_f16_bytes(d), _f16_bytes(m), _fifth_bits_bytes(q), _pack_low_nibbles(q)], axis=1)
+
+
+def _fit_affine_grid(x: np.ndarray, nmax: int, steps: int = 20) -> tuple[np.ndarray, np.ndarray]:
+    """For each sub-block x (..., L): scale ≥ 0 and min ≥ 0 with x ≈ scale·q − min, q in 0..nmax.
+    Tries `steps` + 1 grids around the min–max one; for each, rounds, then fits scale and min to
+    the codes by weighted least squares (weights |x| + rms(x)); keeps the lowest weighted error."""
+    x = x.astype(np.float32)
+    w = np.abs(x) + np.sqrt((x * x).mean(-1, keepdims=True))
+    lo = np.minimum(x.min(-1, keepdims=True), 0)  # the format can only shift down (−dmin·m)
+    span = x.max(-1, keepdims=True) - lo
+    safe = np.where(span > 0, span, 1)
+    best_a, best_b = span / nmax, lo.copy()
+    q = np.clip(np.round((x - lo) / np.where(best_a > 0, best_a, 1)), 0, nmax)
+    best_err = (w * (best_a * q + best_b - x) ** 2).sum(-1, keepdims=True)
+    sw, swx = w.sum(-1, keepdims=True), (w * x).sum(-1, keepdims=True)
+    for k in range(steps + 1):
+        iscale = (nmax - 1 + 0.1 * k) / safe  # candidates from (nmax − 1)/span to (nmax + 1)/span
+        q = np.clip(np.round(iscale * (x - lo)), 0, nmax)
+        swq, swq2, swqx = (w * q).sum(-1, keepdims=True), (w * q * q).sum(-1, keepdims=True), (w * q * x).sum(
+            -1, keepdims=True)
+        det = sw * swq2 - swq * swq
+        ok = det > 0
+        det = np.where(ok, det, 1)
+        a = np.where(ok, (sw * swqx - swq * swx) / det, best_a)
+        b = np.where(ok, (swq2 * swx - swq * swqx) / det, best_b)
+        clip = b > 0  # a positive offset is not representable: refit the scale with b = 0
+        a = np.where(clip, swqx / np.where(swq2 > 0, swq2, 1), a)
+        b = np.where(clip, 0, b)
+        err = (w * (a * q + b - x) ** 2).sum(-1, keepdims=True)
+        better = (err < best_err) & (a >= 0)
+        best_a, best_b, best_err = np.where(better, a, best_a), np.where(better, b, best_b), np.minimum(
+            np.where(better, err, best_err), best_err)
+    return best_a[..., 0], -best_b[..., 0]
+
+
+def _pack_k_scales(s: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """6-bit scales and mins (n, 8) → 12 bytes (n, 12): the inverse of `_k_scales_mins`."""
+    s, m = s.astype(np.uint8), m.astype(np.uint8)
+    lo = (s[:, :4] & 63) | ((s[:, 4:] >> 4) << 6)
+    mid = (m[:, :4] & 63) | ((m[:, 4:] >> 4) << 6)
+    hi = (s[:, 4:] & 0x0F) | ((m[:, 4:] & 0x0F) << 4)
+    return np.concatenate([lo, mid, hi], axis=1)
+
+
+def _quant_k_affine(x: np.ndarray, nmax: int):
+    """Q4_K/Q5_K core: (n, 256) → d, dmin (n, 1) fp32 as stored, 6-bit s, m (n, 8), codes (n, 8, 32)."""
+    sub = x.reshape(-1, 8, 32)
+    scale, mn = _fit_affine_grid(sub, nmax)
+    d = (scale.max(1, keepdims=True) / 63).astype(np.float16).astype(np.float32)
+    dmin = (mn.max(1, keepdims=True) / 63).astype(np.float16).astype(np.float32)
+    s = np.clip(np.round(scale * _inverse(d)), 0, 63)
+    m = np.clip(np.round(mn * _inverse(dmin)), 0, 63)
+    step = (d * s)[..., None]
+    q = np.round((sub + (dmin * m)[..., None]) / np.where(step > 0, step, 1))
+    return d, dmin, s, m, np.clip(np.where(step > 0, q, 0), 0, nmax).astype(np.uint8)
+
+
+def _k_nibble_bytes(q: np.ndarray) -> np.ndarray:
+    """Codes (n, 8, 32) → 128 bytes: chunk c = sub-block 2c in low nibbles, 2c + 1 in high."""
+    return ((q[:, 0::2] & 0x0F) | ((q[:, 1::2] & 0x0F) << 4)).reshape(-1, 128)
+
+
+def _quant_q4_k(x):  # (n, 256) → (n, 144)
+    d, dmin, s, m, q = _quant_k_affine(x, 15)
+    return np.concatenate([_f16_bytes(d), _f16_bytes(dmin), _pack_k_scales(s, m), _k_nibble_bytes(q)], axis=1)
+
+
+def _quant_q5_k(x):  # (n, 256) → (n, 176)
+    d, dmin, s, m, q = _quant_k_affine(x, 31)
+    qh = np.packbits(((q >> 4) & 1).transpose(0, 2, 1), axis=2, bitorder="little").reshape(-1, 32)
+    return np.concatenate([_f16_bytes(d), _f16_bytes(dmin), _pack_k_scales(s, m), qh, _k_nibble_bytes(q)],
+                          axis=1)
+
+
+def _quant_q6_k(x):  # (n, 256) → (n, 210)
+    sub = x.reshape(-1, 16, 16).astype(np.float32)
+    w = sub * sub
+    extreme = np.take_along_axis(sub, np.abs(sub).argmax(-1)[..., None], -1)  # signed, (n, 16, 1)
+    best_scale, best_err = np.zeros(sub.shape[:2] + (1,), np.float32), np.full(sub.shape[:2] + (1,), np.inf)
+    for k in range(-9, 10):  # candidate grids: the extreme value at code −32 ± 0.9
+        iscale = -(32 + 0.1 * k) / np.where(extreme != 0, extreme, 1)
+        q = np.clip(np.round(iscale * sub), -32, 31)
+        sq2 = (w * q * q).sum(-1, keepdims=True)
+        scale = (w * q * sub).sum(-1, keepdims=True) / np.where(sq2 > 0, sq2, 1)
+        err = (w * (scale * q - sub) ** 2).sum(-1, keepdims=True)
+        better = err < best_err
+        best_scale, best_err = np.where(better, scale, best_scale), np.where(better, err, best_err)
+    scales = best_scale[..., 0]  # (n, 16), signed
+    top = np.take_along_axis(scales, np.abs(scales).argmax(1)[:, None], 1)  # (n, 1)
+    d = (top / -128).astype(np.float16).astype(np.float32)
+    sc = np.clip(np.round(scales * _inverse(d)), -128, 127)
+    step = (d * sc)[..., None]
+    q = np.clip(np.round(sub / np.where(step != 0, step, 1)), -32, 31)
+    q = (np.where(step != 0, q, 0) + 32).astype(np.uint8).reshape(-1, 2, 4, 32)  # (n, half, k, l)
+    ql = (q[:, :, :2] & 0x0F) | ((q[:, :, 2:] & 0x0F) << 4)  # (n, half, 2, 32)
+    qh = ((q >> 4) << np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)).sum(2, dtype=np.uint8)
+    return np.concatenate([ql.reshape(-1, 128), qh.reshape(-1, 64), sc.astype(np.int8).view(np.uint8),
+                           _f16_bytes(d)], axis=1)
+
+
+_BLOCK_QUANTIZERS = {
+    GGMLType.Q8_0: _quant_q8_0, GGMLType.Q4_0: _quant_q4_0, GGMLType.Q4_1: _quant_q4_1,
+    GGMLType.Q5_0: _quant_q5_0, GGMLType.Q5_1: _quant_q5_1, GGMLType.Q4_K: _quant_q4_k,
+    GGMLType.Q5_K: _quant_q5_k, GGMLType.Q6_K: _quant_q6_k,
+}
+
+
+def _quant_bf16(x: np.ndarray) -> np.ndarray:
+    """float32 (…, K) → bf16 bytes (…, 2K): the upper 16 bits, rounded to nearest even (as ggml's
+    GGML_FP32_TO_BF16 for finite values)."""
+    bits = x.view(np.uint32)
+    rounded = (bits + (np.uint32(0x7FFF) + ((bits >> 16) & 1))) >> 16
+    return rounded.astype("<u2").view(np.uint8)
+
+
+def quantize_blocks(values: np.ndarray, ggml_type: GGMLType | int) -> np.ndarray:
+    """float values (…, K), any strides (a NumPy array, or a PyTorch tensor of any float dtype) →
+    the raw bytes of `ggml_type` blocks (uint8, …, K / block · type_size), rows quantized
+    independently along the last axis (F32, F16 and BF16 too). GGUFError for values a type's
+    fp16 fields (or F16/BF16 themselves) cannot hold: they would overflow to inf."""
+    try:
+        ggml_type = GGMLType(ggml_type)
+    except ValueError:
+        raise GGUFError(f"unknown ggml type id {ggml_type}") from None
+    if isinstance(values, torch.Tensor):
+        values = values.detach().float().cpu().numpy()
+    values = np.ascontiguousarray(values, dtype=np.float32)  # row-major: the blocks run along rows
+    if values.ndim == 0 or not np.isfinite(values).all():
+        raise GGUFError("quantize_blocks needs a finite array of at least one dimension")
+    writable = (GGMLType.F32, GGMLType.F16, GGMLType.BF16, *_BLOCK_QUANTIZERS)
+    if ggml_type not in writable:
+        supported = ", ".join(t.name for t in writable)
+        raise GGUFError(f"quantizing to {ggml_type.name} is not implemented here (supported: {supported})")
+    block, type_size = GGML_BLOCK_SIZES[ggml_type]
+    if values.shape[-1] % block:
+        raise GGUFError(f"{ggml_type.name} needs rows whose length is a multiple of {block}; got rows of "
+                        f"{values.shape[-1]}: pick a type with smaller blocks (e.g. Q8_0, block 32)")
+    # Past 65504 an fp16 field becomes inf (checked below); values whose tiny scale flushes to 0
+    # meet inf·0 on the way, harmlessly. No block type holds |x| ≥ 2^31 (Q6_K's largest, d·sc·q,
+    # is 65504·128·32 ≈ 2^28), and past ~2^64 the K-quants' squared weights overflow float32.
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = _quantize_rows(values, ggml_type)
+    if not _half_fields_finite(out, ggml_type) or (block > 1 and np.abs(values).max() >= 2.0**31):
+        raise GGUFError(f"values up to {float(np.abs(values).max()):.4g} overflow {ggml_type.name}'s "
+                        f"{'values' if block == 1 else 'fp16 scales or mins'} (largest finite: "
+                        f"{'3.39e38' if ggml_type == GGMLType.BF16 else '65504'}); store this tensor as F32 "
+                        "(or BF16), or rescale it")
+    return out.reshape(*values.shape[:-1], -1)
+
+
+def _half_fields_finite(out: np.ndarray, ggml_type: GGMLType) -> bool:
+    """Whether every 16-bit float of the quantized bytes (F16/BF16 values; blocks' d, m, dmin) is finite."""
+    if ggml_type == GGMLType.F16:
+        return bool(np.isfinite(out.view("<f2")).all())
+    if ggml_type == GGMLType.BF16:
+        return not ((out.view("<u2") & 0x7F80) == 0x7F80).any()  # exponent all ones: inf
+    at = 0
+    for name, n in GGUF_BLOCK_FIELDS.get(ggml_type, ()):  # F32 has no fields
+        if name in ("d", "m", "dmin") and not np.isfinite(out[:, at:at + 2].copy().view("<f2")).all():
+            return False
+        at += n
+    return True
+
+
+def _quantize_rows(values: np.ndarray, ggml_type: GGMLType) -> np.ndarray:
+    """C-contiguous finite float32 (…, K) → (n_blocks, type_size) or, for F32/F16/BF16, (…, bytes)."""
+    if ggml_type == GGMLType.F32:
+        return values.view(np.uint8).copy()
+    if ggml_type == GGMLType.F16:
+        return values.astype("<f2").view(np.uint8)
+    if ggml_type == GGMLType.BF16:
+        return _quant_bf16(values)
+    block, type_size = GGML_BLOCK_SIZES[ggml_type]
+    blocks = values.reshape(-1, block)
+    out = np.empty((blocks.shape[0], type_size), dtype=np.uint8)
+    for start in range(0, blocks.shape[0], DEQUANT_CHUNK_BLOCKS):
+        stop = start + DEQUANT_CHUNK_BLOCKS
+        out[start:stop] = _BLOCK_QUANTIZERS[ggml_type](blocks[start:stop])
+    return out
+
+
+# %% [markdown]
+"""
+### Writing a GGUF file, and re-quantizing the real model
+`write_gguf` lays out the file §1b reads: header, metadata, tensor infos, padding to the
+alignment, tensor data (this appendix's first part has the writer's plumbing: value encoding and the atomic
+rename that leaves no half-written file). `quantize_model_to_gguf` maps our parameter names back
+to GGUF's, re-permutes the q/k rows for llama.cpp's RoPE (§1b), quantizes every matrix to the
+scheme's type and writes the tokenizer metadata too, so the file loads back with
+`load_model(path)` and chats. The K-quants need rows that are a multiple of 256 values; like
+llama.cpp, a tensor whose rows are not falls back to a 32-block type of similar size (Q4_K →
+Q5_0, Q5_K → Q5_1, Q6_K → Q8_0). In SmolLM2 (width 576) that is every matrix except the
+down-projections, so its "Q4_K_M" is mostly Q5_0.
+
+The Q4_K_M-style mix follows llama.cpp's recipe in spirit: Q4_K by default; Q6_K for the
+value projections and down-projections of the first and last eighth of the layers and of every
+third layer between; Q6_K for the embedding, which SmolLM2 also uses as its output head.
+"""
+
+
+# %%
+GGUF_SCHEMES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K_M")
+_K_FALLBACK = {GGMLType.Q4_K: GGMLType.Q5_0, GGMLType.Q5_K: GGMLType.Q5_1, GGMLType.Q6_K: GGMLType.Q8_0}
+
+
+def permute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """The inverse of `unpermute_rope_rows`: (rotate-half halves) → llama.cpp's adjacent pairs."""
+    rows, cols = w.shape
+    return w.reshape(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def _scheme_type(scheme: str, gguf_name: str, n_layers: int, row_length: int) -> GGMLType:
+    """The ggml type `scheme` gives one tensor (norms stay F32)."""
+    if gguf_name.endswith("norm.weight"):
+        return GGMLType.F32
+    if scheme != "Q4_K_M":
+        return GGMLType[scheme]
+    ggml_type = GGMLType.Q4_K
+    if gguf_name in ("token_embd.weight", "output.weight"):
+        ggml_type = GGMLType.Q6_K
+    elif gguf_name.endswith(("attn_v.weight", "ffn_down.weight")):
+        i = int(gguf_name.split(".")[1])
+        if i < n_layers // 8 or i >= 7 * n_layers // 8 or (i - n_layers // 8) % 3 == 2:
+            ggml_type = GGMLType.Q6_K
+    if row_length % QK_K:
+        ggml_type = _K_FALLBACK[ggml_type]
+    return ggml_type
+
+
+def _float_weights(model: Transformer) -> dict[str, torch.Tensor]:
+    """Parameter name → weight, in state_dict order, with every `QuantizedLinear` (whose codes are
+    buffers, not state) as its dequantized fp32 weight under the name the float layer had."""
+    out = {}
+    for prefix, module in model.named_modules():
+        if isinstance(module, QuantizedLinear):
+            out[f"{prefix}.weight"] = module.weight_dequantized()
+        else:
+            for name, p in module.named_parameters(prefix=prefix, recurse=False):
+                out[name] = p
+    assert set(model.state_dict()) <= set(out), "a weight the export does not know how to write"
+    return out
+
+
+def model_to_gguf_tensors(model: Transformer) -> dict[str, torch.Tensor]:
+    """GGUF name → fp32 tensor for every weight of `model` (tied head written once). The layers of
+    a quantized copy (`quantize_model`, GPTQ, AWQ) are written dequantized, so every layer is there;
+    an untied INT8 head of a model whose config ties it is not written: the file's head is the
+    embedding, as in the float model."""
+    inverse = {v: k for k, v in _GGUF_NAMES.items()}
+    out = {}
+    for name, p in _float_weights(model).items():
+        parts = name.split(".")
+        if parts[0] == "layers":
+            short = inverse[".".join(parts[2:-1])]
+            gname = f"blk.{parts[1]}.{short}.{parts[-1]}"
+        else:
+            if name == "lm_head.weight" and model.cfg.tie_embeddings:
+                continue
+            gname = f"{inverse[parts[0]]}.{parts[1]}"
+        w = p.detach().float().cpu()
+        if heads := rope_heads(gname, model.cfg):
+            w = permute_rope_rows(w, heads)
+        out[gname] = w
+    return out
+
+
+def quantize_model_to_gguf(model: Transformer, tokenizer, path: str | Path, scheme: str = "Q4_K_M",
+                           show_progress: bool = True) -> Path:
+    """Write `model` as a GGUF file quantized by `scheme` (one of GGUF_SCHEMES), with the
+    architecture metadata and `tokenizer`'s own metadata, so `load_model(path)` loads it back.
+    A quantized copy's layers are dequantized (`model_to_gguf_tensors`), then quantized by `scheme`."""
+    if scheme not in GGUF_SCHEMES:
+        raise GGUFError(f"scheme must be one of {GGUF_SCHEMES}, got {scheme!r}")
+    tok_meta = getattr(tokenizer, "metadata", None)
+    if not tok_meta:
+        raise GGUFError("the tokenizer carries no GGUF metadata to write; pass the GGUFTokenizer of a GGUF "
+                        "model (load_model returns one)")
+    cfg = model.cfg
+    metadata = {"general.architecture": "llama",
+                "general.name": f"{cfg.name} {scheme} (written by this lesson)",
+                "llama.context_length": cfg.max_seq_len, "llama.embedding_length": cfg.dim,
+                "llama.block_count": cfg.n_layers, "llama.feed_forward_length": cfg.ffn_dim,
+                "llama.attention.head_count": cfg.n_heads, "llama.attention.head_count_kv": cfg.n_kv_heads,
+                "llama.rope.freq_base": float(cfg.rope_theta), "llama.rope.dimension_count": cfg.head_dim,
+                "llama.attention.layer_norm_rms_epsilon": float(cfg.norm_eps),
+                "llama.vocab_size": cfg.vocab_size,
+                **tok_meta}
+    tensors = {}
+    for gname, w in progress(list(model_to_gguf_tensors(model).items()), f"quantizing to {scheme}",
+                             enabled=show_progress):
+        tensors[gname] = (w.numpy(), _scheme_type(scheme, gname, cfg.n_layers, w.shape[-1]))
+    return write_gguf(path, metadata, tensors, types=getattr(tokenizer, "metadata_types", None))
+
+
+# %% [markdown]
+"""
+### Measuring the GGUF formats
+`analyze_gguf_formats` quantizes the real model's down-projections (rows of 1,536, which every
+type accepts; we drop the first 16 columns, so that no type gets the file's own Q4_1 blocks for
+free) to each type and reports bits per weight and the error; `demonstrate_gguf_formats`
+then writes the whole model in each scheme with our writer, loads the file back with our
+reader, measures perplexity, and puts llama.cpp's published perplexity increase for the same
+type on Llama-3-8B beside it (its `quantize` tool's help text; REFERENCES). A figure draws each
+block's bytes.
+"""
+
+
+# %%
+GGUF_BLOCK_FIELDS = {  # storage order of each block's fields: (name, bytes)
+    GGMLType.Q8_0: [("d", 2), ("q", 32)], GGMLType.Q4_0: [("d", 2), ("qs", 16)],
+    GGMLType.Q4_1: [("d", 2), ("m", 2), ("qs", 16)], GGMLType.Q5_0: [("d", 2), ("qh", 4), ("qs", 16)],
+    GGMLType.Q5_1: [("d", 2), ("m", 2), ("qh", 4), ("qs", 16)],
+    GGMLType.Q4_K: [("d", 2), ("dmin", 2), ("scales", 12), ("qs", 128)],
+    GGMLType.Q5_K: [("d", 2), ("dmin", 2), ("scales", 12), ("qh", 32), ("qs", 128)],
+    GGMLType.Q6_K: [("ql", 128), ("qh", 64), ("scales", 16), ("d", 2)],
+}
+LLAMA_CPP_PPL_INCREASE = {"Q8_0": 0.0026, "Q6_K": 0.0217, "Q5_1": 0.1062, "Q5_0": 0.1316, "Q4_K_M": 0.1754,
+                          "Q4_1": 0.4511, "Q4_0": 0.4685}  # Llama-3-8B, llama.cpp quantize help (REFERENCES)
+
+
+def analyze_gguf_formats(model: str = "smollm2", device=None, n_layers: int | None = None) -> "Rows":
+    """Bits per weight and error of every writable block type on the model's down-projections
+    (of the first `n_layers` layers; all by default)."""
+    net, _ = get_model(model, device)
+    layers = list(net.layers)[:n_layers]
+    w = torch.cat([layer.mlp.w_down.weight.detach().float().cpu() for layer in layers]).numpy()
+    if w.shape[1] >= 256 + 16:  # skip half a block: the file's own Q4_1 grid would give Q4_1 zero error
+        w = np.ascontiguousarray(w[:, 16:16 + (w.shape[1] - 16) // 256 * 256])
+    rms = float(np.sqrt((w ** 2).mean()))
+    rows = []
+    for t in GGUF_BLOCK_FIELDS:
+        if w.shape[1] % GGML_BLOCK_SIZES[t][0]:
+            continue
+        with Timer() as timer:
+            raw = quantize_blocks(w, t)
+        back = dequantize(raw.reshape(-1), t, w.shape)
+        block, size = GGML_BLOCK_SIZES[t]
+        rows.append({"type": t.name, "bits/weight": 8 * size / block, "RMSE / RMS(w) %": 100 * float(
+            np.sqrt(((back - w) ** 2).mean())) / rms, "quantize (s)": timer.seconds})
+    return Rows(sorted(rows, key=lambda r: -r["bits/weight"]),
+                f"Block formats on {net.cfg.name}'s down-projections ({w.size / 1e6:.1f}M weights, measured)")
+
+
+GGUF_FIELD_MEANING = {"d": "d: block scale (fp16)", "dmin": "dmin / m: block minimum, offset (fp16)",
+                      "m": None, "scales": "scales: sub-block scales and mins (6-bit; 8-bit in Q6_K)",
+                      "qh": "qh: high bits of the codes", "q": "q / qs / ql: the codes' low bits",
+                      "qs": None, "ql": None}
+
+
+def plot_block_layouts(title: str = "GGUF block layouts, field by field (the format's definition; "
+                                    "no model, no device)", model=None) -> "Plot":
+    """One bar per type: its block's bytes, field by field; fields too narrow to hold their name
+    are named above the bar, with a tick down to the field."""
+    from matplotlib.patches import Patch
+
+    fig, ax = new_figure(figsize=(10.5, 5))
+    colors = {"d": "C0", "dmin": "C1", "m": "C1", "scales": "C2", "qh": "C3", "q": "C4", "qs": "C4",
+              "ql": "C4"}
+    for row, (t, fields) in enumerate(GGUF_BLOCK_FIELDS.items()):
+        start, next_free = 0, -1e9  # next_free: where the next label above the bar may start (bytes)
+        for name, nbytes in fields:
+            ax.barh(row, nbytes, left=start, color=colors[name], edgecolor="white", height=0.6)
+            middle = start + nbytes / 2
+            if nbytes >= 10:
+                ax.text(middle, row, f"{name} {nbytes}", ha="center", va="center", fontsize=7, color="white")
+            else:  # a narrow field: its name above the bar, shifted right of the previous one
+                x = max(middle, next_free)
+                ax.annotate(f"{name} {nbytes}", (middle, row - 0.3), xytext=(x, row - 0.52), fontsize=6.5,
+                            ha="left", va="bottom", color=colors[name],
+                            arrowprops=dict(arrowstyle="-", color=colors[name], lw=0.6))
+                next_free = x + 4 + 2.2 * len(f"{name} {nbytes}")
+            start += nbytes
+        block = GGML_BLOCK_SIZES[t][0]
+        ax.text(start + 2, row, f"{start} B / {block} weights = {8 * start / block:.4g} bits", va="center",
+                fontsize=7)
+    ax.set_yticks(range(len(GGUF_BLOCK_FIELDS)), [t.name for t in GGUF_BLOCK_FIELDS])
+    ax.set(xlabel="bytes in one block", xlim=(0, 290), ylim=(len(GGUF_BLOCK_FIELDS) - 0.5, -0.9))
+    ax.set_title(title, fontsize=9)
+    ax.legend(handles=[Patch(color=colors[k], label=v) for k, v in GGUF_FIELD_MEANING.items() if v],
+              fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    caption = ("the codes (purple) are most of every block; the K-quants spend 12–16 bytes per 256 weights "
+               "on sub-block scales, the simple types 2–4 bytes per 32 on one scale (and minimum).")
+    return save_plot(fig, "s8_gguf_block_layouts", caption, model)
+
+
+def demonstrate_gguf_formats(model: str = "smollm2", *, device=None, seed: int = 0,
+                             quick: bool = False, plots: bool = True,
+                             measured: dict | None = None) -> "Report":
+    """Every block type's size and error, then the whole model written, reloaded and measured.
+    With the §8 quantization table of the same run (`measured`, as `main` passes it), the
+    perplexity-vs-bits figure shows the GGUF files beside RTN, GPTQ and AWQ."""
+    import tempfile
+
+    errors = analyze_gguf_formats(model, device, n_layers=2 if quick else 8)  # the K-quant search is slow
+    print_table(errors)
+    if plots:
+        show_plot(plot_block_layouts(model=model))
+    net, tok = get_model(model, device)
+    if not getattr(tok, "metadata", None):
+        print("The tiny model has no GGUF tokenizer to write; run with --model smollm2 for the file round "
+              "trip.")
+        return Report(errors=errors)
+    ids = text_slices(tok)["eval"][: 256 if quick else 512]
+    base = evaluate_perplexity(net, ids, show_progress=False)
+    rows = [{"scheme": "fp32 (the dequantized Q4_1 file)", "file (MB)": float("nan"), "bits/weight": 32.0,
+             "perplexity": base, "increase": 0.0, "perplexity vs fp32 %": 0.0,
+             "llama.cpp increase, Llama-3-8B": float("nan"), "write (s)": float("nan")}]
+    with tempfile.TemporaryDirectory() as folder:
+        for scheme in (("Q4_0",) if quick else GGUF_SCHEMES):  # quick: one file, no K-quant search
+            path = Path(folder) / f"smollm2-{scheme}.gguf"
+            with Timer() as t:
+                quantize_model_to_gguf(net, tok, path, scheme, show_progress=False)
+            reloaded, _ = load_model(path, device)
+            ppl = evaluate_perplexity(reloaded, ids, show_progress=False)
+            rows.append({"scheme": scheme, "file (MB)": path.stat().st_size / 1e6,
+                         "bits/weight": 8 * path.stat().st_size / net.cfg.n_params, "perplexity": ppl,
+                         "increase": ppl - base, "perplexity vs fp32 %": 100 * (ppl / base - 1),
+                         "llama.cpp increase, Llama-3-8B": LLAMA_CPP_PPL_INCREASE[scheme],
+                         "write (s)": t.seconds})
+    table = Rows(rows, f"{net.cfg.name} written by write_gguf in each scheme, read back by read_gguf; "
+                       f"perplexity on {len(ids)} evaluation tokens (measured; llama.cpp column cited)")
+    print_table(table)
+    if plots:  # beside this run's §8 table when there is one
+        quantized = ((measured or {}).get("quantization") or {}).get("schemes") or []
+        show_plot(plot_perplexity_vs_bits(quantized, f"Perplexity vs bits per weight, {net.cfg.name} on "
+                                                     f"{device_label(net.device)} (measured)", table, model))
+    err = {r["type"]: r["RMSE / RMS(w) %"] for r in errors}
+    ppl = {r["scheme"]: r["perplexity"] for r in rows}
+    note = ""
+    if {"Q4_1", "Q5_0", "Q5_1"} <= set(ppl):
+        note = (f" In the file table Q4_1 ({ppl['Q4_1']:.2f}) beats Q5_0 ({ppl['Q5_0']:.2f}) and Q5_1 "
+                f"({ppl['Q5_1']:.2f}) with fewer bits: SmolLM2's weights are already Q4_1 blocks, so "
+                "rewriting Q4_1 lands on the same grid, while the 5-bit grids do not contain those points "
+                "and round every weight again.")
+    print(f"Takeaway: more bits per weight, less error; at the same 4.5 bits the K-quants' searched scales "
+          f"beat the min-max blocks on the down-projections (RMS error Q4_K {err['Q4_K']:.1f}% vs Q4_0 "
+          f"{err['Q4_0']:.1f}%).{note} llama.cpp's increases (an 8B model quantized from 16-bit weights) "
+          "are far smaller.")
+    return Report(errors=errors, files=table)
+
+
+# %%
+notebook_demo("gguf_formats")  # runs only in a notebook: the demo, here
 
 
 # %% [markdown]
@@ -9251,15 +8317,15 @@ def analyze_tokenization(tokenizer, texts: dict[str, str] | None = None) -> list
     return Rows(rows, f"Tokens per text ({type(tokenizer).__name__}, V={tokenizer.vocab_size})")
 
 
-def demonstrate_tokenizer(tokenizer=None, texts: dict[str, str] | None = None, model: str | None = None,
-                          device=None) -> list[dict]:
+def demonstrate_tokenizer(model: str = "smollm2", *, device=None, seed: int = 0,
+                          quick: bool = False, plots: bool = True, measured: dict | None = None,
+                          tokenizer=None, texts: dict[str, str] | None = None) -> "Report":
     """Print how many tokens each kind of text costs, and one chat prompt, token by token.
 
-    The tokenizer is `tokenizer` if given, else that of `model` ("smollm2", "tiny", a path),
-    else the offline `ByteTokenizer`.
+    The tokenizer is `tokenizer` if given, else that of `model` ("smollm2", "tiny", a path).
     """
     if tokenizer is None:
-        tokenizer = get_model(model, device)[1] if model is not None else ByteTokenizer()
+        tokenizer = get_model(model, device)[1]
     rows = analyze_tokenization(tokenizer, texts)
     print_table(rows, f"Tokens per text ({type(tokenizer).__name__}, V={tokenizer.vocab_size})")
     ids = tokenizer.encode_chat([{"role": "user", "content": "Hi!"}])
@@ -9270,7 +8336,7 @@ def demonstrate_tokenizer(tokenizer=None, texts: dict[str, str] | None = None, m
     print(f"Takeaway: work and KV-cache memory scale with tokens, not characters: {worst['text']} "
           f"costs {best['chars/token'] / worst['chars/token']:.1f}x more tokens per character "
           f"than {best['text']} here.")
-    return rows
+    return Report(tokens=Rows(rows, "Tokens per text"))
 
 
 # %%
@@ -9538,7 +8604,8 @@ def evaluate_perplexity(model: Transformer, token_ids: Sequence[int], window: in
     return math.exp(nll / count)
 
 
-def demonstrate_perplexity(model: str = "smollm2", device=None, quick: bool = False) -> dict:
+def demonstrate_perplexity(model: str = "smollm2", *, device=None, seed: int = 0,
+                           quick: bool = False, plots: bool = True, measured: dict | None = None) -> "Report":
     """Perplexity of the model on the fixed evaluation slice (the baseline §8 compares against)."""
     net, tok = get_model(model, device)
     ids = text_slices(tok)["eval"][: 512 if quick else None]
@@ -9548,7 +8615,7 @@ def demonstrate_perplexity(model: str = "smollm2", device=None, quick: bool = Fa
            "python": sys.version.split()[0], "time (s)": t.seconds}
     print_table([row], "Perplexity on pydoc_data.topics (measured)")
     print("Takeaway: this is the quality baseline; a faster model must keep this number.")
-    return row
+    return Report(perplexity=Rows([row], "Perplexity"))
 
 
 # %%
@@ -9557,7 +8624,1022 @@ notebook_demo("perplexity")  # runs only in a notebook: the demo, here
 
 # %% [markdown]
 """
-## Appendix D: tables, progress, the notebook's demo cells, the command line
+## Appendix D: the last 20% on a Hopper GPU
+
+The main path gets a decode step to the memory roof with general tools: static shapes, a CUDA
+graph and `torch.compile` (§9). What is left on a Hopper GPU is kernel engineering, collected
+here: §7's split-K attention as Triton kernels (over a contiguous and a paged cache), a
+matrix-vector kernel for batch 1 with the norm, SiLU·up and residual folded in, the operators
+that let `torch.compile` and CUDA graphs call them, and the §5 engine's decode step captured in
+a CUDA graph over the paged cache. Each has a PyTorch reference in the main path, and the tests
+check them against it (on a CPU through Triton's interpreter).
+"""
+
+
+# %% [markdown]
+"""
+### Triton kernels: the split pass and the merge on a GPU
+The split kernel runs one program per (batch element, KV head, split). It loads the g query
+heads that share that KV head (GQA: each K/V tile is read once for all of them), walks its
+chunk of keys in tiles of `BLOCK_N` with the online softmax, and writes g partial rows and
+their lse. `tl.dot` needs at least 16 rows, so the g queries are padded to 16 with zeros. The
+paged kernel is the same program with one change: the address of token t is computed from its
+block, `block_table[t // bs]`, loaded per token, so tiles need not align with blocks.
+
+The merge runs as its own kernel, one program per (batch element, head). `fused=True` folds
+it into the split kernel instead: each program, after writing its partial, bumps an arrival
+counter for its (batch element, KV head) with an atomic add, and the program that arrives last
+merges all S partials and resets the counter. That saves a launch, but the last program merges
+S partials alone, in series, where the separate merge kernel spreads them over B·H programs;
+`fused=False` is the default (`tests/test_s7_flash_decoding.py` checks both against the reference).
+
+Triton is imported only when a kernel is first needed (nothing at import). With
+`TRITON_INTERPRET=1` Triton runs the same kernels on the CPU through NumPy: slow, but it is how
+the tests check them on a machine without a GPU.
+"""
+
+
+# %%
+def triton_available() -> bool:
+    """True if the Triton kernels can run here: Triton installed, and a CUDA GPU or
+    TRITON_INTERPRET=1 (Triton's CPU interpreter, for tests)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.cache
+def _triton_decode_kernels():
+    """Define (and cache) the Triton kernels on first use."""
+    if not triton_available():
+        raise LessonError("the Triton kernels need the `triton` package and a CUDA GPU (or "
+                          "TRITON_INTERPRET=1 for the slow CPU interpreter); use flash_decode, the PyTorch "
+                          "version, instead")
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def split_kernel(Q, K, V, Lens, Tables, O, LSE, Out, Counters, scale, chunk, n_kv_heads,
+                     sq_b, sq_h, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, st_b,
+                     G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+                     S: tl.constexpr, PAGED: tl.constexpr, BS: tl.constexpr, PRECISION: tl.constexpr,
+                     FUSED: tl.constexpr):
+        bh, split = tl.program_id(0), tl.program_id(1)
+        b, hkv = bh // n_kv_heads, bh % n_kv_heads
+        length = tl.load(Lens + b)
+        start = split * chunk
+        end = tl.minimum(start + chunk, length)
+        offs_g, offs_d, offs_n = tl.arange(0, BLOCK_G), tl.arange(0, D), tl.arange(0, BLOCK_N)
+        heads = hkv * G + offs_g
+        q = tl.load(Q + b * sq_b + heads[:, None] * sq_h + offs_d[None, :], mask=(offs_g < G)[:, None],
+                    other=0.0)
+        m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        l = tl.zeros([BLOCK_G], tl.float32)
+        acc = tl.zeros([BLOCK_G, D], tl.float32)
+        for n0 in range(start, end, BLOCK_N):
+            t = n0 + offs_n
+            valid = t < end
+            if PAGED:  # token t lives in block Tables[b, t // BS] at row t % BS
+                block = tl.load(Tables + b * st_b + t // BS, mask=valid, other=0)
+                k_rows = block * sk_b + (t % BS) * sk_t
+                v_rows = block * sv_b + (t % BS) * sv_t
+            else:
+                k_rows, v_rows = b * sk_b + t * sk_t, b * sv_b + t * sv_t
+            k = tl.load(K + (k_rows + hkv * sk_h)[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
+            v = tl.load(V + (v_rows + hkv * sv_h)[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # (BLOCK_G, BLOCK_N)
+            s = tl.where(valid[None, :], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 1))
+            alpha = tl.exp(m - m_new)
+            p = tl.exp(s - m_new[:, None])
+            l = l * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m = m_new
+        has = l > 0
+        out = acc / tl.where(has, l, 1.0)[:, None]
+        lse = tl.where(has, m + tl.log(tl.where(has, l, 1.0)), float("-inf"))
+        row = (b * n_kv_heads * G + heads) * S + split  # O: (B, H, S, D), LSE: (B, H, S), contiguous
+        tl.store(O + row[:, None] * D + offs_d[None, :], out, mask=(offs_g < G)[:, None])
+        tl.store(LSE + row, lse, mask=offs_g < G)
+        if FUSED:  # the last program of this (b, hkv) to finish merges all S partials: no 2nd kernel
+            done = tl.atomic_add(Counters + bh, 1)  # acq_rel: the other programs' partials are visible
+            if done == S - 1:
+                first = (b * n_kv_heads * G + heads) * S
+                top = tl.full([BLOCK_G], float("-inf"), tl.float32)
+                total = tl.zeros([BLOCK_G], tl.float32)
+                merged = tl.zeros([BLOCK_G, D], tl.float32)
+                for s_ in range(S):  # a running merge, as in the online softmax
+                    lse_s = tl.load(LSE + first + s_, mask=offs_g < G, other=float("-inf"),
+                                    cache_modifier=".cg")  # .cg: from L2, where the others wrote
+                    o_s = tl.load(O + (first + s_)[:, None] * D + offs_d[None, :], mask=(offs_g < G)[:, None],
+                                  other=0.0, cache_modifier=".cg")
+                    new_top = tl.maximum(top, lse_s)
+                    shift = tl.where(new_top == float("-inf"), 0.0, new_top)
+                    w_old, w_s = tl.exp(top - shift), tl.exp(lse_s - shift)
+                    merged = merged * w_old[:, None] + o_s * w_s[:, None]
+                    total = total * w_old + w_s
+                    top = new_top
+                res = merged / tl.where(total > 0, total, 1.0)[:, None]  # padded rows have total 0
+                tl.store(Out + (b * n_kv_heads * G + heads)[:, None] * D + offs_d[None, :],
+                         res.to(Out.dtype.element_ty), mask=(offs_g < G)[:, None])
+                tl.atomic_xchg(Counters + bh, 0)  # ready for the next call (and graph replays)
+
+    @triton.jit
+    def merge_kernel(O, LSE, Out, S: tl.constexpr, BLOCK_S: tl.constexpr, D: tl.constexpr):
+        bh = tl.program_id(0)
+        offs_s, offs_d = tl.arange(0, BLOCK_S), tl.arange(0, D)
+        lse = tl.load(LSE + bh * S + offs_s, mask=offs_s < S, other=float("-inf"))
+        top = tl.max(lse, 0)
+        top = tl.where(top == float("-inf"), 0.0, top)
+        w = tl.exp(lse - top)
+        o = tl.load(O + (bh * S + offs_s)[:, None] * D + offs_d[None, :], mask=(offs_s < S)[:, None],
+                    other=0.0)
+        out = tl.sum(w[:, None] * o, 0) / tl.sum(w, 0)
+        tl.store(Out + bh * D + offs_d, out.to(Out.dtype.element_ty))
+
+    return split_kernel, merge_kernel, triton.next_power_of_2
+
+
+def default_num_splits(batch: int, kv_heads: int, context: int, device=None, block_n: int = 64) -> int:
+    """Enough splits for about two programs per SM, but at least one tile of keys per split."""
+    device = pick_device(device)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+    return max(1, min(-(-2 * sms // (batch * kv_heads)), -(-context // block_n)))
+
+
+_TRITON_COUNTERS: dict = {}  # device → int32 arrival counters of the fused merge (always left at 0)
+
+
+def _triton_decode(q, k, v, lens, T, strides, paged_tables, num_splits, block_n, block_size=1,
+                   fused: bool = False, **launch):
+    split_kernel, merge_kernel, next_pow2 = _triton_decode_kernels()
+    (B, H, D), Hkv = q.shape, strides[0]
+    if D & (D - 1):
+        raise InvalidArgumentError(f"the Triton kernels need a power-of-two head dim, got {D}")
+    S = num_splits or default_num_splits(B, Hkv, T, q.device, block_n)
+    chunk = -(-T // S)
+    chunk = -(-chunk // block_n) * block_n  # whole tiles per split (the last splits may be empty)
+    G = H // Hkv
+    o = torch.empty(B, H, S, D, device=q.device, dtype=torch.float32)
+    lse = torch.empty(B, H, S, device=q.device, dtype=torch.float32)
+    q = q.contiguous()
+    tables = paged_tables if paged_tables is not None else lens  # any tensor: unused when not paged
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    launch.setdefault("num_stages", 3)  # loads of the next tiles in flight while this one computes
+    out = torch.empty_like(q)
+    counters = _TRITON_COUNTERS.get(q.device)
+    if counters is None or counters.numel() < B * Hkv:  # allocated outside any graph capture, once
+        counters = torch.zeros(max(B * Hkv, 4096), dtype=torch.int32, device=q.device)
+        _TRITON_COUNTERS[q.device] = counters
+    split_kernel[(B * Hkv, S)](q, k, v, lens, tables, o, lse, out, counters, D**-0.5, chunk, Hkv, q.stride(0),
+                               q.stride(1), *strides[1:], G=G, BLOCK_G=max(16, next_pow2(G)), D=D,
+                               BLOCK_N=block_n, S=S, PAGED=paged_tables is not None, BS=block_size,
+                               PRECISION=precision, FUSED=fused, **launch)
+    if not fused:
+        merge_kernel[(B * H,)](o, lse, out, S=S, BLOCK_S=next_pow2(S), D=D)
+    return out
+
+
+def triton_flash_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context_lens=None,
+                        num_splits: int | None = None, block_n: int = 64, **launch) -> torch.Tensor:
+    """Flash-decoding with Triton kernels on the contiguous layout (same contract as
+    `flash_decode`); `num_splits` defaults to about two programs per SM. `launch` (num_warps,
+    num_stages) goes to the split kernel. Lengths given as a CUDA tensor are not checked (that
+    would wait for the GPU), so the call can be captured in a CUDA graph."""
+    lens = _decode_shapes(q, k, v, context_lens).to(torch.int32)
+    if k.stride(-1) != 1 or v.stride(-1) != 1:
+        k, v = k.contiguous(), v.contiguous()
+    strides = (k.shape[1], k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), 0)
+    return _triton_decode(q, k, v, lens.to(torch.int32), k.shape[2], strides, None, num_splits, block_n,
+                          **launch)
+
+
+def triton_paged_flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                              block_tables: torch.Tensor, context_lens, num_splits: int | None = None,
+                              block_n: int = 64, **launch) -> torch.Tensor:
+    """Flash-decoding with Triton kernels reading §4's blocks in place (same contract as
+    `paged_flash_decode`). With lengths as a CUDA tensor only shapes are checked (nothing
+    syncs), and the splits cover the block tables' whole capacity (splits past a sequence's end
+    stay empty). A cache whose rows of D are not contiguous is copied contiguous first."""
+    if q.dim() != 3:
+        raise InvalidArgumentError(f"need q (B, H, D), got {tuple(q.shape)}")
+    _check_paged_cache(k_cache, v_cache, block_tables, context_lens, q.shape[0])
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:  # the kernel reads each row of D as one run
+        k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()
+    bs, Hkv = k_cache.shape[1], k_cache.shape[2]
+    capacity = block_tables.shape[1] * bs  # the block tables' capacity
+    lens = _checked_lens(context_lens, q.shape[0], capacity)
+    T = capacity if lens.device.type == "cuda" else int(lens.max())
+    if q.shape[1] % Hkv or q.shape[2] != k_cache.shape[3]:
+        raise InvalidArgumentError(f"q {tuple(q.shape)} does not fit the cache's Hkv={Hkv}, "
+                                   f"D={k_cache.shape[3]}")
+    tables = block_tables.to(torch.int32).contiguous()
+    strides = (Hkv, k_cache.stride(0), k_cache.stride(2), k_cache.stride(1),
+               v_cache.stride(0), v_cache.stride(2), v_cache.stride(1), tables.stride(0))
+    return _triton_decode(q, k_cache, v_cache, lens.to(q.device, torch.int32), T, strides, tables, num_splits,
+                          block_n, bs, **launch)
+
+
+# %% [markdown]
+"""
+### A matrix-vector kernel for batch 1
+At batch 1 every projection is a matrix-vector product: each weight is read once, each element
+used for one multiply-add, so the kernel's only job is to stream the matrix at full bandwidth.
+The compiler's tuned reductions do that for some shapes and not for others: profiles of the
+compiled LLaMA-2-7B step on an H200 showed the down-projection (4096 × 11008) at 27, 37 and
+44 µs in three processes (3.3, 2.4 and 2.0 TB/s; a copy runs at 4.2), depending on which
+configuration coordinate-descent tuning settled on. `triton_matvec` is the kernel written out:
+each program owns `BLOCK_N` rows of the weight, walks along them `BLOCK_K` columns at a time,
+accumulating products elementwise in fp32, and sums across the tile once at the end. Ten
+launch configurations are timed per weight shape on first use, in the setting the step runs them
+in (`time_matvec_configs`): back to back inside a CUDA graph, each launch reading another copy of
+the weight so that every read comes from memory (a 4096 × 4096 bf16 matrix fits in the H200's
+50 MB L2, so a loop over one copy would time the cache), the median of 7 rounds. Timed one launch
+at a time instead, each figure carries 6–23 µs of launch and ramp-up, more than the gaps between
+candidates, and the pick moved from run to run. Like §7's kernel it is wrapped as a PyTorch
+operator (`matvec_operator`), which torch.compile calls as it is.
+
+Left alone, the ops around it would be small kernels of their own (1–3 µs each, ~100 a step):
+the RMSNorm before q/k/v and gate/up, SiLU·up after gate/up, the residual add after wo and down.
+The kernel folds them in. The residual is an epilogue (add the old x to the finished row). SiLU·up
+needs a gate row and its up row in the same program: with gate and up stacked as one matrix,
+each program also walks row N + n. The norm looks harder, since it needs all of x before any
+product starts, but RMSNorm is `x · g / rms(x)`, and 1/rms(x) is one number for the whole row:
+each program multiplies x by g on the fly, accumulates Σx² alongside its dot products (it reads
+all of x anyway), and scales its finished sums by 1/rms once. Measured on the H200 (LLaMA-2-7B
+shapes, B=1, compiled and captured): without the folds the projections took 102 µs a layer for
+405 MB (3.97 TB/s) and the norms and SiLU·up another ~6 µs; with them and the graph-timed pick,
+106 µs a layer with nothing around them (3.8 TB/s), and one step 3.82 ms of GPU time, 257 tok/s
+in steady state, 251–254 tok/s end to end (80–82% of the bandwidth limit). A `StaticDecoder`
+uses the kernel at batch 1 on a GPU (`use_matvec`): for SmolLM2's small matrices too, where
+the compiled step ran at 1,380 tok/s with it against 1,235 with the compiler's own kernels.
+"""
+
+
+# %%
+def use_matvec(model: Transformer, batch_size: int) -> bool:
+    """Batch 1 on a GPU (with Triton): there a step is a chain of matrix-vector products, and
+    `triton_matvec` folds the norm, SiLU·up and residual into them (about five small kernels a
+    layer fewer). `benchmarks/bench_gpu_decode.py --matvec-mode on|off` times the step with and without it."""
+    return batch_size == 1 and model.device.type == "cuda" and triton_available()
+
+
+def _lesson_op(name: str, impl: Callable, fake: Callable) -> Callable:
+    """`impl` as the PyTorch operator `llm_lesson::name`, registered once per process: torch.compile
+    sees one opaque call whose output shape `fake` gives, and compiles around it; a CUDA graph
+    captures its launches."""
+    try:
+        return getattr(torch.ops.llm_lesson, name).default
+    except (AttributeError, RuntimeError):
+        pass
+    torch.library.custom_op(f"llm_lesson::{name}", impl, mutates_args=()).register_fake(fake)
+    return getattr(torch.ops.llm_lesson, name).default
+
+
+def flash_decode_operator() -> Callable:
+    """§7's fused split-K Triton decode attention (q (B, H, D), k, v (B, Hkv, T, D), lengths (B,)
+    int32 on the GPU) as a PyTorch operator."""
+    def flash_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+        return triton_flash_decode(q, k, v, lens, fused=True)
+
+    return _lesson_op("flash_decode", flash_decode, lambda q, k, v, lens: torch.empty_like(q))
+
+
+@functools.cache
+def _triton_matvec_kernel():
+    if not triton_available():
+        raise LessonError("triton_matvec needs the `triton` package and a CUDA GPU (or TRITON_INTERPRET=1); "
+                          "use F.linear instead")
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def matvec_kernel(X, W, G, R, Out, N, K, stride_w, eps, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      EVEN: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = tl.arange(0, BLOCK_K)
+        w_ptrs = W + rows.to(tl.int64)[:, None] * stride_w + cols[None, :]
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # SWIGLU: rows N + row of W
+        squares = tl.zeros((BLOCK_K,), dtype=tl.float32)  # NORM: Σ x², alongside the products
+        for k0 in range(0, K, BLOCK_K):
+            if EVEN:  # no masks: the shape is a whole number of tiles
+                x = tl.load(X + k0 + cols).to(tl.float32)
+                w = tl.load(w_ptrs + k0)
+                if NORM:
+                    g = tl.load(G + k0 + cols).to(tl.float32)
+                if SWIGLU:
+                    up = tl.load(w_ptrs + N * stride_w + k0)
+            else:
+                in_k = k0 + cols < K
+                in_w = (rows[:, None] < N) & in_k[None, :]
+                x = tl.load(X + k0 + cols, mask=in_k, other=0.0).to(tl.float32)
+                w = tl.load(w_ptrs + k0, mask=in_w, other=0.0)
+                if NORM:
+                    g = tl.load(G + k0 + cols, mask=in_k, other=0.0).to(tl.float32)
+                if SWIGLU:
+                    up = tl.load(w_ptrs + N * stride_w + k0, mask=in_w, other=0.0)
+            if NORM:
+                squares += x * x
+                x = x * g
+            acc += w.to(tl.float32) * x[None, :]
+            if SWIGLU:
+                acc_up += up.to(tl.float32) * x[None, :]
+        out = tl.sum(acc, axis=1)
+        if NORM:  # RMSNorm's 1/rms is one number for the row: it scales the finished dot products
+            rstd = tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
+            out = out * rstd
+        if SWIGLU:
+            up_out = tl.sum(acc_up, axis=1)
+            if NORM:
+                up_out = up_out * rstd
+            out = out * tl.sigmoid(out) * up_out  # silu(gate) · up
+        if RESIDUAL:  # round as `x + linear(h)` does: the product to the output dtype, then the sum
+            residual = tl.load(R + rows, mask=rows < N).to(tl.float32)
+            out = out.to(Out.dtype.element_ty).to(tl.float32) + residual
+        tl.store(Out + rows, out.to(Out.dtype.element_ty), mask=rows < N)
+
+    return matvec_kernel
+
+
+# (BLOCK_N, BLOCK_K, num_warps, num_stages): the candidates timed per weight shape on a GPU
+MATVEC_CONFIGS = ((8, 256, 4, 3), (8, 512, 4, 3), (16, 256, 4, 3), (16, 512, 8, 3), (4, 512, 4, 4),
+                   (4, 1024, 4, 3), (32, 256, 8, 3), (2, 1024, 4, 4), (8, 1024, 8, 3), (16, 1024, 8, 2))
+
+
+MATVEC_TUNED: dict = {}  # matvec_key(…) → the fastest config
+
+
+def matvec_key(w: torch.Tensor, norm: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+                swiglu: bool = False) -> tuple:
+    """What a launch configuration is tuned for: the output rows, K, dtype, device and the folds."""
+    N, K = w.shape
+    return (N // 2 if swiglu else N, K, w.dtype, w.device, (norm is not None, swiglu, residual is not None))
+
+
+def triton_matvec(x: torch.Tensor, w: torch.Tensor, norm: torch.Tensor | None = None, eps: float = 0.0,
+                  residual: torch.Tensor | None = None, swiglu: bool = False) -> torch.Tensor:
+    """`F.linear(x, w)` for one row: x (1, K) or (K,), w (N, K) with unit column stride → (…, N)
+    in x's dtype, accumulated in fp32, with the step's neighbours folded in:
+    - `norm` (K,): RMSNorm of x with this weight and `eps` first, `F.linear(rms_norm(x), w)`;
+    - `swiglu`: w is gate and up stacked (2F, K): returns silu(x·gateᵀ) · (x·upᵀ), (…, F);
+    - `residual` (…, N): returns residual + the product.
+    The launch configuration is tuned on the first call per shape and fusion (on a GPU; the
+    interpreter takes the first candidate)."""
+    N, K = w.shape
+    if x.shape[-1] != K or x.numel() != K or w.stride(1) != 1 or (swiglu and N % 2):
+        raise InvalidArgumentError(f"triton_matvec needs one row x (…, {K}) and a weight (N, K) with unit "
+                                   f"column stride (N even with swiglu); got x {tuple(x.shape)}, w "
+                                   f"{tuple(w.shape)} strides {w.stride()}")
+    N = N // 2 if swiglu else N
+    for name, t, n in (("norm", norm, K), ("residual", residual, N)):
+        if t is not None and (t.numel() != n or t.device != x.device):
+            raise InvalidArgumentError(f"triton_matvec's {name} must hold {n} values on {x.device}; got "
+                                       f"{tuple(t.shape)} on {t.device}")
+    kernel, xv = _triton_matvec_kernel(), x.reshape(K).contiguous()
+    out = torch.empty(*x.shape[:-1], N, device=x.device, dtype=x.dtype)
+    g = xv if norm is None else norm.reshape(K).contiguous()  # unused pointers point at x
+    r = xv if residual is None else residual.reshape(N).contiguous()
+
+    def launch(cfg, weight=w):
+        bn, bk, warps, stages = cfg
+        kernel[(-(-N // bn),)](xv, weight, g, r, out, N, K, w.stride(0), eps, BLOCK_N=bn, BLOCK_K=bk,
+                               EVEN=N % bn == 0 and K % bk == 0, NORM=norm is not None, SWIGLU=swiglu,
+                               RESIDUAL=residual is not None, num_warps=warps, num_stages=stages)
+
+    key = matvec_key(w, norm, residual, swiglu)
+    if key not in MATVEC_TUNED:
+        if x.device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
+            times = time_matvec_configs(launch, w)
+            MATVEC_TUNED[key] = MATVEC_CONFIGS[times.index(min(times))]
+        else:
+            MATVEC_TUNED[key] = MATVEC_CONFIGS[0]
+    launch(MATVEC_TUNED[key])
+    return out
+
+
+def time_matvec_configs(launch: Callable, w: torch.Tensor, rounds: int = 7) -> list[float]:
+    """µs per launch of `launch(cfg, weight)` for each of `MATVEC_CONFIGS`, timed the way the
+    decode step runs it: back to back inside a CUDA graph (no launch gaps), each launch reading a
+    different copy of the weight, enough copies to overflow the L2 cache four times over (so every
+    read comes from memory, as in a step that streams 13 GB of weights; at most 64), and the median of
+    `rounds` rounds that visit the candidates in turn (so a clock change hits all of them alike).
+    Timing one launch at a time instead (even with L2 flushed) moved the pick by several µs from
+    run to run and ranked some candidates differently than the captured step did."""
+    spill = 4 * torch.cuda.get_device_properties(w.device).L2_cache_size
+    copies = [w]
+    try:
+        while len(copies) < min(-(-spill // (w.numel() * w.element_size())), 64):
+            copies.append(w.clone())
+    except torch.cuda.OutOfMemoryError:  # a full GPU: time with the copies there was room for
+        pass
+    graphs, passes = [], 2  # each graph walks the copies twice
+    for cfg in MATVEC_CONFIGS:
+        launch(cfg)  # compiles this variant outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for weight in copies * passes:
+                launch(cfg, weight)
+        graphs.append(graph)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = [[] for _ in graphs]
+    for _ in range(rounds):
+        for graph, ms in zip(graphs, times):
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            ms.append(start.elapsed_time(end))
+    return [1e3 * float(np.median(ms)) / (passes * len(copies)) for ms in times]
+
+
+def matvec_operator() -> Callable:
+    """`triton_matvec` as a PyTorch operator (every argument given: an operator's schema has no
+    defaults here)."""
+    def matvec(x: torch.Tensor, w: torch.Tensor, norm: torch.Tensor | None, eps: float,
+               residual: torch.Tensor | None, swiglu: bool) -> torch.Tensor:
+        return triton_matvec(x, w, norm, eps, residual, swiglu)
+
+    def shape(x, w, norm, eps, residual, swiglu):
+        return x.new_empty(*x.shape[:-1], w.shape[0] // 2 if swiglu else w.shape[0])
+
+    return _lesson_op("matvec", matvec, shape)
+
+
+# %% [markdown]
+"""
+### The engine's decode steps, captured
+The §5 engine runs on the paged cache, so its decode step needs the same treatment with block
+tables: `PagedDecodeRunner` keeps buffers for the largest batch (token, position, cache slot,
+a block table padded to the longest a sequence can have, context length), fills the first n
+rows from the scheduler's sequences and pads the rest up to the next captured size: padding
+rows write and read a scratch block that the block manager never hands out. Attention reads
+the blocks in place through §7's Triton kernel (lengths as a GPU tensor, so nothing syncs), or,
+without Triton, gathers every block of the table and masks past each length. Steps that
+prefill anything still run the ordinary packed forward.
+"""
+
+
+# %%
+def _masked_paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         block_tables: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
+    """Decode attention over whole block tables with a length mask: tensor operations only."""
+    B, W = block_tables.shape
+    bs, Hkv, D = k_cache.shape[1:]
+    k = k_cache[block_tables].reshape(B, W * bs, Hkv, D).transpose(1, 2)  # (B, Hkv, W·bs, D)
+    v = v_cache[block_tables].reshape(B, W * bs, Hkv, D).transpose(1, 2)
+    visible = (torch.arange(W * bs, device=q.device) < context_lens[:, None])[:, None, None, :]
+    o = F.scaled_dot_product_attention(q[:, :, None].to(k.dtype), k, v, attn_mask=visible,
+                                       enable_gqa=q.shape[1] != Hkv)
+    return o[:, :, 0]
+
+
+class PagedDecodeRunner:
+    """The engine's decode-only step with static shapes over a `PagedKVCache` (built with
+    `scratch_block=True`), run eagerly or replayed from one CUDA graph per captured batch size.
+    A step whose batch differs from the last one's (a request joined or left: every engine call
+    starts so) first checks `weights_signature`, and after a change of the weights fuses them
+    again and captures new graphs; between steps of one batch the weights are trusted (the check
+    reads every parameter: ~0.2 ms for SmolLM2's on an H100 host, too much for every step)."""
+
+    def __init__(self, model: Transformer, cache: PagedKVCache, max_batch: int, graphs: bool = False):
+        if cache.scratch is None:
+            raise InvalidArgumentError("PagedDecodeRunner needs a PagedKVCache built with scratch_block=True")
+        self.model, self.cache, self.graphs = model, cache, graphs
+        self.sizes = [1 << i for i in range(max(0, max_batch - 1).bit_length() + 1)]  # 1, 2, 4, … ≥ max
+        B, dev = self.sizes[-1], model.device
+        width = -(-model.cfg.max_seq_len // cache.block_size)
+        self.tokens = torch.zeros(B, dtype=torch.long, device=dev)
+        self.positions = torch.zeros(B, dtype=torch.long, device=dev)
+        self.slots = torch.full((B,), cache.scratch * cache.block_size, dtype=torch.long, device=dev)
+        self.tables = torch.full((B, width), cache.scratch, dtype=torch.long, device=dev)
+        self.lens = torch.ones(B, dtype=torch.long, device=dev)
+        use_triton = dev.type == "cuda" and triton_available()
+        self.attention = triton_paged_flash_decode if use_triton else _masked_paged_decode
+        self._pool, self._batch = None, ()
+        self._derive()
+
+    @torch.inference_mode(False)  # the engine steps in inference mode; the fused weights outlive it
+    def _derive(self) -> None:
+        """What the step takes from the weights: the fused matrices and the captured graphs."""
+        self._graphs, self._outputs = {}, {}
+        self.fused = fuse_projections(self.model)
+        self.signature = weights_signature(self.model)
+
+    def step_eager(self, n: int) -> torch.Tensor:
+        """The step for the first n buffer rows: logits (n, V). Tensor operations only."""
+        cache, Hkv, bs = self.cache, self.model.cfg.n_kv_heads, self.cache.block_size
+        # Where row r, head h goes in layer i: cache[i, block, offset, h], every index (n, Hkv)
+        block = (self.slots[:n] // bs)[:, None].expand(n, Hkv)
+        offset = (self.slots[:n] % bs)[:, None].expand(n, Hkv)
+        h = torch.arange(Hkv, device=cache.k.device)[None, :].expand(n, Hkv)
+
+        def attend(i, q, k, v):
+            _write_rows(cache.k, cache.v, (torch.full_like(h, i), block, offset, h), k, v)
+            return self.attention(q, cache.k[i], cache.v[i], self.tables[:n], self.lens[:n])  # (n, H, D)
+
+        return static_decode_step(self.model, self.tokens[:n], self.positions[:n], attend, self.fused)
+
+    def step(self, seqs: Sequence[SequenceState]) -> torch.Tensor:
+        """One decode token for each sequence (each must own its slot); logits (len(seqs), V).
+        Afterwards the tokens count as computed, as after `run_step`."""
+        n = len(seqs)
+        size = next((b for b in self.sizes if b >= n), None)
+        if size is None:
+            raise InvalidArgumentError(f"{n} sequences; this runner holds at most {self.sizes[-1]}")
+        batch = tuple(seq.seq_id for seq in seqs)
+        if batch != self._batch:  # a request joined or left: the weights may have changed since
+            self._batch = batch
+            if weights_signature(self.model) != self.signature:  # replaced, written or moved
+                self._derive()
+        positions, meta = self.cache.metadata(seqs, [1] * n)  # checks every slot is owned
+        tables = meta.block_tables
+        self.tokens[:n] = torch.tensor([s.token_ids[s.num_computed_tokens] for s in seqs])
+        self.positions[:n] = positions
+        self.slots[:n] = meta.slot_mapping
+        self.tables[:n] = self.cache.scratch
+        self.tables[:n, :tables.shape[1]] = torch.where(tables >= 0, tables, self.cache.scratch)
+        self.lens[:n] = torch.tensor(meta.context_lens)
+        if n < size:  # padding rows: scratch slot and block, length 1
+            self.slots[n:size] = self.cache.scratch * self.cache.block_size
+            self.tables[n:size] = self.cache.scratch
+            self.lens[n:size] = 1
+        if self.graphs:
+            if size not in self._graphs:
+                self._capture(size)
+            self._graphs[size].replay()
+            logits = self._outputs[size][:n]
+        else:
+            logits = self.step_eager(size)[:n]
+        for seq in seqs:
+            seq.num_computed_tokens += 1
+        return logits
+
+    def capture_all(self) -> None:
+        """Capture every size now, largest first (as vLLM does at start-up), not on first use."""
+        for size in reversed(self.sizes):
+            if self.graphs and size not in self._graphs:
+                self._capture(size)
+
+    def _capture(self, size: int) -> None:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm up (Triton compiles, cuBLAS handles) outside the graph
+                self.step_eager(size)
+        torch.cuda.current_stream().wait_stream(stream)
+        self._pool = self._pool or torch.cuda.graph_pool_handle()  # the graphs share one memory pool
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            self._outputs[size] = self.step_eager(size)
+        self._graphs[size] = graph
+
+
+# %% [markdown]
+"""
+## Appendix E: the figures
+
+Every figure a demo shows is drawn here, from the rows the demo measured (tests check that the
+plotted points equal the returned rows). In a Jupyter kernel a figure displays inline and is
+saved; as a script it is saved under `outputs/<model>/` (`--save-assets` writes the README's
+gallery in `assets/`); `--no-plots` or `LESSON_PLOTS=0` skips them.
+"""
+
+
+# %%
+def plot_roofline(rows: Sequence[dict], peak_flops: float, bandwidth: float, name: str = "s2_roofline",
+                  title: str = "Roofline: measured prefill and decode steps", model=None,
+                  gpu: tuple[str, float, float] | None = ("H100 SXM", H100_SXM_PEAK_FLOPS,
+                                                            H100_SXM_BANDWIDTH)) -> "Plot":
+    """Log-log roofline min(P, I·BW) of this machine with the measured steps on it, and the roof
+    of a datasheet GPU `gpu` = (name, FLOP/s, bytes/s) for scale (None: leave it out)."""
+    fig, ax = new_figure(figsize=(8, 5.2))
+    balance = peak_flops / bandwidth
+    xs_pts = [r["FLOP/byte"] for r in rows]
+    ridges = [balance] + ([gpu[1] / gpu[2]] if gpu else [])
+    xs = np.logspace(np.log10(min(xs_pts + ridges) / 3), np.log10(max(xs_pts + ridges) * 3), 200)
+    ax.loglog(xs, np.minimum(peak_flops, xs * bandwidth) / 1e9, "k-", lw=2,
+              label=f"this machine: min({peak_flops / 1e9:,.0f} GFLOP/s, I × {bandwidth / 1e9:,.0f} GB/s), "
+                    "measured")
+    ax.axvline(balance, color="k", ls=":", lw=1, label=f"its ridge I* = {balance:.1f} FLOP/byte")
+    if gpu:
+        gname, gp, gbw = gpu
+        ax.loglog(xs, np.minimum(gp, xs * gbw) / 1e9, color="tab:gray", ls="--", lw=1.5,
+                  label=f"{gname}: {gp / 1e12:,.0f} TFLOP/s, {gbw / 1e12:.2f} TB/s, ridge {gp / gbw:.0f} "
+                        "FLOP/byte (datasheet)")
+    base_ctx, sweep = _batch_sweep(rows)
+    groups = [("prefill, batch 1", "o", "tab:blue", [r for r in rows if r["phase"] == "prefill"],
+               lambda r: f"T={r['tokens']}", True),
+              (f"decode, {base_ctx} tokens of context", "^", "tab:red", sweep, lambda r: f"B={r['batch']}",
+               False),
+              ("decode, longer contexts", "s", "tab:orange",
+               sorted((r for r in rows if r["phase"] == "decode" and r["context"] != base_ctx),
+                      key=lambda r: r["context"]), lambda r: f"ctx {r['context']}", True)]
+    for group, marker, color, pts, label, below in groups:
+        if not pts:
+            continue
+        trend = group.endswith("longer contexts")  # one batch, growing context: joined by a line
+        ax.plot([r["FLOP/byte"] for r in pts], [r["GFLOP/s"] for r in pts], marker=marker,
+                ls="-" if trend else "", lw=0.8, color=color, zorder=3, label=f"{group} (measured)")
+        _label_points(ax, pts, "FLOP/byte", "GFLOP/s", label, color, below)
+    ax.set_xlabel("arithmetic intensity (FLOP / byte)")
+    ax.set_ylabel("achieved GFLOP/s (log)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left")
+    decode1 = min((r for r in rows if r["phase"] == "decode"), key=lambda r: r["FLOP/byte"], default=None)
+    caption = (f"decode sits at {decode1['FLOP/byte']:.2g} FLOP/byte, far left of the ridge ({balance:.0f} "
+               f"here{f', {gpu[1] / gpu[2]:.0f} on an {gpu[0]}' if gpu else ''}): the memory roof, not "
+               "arithmetic, bounds it; prefill's many tokens per weight read move it right."
+               if decode1 else f"the ridge of this machine is at {balance:.0f} FLOP/byte.")
+    return save_plot(fig, name, caption, model)
+
+
+def plot_decode_batch(rows: Sequence[dict], config: ModelConfig | str, peak_flops: float, bandwidth: float,
+                      bytes_per_param: float = 4, model=None, title: str | None = None) -> "Plot":
+    """Decode step time against batch size: the measured batch sweep of `measure_prefill_vs_decode`
+    and the cost model's roofline time max(bytes / BW, FLOPs / P), flat until the ridge."""
+    cfg = _as_config(config)
+    ctx, sweep = _batch_sweep(rows)
+    if not sweep:
+        raise InvalidArgumentError("the rows hold no decode steps; pass what measure_prefill_vs_decode "
+                                   "returns")
+    fig, ax = new_figure(figsize=(7, 4.5))
+    Bs = np.unique(np.geomspace(1, max(r["batch"] for r in sweep) * 8, 60).round().astype(int))
+    est = [prefill_decode_intensity(cfg, int(B), ctx - 1, 1, bytes_per_param) for B in Bs]
+    memory_ms = np.array([e["bytes"] / bandwidth * 1e3 for e in est])
+    compute_ms = np.array([e["flops"] / peak_flops * 1e3 for e in est])
+    ax.loglog(Bs, np.maximum(memory_ms, compute_ms), "k-", lw=2, label="roofline time max(bytes/BW, FLOPs/P)")
+    ax.loglog(Bs, memory_ms, color="tab:blue", ls=":", lw=1, label="reading weights + KV at BW")
+    ax.loglog(Bs, compute_ms, color="tab:green", ls=":", lw=1, label="arithmetic at peak P")
+    ax.plot([r["batch"] for r in sweep], [r["time (ms)"] for r in sweep], "^", color="tab:red", ms=8,
+            zorder=3, label="measured step")
+    ridge = decode_ridge_batch(cfg, ctx - 1, peak_flops / bandwidth, bytes_per_param)
+    if ridge is not None:
+        ax.axvline(ridge, color="gray", ls="--", lw=1, label=f"ridge: B = {ridge}")
+    ax.set(xlabel="batch size B (sequences decoded together)", ylabel="time per decode step (ms, log)",
+           title=title or f"Decode step time vs batch, {cfg.name}, {ctx} tokens of context")
+    ax.title.set_fontsize(10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    lo, hi = sweep[0], sweep[-1]
+    caption = (f"from B={lo['batch']} to B={hi['batch']} the measured step takes "
+               f"{hi['time (ms)'] / lo['time (ms)']:.1f}× as long for {hi['batch'] // lo['batch']}× the "
+               "tokens; "
+               "the cost model's step stays flat up to the ridge"
+               f"{f' (B = {ridge})' if ridge is not None else ' (never reached: KV reads dominate)'}, where "
+               "the arithmetic starts to cost more than reading the weights.")
+    return save_plot(fig, "s2_decode_step_vs_batch", caption, model)
+
+
+def plot_sequences_that_fit(rows: Sequence[dict], model=None, title: str | None = None) -> "Plot":
+    """Sequences that fit against context length, one line per model (the rows of
+    `analyze_sequences_that_fit`)."""
+    fig, ax = new_figure(figsize=(7, 4.5))
+    names = list(dict.fromkeys(r["model"] for r in rows))
+    for i, name in enumerate(names):
+        pts = [r for r in rows if r["model"] == name]
+        ax.plot([r["context (tokens)"] for r in pts], [r["sequences that fit"] for r in pts], "o-",
+                color=f"C{i}", label=f"{name} (H/Hkv = {pts[0]['H/Hkv']})")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    contexts = sorted({r["context (tokens)"] for r in rows})
+    ax.set_xticks(contexts, [f"{t:,}" for t in contexts])
+    ax.set(xlabel="context length per sequence (tokens, log)", ylabel="sequences that fit (log)",
+           title=title or getattr(rows, "title", ""))
+    ax.title.set_fontsize(9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    by = {(r["model"], r["context (tokens)"]): r["sequences that fit"] for r in rows}
+    T = max((t for (n, t) in by if n == "llama-3-8b" and ("llama-3-8b as MHA", t) in by), default=None)
+    caption = ("each doubling of the context halves the sequences that fit"
+               + (f"; at {T:,} tokens GQA fits {by[('llama-3-8b', T)]} Llama-3-8B sequences against "
+                  f"{by[('llama-3-8b as MHA', T)]} for the same model with MHA." if T else "."))
+    return save_plot(fig, "s3_sequences_that_fit", caption, model)
+
+
+def plot_kv_cache(steps: Sequence[dict], title: str, rows: Sequence[dict] = (), model=None) -> "Plot":
+    """Left: milliseconds per generated token vs context, with and without the cache (measured).
+    Right: cumulative seconds to generate n tokens, the per-step costs summed (`_integrate_steps`),
+    with the totals of `rows` (measure_kv_cache's first result) as points."""
+    fig, (ax, cum) = new_figure(1, 2, figsize=(11, 4))
+    xs = [r["context (tokens)"] for r in steps]
+    styles = (("no cache (ms)", "no cache (s)", "no cache: recompute the prefix", "tab:red"),
+              ("KV cache (ms)", "KV cache (s)", "KV cache", "tab:blue"))
+    for key, _, label, color in styles:
+        ax.plot(xs, [r[key] for r in steps], "o-", color=color, label=label)
+    ax.set(xlabel="context length (tokens)", ylabel="ms per generated token", title="cost of one step")
+    ax.legend(fontsize=8)
+    P = xs[0]  # the first measured context is the prompt's length
+    ns = np.unique(np.linspace(1, xs[-1] - P + 1, 60).round().astype(int))
+    totals = np.array([_integrate_steps(steps, P, int(n)) for n in ns])
+    summed = [r for r in rows if r["how"].startswith("sum")]
+    ends = [r for r in rows if not r["how"].startswith("sum")]
+    for i, (_, total, label, color) in enumerate(styles):
+        cum.plot(ns, totals[:, i], "-", color=color, label=f"{label}: per-step costs summed")
+        cum.plot([r["new tokens"] for r in summed], [r[total] for r in summed], "o", color=color)
+        cum.plot([r["new tokens"] for r in ends], [r[total] for r in ends], "x", color=color, ms=9,
+                 label=f"{label}: timed end to end" if ends else None)
+    cum.set(xlabel="new tokens generated", ylabel="total time (s)",
+            title="cumulative: what the table reports")
+    cum.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    last = max(summed, key=lambda r: r["new tokens"], default=None)
+    caption = ("an uncached step grows with the context while a cached one stays nearly flat, so the total "
+               "grows quadratically without the cache"
+               + (f": {last['speedup (×)']:.1f}× at {last['new tokens']} tokens." if last else "."))
+    return save_plot(fig, "s3_kv_cache_per_token", caption, model)
+
+
+def plot_kv_utilization(rows: Sequence[dict], name: str = "s4_kv_utilization", model=None,
+                        title: str = "Where reserved KV-cache memory goes, ShareGPT-like lengths "
+                                     "(simulated on the BlockManager; no model, no device)") -> "Plot":
+    """Stacked bars: tokens held / reserved for later / never used, per scheme; paper's dots."""
+    fig, ax = new_figure(figsize=(10, 4.5))
+    short = lambda s: ("paged\nbs " + s.split()[-1] if s.startswith("paged")
+                       else "contiguous\n" + s[s.index("(") + 1:-1])
+    labels = [short(r["scheme"]) for r in rows]
+    bottom = np.zeros(len(rows))
+    for key, color in (("tokens held %", "tab:green"), ("reserved for later %", "tab:orange"),
+                       ("never used %", "tab:red")):
+        values = np.array([r[key] for r in rows])
+        ax.bar(labels, values, bottom=bottom, color=color, label=key.replace(" %", ""))
+        bottom += values
+    paper = [(i, r["paper tokens held %"]) for i, r in enumerate(rows) if r["paper tokens held %"]]
+    ax.scatter(*zip(*paper), color="black", marker="D", zorder=3,
+               label="tokens held, Kwon et al. 2023 Fig. 2")
+    ax.set_ylabel("share of reserved KV memory (%)", fontsize=10)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1))
+    ax.tick_params(axis="both", labelsize=10)
+    paged = [r for r in rows if r["scheme"].startswith("paged")]
+    best = min(paged, key=lambda r: abs(int(r["scheme"].split()[-1]) - 16)) if paged else rows[-1]
+    caption = (f"reserving the maximum length leaves {rows[0]['tokens held %']:.0f}% of the memory holding "
+               f"tokens; {best['scheme']} holds {best['tokens held %']:.0f}%, close to the paper's dots.")
+    return save_plot(fig, name, caption, model)
+
+
+def plot_batching_timeline(timelines: dict, width: int, title: str, wall_seconds: dict | None = None,
+                           model=None) -> "Plot":
+    """Which request holds each batch slot over time: static batches (left) vs continuous (right),
+    on the same time axis. A step is drawn as the policy's wall time / its steps when
+    `wall_seconds` (policy → seconds) is given, else in engine steps. Hatched: a slot held by a
+    request that has finished (padding: the batch waits for its longest request)."""
+    from matplotlib.patches import Patch
+
+    fig, axes = new_figure(len(timelines), 1, figsize=(11, 1.2 + 0.55 * width * len(timelines)), sharex=True)
+    for ax, (name, per_request) in zip(np.atleast_1d(axes), timelines.items()):
+        steps = max((max(s) for s in per_request if s), default=1)
+        scale = wall_seconds[name] / steps if wall_seconds else 1.0  # seconds (or steps) per step
+        for rid, slot, first, end in _slot_lanes(per_request, width, name == "static"):
+            last = max(per_request[rid])
+            ax.broken_barh([((first - 1) * scale, (last - first + 1) * scale)], (slot - 0.4, 0.8),
+                           color=f"C{rid % 10}")
+            if (last - first + 1) / steps > 0.04:
+                ax.text((first - 1 + (last - first + 1) / 2) * scale, slot, str(rid), ha="center",
+                        va="center", fontsize=7, color="white")
+            if end > last:
+                ax.broken_barh([(last * scale, (end - last) * scale)], (slot - 0.4, 0.8), facecolor="0.9",
+                               edgecolor="0.5", hatch="///", lw=0)
+        tokens = sum(len(s) for s in per_request)
+        ax.set_title(f"{name} (width {width}): {100 * tokens / (steps * width):.0f}% of slot-steps make a "
+                     f"token", fontsize=9)
+        ax.set_yticks(range(width), [f"slot {i}" for i in range(width)], fontsize=8)
+        ax.set_ylim(width - 0.5, -0.5)
+    axes = np.atleast_1d(axes)
+    axes[-1].set_xlabel("time (s; a step drawn as wall time / steps)" if wall_seconds else "engine step")
+    fig.legend(handles=[Patch(color="C0", label="request making tokens (number = request id)"),
+                        Patch(facecolor="0.9", edgecolor="0.5", hatch="///",
+                              label="padding: slot held, request finished"),
+                        Patch(facecolor="white", edgecolor="0.5", label="empty slot")],
+               fontsize=8, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=3, frameon=False)
+    fig.suptitle(title, fontsize=10)
+    ends = {name: max((max(s) for s in per if s), default=0) for name, per in timelines.items()}
+    unit = "s" if wall_seconds else " steps"
+    done = {name: (wall_seconds[name] if wall_seconds else ends[name]) for name in timelines}
+    caption = ("static batches hold finished requests' slots (hatched) until their longest request ends; "
+               "continuous batching hands a freed slot to the next request at once"
+               + (f" and finishes in {done['continuous']:.3g}{unit} instead of {done['static']:.3g}{unit}."
+                  if {"static", "continuous"} <= done.keys() else "."))
+    return save_plot(fig, "s5_batching_timeline", caption, model)
+
+
+def plot_speculative(rows: Sequence[dict], title: str, model=None) -> "Plot":
+    """Measured vs predicted speed-up, one point per (task, draft, γ), each labelled with its γ."""
+    fig, ax = new_figure(figsize=(6.5, 5))
+    markers = {task: m for task, m in zip(dict.fromkeys(r["task"] for r in rows), "os^v")}
+    for i, draft in enumerate(dict.fromkeys(r["draft"] for r in rows)):
+        for task, marker in markers.items():
+            pts = [r for r in rows if r["draft"] == draft and r["task"] == task]
+            if pts:
+                ax.scatter([r["predicted (×)"] for r in pts], [r["measured (×)"] for r in pts], marker=marker,
+                           color=f"C{i}", label=f"{draft}, {task}")
+                for r in pts:
+                    ax.annotate(f"γ={r['γ']}", (r["predicted (×)"], r["measured (×)"]), xytext=(5, 3),
+                                textcoords="offset points", fontsize=7, color=f"C{i}")
+    top = np.nanmax([[r["predicted (×)"], r["measured (×)"]] for r in rows])
+    ax.plot([0, top * 1.1], [0, top * 1.1], "k--", lw=0.8, label="measured = predicted")
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.text(top * 1.1, 1.0, "1× = plain decoding ", ha="right", va="bottom", fontsize=7, color="grey")
+    ax.set(xlabel="predicted speed-up (×; Leviathan et al., from measured α, c)",
+           ylabel="measured speed-up over plain decoding (×)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, loc="upper left")
+    below = sum(r["measured (×)"] < r["predicted (×)"] for r in rows)
+    caption = (f"{below} of {len(rows)} points fall below the diagonal: verifying γ + 1 tokens costs more "
+               "than the one decode step the formula assumes, and drafts are accepted in runs.")
+    return save_plot(fig, "s6_speculative", caption, model)
+
+
+def plot_speedup_vs_gamma(rows: Sequence[dict], title: str, alphas: Sequence[float] = (0.3, 0.5, 0.7, 0.9),
+                          model=None) -> "Plot":
+    """Per draft: the formula's speed-up against γ for several α, at the draft's median measured
+    cost c, with the measured points (γ, measured ×) on top, coloured by their measured α."""
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    drafts = list(dict.fromkeys(r["draft"] for r in rows))
+    fig, axes = new_figure(1, len(drafts), figsize=(5.5 * len(drafts), 4.5), sharey=True, squeeze=False)
+    cmap, norm = colormaps["viridis"], Normalize(0, 1)
+    markers = {task: m for task, m in zip(dict.fromkeys(r["task"] for r in rows), "os^v")}
+    for ax, draft in zip(axes[0], drafts):
+        pts = [r for r in rows if r["draft"] == draft]
+        c = float(np.median([r["c"] for r in pts]))
+        gammas = np.arange(1, max(8, max(r["γ"] for r in pts)) + 1)
+        for a in alphas:
+            ax.plot(gammas, [speculative_speedup(a, int(g), c) for g in gammas], "-", color=cmap(norm(a)),
+                    lw=1.2, label=f"formula, α = {a}")
+        for task, marker in markers.items():
+            mine = [r for r in pts if r["task"] == task]
+            if mine:
+                ax.scatter([r["γ"] for r in mine], [r["measured (×)"] for r in mine], marker=marker, s=60,
+                           c=[r["α"] for r in mine], cmap=cmap, norm=norm, edgecolors="black", zorder=3,
+                           label=f"measured, {task}")
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.text(gammas[-1], 1.0, "1× = plain decoding", ha="right", va="bottom", fontsize=7, color="grey")
+        ax.set(xlabel="draft length γ (tokens drafted per round)",
+               title=f"{draft}: c = {c:.2g} (measured median)")
+        ax.title.set_fontsize(9)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("speed-up over plain decoding (×)")
+    fig.colorbar(ScalarMappable(norm, cmap), ax=list(axes[0]), label="acceptance rate α (curves and points)")
+    fig.suptitle(title, fontsize=10)
+    caption = ("each curve rises while another drafted token is likely to be accepted and falls once "
+               "drafting costs more than it saves; a measured point sits near the curve of its own colour "
+               "(its α).")
+    return save_plot(fig, "s6_speedup_vs_gamma", caption, model)
+
+
+def plot_flash_decoding(rows: Sequence[dict], title: str, model=None) -> "Plot":
+    """Time per decode attention vs context, per method, against the time the K/V bytes take to
+    stream at the measured copy bandwidth (from each row's time and % of copy bandwidth)."""
+    fig, ax = new_figure(figsize=(7.5, 4.8))
+    for i, method in enumerate(dict.fromkeys(r["method"] for r in rows)):
+        pts = [(r["context"], r["time (µs)"]) for r in rows if r["method"] == method]
+        ax.loglog(*zip(*pts), "o-", color=f"C{i}", label=method)
+    floor = {r["context"]: r["time (µs)"] * r["% of copy bandwidth"] / 100 for r in rows}  # bytes / BW
+    bw = next(r["GB/s"] / (r["% of copy bandwidth"] / 100) for r in rows)
+    ax.loglog(list(floor), list(floor.values()), "k--", lw=1.2,
+              label=f"reading K/V at the copy bandwidth ({bw:,.0f} GB/s, measured)")
+    ax.set(xlabel="context length (tokens, log)", ylabel="time per decode attention (µs, log)")
+    ax.set_xticks(list(floor), [f"{t:,}" for t in floor])
+    ax.xaxis.set_minor_formatter("")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    longest = max(floor)
+    best = min((r for r in rows if r["context"] == longest), key=lambda r: r["time (µs)"])
+    caption = (f"at {longest:,} tokens the fastest method, {best['method']}, reaches "
+               f"{best['% of copy bandwidth']:.0f}% of the copy bandwidth: decode attention is a memory "
+               "stream, and the dashed line is its floor on this machine.")
+    return save_plot(fig, "s7_flash_decoding", caption, model)
+
+
+def plot_perplexity_vs_bits(rows: Sequence[dict], title: str, gguf_rows: Sequence[dict] = (),
+                            model=None) -> "Plot":
+    """Perplexity increase over fp32 (%) against bits per weight, one marker per method: the rows
+    of `measure_quantization` and, if given, the GGUF files of `demonstrate_gguf_formats` (same
+    keys; a file's bits are its size over the parameter count)."""
+    fig, ax = new_figure(figsize=(7.5, 4.8))
+    styles = {"RTN": ("o", "C0"), "GPTQ": ("s", "C1"), "AWQ": ("^", "C2"), "GGUF": ("D", "C3")}
+    points = [r for r in [*rows, *gguf_rows] if _scheme_family(r["scheme"]) != "fp32"
+              and math.isfinite(r["bits/weight"])]
+    for family, (marker, color) in styles.items():
+        pts = [r for r in points if _scheme_family(r["scheme"]) == family]
+        if not pts:
+            continue
+        label = "GGUF file written and read back (file bits / parameter)" if family == "GGUF" else family
+        ax.plot([r["bits/weight"] for r in pts], [r["perplexity vs fp32 %"] for r in pts], marker,
+                color=color, ms=7, label=label)
+        for r in pts:
+            ax.annotate(r["scheme"].removeprefix(family).strip() or r["scheme"], (r["bits/weight"],
+                        r["perplexity vs fp32 %"]), textcoords="offset points", xytext=(5, 3), fontsize=6,
+                        color=color)
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.text(ax.get_xlim()[1], 0, "fp32 ", ha="right", va="bottom", fontsize=7, color="grey")
+    ax.set_yscale("symlog", linthresh=1)
+    ax.set(xlabel="bits per weight (scales and offsets included)", ylabel="perplexity increase over fp32 (%)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    four = [r for r in points if 4 <= r["bits/weight"] < 5]
+    best = min(four, key=lambda r: r["perplexity vs fp32 %"], default=None)
+    caption = ("fewer bits, more error; at about 4 bits the method matters as much as the bits"
+               + (f": the best there is {best['scheme']} ({best['perplexity vs fp32 %']:+.1f}%)."
+                  if best else "."))
+    return save_plot(fig, "s8_perplexity_vs_bits", caption, model)
+
+
+def plot_decode_vs_bandwidth(rows: Sequence[dict], bandwidth: float, title: str, model=None) -> "Plot":
+    """Measured decode tokens/s per storage format against its bandwidth roof: tokens/s if a step
+    took only the time to read the linear weights once at `bandwidth` (bytes/s)."""
+    timed = [r for r in rows if "decode (tok/s)" in r]
+    if not timed:
+        raise InvalidArgumentError("these rows hold no decode speeds: measure_quantization times decode "
+                                   "only without quick=True")
+    fig, ax = new_figure(figsize=(7.5, 4.8))
+    formats = {}  # one point per storage format: GPTQ and AWQ run INT4 RTN's kernel on the same layout
+    for r in timed:
+        formats.setdefault((round(r["bits/weight"], 3), round(r["decode (tok/s)"], 6)), r)
+    bits = np.geomspace(2, 40, 100)
+    per_bit = timed[0]["linear weights (MB)"] * 1e6 / timed[0]["bits/weight"]  # bytes per bit per weight
+    ax.loglog(bits, bandwidth / (per_bit * bits), "k-", lw=1.5,
+              label=f"roof: linear weights read once per token at {bandwidth / 1e9:,.1f} GB/s (measured)")
+    pts = list(formats.values())
+    ax.loglog([r["bits/weight"] for r in pts], [r["decode (tok/s)"] for r in pts], "o", color="tab:red", ms=7,
+              label="measured decode, batch 1")
+    for r in pts:
+        ax.plot([r["bits/weight"]] * 2, [r["decode (tok/s)"], bandwidth / (r["linear weights (MB)"] * 1e6)],
+                ":", color="tab:red", lw=0.8)
+        ax.annotate(r["scheme"], (r["bits/weight"], r["decode (tok/s)"]), textcoords="offset points",
+                    xytext=(5, -10), fontsize=7)
+    ax.set(xlabel="bits per weight (log)", ylabel="decode tokens/s (log)")
+    ax.set_xticks([2, 3, 4, 5, 6, 8, 16, 32], ["2", "3", "4", "5", "6", "8", "16", "32"])
+    ax.minorticks_off()
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fp32 = timed[0]
+    fastest = max(pts, key=lambda r: r["decode (tok/s)"])
+    caption = (f"the roof rises {fp32['bits/weight'] / fastest['bits/weight']:.0f}× from fp32 to "
+               f"{fastest['scheme']}, the measured speed "
+               f"{fastest['decode (tok/s)'] / fp32['decode (tok/s)']:.1f}×: "
+               "the distance to the roof (dotted) is time spent unpacking and dispatching, not reading.")
+    return save_plot(fig, "s8_decode_vs_bandwidth", caption, model)
+
+
+def _plot_quantization(table: Sequence[dict], model: str, device) -> None:
+    """§8's figures: perplexity vs bits; decode speed vs the bandwidth roof where decode was timed."""
+    net = get_model(model, device)[0]
+    where = f"{net.cfg.name} on {device_label(net.device)}"
+    show_plot(plot_perplexity_vs_bits(table, f"Perplexity vs bits per weight, {where} (measured)",
+                                      model=model))
+    if "decode (tok/s)" in table[0]:
+        bandwidth = machine_bandwidth(net.device)
+        title = f"Decode speed per format vs the bandwidth roof, {where}, batch 1 (measured)"
+        show_plot(plot_decode_vs_bandwidth(table, bandwidth, title, model))
+    else:
+        print("(decode speeds are timed without --quick: no decode-vs-bandwidth figure in this run)")
+
+
+def plot_step_time(modes: Sequence[dict], overhead: Sequence[dict], title: str, model=None) -> "Plot":
+    """Where a batch-1 decode step's time goes, per mode: reading the weights at the bandwidth
+    measured before the row (1 / its bandwidth limit) and everything else (dispatch, Python, launches,
+    unfused work); from the rows of `measure_fast_path` and `measure_launch_overhead`."""
+    rows = [r for r in modes if r["batch"] == 1 and math.isfinite(r["tokens/s"])
+            and math.isfinite(r.get("bandwidth limit (tok/s)", float("nan")))]
+    if not rows:
+        raise InvalidArgumentError("no batch-1 row with a speed and a bandwidth limit to plot")
+    fig, ax = new_figure(figsize=(8, 1.6 + 0.55 * len(rows)))
+    names = [r["mode"] for r in rows]
+    total = np.array([1e3 / r["tokens/s"] for r in rows])  # ms per token
+    reading = np.minimum(total, [1e3 / r["bandwidth limit (tok/s)"] for r in rows])
+    ax.barh(names, reading, color="tab:blue", label="reading the weights at the measured bandwidth")
+    ax.barh(names, total - reading, left=reading, color="tab:orange",
+            label="everything else: dispatch, Python, kernel launches")
+    for y, t in enumerate(total):
+        ax.text(t, y, f" {t:.3g} ms", va="center", fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, total.max() * 1.2)
+    ax.set(xlabel="milliseconds per generated token (batch 1)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    o = overhead[0]
+    i = names.index("eager") if "eager" in names else 0
+    caption = (f"an eager step dispatches {o['ops per step']} operations "
+               f"({o['overhead per op (µs)']:.0f} µs of overhead each); "
+               f"reading the weights is {100 * reading[i] / total[i]:.0f}% of its {total[i]:.3g} ms, the "
+               "rest is overhead, which compiling the step (CUDA graphs on a GPU) removes.")
+    return save_plot(fig, "s9_step_time", caption, model)
+
+
+# %% [markdown]
+"""
+## Appendix F: tables, progress, the notebook's demo cells, the command line
 `python 01_llm_inference_optimization.py --list` shows the demos; `--section NAME` picks some.
 """
 
@@ -9670,7 +9752,7 @@ def new_figure(nrows: int = 1, ncols: int = 1, **kwargs):
 
 
 class Rows(list):
-    """What `analyze_*` functions return: a list of row dicts that prints as its table.
+    """What `analyze_*` and `measure_*` functions return: a list of row dicts that prints as its table.
 
     >>> Rows([{"n": 1, "time (ms)": 2.5}], "Example")
     <BLANKLINE>
@@ -9680,9 +9762,10 @@ class Rows(list):
     |   1 |        2.50 |
     """
 
-    def __init__(self, rows: Sequence[dict] = (), title: str = ""):
+    def __init__(self, rows: Sequence[dict] = (), title: str = "", **extra):
         super().__init__(rows)
         self.title = title
+        self.__dict__.update(extra)  # what a plot needs beside the table (e.g. `.timelines`)
 
     def __repr__(self) -> str:
         return format_table(self, self.title).lstrip("\n") if self else f"Rows([], {self.title!r})"
@@ -9692,7 +9775,7 @@ class Rows(list):
 
 
 class Report(dict):
-    """What a `demonstrate_*` function returns when it has several tables: name -> Rows. At the
+    """What a `demonstrate_*` function returns: table name -> Rows. At the
     prompt it prints a one-line summary (the tables were already printed by the demo)."""
 
     def __repr__(self) -> str:
@@ -9766,7 +9849,7 @@ def _log_progress(iterable, desc: str, total: int | None):
 
 def run_demo(name: str, **options):
     """Run demo `name` with options from the environment ($LESSON_MODEL, ...) unless given."""
-    sections = _sections()
+    sections = demo_sections()
     if name not in sections:
         raise InvalidArgumentError(f"no demo named {name!r}; the demos are: {', '.join(sections)}")
     title, fn = sections[name]
@@ -9776,19 +9859,17 @@ def run_demo(name: str, **options):
                 "seed": int(os.environ.get("LESSON_SEED", "0")),
                 "plots": os.environ.get("LESSON_PLOTS", "1") not in ("", "0")}
     print(f"{title}\n{'-' * len(title)}")
-    return _call_demo(fn, **{**defaults, **options})
+    return fn(**{**defaults, **options})
 
 
 # %%
-def _sections() -> dict[str, tuple[str, Callable | None]]:
+def demo_sections() -> dict[str, tuple[str, Callable | None]]:
     """Demo name → (title, function), in the order the file defines them."""
     g = globals()
     return {
         name: (title, g.get(fn))
         for name, title, fn in [
             ("generation", "§1b Generation with the real model", "demonstrate_generation"),
-            ("gguf", "§1b What the GGUF file holds", "demonstrate_gguf"),
-            ("perplexity", "§1b Perplexity of the real model", "demonstrate_perplexity"),
             ("roofline", "§2 Prefill vs decode on the roofline", "demonstrate_prefill_vs_decode"),
             ("memory", "§3 KV-cache memory requirements", "demonstrate_memory_requirements"),
             ("kv_cache", "§3 KV cache vs recomputation", "demonstrate_kv_cache"),
@@ -9797,20 +9878,14 @@ def _sections() -> dict[str, tuple[str, Callable | None]]:
             ("speculative", "§6 Speculative decoding", "demonstrate_speculative_decoding"),
             ("flash_decoding", "§7 Flash-decoding", "demonstrate_flash_decoding"),
             ("quantization", "§8 Quantization", "demonstrate_quantization"),
-            ("gguf_formats", "§8 GGUF block formats, written", "demonstrate_gguf_formats"),
-            ("fast_path", "§10 The fast path: compiled steps, CUDA graphs", "demonstrate_fast_path"),
-            ("summary", "§9 Summary", "demonstrate_summary"),
+            ("fast_path", "§9 The fast path: compiled steps, CUDA graphs", "demonstrate_fast_path"),
+            ("summary", "§10 Summary", "demonstrate_summary"),
+            ("gguf", "Appendix A What the GGUF file holds", "demonstrate_gguf"),
+            ("gguf_formats", "Appendix A GGUF block formats, written", "demonstrate_gguf_formats"),
             ("tokenizer", "Appendix B Tokens per kind of text", "demonstrate_tokenizer"),
+            ("perplexity", "Appendix C Perplexity of the real model", "demonstrate_perplexity"),
         ]
     }
-
-
-def _call_demo(fn: Callable, **options):
-    """Call a demo with the options it accepts (demos take subsets of model/seed/device/...)."""
-    import inspect
-
-    accepted = inspect.signature(fn).parameters
-    return fn(**{k: v for k, v in options.items() if k in accepted})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -9828,7 +9903,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--save-assets", action="store_true",
                         help="save plots into assets/ (the README's gallery) instead of outputs/")
     args = parser.parse_args(argv)
-    sections = _sections()
+    sections = demo_sections()
     if args.list:
         for name, (title, _) in sections.items():
             print(f"{name:22s} {title}")
@@ -9846,8 +9921,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         title, fn = sections[name]
         print(f"\n{'=' * 80}\n{title}\n{'=' * 80}", flush=True)
         with Timer(args.device if args.device != "auto" else None) as t:
-            measured[name] = _call_demo(fn, model=args.model, seed=args.seed, device=args.device,
-                                        quick=args.quick, plots=not args.no_plots, measured=measured)
+            measured[name] = fn(model=args.model, seed=args.seed, device=args.device, quick=args.quick,
+                                plots=not args.no_plots, measured=measured)
         times.append({"section": title, "wall time (s)": t.seconds})
     if times:
         times.append({"section": "total", "wall time (s)": sum(r["wall time (s)"] for r in times)})

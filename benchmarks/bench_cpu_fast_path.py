@@ -1,4 +1,4 @@
-"""§10 on a CPU: SmolLM2-135M (fp32) decode at batch 1, eager vs the compiled static step, against the
+"""§9 on a CPU: SmolLM2-135M (fp32) decode at batch 1, eager vs the compiled static step, against the
 bandwidth limit measured in the same round. A shared or small machine's bandwidth moves from minute to
 minute, so each round measures the limit right before it times the steps, and the table reports the
 median of the per-round ratios over all rounds (with their range). Every timing in a round is a best
@@ -46,7 +46,7 @@ def main() -> None:
     model, tok = llm.get_model("smollm2", "cpu")
     prompt = tok.encode_chat([{"role": "user", "content": "Write a short poem about the sea."}])
     fused = llm.fuse_projections(model)
-    weights = [w for layer, pair in zip(model.layers, fused) for w in llm._layer_matrices(layer, pair)]
+    weights = [w for layer, pair in zip(model.layers, fused) for w in llm.layer_matrices(layer, pair)]
     weights.append(model.lm_head.weight)
     weight_bytes = model.param_bytes
     inputs = [torch.randn(1, w.shape[1]) for w in weights]

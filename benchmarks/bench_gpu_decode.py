@@ -168,10 +168,9 @@ def profile_step(llm, model, context, new_tokens):
     by GPU time over 10 steps."""
     from torch.profiler import ProfilerActivity, profile
 
-    dec = llm._static_decoder(model, 1, context + new_tokens, "compile+graph")
     tokens = torch.ones(1, dtype=torch.long, device="cuda")
     positions = torch.full((1,), context, device="cuda")
-    with torch.inference_mode():
+    with llm.kept_decoder(model, 1, context + new_tokens, "compile+graph") as dec, torch.inference_mode():
         for _ in range(3):
             dec.step(tokens, positions)
         torch.cuda.synchronize()
@@ -203,7 +202,7 @@ def bench_matvec(llm, name):
 
     model, cfg = random_model(llm, name)
     layer = model.layers[0]
-    first = llm._layer_matrices(layer, llm.fuse_projections(model)[0])
+    first = llm.layer_matrices(layer, llm.fuse_projections(model)[0])
     weights = dict(zip(("q/k/v", "wo", "gate/up", "down"), first)) | {"lm_head": model.lm_head.weight}
     dim = torch.randn(1, cfg.dim, device="cuda", dtype=torch.bfloat16)
     folded = {"q/k/v": dict(norm=layer.attn_norm.weight, eps=layer.attn_norm.eps), "wo": dict(residual=dim),
@@ -223,23 +222,23 @@ def bench_matvec(llm, name):
             row[f"{method} µs"] = us
             row[f"{method} TB/s"] = w.numel() * w.element_size() / us / 1e6
         kw = folded[label]
-        key = llm._matvec_key(w, kw.get("norm"), kw.get("residual"), kw.get("swiglu", False))
-        row["config"] = str(llm._MATVEC_TUNED.get(llm._matvec_key(w)))
-        row["folded config"] = str(llm._MATVEC_TUNED.get(key))
+        key = llm.matvec_key(w, kw.get("norm"), kw.get("residual"), kw.get("swiglu", False))
+        row["config"] = str(llm.MATVEC_TUNED.get(llm.matvec_key(w)))
+        row["folded config"] = str(llm.MATVEC_TUNED.get(key))
         rows.append(row)
         print(row, flush=True)
-        chosen = llm._MATVEC_TUNED[key]
+        chosen = llm.MATVEC_TUNED[key]
 
         def launch(c, weight=w, x=x, kw=kw, key=key):  # the folded call with launch configuration c
-            llm._MATVEC_TUNED[key] = c
+            llm.MATVEC_TUNED[key] = c
             llm.triton_matvec(x, weight, **kw)
 
-        single = [1e3 * triton.testing.do_bench(lambda c=c: launch(c)) for c in llm._MATVEC_CONFIGS]
-        graphed = llm._time_matvec_configs(launch, w)
-        llm._MATVEC_TUNED[key] = chosen
+        single = [1e3 * triton.testing.do_bench(lambda c=c: launch(c)) for c in llm.MATVEC_CONFIGS]
+        graphed = llm.time_matvec_configs(launch, w)
+        llm.MATVEC_TUNED[key] = chosen
         spread.append(f"{label} folded (picked {chosen}), µs per config, in a graph / one launch: "
                       + ", ".join(f"{c}: {a:.1f} / {b:.1f}"
-                                  for c, a, b in zip(llm._MATVEC_CONFIGS, graphed, single)))
+                                  for c, a, b in zip(llm.MATVEC_CONFIGS, graphed, single)))
     print(llm.format_table(rows, f"Batch-1 matrix-vector products, {name} shapes, bf16 (measured)"))
     print("\n".join(spread), flush=True)
 
@@ -279,7 +278,7 @@ def main():
             a @ a
             torch.cuda.synchronize()
     if args.matvec_mode != "auto":
-        llm._use_matvec = lambda model, batch_size: args.matvec_mode == "on" and batch_size == 1
+        llm.use_matvec = lambda model, batch_size: args.matvec_mode == "on" and batch_size == 1
     if args.matvec:
         for name in args.models:
             bench_matvec(llm, name)

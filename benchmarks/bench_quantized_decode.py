@@ -8,7 +8,7 @@ same storage as RTN at the same bits and group, so they decode at the same speed
 the three matmul paths of `QuantizedLinear`: PyTorch's low-bit CPU kernels with bf16 activations
 (where this build has them), the fused matvec compiled by torch.compile, and dequantize-then-matmul.
 tok/s is the median over `--repeats` runs of generating `--new-tokens` greedily after a warm-up, the
-prompt's prefill subtracted (`decode_speed`). Then fp32, INT8 and INT4 g128 with §10's whole decode
+prompt's prefill subtracted (`decode_speed`). Then fp32, INT8 and INT4 g128 with §9's whole decode
 step compiled (`static_generate(..., "compile")`), the fastest matmul path inside it.
 
 llama.cpp is optional, not a requirement: `pip install llama-cpp-python` (it compiles llama.cpp;
@@ -52,7 +52,7 @@ def llama_cpp_speed(path, prompt_ids, new_tokens, repeats, threads):
 
 
 def compiled_step_speed(llm, model, prompt, new_tokens):
-    """tok/s of §10's static decode step compiled with torch.compile (the build, a minute or two, not
+    """tok/s of §9's static decode step compiled with torch.compile (the build, a minute or two, not
     counted), the prefill subtracted."""
     llm.static_generate(model, [prompt], 4, "compile")  # builds
     t0 = time.perf_counter()
@@ -96,7 +96,7 @@ def main():
     for name, quantizer in [("fp32", None), ("INT8 per channel", llm.rtn_quantizer(8)),
                             ("INT4 g128", llm.rtn_quantizer(4, 128))]:
         model = net if quantizer is None else llm.quantize_model(net, quantizer)
-        rows.append({"format": f"{name}, whole decode step compiled (§10)", "bits/weight": float("nan"),
+        rows.append({"format": f"{name}, whole decode step compiled (§9)", "bits/weight": float("nan"),
                      "decode (tok/s)": compiled_step_speed(llm, model, prompt, args.new_tokens)})
     threads = torch.get_num_threads()
     cpp = llama_cpp_speed(path, prompt, args.new_tokens, args.repeats, threads)

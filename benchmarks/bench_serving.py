@@ -98,12 +98,12 @@ def main() -> None:
         return [o.token_ids for o in engine.generate([p for p, _ in w], [sp for _, sp in w])]
 
     def static(w):
-        return [o.token_ids for o in llm.static_batch_generate(net, [p for p, _ in w], [sp for _, sp in w],
+        return [o.token_ids for o in llm.serve_static_batches(net, [p for p, _ in w], [sp for _, sp in w],
                                                                batch_size=seqs)]
 
     hf = load_hf(llm.fetch_smollm2())
     systems = [("this lesson: LLMEngine (continuous)", ours),
-               ("this lesson: static_batch_generate", static),
+               ("this lesson: serve_static_batches", static),
                ("HF transformers continuous batching", lambda w: hf_continuous(hf, w, seqs)),
                (f"HF transformers generate, batches of {seqs}", lambda w: hf_static(hf, w, seqs))]
     useful = sum(sp.max_tokens for _, sp in work)

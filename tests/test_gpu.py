@@ -60,7 +60,7 @@ def test_bf16_model_close_to_fp32(llm):
 
 @pytest.mark.parametrize("batch", [1, 3, 8])
 def test_cuda_graph_decode_equals_eager(llm, batch):
-    """§10: the CUDA-graph replay of the static step (a batch of 3 is padded to the captured 4)
+    """§9: the CUDA-graph replay of the static step (a batch of 3 is padded to the captured 4)
     gives the eager path's greedy tokens, in fp32 and in bf16."""
     for dtype in (torch.float32, torch.bfloat16):
         model = llm.build_model("tiny", seed=7, device="cuda", dtype=dtype)
@@ -72,7 +72,7 @@ def test_cuda_graph_decode_equals_eager(llm, batch):
 
 
 def test_prefill_graph_per_prompt_length_is_reused(llm):
-    """§10: with graphs, the prefill is replayed from one CUDA graph per padded prompt length (a
+    """§9: with graphs, the prefill is replayed from one CUDA graph per padded prompt length (a
     power of two, at least 16), kept and reused; the tokens equal plain generation's."""
     model = llm.build_model("tiny", seed=7, device="cuda")
     dec = llm.StaticDecoder(model, 4, 128, "graph")
@@ -82,7 +82,7 @@ def test_prefill_graph_per_prompt_length_is_reused(llm):
 
 
 def test_generate_uses_cuda_graphs_with_the_same_tokens(llm, pair):
-    """§10: generate() on a GPU replays a captured decode step by default; the tokens equal the
+    """§9: generate() on a GPU replays a captured decode step by default; the tokens equal the
     eager path's, greedy and sampled, and a second call reuses the captured graph."""
     _, gpu = pair
     prompt = [3, 14, 15, 92, 65]
@@ -123,7 +123,7 @@ def _new_fused_weights(model, seed=99):
 
 
 def test_captured_decoders_follow_changed_weights(llm):
-    """§10 on a GPU: the kept decoders of generate() and static_generate(mode="graph") and an
+    """§9 on a GPU: the kept decoders of generate() and static_generate(mode="graph") and an
     engine's captured decode steps, all captured before the weights are replaced, give the new
     weights' tokens; after a change of dtype the kept decoder is rebuilt in it."""
     model = _sharp_tiny(llm)

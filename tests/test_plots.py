@@ -80,7 +80,10 @@ def test_show_plot_displays_inline_in_a_kernel_and_prints_the_caption(llm, plot_
 
 def test_run_demo_reads_plots_off_from_the_environment(llm, monkeypatch, capsys):
     seen = {}
-    monkeypatch.setattr(llm, "_sections", lambda: {"x": ("X", lambda plots: seen.setdefault("plots", plots))})
+
+    def demo(plots, **_):
+        seen["plots"] = plots
+    monkeypatch.setattr(llm, "demo_sections", lambda: {"x": ("X", demo)})
     monkeypatch.setenv("LESSON_PLOTS", "0")
     llm.run_demo("x")
     assert seen == {"plots": False}
@@ -107,7 +110,7 @@ def test_notebook_demo_runs_the_notebooks_edited_definitions(monkeypatch, capsys
             exec(compile(cell.source, str(MODULE_PATH), "exec"), ns)
     assert "run_demo" not in ns and "read_gguf" not in ns  # appendices: not reached yet
     ns["running_as_notebook"] = lambda: True  # what a Jupyter kernel makes it say
-    exec("def demonstrate_memory_requirements(plots=True):\n    print('edited in the notebook')\n", ns)
+    exec("def demonstrate_memory_requirements(**options):\n    print('edited in the notebook')\n", ns)
     ns["notebook_demo"]("memory")
     out = capsys.readouterr().out
     assert "edited in the notebook" in out
@@ -123,7 +126,7 @@ def test_notebook_demo_runs_the_notebooks_edited_definitions(monkeypatch, capsys
 # each figure draws its section's rows (tiny model, small sizes)
 # ---------------------------------------------------------------------------------------------
 def test_decode_batch_plot_draws_the_measured_sweep(llm, plot_dir):
-    rows = llm.analyze_prefill_vs_decode("tiny", "cpu", quick=True, peak_flops=2e10, bandwidth=1e10,
+    rows = llm.measure_prefill_vs_decode("tiny", "cpu", quick=True, peak_flops=2e10, bandwidth=1e10,
                                          prompt_lens=(16,), batch_sizes=(1, 2, 4), decode_contexts=(300,),
                                          context_len=64, context_batch=2)
     plot = llm.plot_decode_batch(rows, "tiny", 2e10, 1e10, 4, model="tiny")
@@ -151,8 +154,9 @@ def test_sequences_that_fit_plot_draws_its_rows(llm, plot_dir):
 
 
 def test_kv_cache_plot_draws_the_steps_and_the_totals(llm, plot_dir):
-    rows, steps = llm.analyze_kv_cache("tiny", new_tokens=(8, 24), device="cpu", checked_tokens=4,
-                                       num_positions=3)
+    rows = llm.measure_kv_cache("tiny", new_tokens=(8, 24), device="cpu", checked_tokens=4,
+                                num_positions=3)
+    steps = rows.steps
     plot = llm.plot_kv_cache(steps, "KV cache, tiny", rows, "tiny")
     per_step, cumulative = plot.figure.axes
     xs = [r["context (tokens)"] for r in steps]
@@ -167,8 +171,9 @@ def test_kv_cache_plot_draws_the_steps_and_the_totals(llm, plot_dir):
 
 
 def test_batching_timeline_shares_a_time_axis_and_shades_padding(llm, plot_dir):
-    rows, timelines = llm.analyze_continuous_batching("tiny", "cpu", num_requests=5, mean_output=6,
-                                                      max_num_seqs=2, preemption_modes=())
+    rows = llm.measure_continuous_batching("tiny", "cpu", num_requests=5, mean_output=6,
+                                           max_num_seqs=2, preemption_modes=())
+    timelines = rows.timelines
     wall = {"static": rows[0]["wall (s)"], "continuous": rows[1]["wall (s)"]}
     plot = llm.plot_batching_timeline(timelines, 2, "tiny", wall, "tiny")
     static, cont = plot.figure.axes
@@ -223,7 +228,7 @@ def test_quantization_plots_draw_the_measured_rows(llm, plot_dir):
 
 
 def test_step_time_plot_splits_the_measured_step(llm, plot_dir):
-    overhead = llm.analyze_launch_overhead("tiny", "cpu")
+    overhead = llm.measure_launch_overhead("tiny", "cpu")
     modes = llm.measure_fast_path("tiny", "cpu", new_tokens=4, compile_step=False)
     plot = llm.plot_step_time(modes, overhead, "tiny", "tiny")
     bars = plot.figure.axes[0].patches

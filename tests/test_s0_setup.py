@@ -95,14 +95,15 @@ def test_docstring_examples(llm):
 
 def test_demos_run_offline_on_tiny(llm, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("LESSON_PLOT_DIR", str(tmp_path))
-    row = llm.demonstrate_generation(model="tiny", max_new_tokens=5, device="cpu")
+    row = llm.demonstrate_generation(model="tiny", max_new_tokens=5, device="cpu")["generation"][0]
     assert row["new tokens"] <= 5 and row["prompt tokens"] > 0
-    assert llm.demonstrate_perplexity(model="tiny", device="cpu", quick=True)["perplexity"] > 1
+    ppl = llm.demonstrate_perplexity(model="tiny", device="cpu", quick=True)["perplexity"]
+    assert ppl[0]["perplexity"] > 1
     out = llm.demonstrate_paged_attention(model="tiny", device="cpu", quick=True, plots=True)
     assert all(r["identical tokens"] for r in out["real_model"])
     assert (tmp_path / "s4_kv_utilization.png").exists()
-    rows = llm.demonstrate_kv_cache(model="tiny", device="cpu", quick=True, plots=True)
-    assert rows[0]["identical tokens"] is True and (tmp_path / "kv_cache_per_token.png").exists()
+    rows = llm.demonstrate_kv_cache(model="tiny", device="cpu", quick=True, plots=True)["speedup"]
+    assert rows[0]["identical tokens"] is True and (tmp_path / "s3_kv_cache_per_token.png").exists()
     assert rows[-1]["speedup (×)"] > rows[1]["speedup (×)"]  # the gap grows with length
     assert "Takeaway" in capsys.readouterr().out
     with pytest.raises(llm.InvalidArgumentError):
@@ -119,3 +120,53 @@ def test_opens_as_a_notebook():
     assert [h.split()[1] for h in headings] == ["§0", "§1", "§1b", "§2", "§3", "§4", "§5", "§6", "§7",
                                                 "§8", "§9", "§10"]
     assert jupytext.writes(nb, fmt="py:percent").splitlines()[13:] == text.splitlines()[13:]
+
+
+# ---------------------------------------------------------------------------------------------
+# one naming convention (documented in the opening cell)
+# ---------------------------------------------------------------------------------------------
+def _public_functions(llm, prefix):
+    import inspect
+    return {name: fn for name, fn in vars(llm).items()
+            if name.startswith(prefix) and inspect.isfunction(fn) and fn.__module__ == llm.__name__}
+
+
+def test_every_demo_takes_the_same_keywords(llm):
+    import inspect
+    demos = _public_functions(llm, "demonstrate_")
+    assert len(demos) == len(llm.demo_sections()), "every demo is listed, every listed name is a demo"
+    for name, fn in demos.items():
+        params = inspect.signature(fn).parameters
+        assert list(params)[:6] == ["model", "device", "seed", "quick", "plots", "measured"], name
+        assert params["model"].default == "smollm2", name
+        assert all(p.kind is p.KEYWORD_ONLY for p in list(params.values())[1:]), name
+
+
+def test_list_follows_the_file_order(llm):
+    import inspect
+    listed = [fn.__name__ for _, fn in llm.demo_sections().values()]
+    in_file = sorted(_public_functions(llm, "demonstrate_").values(),
+                     key=lambda fn: inspect.getsourcelines(fn)[1])
+    assert listed == [fn.__name__ for fn in in_file]
+
+
+def test_every_demo_returns_a_report_of_rows(llm, tmp_path, monkeypatch, capsys):
+    """Tiny model, quick sizes, no figures: each demo returns a Report whose tables are Rows."""
+    monkeypatch.setenv("LESSON_PLOT_DIR", str(tmp_path))
+    measured = {}
+    for name, (_, fn) in llm.demo_sections().items():
+        report = fn(model="tiny", device="cpu", quick=True, plots=False, measured=measured)
+        measured[name] = report
+        assert isinstance(report, llm.Report), name
+        assert report and all(isinstance(v, llm.Rows) for v in report.values()), (name, report)
+    capsys.readouterr()
+
+
+def test_analyze_and_measure_return_rows(llm):
+    """A sample of the table functions at their smallest sizes: each returns Rows."""
+    assert isinstance(llm.analyze_memory_requirements(), llm.Rows)
+    assert isinstance(llm.analyze_decode_ridge(), llm.Rows)
+    assert isinstance(llm.analyze_speculative_decoding(), llm.Rows)
+    assert isinstance(llm.analyze_flash_decoding(), llm.Rows)
+    rows = llm.measure_kv_cache("tiny", new_tokens=(4,), device="cpu", checked_tokens=2, num_positions=2)
+    assert isinstance(rows, llm.Rows) and rows.steps

@@ -246,7 +246,7 @@ def sharp_tiny(llm, seed=4):
 
 @pytest.fixture
 def kept_path(llm, monkeypatch):
-    """`stream_generate` through a kept §10 decoder (on a GPU: "graph"), here run eagerly on the
+    """`stream_generate` through a kept §9 decoder (on a GPU: "graph"), here run eagerly on the
     CPU; yields a fresh model and a function listing its kept decoders."""
     monkeypatch.setattr(llm, "_kept_decode_mode", lambda model: "eager")
     model = sharp_tiny(llm)

@@ -305,10 +305,11 @@ def test_analyze_and_demonstrate(llm, tok, capsys):
     by_name = {r["text"]: r for r in rows}
     assert all(r["round trip"] for r in rows)
     assert by_name["English"]["chars/token"] > 3 > by_name["emoji"]["chars/token"]
-    byte_rows = llm.demonstrate_tokenizer(llm.ByteTokenizer())
+    byte_rows = llm.demonstrate_tokenizer(tokenizer=llm.ByteTokenizer())["tokens"]
     assert [r["tokens"] for r in byte_rows] == [r["bytes"] for r in byte_rows]
     assert "Takeaway" in capsys.readouterr().out
-    llm.demonstrate_tokenizer(tok, {"empty": "", "English": "Hello world"})  # no division by zero
+    # no division by zero on an empty text
+    llm.demonstrate_tokenizer(tokenizer=tok, texts={"empty": "", "English": "Hello world"})
 
 
 def test_decode_skips_special_tokens_by_default_as_hf_does(llm, tok):

@@ -142,7 +142,7 @@ ROW_KEYS = {"phase", "batch", "tokens", "context", "time (ms)", "tokens/s", "GFL
 
 def test_analyze_prefill_vs_decode_rows(llm):
     peak, bw = 1e11, 1e10  # given, so no microbenchmark runs; balance 10 FLOP/byte
-    rows = llm.analyze_prefill_vs_decode("tiny", device="cpu", quick=True, peak_flops=peak, bandwidth=bw)
+    rows = llm.measure_prefill_vs_decode("tiny", device="cpu", quick=True, peak_flops=peak, bandwidth=bw)
     assert all(set(r) == ROW_KEYS for r in rows)
     pre = [r for r in rows if r["phase"] == "prefill"]
     dec = [r for r in rows if r["phase"] == "decode"]
@@ -161,17 +161,17 @@ def test_plot_roofline_writes_png(llm, tmp_path, monkeypatch):
     rows = [{"phase": "prefill", "batch": 1, "tokens": 64, "FLOP/byte": 30.0, "GFLOP/s": 50.0},
             {"phase": "decode", "batch": 1, "tokens": 1, "context": 129, "FLOP/byte": 0.5, "GFLOP/s": 2.0}]
     plot = llm.plot_roofline(rows, peak_flops=1e11, bandwidth=1e10)
-    assert plot.path == tmp_path / "roofline.png" and plot.caption
+    assert plot.path == tmp_path / "s2_roofline.png" and plot.caption
     assert plot.path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_demonstrate_prefill_vs_decode_tiny(llm, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("LESSON_PLOT_DIR", str(tmp_path))
-    rows = llm.demonstrate_prefill_vs_decode(seed=0, device="cpu", quick=True, model="tiny")
+    rows = llm.demonstrate_prefill_vs_decode(seed=0, device="cpu", quick=True, model="tiny")["steps"]
     out = capsys.readouterr().out
     assert "machine balance" in out and "Takeaway" in out
     assert {r["phase"] for r in rows} == {"prefill", "decode"}
-    assert (tmp_path / "roofline.png").exists()
+    assert (tmp_path / "s2_roofline.png").exists()
 
 
 @pytest.mark.parametrize("B, context, new", [(2, 100, 1), (1, 0, 64)])
@@ -196,3 +196,12 @@ def test_flop_model_matches_torch_flop_counter(llm, B, context, new):
         with FlopCounterMode(display=False) as attn:
             llm.naive_attention(q, kv, kv)
         assert attn.get_total_flops() * cfg.n_layers * B == est["attn_flops"]
+
+
+def test_machine_bandwidth_is_measured_once_per_device(llm, monkeypatch):
+    calls = []
+    monkeypatch.setattr(llm, "_BANDWIDTH", {})
+    monkeypatch.setattr(llm, "measure_memory_bandwidth",
+                        lambda device: calls.append(device) or 7e9 * len(calls))
+    assert llm.machine_bandwidth("cpu") == llm.machine_bandwidth("cpu") == 7e9  # measured once, reused
+    assert llm.machine_bandwidth("cpu", refresh=True) == 14e9 and len(calls) == 2

@@ -41,14 +41,15 @@ def test_cached_equals_uncached_real_model(llm, smollm2_gguf):
 
 
 def test_analyze_kv_cache_rows(llm):
-    rows, steps = llm.analyze_kv_cache("tiny", new_tokens=(4, 8, 10_000), device="cpu", checked_tokens=6,
-                                       num_positions=3)
+    rows = llm.measure_kv_cache("tiny", new_tokens=(4, 8, 10_000), device="cpu", checked_tokens=6,
+                                num_positions=3)
+    steps = rows.steps
     assert rows[0]["identical tokens"] is True and rows[0]["new tokens"] == 6
     prompt = llm.ByteTokenizer().encode_chat([{"role": "user", "content": "Explain why the sky is blue."}])
     assert [r["new tokens"] for r in rows[1:]] == [4, 8, 512 - len(prompt)]  # capped to the context
     assert all(r["no cache (ms)"] > 0 and r["KV cache (ms)"] > 0 for r in steps)
     with pytest.raises(llm.InvalidArgumentError):
-        llm.analyze_kv_cache("tiny", new_tokens=(0,))
+        llm.measure_kv_cache("tiny", new_tokens=(0,))
 
 
 def test_integrate_steps_is_the_sum_over_positions(llm):

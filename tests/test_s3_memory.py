@@ -92,7 +92,7 @@ def test_model_forms_and_survey(llm, capsys):
 
 
 def test_demonstrate_memory_requirements(llm, capsys):
-    rows = llm.demonstrate_memory_requirements()
+    rows = llm.demonstrate_memory_requirements()["memory"]
     out = capsys.readouterr().out
     assert "Takeaway" in out and "512 KiB" in out and "128 KiB" in out
     assert len(rows) == len(llm.MEMORY_PRESETS)

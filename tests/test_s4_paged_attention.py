@@ -560,7 +560,7 @@ def test_prefix_caching_analysis(llm):
 
 
 def test_speed_analysis_checks_equality(llm):
-    rows = llm.analyze_paged_attention_speed(cases=((2, 40),), device="cpu", repeat=1)
+    rows = llm.measure_paged_attention_speed(cases=((2, 40),), device="cpu", repeat=1)
     assert rows[0]["max abs diff"] < 1e-5 and rows[0]["paged ms"] > 0
 
 
@@ -589,7 +589,7 @@ def test_paged_generate_out_of_blocks(llm, tiny):
 
 
 def test_paged_generate_equals_contiguous_real_model(llm, smollm2_gguf):
-    rows = llm.analyze_paged_generation(smollm2_gguf, device="cpu", max_new_tokens=12)
+    rows = llm.measure_paged_generation(smollm2_gguf, device="cpu", max_new_tokens=12)
     assert [r["identical tokens"] for r in rows] == [True, True, True]
     contiguous, off, on = rows
     assert off["prompt tokens computed"] == contiguous["prompt tokens computed"]

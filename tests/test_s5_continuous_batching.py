@@ -59,7 +59,7 @@ def test_engine_equals_generate_sampled_tiny(llm, tiny):
 
 def test_static_baseline_equals_generate(llm, tiny):
     params = [llm.SamplingParams(max_tokens=n) for n in MAX_TOKENS]
-    outs = llm.static_batch_generate(tiny, PROMPTS, params, batch_size=2)
+    outs = llm.serve_static_batches(tiny, PROMPTS, params, batch_size=2)
     assert [o.token_ids for o in outs] == [llm.generate(tiny, p, n) for p, n in zip(PROMPTS, MAX_TOKENS)]
     assert outs[0].finish_time == outs[1].finish_time < outs[2].finish_time  # batches return whole
 
@@ -163,7 +163,7 @@ def test_engine_equals_generate_on_smollm2_with_preemption(llm, smollm2_gguf):
 
 def test_demo_on_tiny(llm, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("LESSON_PLOT_DIR", str(tmp_path))
-    rows = llm.demonstrate_continuous_batching(model="tiny", device="cpu", quick=True)
+    rows = llm.demonstrate_continuous_batching(model="tiny", device="cpu", quick=True)["throughput"]
     assert all(r["same tokens as static"] for r in rows)
     assert rows[1]["occupancy %"] > rows[0]["occupancy %"]
     assert len(rows) == 2  # quick: outputs too short to preempt, so no small-pool runs
@@ -171,8 +171,8 @@ def test_demo_on_tiny(llm, tmp_path, monkeypatch, capsys):
 
 
 def test_small_pool_preempts_with_the_same_tokens(llm):
-    sizes = {**llm._batching_sizes(quick=False), "preemption_modes": ("recompute", "swap")}
-    rows, _ = llm.analyze_continuous_batching("tiny", "cpu", **sizes)
+    sizes = {**llm.batching_sizes(quick=False), "preemption_modes": ("recompute", "swap")}
+    rows = llm.measure_continuous_batching("tiny", "cpu", **sizes)
     assert [r["policy"].split(",")[-1].strip() for r in rows[2:]] == ["recompute", "swap"]
     assert all(r["same tokens as static"] for r in rows)
     assert all(r["preemptions"] > 0 for r in rows[2:])

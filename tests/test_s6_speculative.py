@@ -288,7 +288,7 @@ def test_a_draft_may_propose_numpy_or_tensor_ids(llm, tiny):
 
 
 def test_demo_on_tiny_model(llm):
-    rows = llm.demonstrate_speculative_decoding(model="tiny", quick=True, plots=False)
+    rows = llm.demonstrate_speculative_decoding(model="tiny", quick=True, plots=False)["measured"]
     assert rows and all(r["same tokens"] for r in rows)
     assert {r["draft"].split(" (")[0] for r in rows} == {"prompt lookup", "self-draft"}
     assert all(r["measured (×)"] > 0 and 1 <= r["tokens/round"] <= r["γ"] + 1 for r in rows)

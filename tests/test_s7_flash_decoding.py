@@ -132,11 +132,11 @@ def test_triton_default_splits_and_bf16(llm):
 
 @needs_triton
 def test_triton_operator_inside_torch_compile(llm):
-    """The fused Triton kernel as a PyTorch operator (what §10's static step calls on a GPU): equal
+    """The fused Triton kernel as a PyTorch operator (what §9's static step calls on a GPU): equal
     to the naive reference alone and inside a compiled function, lengths given as int32 tensors."""
     (q, k, v), lens, _ = random_case(4, device=DEVICE)
     ref = llm.naive_decode_attention(q.double(), k.double(), v.double(), lens)
-    op = llm._flash_decode_op()
+    op = llm.flash_decode_operator()
     lens32 = lens.to(DEVICE, torch.int32)
     assert (op(q, k, v, lens32).double() - ref).abs().max().item() < 1e-4
     try:
@@ -149,12 +149,12 @@ def test_triton_operator_inside_torch_compile(llm):
 
 @needs_triton
 def test_static_decoder_with_split_k_attention(llm):
-    """§10's static step with §7's operator for attention (on by default on a GPU; switched on here
+    """§9's static step with §7's operator for attention (on by default on a GPU; switched on here
     for Triton's CPU interpreter) gives the tokens of the SDPA step: its lengths are positions + 1."""
     model = llm.build_model("tiny", seed=2, device=DEVICE)
     prompts = [[5, 17, 99, 3, 8, 1], [42], list(range(30, 52))]
     outs = []
-    for op in (None, llm._flash_decode_op()):
+    for op in (None, llm.flash_decode_operator()):
         dec = llm.StaticDecoder(model, 4, 40)
         dec.attention_op = op
         outs.append(dec.generate(prompts, 8))

@@ -1,4 +1,4 @@
-"""§10 The fast path: the static-shape decode step gives the tokens of plain generation, eagerly
+"""§9 The fast path: the static-shape decode step gives the tokens of plain generation, eagerly
 and compiled (CPU; skipped with a reason where torch.compile cannot build), for batches of
 prompts of unequal length; bad input gets named errors. The CUDA-graph mode is tested in
 tests/test_gpu.py."""
@@ -165,11 +165,13 @@ def test_bad_input(llm, tiny):
 
 
 def test_launch_overhead_counts_ops(llm):
-    rows = llm.analyze_launch_overhead("tiny", "cpu", context=16)
+    rows = llm.measure_launch_overhead("tiny", "cpu", context=16)
     row = rows[0]
     cfg = llm.ModelConfig.from_name("tiny")
     assert row["ops per step"] > 10 * cfg.n_layers  # a dozen or more operations per layer
     assert row["eager step (ms)"] > 0 and row["bandwidth limit (ms)"] > 0
+    beyond_the_read = max(row["eager step (ms)"] - row["bandwidth limit (ms)"], 0) * 1e3
+    assert row["overhead per op (µs)"] == pytest.approx(beyond_the_read / row["ops per step"])
 
 
 def test_compiled_equals_eager_on_smollm2(llm, smollm2_gguf):
@@ -258,16 +260,16 @@ def test_triton_matvec_equals_linear(llm, shape, dtype):
     w, x = (torch.randn(n, K, generator=g).to(DEVICE, dtype) for n in (N, 1))
     ref = torch.nn.functional.linear(x.double(), w.double())
     tol = (1e-4 if dtype == torch.float32 else torch.finfo(dtype).eps) * ref.abs().max().item()
-    key = llm._matvec_key(w)
+    key = llm.matvec_key(w)
     try:
-        for cfg in llm._MATVEC_CONFIGS:
-            llm._MATVEC_TUNED[key] = cfg
+        for cfg in llm.MATVEC_CONFIGS:
+            llm.MATVEC_TUNED[key] = cfg
             out = llm.triton_matvec(x, w)
             assert out.shape == (1, N) and out.dtype == x.dtype
             assert (out.double() - ref).abs().max().item() < tol
         assert llm.triton_matvec(x[0], w).shape == (N,)
     finally:
-        llm._MATVEC_TUNED.pop(key, None)
+        llm.MATVEC_TUNED.pop(key, None)
 
 
 @needs_triton
@@ -303,15 +305,15 @@ def test_triton_matvec_fusions_equal_their_pytorch_ops(llm, shape, dtype):
     for name, (kwargs, ref) in cases.items():
         weight = w[:N] if name == "residual" else w
         tol = (1e-4 if dtype == torch.float32 else 4 * torch.finfo(dtype).eps) * ref.abs().max().item()
-        key = llm._matvec_key(weight, kwargs.get("norm"), kwargs.get("residual"), kwargs.get("swiglu", False))
+        key = llm.matvec_key(weight, kwargs.get("norm"), kwargs.get("residual"), kwargs.get("swiglu", False))
         try:
-            for cfg in llm._MATVEC_CONFIGS[:3]:
-                llm._MATVEC_TUNED[key] = cfg
+            for cfg in llm.MATVEC_CONFIGS[:3]:
+                llm.MATVEC_TUNED[key] = cfg
                 out = llm.triton_matvec(x, weight, **kwargs)
                 assert out.shape == ref.shape and out.dtype == dtype, name
                 assert (out.double() - ref).abs().max().item() < tol, (name, cfg)
         finally:
-            llm._MATVEC_TUNED.pop(key, None)
+            llm.MATVEC_TUNED.pop(key, None)
 
 
 @needs_triton
@@ -332,7 +334,7 @@ def test_matvec_operator_inside_torch_compile_and_static_decoder(llm):
     """As a PyTorch operator the kernel compiles opaquely inside a compiled function, and a batch-1
     StaticDecoder whose projections run it (the default at batch 1 on a GPU)
     decodes plain generation's tokens, eagerly and (on a GPU) compiled and captured."""
-    op = llm._matvec_op()
+    op = llm.matvec_operator()
     w, x = torch.randn(48, 96, device=DEVICE), torch.randn(1, 96, device=DEVICE)
     ref = x @ w.T
     torch.testing.assert_close(op(x, w, None, 0.0, None, False), ref, atol=1e-4, rtol=1e-4)
@@ -350,8 +352,8 @@ def test_matvec_operator_inside_torch_compile_and_static_decoder(llm):
         for prompt in PROMPTS:
             assert dec.generate([prompt], 8) == [llm.generate(model, prompt, 8, cuda_graphs=False)]
     # A StaticDecoder takes it at batch 1 wherever it can run (a GPU), never for a batch
-    assert llm._use_matvec(model, 1) == (DEVICE == "cuda")
-    assert not llm._use_matvec(model, 2)
+    assert llm.use_matvec(model, 1) == (DEVICE == "cuda")
+    assert not llm.use_matvec(model, 2)
     # §8's quantized layers keep their own forward; the kernel runs only where a weight is plain
     q = llm.quantize_model(model, llm.rtn_quantizer(8, 128))
     ref = llm.StaticDecoder(q, 1, 40).generate(PROMPTS[:1], 6)
@@ -361,10 +363,9 @@ def test_matvec_operator_inside_torch_compile_and_static_decoder(llm):
 
 
 def test_demonstrate_fast_path_tiny(llm, capsys):
-    """The §10 demo (also reachable as `demonstrate_gpu_fast_path`, the issue's name) measures the
-    launch overhead and the decode modes; every mode's tokens equal plain generation's."""
-    assert llm.demonstrate_gpu_fast_path is llm.demonstrate_fast_path
-    report = llm.demonstrate_gpu_fast_path(model="tiny", device="cpu", quick=True, seed=1)
+    """The §9 demo measures the launch overhead and the decode modes; every mode's tokens equal
+    plain generation's."""
+    report = llm.demonstrate_fast_path(model="tiny", device="cpu", quick=True, seed=1)
     overhead, modes = report["overhead"][0], report["modes"]
     assert overhead["ops per step"] > 50 and overhead["eager step (ms)"] > 0
     assert {r["mode"] for r in modes} >= {"generate (§1)", "eager"}

@@ -1,4 +1,4 @@
-"""§9 Summary: every row of the technique table holds a value measured by the sections' own
+"""§10 Summary: every row of the technique table holds a value measured by the sections' own
 functions, and the whole script runs every section end to end (quick, tiny model)."""
 
 import re
@@ -10,7 +10,7 @@ llm_module = load_lesson()
 
 
 def test_summary_rows_are_measured(llm):
-    rows = llm.analyze_optimization_summary("tiny", "cpu", quick=True)
+    rows = llm.measure_optimization_summary("tiny", "cpu", quick=True)
     techniques = [r["technique"].split(" (")[0] for r in rows]
     assert techniques == ["KV cache", "PagedAttention", "Prefix caching", "Continuous batching",
                           "Speculative decoding", "INT4 weights", "Flash-decoding", "CUDA graphs"]
@@ -22,7 +22,7 @@ def test_summary_rows_are_measured(llm):
 def test_summary_claims_come_from_the_opening_table(llm):
     """Every claimed number the summary checks appears in the opening cell's table of claims,
     which names its source."""
-    rows = llm.analyze_optimization_summary("tiny", "cpu", quick=True)
+    rows = llm.measure_optimization_summary("tiny", "cpu", quick=True)
     table = llm.__doc__.split("What the field claims")[1]
     for r in rows:
         for claim in (r["claimed speedup"], r["claimed memory saving"]):
@@ -32,8 +32,8 @@ def test_summary_claims_come_from_the_opening_table(llm):
                 assert line.rstrip(" |").rsplit("|", 1)[1].strip(), f"{claim!r} has no source"
 
 
-MEASUREMENTS = ("analyze_kv_cache", "analyze_kv_utilization", "analyze_prefix_caching",
-                "analyze_continuous_batching", "measure_speculative_decoding", "measure_flash_decoding")
+MEASUREMENTS = ("measure_kv_cache", "analyze_kv_utilization", "analyze_prefix_caching",
+                "measure_continuous_batching", "measure_speculative_decoding", "measure_flash_decoding")
 
 
 def test_main_quick_runs_every_section(llm, capsys, monkeypatch):
@@ -51,7 +51,7 @@ def test_main_quick_runs_every_section(llm, capsys, monkeypatch):
     # the summary reads the sections' measurements from this run instead of measuring again
     assert calls == {name: 1 for name in MEASUREMENTS}, calls
     out = capsys.readouterr().out
-    for name, (title, fn) in llm._sections().items():
+    for name, (title, fn) in llm.demo_sections().items():
         assert fn is not None, f"section {name} has no demo"
         assert title in out, f"section {title!r} did not run"
     assert "The techniques, measured on" in out
