@@ -487,8 +487,9 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
 """
 ### The packed step and the cache interface
 `AttentionMetadata` carries everything attention needs to know about a step, explicitly (no
-globals). Simple generation builds it with `ContiguousKVCache.metadata_at(...)`; `batched_generate`
-and §4's `paged_generate` build ragged ones (prefill and decode steps of different lengths).
+globals). Simple generation builds it with `ContiguousKVCache.metadata_at(...)`; §4's
+`batched_generate` and `paged_generate` build ragged ones (prefill and decode steps of different
+lengths, one packed step for several sequences).
 """
 
 
@@ -994,118 +995,6 @@ def generate(model: Transformer, prompt_ids: Sequence[int], max_new_tokens: int,
         if on_token is not None:
             on_token(token)
     return out
-
-
-# %% [markdown]
-"""
-### Several prompts at once
-`batched_generate` decodes a batch of prompts of different lengths together, greedily: one
-ragged prefill step, then one packed step per token for every sequence still running (each
-stops at its own EOS). It is the contiguous-cache baseline that §4's paged cache is compared with,
-and it shares its decode loop with §4's `paged_generate`.
-"""
-
-
-# %%
-class SequenceStatus(enum.Enum):
-    """Where a sequence is in its life (§5's scheduler moves it between these)."""
-
-    WAITING = "waiting"  # queued; holds no KV blocks (new, or preempted by recompute)
-    RUNNING = "running"  # scheduled in steps; holds its blocks
-    SWAPPED = "swapped"  # preempted by swap: its K/V wait in CPU memory
-    FINISHED = "finished"
-
-
-@dataclass
-class SequenceState:
-    """One sequence: its tokens, how many of them have K/V in the cache, and where (§4).
-
-    token_ids:           prompt + generated tokens so far.
-    num_computed_tokens: leading tokens whose K/V a finished step wrote (or the prefix cache
-                         held); a step runs token_ids[num_computed_tokens : + query_len].
-    block_table:         physical block of each logical block; token t lives in block
-                         block_table[t // bs] at offset t % bs (paged cache, §4).
-    num_slots:           leading tokens that own a cache slot (⌈num_slots / bs⌉ blocks).
-    num_cached_tokens:   leading prompt tokens the prefix cache held at allocation.
-    block_hashes:        chained hash of each full block whose K/V is committed (prefix cache).
-    The contiguous cache (§3) uses seq_id as the sequence's row.
-    """
-
-    seq_id: int
-    token_ids: list[int] = field(default_factory=list)
-    num_computed_tokens: int = 0
-    status: SequenceStatus = SequenceStatus.WAITING
-    block_table: list[int] = field(default_factory=list)
-    num_slots: int = 0
-    num_cached_tokens: int = 0
-    block_hashes: list[int] = field(default_factory=list)
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.token_ids)
-
-    @property
-    def num_uncomputed_tokens(self) -> int:
-        return len(self.token_ids) - self.num_computed_tokens
-
-
-@torch.inference_mode()
-def run_step(model: Transformer, cache, seqs: Sequence[SequenceState], query_lens: Sequence[int],
-             logits_at: Sequence[int] | None = None, every_token: bool = False) -> torch.Tensor:
-    """One packed forward over token_ids[num_computed_tokens : + query_lens[s]] of each sequence,
-    on either cache (both build metadata from the same contract); then those tokens count as
-    computed. Returns the logits of each sequence's last token of the step (S, V), or of the
-    sequences listed in `logits_at`, or with `every_token` of every token of the step (N, V)."""
-    positions, meta = cache.metadata(seqs, query_lens)
-    tokens = [t for seq, n in zip(seqs, query_lens)
-              for t in seq.token_ids[seq.num_computed_tokens:seq.num_computed_tokens + n]]
-    rows = meta.last_token_indices if logits_at is None else [meta.last_token_indices[i] for i in logits_at]
-    rows = None if every_token else rows
-    logits = model(torch.tensor(tokens, device=model.device), positions, meta, cache, logits_at=rows)
-    for seq, n in zip(seqs, query_lens):
-        seq.num_computed_tokens += n
-    return logits
-
-
-def greedy_batch_loop(step: Callable, seqs: list, max_new_tokens: int, stop_ids: Sequence[int] = (),
-                      on_append: Callable = lambda seq: None,
-                      on_finish: Callable = lambda seq: None) -> list[list[int]]:
-    """The decode loop shared by the batched generators.
-
-    `step(seqs)` runs one packed forward over each sequence's uncomputed tokens (the prompt,
-    then one token at a time) and returns next-token logits (S, V); `on_append(seq)` reserves
-    cache room for the token just appended; `on_finish(seq)` releases a finished sequence.
-    Sequences are `SequenceState`s whose seq_id is their index in `seqs`. Returns the new
-    tokens of each sequence.
-    """
-    outputs: list[list[int]] = [[] for _ in seqs]
-    live = [] if max_new_tokens == 0 else list(seqs)
-    while live:
-        logits, still = step(live), []
-        for seq, row in zip(live, logits):
-            token = int(row.argmax())
-            outputs[seq.seq_id].append(token)
-            if token in stop_ids or len(outputs[seq.seq_id]) == max_new_tokens:
-                on_finish(seq)
-                continue
-            seq.token_ids.append(token)
-            on_append(seq)
-            still.append(seq)
-        live = still
-    return outputs
-
-
-def batched_generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                     stop_ids: Sequence[int] = ()) -> tuple[list[list[int]], ContiguousKVCache]:
-    """Greedy generation for several prompts on one contiguous cache (a row each, reserved for
-    the longest prompt + max_new_tokens). Returns the new tokens of each prompt, and the cache."""
-    for p in prompts:
-        _check_generation_args(model, p, max_new_tokens)
-    T_max = max(len(p) for p in prompts) + max_new_tokens
-    cache = ContiguousKVCache(model.cfg, len(prompts), T_max, model.device, model.dtype)
-    step = lambda seqs: run_step(model, cache, seqs, [s.num_uncomputed_tokens for s in seqs])
-    seqs = [SequenceState(i, list(p)) for i, p in enumerate(prompts)]
-    return greedy_batch_loop(step, seqs, max_new_tokens, stop_ids), cache
 
 
 # %% [markdown]
@@ -2116,6 +2005,121 @@ table (sequences own only their block tables); `paged_attention`, a pure functio
 `PagedKVCache`, which implements the same two verbs as `ContiguousKVCache` (`write`, `attend`), so
 the model's forward runs on it unchanged.
 """
+
+
+# %% [markdown]
+"""
+### Sequences, and several prompts at once on the contiguous cache
+A cache that serves several sequences needs to know, for each, its tokens and how many of them
+already have K/V in the cache: `SequenceState` (the paged cache below adds its block table).
+`run_step` runs one packed forward over every sequence's not-yet-computed tokens, on either
+cache. `batched_generate` decodes a batch of prompts of different lengths together, greedily:
+one ragged prefill step, then one packed step per token for every sequence still running (each
+stops at its own EOS). It is the contiguous-cache baseline the paged cache is compared with,
+and it shares its decode loop with `paged_generate`.
+"""
+
+
+# %%
+class SequenceStatus(enum.Enum):
+    """Where a sequence is in its life (§5's scheduler moves it between these)."""
+
+    WAITING = "waiting"  # queued; holds no KV blocks (new, or preempted by recompute)
+    RUNNING = "running"  # scheduled in steps; holds its blocks
+    SWAPPED = "swapped"  # preempted by swap: its K/V wait in CPU memory
+    FINISHED = "finished"
+
+
+@dataclass
+class SequenceState:
+    """One sequence: its tokens, how many of them have K/V in the cache, and where (§4).
+
+    token_ids:           prompt + generated tokens so far.
+    num_computed_tokens: leading tokens whose K/V a finished step wrote (or the prefix cache
+                         held); a step runs token_ids[num_computed_tokens : + query_len].
+    block_table:         physical block of each logical block; token t lives in block
+                         block_table[t // bs] at offset t % bs (paged cache, §4).
+    num_slots:           leading tokens that own a cache slot (⌈num_slots / bs⌉ blocks).
+    num_cached_tokens:   leading prompt tokens the prefix cache held at allocation.
+    block_hashes:        chained hash of each full block whose K/V is committed (prefix cache).
+    The contiguous cache (§3) uses seq_id as the sequence's row.
+    """
+
+    seq_id: int
+    token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    status: SequenceStatus = SequenceStatus.WAITING
+    block_table: list[int] = field(default_factory=list)
+    num_slots: int = 0
+    num_cached_tokens: int = 0
+    block_hashes: list[int] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+
+@torch.inference_mode()
+def run_step(model: Transformer, cache, seqs: Sequence[SequenceState], query_lens: Sequence[int],
+             logits_at: Sequence[int] | None = None, every_token: bool = False) -> torch.Tensor:
+    """One packed forward over token_ids[num_computed_tokens : + query_lens[s]] of each sequence,
+    on either cache (both build metadata from the same contract); then those tokens count as
+    computed. Returns the logits of each sequence's last token of the step (S, V), or of the
+    sequences listed in `logits_at`, or with `every_token` of every token of the step (N, V)."""
+    positions, meta = cache.metadata(seqs, query_lens)
+    tokens = [t for seq, n in zip(seqs, query_lens)
+              for t in seq.token_ids[seq.num_computed_tokens:seq.num_computed_tokens + n]]
+    rows = meta.last_token_indices if logits_at is None else [meta.last_token_indices[i] for i in logits_at]
+    rows = None if every_token else rows
+    logits = model(torch.tensor(tokens, device=model.device), positions, meta, cache, logits_at=rows)
+    for seq, n in zip(seqs, query_lens):
+        seq.num_computed_tokens += n
+    return logits
+
+
+def greedy_batch_loop(step: Callable, seqs: list, max_new_tokens: int, stop_ids: Sequence[int] = (),
+                      on_append: Callable = lambda seq: None,
+                      on_finish: Callable = lambda seq: None) -> list[list[int]]:
+    """The decode loop shared by the batched generators.
+
+    `step(seqs)` runs one packed forward over each sequence's uncomputed tokens (the prompt,
+    then one token at a time) and returns next-token logits (S, V); `on_append(seq)` reserves
+    cache room for the token just appended; `on_finish(seq)` releases a finished sequence.
+    Sequences are `SequenceState`s whose seq_id is their index in `seqs`. Returns the new
+    tokens of each sequence.
+    """
+    outputs: list[list[int]] = [[] for _ in seqs]
+    live = [] if max_new_tokens == 0 else list(seqs)
+    while live:
+        logits, still = step(live), []
+        for seq, row in zip(live, logits):
+            token = int(row.argmax())
+            outputs[seq.seq_id].append(token)
+            if token in stop_ids or len(outputs[seq.seq_id]) == max_new_tokens:
+                on_finish(seq)
+                continue
+            seq.token_ids.append(token)
+            on_append(seq)
+            still.append(seq)
+        live = still
+    return outputs
+
+
+def batched_generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                     stop_ids: Sequence[int] = ()) -> tuple[list[list[int]], ContiguousKVCache]:
+    """Greedy generation for several prompts on one contiguous cache (a row each, reserved for
+    the longest prompt + max_new_tokens). Returns the new tokens of each prompt, and the cache."""
+    for p in prompts:
+        _check_generation_args(model, p, max_new_tokens)
+    T_max = max(len(p) for p in prompts) + max_new_tokens
+    cache = ContiguousKVCache(model.cfg, len(prompts), T_max, model.device, model.dtype)
+    step = lambda seqs: run_step(model, cache, seqs, [s.num_uncomputed_tokens for s in seqs])
+    seqs = [SequenceState(i, list(p)) for i, p in enumerate(prompts)]
+    return greedy_batch_loop(step, seqs, max_new_tokens, stop_ids), cache
 
 
 # %%
@@ -3929,11 +3933,11 @@ def demonstrate_continuous_batching(model: str = "smollm2", *, device=None, seed
           f"batching keeps {cont['occupancy %']:.0f}% of the batch's slots making tokens against "
           f"{static['occupancy %']:.0f}% for static batches, which wait for their longest request, so it "
           f"needs {cont['steps']} steps where static batching needs {static['steps']} "
-          f"({static['steps'] / cont['steps']:.2f}×); but its fuller steps cost "
-          f"{cont['ms per step']:.0f} ms against {static['ms per step']:.0f} ms "
-          f"({cont['ms per step'] / static['ms per step']:.2f}×). Throughput is the product of the two. "
-          "Where a step costs the same for 1 sequence as for many (a GPU, §2), the first factor is "
-          "the whole gain; where the arithmetic shows (a small CPU), the second takes part of it back."
+          f"({static['steps'] / cont['steps']:.2f}× fewer), at {cont['ms per step']:.0f} ms a step against "
+          f"{static['ms per step']:.0f} ms (static batches keep computing finished rows as padding); the "
+          "throughput ratio is the product of the two. On a GPU a step costs about the same for 1 "
+          "sequence as for many (§2), so the fewer steps are the whole gain, and the gain grows with the "
+          "spread of output lengths and with the batch width."
           + (" Under a small pool, preemption trades recomputation for memory, and every request still "
              "finishes with the same tokens (preemption_modes=('recompute', 'swap') adds swapping to "
              "host memory)." if len(rows) > 2 else ""))
@@ -5575,8 +5579,8 @@ def measure_quantization(model: str = "smollm2", device=None, quick: bool = Fals
     """The table of `demonstrate_quantization` (see there)."""
     net, tok = get_model(model, device)
     real = resolve_model(model) != "tiny"
-    n_eval, n_calib = (256, 2) if quick else (2048, 16) if full else (1024, 8)
-    eval_ids = text_slices(tok)["eval"][:n_eval] if real else list(range(1, 257)) * 2
+    n_calib = 2 if quick else 16 if full else 8
+    eval_ids = evaluation_tokens(tok, quick, full) if real else list(range(1, 257)) * 2
     calib = calibration_tokens(tok, n_calib, 256) if real else \
         torch.randint(0, net.cfg.vocab_size, (4, 64), generator=seeded_generator(0))
     prompt = tok.encode_chat([{"role": "user", "content": "What is a KV cache?"}])
@@ -5593,7 +5597,8 @@ def measure_quantization(model: str = "smollm2", device=None, quick: bool = Fals
     n_weights = sum(w.numel() for w in fp32_weights.values())
     rows = [{"scheme": f"fp32{' (dequantized GGUF Q4_1)' if real else ''}", "bits/weight": 32.0,
              "linear weights (MB)": 4 * n_weights / 1e6, "weight SQNR (dB)": float("inf"),
-             "perplexity": evaluate_perplexity(net, eval_ids, show_progress=False),
+             "perplexity": baseline_perplexity(model, device, quick, full) if real else
+             evaluate_perplexity(net, eval_ids, show_progress=False),
              **timed(net, (32, None)), "quantize (s)": 0.0}]
     for name, (kind, bits, group, act) in progress(list(quantization_schemes(full, quick).items()), "schemes",
                                                    enabled=show_progress):
@@ -7804,8 +7809,8 @@ def demonstrate_gguf_formats(model: str = "smollm2", *, device=None, seed: int =
         print("The tiny model has no GGUF tokenizer to write; run with --model smollm2 for the file round "
               "trip.")
         return Report(errors=errors)
-    ids = text_slices(tok)["eval"][: 256 if quick else 512]
-    base = evaluate_perplexity(net, ids, show_progress=False)
+    ids = evaluation_tokens(tok, quick)
+    base = baseline_perplexity(model, device, quick)
     rows = [{"scheme": "fp32 (the dequantized Q4_1 file)", "file (MB)": float("nan"), "bits/weight": 32.0,
              "perplexity": base, "increase": 0.0, "perplexity vs fp32 %": 0.0,
              "llama.cpp increase, Llama-3-8B": float("nan"), "write (s)": float("nan")}]
@@ -8583,6 +8588,27 @@ def text_slices(tokenizer) -> dict[str, list[int]]:
     return {"eval": ids[:EVAL_TOKENS], "calibration": ids[CALIBRATION_OFFSET:end]}
 
 
+def evaluation_tokens(tokenizer, quick: bool = False, full: bool = False) -> list[int]:
+    """The tokens every perplexity of a run is measured on (§8, Appendices A and C): the first
+    1,024 of the `eval` slice (256 with `quick`, 2,048 with `full`), so one run has one baseline."""
+    return text_slices(tokenizer)["eval"][: 256 if quick else 2048 if full else 1024]
+
+
+_BASELINE_PPL: dict[tuple, float] = {}
+
+
+def baseline_perplexity(model: str = "smollm2", device=None, quick: bool = False,
+                        full: bool = False) -> float:
+    """The unquantized model's perplexity on `evaluation_tokens`, measured once per run and reused
+    as the baseline of every quantized variant (the models `get_model` lends are never modified)."""
+    net, tok = get_model(model, device)
+    key = (str(resolve_model(model)), str(net.device), quick, full)
+    if key not in _BASELINE_PPL:
+        ids = evaluation_tokens(tok, quick, full)
+        _BASELINE_PPL[key] = evaluate_perplexity(net, ids, show_progress=False)
+    return _BASELINE_PPL[key]
+
+
 @torch.inference_mode()
 def evaluate_perplexity(model: Transformer, token_ids: Sequence[int], window: int = 512,
                         show_progress: bool = True) -> float:
@@ -8606,14 +8632,14 @@ def evaluate_perplexity(model: Transformer, token_ids: Sequence[int], window: in
 
 def demonstrate_perplexity(model: str = "smollm2", *, device=None, seed: int = 0,
                            quick: bool = False, plots: bool = True, measured: dict | None = None) -> "Report":
-    """Perplexity of the model on the fixed evaluation slice (the baseline §8 compares against)."""
+    """Perplexity of the model on the evaluation tokens: the baseline §8 and Appendix A compare
+    their quantized models against (the same number, measured once per run)."""
     net, tok = get_model(model, device)
-    ids = text_slices(tok)["eval"][: 512 if quick else None]
-    with Timer(net.device) as t:
-        ppl = evaluate_perplexity(net, ids)
-    row = {"model": net.cfg.name, "tokens": len(ids), "window": 512, "perplexity": ppl,
-           "python": sys.version.split()[0], "time (s)": t.seconds}
-    print_table([row], "Perplexity on pydoc_data.topics (measured)")
+    ids = evaluation_tokens(tok, quick)
+    row = {"model": net.cfg.name, "tokens": len(ids), "window": 512,
+           "perplexity": baseline_perplexity(model, device, quick), "python": sys.version.split()[0]}
+    print_table([row], "Perplexity on pydoc_data.topics: this run's baseline (measured once, reused by "
+                "§8 and Appendix A)")
     print("Takeaway: this is the quality baseline; a faster model must keep this number.")
     return Report(perplexity=Rows([row], "Perplexity"))
 

@@ -56,3 +56,15 @@ def test_perplexity_matches_hf(llm, smollm2_gguf, hf_smollm2):
     got = llm.evaluate_perplexity(ours, ids, window=256, show_progress=False)
     assert got == pytest.approx(math.exp(loss), rel=1e-4)
     assert 2 < got < 100  # a real language model on English prose
+
+
+def test_one_perplexity_baseline_per_run(llm, monkeypatch):
+    """Appendix C's demo, §8 and Appendix A share one measured baseline on the same tokens."""
+    monkeypatch.setattr(llm, "_BASELINE_PPL", {})
+    calls = []
+    real = llm.evaluate_perplexity
+    monkeypatch.setattr(llm, "evaluate_perplexity", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
+    first = llm.baseline_perplexity("tiny", "cpu", quick=True)
+    shown = llm.demonstrate_perplexity(model="tiny", device="cpu", quick=True)["perplexity"][0]
+    assert shown["perplexity"] == first and len(calls) == 1  # measured once, reused
+    assert calls == [shown["tokens"]] == [256]
