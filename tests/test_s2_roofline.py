@@ -202,6 +202,7 @@ def test_machine_bandwidth_is_measured_once_per_device(llm, monkeypatch):
     calls = []
     monkeypatch.setattr(llm, "_BANDWIDTH", {})
     monkeypatch.setattr(llm, "measure_memory_bandwidth",
-                        lambda device: calls.append(device) or 7e9 * len(calls))
+                        lambda device, kind: calls.append(kind) or 7e9 * len(calls))
     assert llm.machine_bandwidth("cpu") == llm.machine_bandwidth("cpu") == 7e9  # measured once, reused
-    assert llm.machine_bandwidth("cpu", refresh=True) == 14e9 and len(calls) == 2
+    assert llm.machine_bandwidth("cpu", "copy") == 14e9 and calls == ["read", "copy"]  # one per kind
+    assert llm.machine_bandwidth("cpu", refresh=True) == 21e9 and len(calls) == 3
