@@ -6196,76 +6196,6 @@ def static_generate(model: Transformer, prompts: Sequence[Sequence[int]] | torch
         return decoder.generate(prompts, max_new_tokens, stop_ids)
 
 
-def _prompt_lists(prompts) -> list[list[int]]:
-    """A batch of prompts as lists of ints: from lists, 1-D tensors (or arrays), or one (B, T)."""
-    arrays = (torch.Tensor, np.ndarray)
-    if isinstance(prompts, arrays):
-        if prompts.ndim != 2:
-            raise InvalidArgumentError(f"a tensor of prompts must be (B, T), got shape "
-                                       f"{tuple(prompts.shape)}; for one prompt pass prompt[None] or [ids]")
-        return prompts.tolist()
-    if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not all(
-            (isinstance(p, Sequence) and not isinstance(p, str)) or (isinstance(p, arrays) and p.ndim == 1)
-            for p in prompts):
-        raise InvalidArgumentError("prompts must be a list of prompts, each a list (or 1-D tensor) of token "
-                                   "ids; for one prompt pass [ids]")
-    return [p.tolist() if isinstance(p, arrays) else list(p) for p in prompts]
-
-
-class _KeptDecoders(dict):
-    """A model's kept decoders, {(batch size, cache length, mode): [StaticDecoder, …]}, stored on the
-    model itself (as `model._kept_decoders`), so they live and die with it: a module-level cache
-    would keep every model it ever saw alive. A copy of the model (deepcopy, pickling) starts
-    with none: a decoder holds its own model's cache and captured graphs."""
-
-    def __deepcopy__(self, memo) -> "_KeptDecoders":
-        return _KeptDecoders()
-
-    def __reduce__(self):
-        return _KeptDecoders, ()
-
-
-_KEPT_LOCK = threading.Lock()  # lending decoders is check-then-mark: one thread at a time
-_MAX_KEPT = 16  # decoders kept per model, to bound the memory their caches hold
-
-
-@contextlib.contextmanager
-def kept_decoder(model: Transformer, batch: int, tokens: int, mode: str):
-    """Lend a kept decoder for at least `batch` sequences of `tokens` tokens (sizes rounded up),
-    its weights checked (`StaticDecoder.refresh`), for one generation: `with kept_decoder(…) as
-    decoder:`. A decoder is lent to one live generation at a time; while it is busy (two
-    generators consumed in turn, `generate` called from an `on_token` callback, two threads) the
-    next one gets a decoder of its own. It is returned when the block exits, also when a
-    generator holding it is closed or collected."""
-    decoder = _lend_decoder(model, 1 << max(0, batch - 1).bit_length(),
-                            min(-(-tokens // 256) * 256, model.cfg.max_seq_len), mode)
-    try:
-        decoder.refresh()
-        yield decoder
-    finally:
-        decoder.busy = False
-
-
-def _lend_decoder(model: Transformer, size: int, length: int, mode: str) -> StaticDecoder:
-    """An idle kept decoder of this shape and mode, marked busy; a new one if all are busy."""
-    with _KEPT_LOCK:
-        kept = model.__dict__.get("_kept_decoders")
-        if kept is None:
-            kept = model._kept_decoders = _KeptDecoders()
-        key = (size, length, mode)
-        # `d.model is model`: a shallow copy of the model shares this dict, not its decoders
-        decoder = next((d for d in kept.get(key, ()) if not d.busy and d.model is model), None)
-        if decoder is None:
-            decoder = StaticDecoder(model, size, length, mode)
-            if sum(map(len, kept.values())) >= _MAX_KEPT:  # forget the oldest idle one
-                old_key = next((k for k, ds in kept.items() if any(not d.busy for d in ds)), None)
-                if old_key is not None:
-                    kept[old_key].remove(next(d for d in kept[old_key] if not d.busy))
-            kept.setdefault(key, []).append(decoder)
-        decoder.busy = True
-        return decoder
-
-
 # %% [markdown]
 """
 ### Measuring it
@@ -9748,7 +9678,7 @@ def plot_step_time(modes: Sequence[dict], overhead: Sequence[dict], title: str, 
     ax.set_xlim(0, total.max() * 1.2)
     ax.set(xlabel="milliseconds per generated token (batch 1)")
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.35), ncol=2, frameon=False)
     o = overhead[0]
     i = names.index("eager") if "eager" in names else 0
     caption = (f"an eager step dispatches {o['ops per step']} operations; reading the weights at the "
@@ -9764,6 +9694,88 @@ def plot_step_time(modes: Sequence[dict], overhead: Sequence[dict], title: str, 
 ## Appendix F: tables, progress, the notebook's demo cells, the command line
 `python 01_llm_inference_optimization.py --list` shows the demos; `--section NAME` picks some.
 """
+
+
+# %% [markdown]
+"""
+### Kept decoders, lent to one generation at a time
+`static_generate` and `generate` on a GPU keep a `StaticDecoder` per (batch size, cache length,
+mode) on the model, so a graph is captured or a step compiled once per shape; each is lent to
+one generation at a time and returned when it ends, and a decoder checks `weights_signature`
+before it runs (§9). This is the bookkeeping; §9 has the lesson.
+"""
+
+
+# %%
+def _prompt_lists(prompts) -> list[list[int]]:
+    """A batch of prompts as lists of ints: from lists, 1-D tensors (or arrays), or one (B, T)."""
+    arrays = (torch.Tensor, np.ndarray)
+    if isinstance(prompts, arrays):
+        if prompts.ndim != 2:
+            raise InvalidArgumentError(f"a tensor of prompts must be (B, T), got shape "
+                                       f"{tuple(prompts.shape)}; for one prompt pass prompt[None] or [ids]")
+        return prompts.tolist()
+    if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not all(
+            (isinstance(p, Sequence) and not isinstance(p, str)) or (isinstance(p, arrays) and p.ndim == 1)
+            for p in prompts):
+        raise InvalidArgumentError("prompts must be a list of prompts, each a list (or 1-D tensor) of token "
+                                   "ids; for one prompt pass [ids]")
+    return [p.tolist() if isinstance(p, arrays) else list(p) for p in prompts]
+
+
+class _KeptDecoders(dict):
+    """A model's kept decoders, {(batch size, cache length, mode): [StaticDecoder, …]}, stored on the
+    model itself (as `model._kept_decoders`), so they live and die with it: a module-level cache
+    would keep every model it ever saw alive. A copy of the model (deepcopy, pickling) starts
+    with none: a decoder holds its own model's cache and captured graphs."""
+
+    def __deepcopy__(self, memo) -> "_KeptDecoders":
+        return _KeptDecoders()
+
+    def __reduce__(self):
+        return _KeptDecoders, ()
+
+
+_KEPT_LOCK = threading.Lock()  # lending decoders is check-then-mark: one thread at a time
+_MAX_KEPT = 16  # decoders kept per model, to bound the memory their caches hold
+
+
+@contextlib.contextmanager
+def kept_decoder(model: Transformer, batch: int, tokens: int, mode: str):
+    """Lend a kept decoder for at least `batch` sequences of `tokens` tokens (sizes rounded up),
+    its weights checked (`StaticDecoder.refresh`), for one generation: `with kept_decoder(…) as
+    decoder:`. A decoder is lent to one live generation at a time; while it is busy (two
+    generators consumed in turn, `generate` called from an `on_token` callback, two threads) the
+    next one gets a decoder of its own. It is returned when the block exits, also when a
+    generator holding it is closed or collected."""
+    decoder = _lend_decoder(model, 1 << max(0, batch - 1).bit_length(),
+                            min(-(-tokens // 256) * 256, model.cfg.max_seq_len), mode)
+    try:
+        decoder.refresh()
+        yield decoder
+    finally:
+        decoder.busy = False
+
+
+def _lend_decoder(model: Transformer, size: int, length: int, mode: str) -> StaticDecoder:
+    """An idle kept decoder of this shape and mode, marked busy; a new one if all are busy."""
+    with _KEPT_LOCK:
+        kept = model.__dict__.get("_kept_decoders")
+        if kept is None:
+            kept = model._kept_decoders = _KeptDecoders()
+        key = (size, length, mode)
+        # `d.model is model`: a shallow copy of the model shares this dict, not its decoders
+        decoder = next((d for d in kept.get(key, ()) if not d.busy and d.model is model), None)
+        if decoder is None:
+            decoder = StaticDecoder(model, size, length, mode)
+            if sum(map(len, kept.values())) >= _MAX_KEPT:  # forget the oldest idle one
+                old_key = next((k for k, ds in kept.items() if any(not d.busy for d in ds)), None)
+                if old_key is not None:
+                    kept[old_key].remove(next(d for d in kept[old_key] if not d.busy))
+            kept.setdefault(key, []).append(decoder)
+        decoder.busy = True
+        return decoder
+
 
 
 # %%
@@ -9854,11 +9866,11 @@ def _relative(path: Path) -> str:
 
 
 def device_label(device=None) -> str:
-    """A device as a figure title names it: the GPU's name, or 'CPU (N cores)'."""
+    """A device as a figure title names it: the GPU's name, or the CPU's with its core count."""
     device = pick_device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU ({os.cpu_count()} cores)"
+    return f"{cpu_name()} CPU ({os.cpu_count()} cores)"
 
 
 def new_figure(nrows: int = 1, ncols: int = 1, **kwargs):
