@@ -9678,7 +9678,7 @@ def plot_step_time(modes: Sequence[dict], overhead: Sequence[dict], title: str, 
     ax.set_xlim(0, total.max() * 1.2)
     ax.set(xlabel="milliseconds per generated token (batch 1)")
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.35), ncol=2, frameon=False)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
     o = overhead[0]
     i = names.index("eager") if "eager" in names else 0
     caption = (f"an eager step dispatches {o['ops per step']} operations; reading the weights at the "
