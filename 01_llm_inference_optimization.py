@@ -5653,15 +5653,16 @@ def demonstrate_quantization(model: str = "smollm2", *, device=None, seed: int =
     if plots:
         _plot_quantization(table, model, device)
     fp32 = table[0]
-    best4 = min((r for r in table if "4-bit" in r["scheme"] or "INT4" in r["scheme"]),
-                key=lambda r: r["perplexity"])
+    best4 = min((r for r in table if "4-bit" in r["scheme"] or "INT4" in r["scheme"]),  # ties: fewer bits
+                key=lambda r: (round(r["perplexity vs fp32 %"], 1) + 0.0, r["bits/weight"]))
     if "decode (tok/s)" in fp32:
         fastest = max(table, key=lambda r: r["decode (tok/s)"])
         speed = (f"the fastest decode is {fastest['scheme']} at {fastest['decode (tok/s)']:.1f} tok/s "
                  f"against fp32's {fp32['decode (tok/s)']:.1f}")
     else:
         speed = "decode speeds are measured without --quick (compiling the fused kernels takes ~15 s)"
-    print(f"Takeaway: {best4['scheme']} keeps perplexity within {best4['perplexity vs fp32 %']:+.1f}% of "
+    change = round(best4["perplexity vs fp32 %"], 1) + 0.0  # + 0.0: no "-0.0"
+    print(f"Takeaway: {best4['scheme']} changes perplexity by {change:+.1f}% against "
           f"fp32 at {best4['bits/weight']:.2f} bits per weight ({32 / best4['bits/weight']:.1f}× smaller); "
           f"{speed}. Rounding each weight alone (RTN) loses the most where groups are "
           "wide and bits few; GPTQ and AWQ use calibration text to put the error where it matters least.")
