@@ -1400,7 +1400,7 @@ run is the one least disturbed by other work.
 
 A kernel can fall far short of that roof without being limited by anything but itself: a BLAS
 library tunes its matrix-vector product per CPU vendor and model, and on some hosts its fp32
-path streams at a third of the read bandwidth. §9 times every weight matrix of a step through
+path streams at under half of the read bandwidth. §9 times every weight matrix of a step through
 the BLAS (`matmuls alone`) to see it, and compiles around it where it falls short.
 """
 
@@ -5825,7 +5825,7 @@ def choose_cpu_matvec(model: Transformer, fused: Sequence, force: str | None = N
                       threshold: float = 0.8, repeat: int = 3) -> dict[tuple, str]:
     """{weight shape: "blas" or "reduce"} for a compiled batch-1 step on a CPU. A BLAS tunes its
     matrix-vector product per CPU vendor and model, and can stream far below the memory roof
-    (MKL's fp32 path on some AMD hosts: a third of it). So this times the BLAS (`F.linear`) on
+    (MKL's fp32 path on some AMD hosts: under half of it). So this times the BLAS (`F.linear`) on
     every matrix of each shape, one after another as a step reads them (eagerly: no compiling),
     against this machine's read bandwidth over as many bytes, and keeps the BLAS where it streams
     at ≥ `threshold` of it, else `reduce_matvec`. `force` (or $LESSON_CPU_MATVEC) picks one path
