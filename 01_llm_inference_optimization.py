@@ -66,7 +66,7 @@ Table of contents (`grep -n "## §"` finds them; each section names its test fil
 - Appendix A: the GGUF file: reader, block formats, writer ... tests/test_s1b_gguf.py, test_s8_gguf_formats.py
 - Appendix B: the tokenizer (byte-level BPE, chat template) ......... tests/test_s1b_tokenizer.py
 - Appendix C: fetching the model, config, streaming, perplexity .... tests/test_s1b_real_model.py
-- Appendix D: the last 20% on a Hopper GPU: Triton kernels ... tests/test_s7_flash_decoding.py, test_gpu.py
+- Appendix D: the last 20%: GPU kernels, a CPU's BLAS . tests/test_s7_flash_decoding.py, test_gpu.py
 - Appendix E: the figures ........................................... tests/test_plots.py
 - Appendix F: tables, progress, notebook demo cells, CLI .. tests/test_s0_setup.py, test_notebook.py
 
@@ -3557,11 +3557,19 @@ class LLMEngine:
     def __init__(self, model: Transformer, block_size: int = 16, num_blocks: int | None = None,
                  max_num_seqs: int = 16, max_num_batched_tokens: int = 512,
                  enable_chunked_prefill: bool = True, enable_prefix_caching: bool = True,
-                 preemption_mode: str = "recompute", kv_cache_gib: float = 1.0, decode_step: str = "auto"):
+                 preemption_mode: str = "recompute", kv_cache_gib: float = 1.0, decode_step: str = "auto",
+                 cpu_linear: str = "blas"):
         """`decode_step`: how steps in which every sequence decodes one token run: "packed" (the
         ordinary forward), "static" (§9's static-shape step, eager), "graph" (that step replayed
         from CUDA graphs captured for batch sizes 1, 2, 4, …), or "auto" (graph on a GPU, else
-        packed)."""
+        packed). `cpu_linear="onednn"` runs the packed forwards' linear layers on a CPU through
+        oneDNN with weights reordered once (`onednn_model`: a second copy of them, remade when the
+        weights change); "blas" (the default) through `F.linear`."""
+        if cpu_linear not in ("blas", "onednn"):
+            raise InvalidArgumentError(f"cpu_linear is 'blas' or 'onednn', got {cpu_linear!r}")
+        if cpu_linear == "onednn" and not onednn_available(model):
+            raise InvalidArgumentError("cpu_linear='onednn' needs an fp32 model on a CPU and a PyTorch "
+                                       "built with oneDNN (torch.backends.mkldnn); use 'blas'")
         if decode_step == "auto":
             decode_step = "graph" if model.device.type == "cuda" else "packed"
         if decode_step not in ("packed", "static", "graph"):
@@ -3570,7 +3578,8 @@ class LLMEngine:
         if decode_step == "graph" and model.device.type != "cuda":
             raise InvalidArgumentError("decode_step='graph' needs the model on a CUDA device; use 'static' "
                                        "or 'packed' on a CPU")
-        self.model = model
+        self.model, self.cpu_linear = model, cpu_linear
+        self._step_model, self._step_signature = model, None
         if num_blocks is None:  # a KV budget, capped at what max_num_seqs full sequences need
             block_bytes = block_size * model.cfg.kv_bytes_per_token(model.dtype.itemsize)
             full = max_num_seqs * -(-model.cfg.max_seq_len // block_size)
@@ -3673,14 +3682,15 @@ class LLMEngine:
             if self.decode_runner is not None and len(sampling) == sum(plan.query_lens):  # decode only
                 logits = self.decode_runner.step(plan.seqs)
             else:
-                logits = run_step(self.model, self.cache, plan.seqs, plan.query_lens, logits_at=sampling)
+                logits = run_step(self._stepping_model(), self.cache, plan.seqs, plan.query_lens,
+                                  logits_at=sampling)
             return sampling, logits, []
         except Exception:  # nothing counts as computed after a failed forward: retry one by one
             pass
         rows, alive, failed = [], [], []
         for i, (seq, n) in enumerate(zip(plan.seqs, plan.query_lens)):
             try:
-                row = run_step(self.model, self.cache, [seq], [n])[0]
+                row = run_step(self._stepping_model(), self.cache, [seq], [n])[0]
             except Exception as exc:  # this request fails; the others run
                 failed.append(self._fail(self.requests[seq.seq_id], exc))
                 continue
@@ -3689,6 +3699,16 @@ class LLMEngine:
                 alive.append(i)
         empty = torch.empty(0, self.model.cfg.vocab_size, device=self.model.device)
         return alive, torch.stack(rows) if rows else empty, failed
+
+    def _stepping_model(self) -> Transformer:
+        """The model the packed forwards run: the model itself, or with `cpu_linear="onednn"` its
+        oneDNN view, remade whenever `weights_signature` says the weights changed."""
+        if self.cpu_linear == "blas":
+            return self.model
+        signature = weights_signature(self.model)
+        if signature != self._step_signature:
+            self._step_model, self._step_signature = onednn_model(self.model), signature
+        return self._step_model
 
     def _fail(self, req: Request, exc: Exception, now: float | None = None) -> RequestOutput:
         """Finish req with an error, freeing its blocks; the engine can step on."""
@@ -8676,7 +8696,7 @@ notebook_demo("perplexity")  # runs only in a notebook: the demo, here
 
 # %% [markdown]
 """
-## Appendix D: the last 20% on a Hopper GPU
+## Appendix D: the last 20%: kernels for a Hopper GPU, and a CPU's BLAS
 
 The main path gets a decode step to the memory roof with general tools: static shapes, a CUDA
 graph and `torch.compile` (§9). What is left on a Hopper GPU is kernel engineering, collected
@@ -8684,7 +8704,8 @@ here: §7's split-K attention as Triton kernels (over a contiguous and a paged c
 matrix-vector kernel for batch 1 with the norm, SiLU·up and residual folded in, the operators
 that let `torch.compile` and CUDA graphs call them, and the §5 engine's decode step captured in
 a CUDA graph over the paged cache. Each has a PyTorch reference in the main path, and the tests
-check them against it (on a CPU through Triton's interpreter).
+check them against it (on a CPU through Triton's interpreter). The appendix ends with the CPU's
+counterpart for the §5 engine: its small products through oneDNN where the BLAS falls short.
 """
 
 
@@ -9248,6 +9269,65 @@ class PagedDecodeRunner:
         with torch.cuda.graph(graph, pool=self._pool):
             self._outputs[size] = self.step_eager(size)
         self._graphs[size] = graph
+
+
+# %% [markdown]
+"""
+### On a CPU: the engine's products of a few rows through oneDNN
+The §5 engine's packed steps multiply a few rows (one per running sequence) by every weight. A
+BLAS tunes such products per CPU: on some AMD hosts MKL's fp32 path streams them at a fraction
+of the memory roof, slower for 4–8 rows than for one. oneDNN, the kernel library vLLM's CPU
+backend uses, keeps each weight in a blocked layout reordered once; for SmolLM2's weights and
+4–8 rows it is 2.3–2.8× faster than MKL on an AMD EPYC (Zen 3) host (`benchmarks/run_on_vllm.py`
+measures the whole engine both ways). `LLMEngine(cpu_linear="onednn")` runs the packed forwards
+on `onednn_model(model)`: the same modules, each plain linear layer replaced by a `OneDnnLinear`
+holding the reordered copy (so the weights take twice the memory), remade whenever
+`weights_signature` says the weights changed. It is off by default: where the BLAS is already at
+the roof the copy buys nothing.
+"""
+
+
+# %%
+def onednn_available(model: "Transformer") -> bool:
+    """Whether `onednn_model` can serve this model: fp32 on a CPU, PyTorch built with oneDNN."""
+    return (model.device.type == "cpu" and model.dtype == torch.float32
+            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+class OneDnnLinear(nn.Module):
+    """A bias-free linear layer that holds its weight in oneDNN's blocked layout, reordered once
+    (for about `rows` rows of input). A BLAS tunes its products per CPU: MKL's fp32 path on some
+    AMD hosts streams a product of 4–8 rows at a fraction of the memory roof, and oneDNN's
+    kernels, which vLLM's CPU backend uses, do not have that problem."""
+
+    def __init__(self, weight: torch.Tensor, rows: int = 8):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, self.in_features), self.packed, None, "none",
+                                               [None], "")
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+def onednn_model(model: "Transformer") -> "Transformer":
+    """A view of `model` for the engine's packed forwards: the same modules and parameters, with
+    each plain linear layer (q/k/v/o, gate/up/down, the head) replaced by a `OneDnnLinear` made
+    from its weight. The model itself is left as it is; the view holds a reordered copy of every
+    linear weight, so it is remade when the weights change (the engine checks)."""
+    import copy
+
+    def view(module: nn.Module) -> nn.Module:
+        if _is_plain_linear(module):
+            return OneDnnLinear(module.weight)
+        if not module._modules:
+            return module
+        new = copy.copy(module)  # shares parameters and buffers; children replaced below
+        new._modules = {name: view(child) for name, child in module._modules.items()}
+        return new
+
+    return view(model)
 
 
 # %% [markdown]

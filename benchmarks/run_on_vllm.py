@@ -12,7 +12,7 @@ lesson's own requirements (README, "Running the same workload on vLLM"): `vllm-c
 per-request output lengths, greedy, no stop token, so every request makes exactly its
 `max_tokens`) through
 
-- this lesson's `LLMEngine` (on the GPU if there is one), and
+- this lesson's `LLMEngine` (on the GPU if there is one; on a CPU also with `cpu_linear='onednn'`), and
 - vLLM's `LLM(...)` on the same weights: the SmolLM2 GGUF file, dequantized once into a Hugging
   Face folder beside it (vLLM reads config and tokenizer from such a folder), fp32 in both,
   with the same knobs under the same names: `block_size`, `max_num_seqs`,
@@ -185,6 +185,9 @@ def main(argv=None) -> int:
     reference, wall, ttft, kv_bytes = run_ours(lesson, net, work, warmup, knobs)
     where = device if device == "cuda" else f"cpu, {torch.get_num_threads()} torch threads"
     rows = [row(f"this lesson: LLMEngine ({where})", reference, wall, ttft, reference)]
+    if device != "cuda" and lesson.onednn_available(net):  # the same engine, linears through oneDNN
+        out, wall, ttft, _ = run_ours(lesson, net, work, warmup, {**knobs, "cpu_linear": "onednn"})
+        rows.append(row(f"this lesson: LLMEngine ({where}), cpu_linear='onednn'", out, wall, ttft, reference))
     tokens = {rows[0]["engine"]: reference}
 
     import vllm

@@ -48,6 +48,49 @@ def test_engine_equals_generate_greedy_tiny(llm, tiny, config):
     assert engine.block_manager.num_used_blocks == 0  # nothing leaked
 
 
+needs_onednn = pytest.mark.skipif(not llm_module.onednn_available(llm_module.build_model("tiny")),
+                                  reason="this PyTorch has no oneDNN CPU kernels")
+
+
+@needs_onednn
+def test_onednn_linear_equals_f_linear_on_smollm2_shapes(llm):
+    """Every SmolLM2 weight shape (q, k/v, o, gate/up, down, head), for 1, 8 and 100 rows, within
+    fp32 rounding of F.linear."""
+    import torch
+
+    cfg = llm.ModelConfig.from_name("smollm2-135m")
+    g = torch.Generator().manual_seed(0)
+    H, Hkv, D, d, f = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.dim, cfg.ffn_dim
+    shapes = ((H * D, d), (Hkv * D, d), (d, H * D), (f, d), (d, f), (cfg.vocab_size, d))
+    for n, k in shapes:
+        w = torch.randn(n, k, generator=g) * 0.05
+        lin = llm.OneDnnLinear(w)
+        for rows in (1, 8, 100):
+            x = torch.randn(rows, k, generator=g)
+            ref = torch.nn.functional.linear(x.double(), w.double()).float()
+            assert torch.allclose(lin(x), ref, rtol=1e-4, atol=1e-4), (n, k, rows)
+
+
+@needs_onednn
+def test_engine_on_onednn_gives_generates_tokens_and_follows_new_weights(llm):
+    """`cpu_linear="onednn"` runs a reordered copy of the weights: the same tokens as `generate`,
+    and after the weights change in place, the new weights' tokens (the copy is remade)."""
+    import torch
+
+    model = llm.build_model("tiny", seed=0, device="cpu")
+    params = [llm.SamplingParams(max_tokens=n) for n in MAX_TOKENS]
+    engine = llm.LLMEngine(model, max_num_seqs=4, cpu_linear="onednn")
+    outs = engine.generate(PROMPTS, params)
+    assert [o.token_ids for o in outs] == [llm.generate(model, p, n) for p, n in zip(PROMPTS, MAX_TOKENS)]
+    with torch.no_grad():
+        model.layers[0].mlp.w_up.weight.mul_(3.0)  # in place: the version counter moves
+        model.lm_head.weight.add_(0.05 * torch.randn_like(model.lm_head.weight))
+    outs = engine.generate(PROMPTS, params)
+    assert [o.token_ids for o in outs] == [llm.generate(model, p, n) for p, n in zip(PROMPTS, MAX_TOKENS)]
+    with pytest.raises(llm.InvalidArgumentError, match="cpu_linear"):
+        llm.LLMEngine(model, cpu_linear="mkl")
+
+
 def test_engine_equals_generate_sampled_tiny(llm, tiny):
     params = [llm.SamplingParams(max_tokens=6, temperature=0.8, top_k=20, top_p=0.9, seed=i)
               for i in range(5)]

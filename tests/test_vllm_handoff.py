@@ -28,13 +28,14 @@ def test_quick_workload_gives_our_tokens_on_vllm(smollm2_gguf, tmp_path):
                           capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
-    ours, theirs = result["rows"][0]["engine"], result["rows"][1]["engine"]
-    assert ours.startswith("this lesson: LLMEngine") and theirs.startswith("vLLM")
-    reference, vllm_tokens = result["tokens"][ours], result["tokens"][theirs]
+    ours = result["rows"][0]["engine"]
+    theirs = next(r for r in result["rows"] if r["engine"].startswith("vLLM"))
+    assert ours.startswith("this lesson: LLMEngine")
+    reference, vllm_tokens = result["tokens"][ours], result["tokens"][theirs["engine"]]
     assert len(reference) == 8 and all(reference)
     for i, (a, b) in enumerate(zip(reference, vllm_tokens, strict=True)):
         assert a == b, f"request {i}: ours {a} vs vLLM {b}"
-    assert result["rows"][1]["same tokens as ours"] == "8 / 8"
+    assert all(r["same tokens as ours"] == "8 / 8" for r in result["rows"][1:])  # vLLM, ours on oneDNN
 
 
 def test_without_vllm_the_script_says_how_to_install_it():
