@@ -1466,7 +1466,8 @@ def machine_bandwidth(device=None, kind: str = "read", refresh: bool = False) ->
     run quotes one number of each kind. `kind="read"` (a read stream, what a decode step does to
     its weights) is the roof of decode; `"copy"` (read + write) is the one §7's attention, which
     also writes, is compared with. `refresh=True` measures again (a shared machine's drifts)."""
-    device, key = pick_device(device), (str(pick_device(device)), kind)
+    device = pick_device(device)
+    key = (str(device), kind)
     if refresh or key not in _BANDWIDTH:
         _BANDWIDTH[key] = measure_memory_bandwidth(device, kind=kind)
     return _BANDWIDTH[key]
@@ -5831,6 +5832,13 @@ def layer_matrices(layer: nn.Module, fused_pair: tuple) -> list[torch.Tensor]:
                         down.weight if _is_plain_linear(down) else None) if w is not None]
 
 
+def step_matrices(model: Transformer, fused: Sequence) -> list[torch.Tensor]:
+    """Every plain weight matrix one static step multiplies by, in order: each layer's
+    `layer_matrices`, then the output head (unless it is quantized)."""
+    weights = [w for layer, pair in zip(model.layers, fused) for w in layer_matrices(layer, pair)]
+    return weights + ([model.lm_head.weight] if _is_plain_linear(model.lm_head) else [])
+
+
 def reduce_matvec(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x @ wᵀ for x (B, K), written as a product and a sum over K. Run eagerly it builds a
     (B, N, K) temporary; compiled, it becomes one vectorized loop that streams each row of w
@@ -5854,11 +5862,8 @@ def choose_cpu_matvec(model: Transformer, fused: Sequence, force: str | None = N
     if force is not None and force not in MATVEC_PATHS:
         raise InvalidArgumentError(f"force must be one of {MATVEC_PATHS} or None, got {force!r}")
     by_shape: dict[tuple, list[torch.Tensor]] = {}
-    for layer, pair in zip(model.layers, fused):
-        for w in layer_matrices(layer, pair):
-            by_shape.setdefault(tuple(w.shape), []).append(w)
-    if _is_plain_linear(model.lm_head):
-        by_shape.setdefault(tuple(model.lm_head.weight.shape), []).append(model.lm_head.weight)
+    for w in step_matrices(model, fused):
+        by_shape.setdefault(tuple(w.shape), []).append(w)
     if force is not None:
         return dict.fromkeys(by_shape, force)
     choice = {}
@@ -6258,8 +6263,7 @@ def measure_launch_overhead(model: str = "smollm2", device=None, batch_size: int
     positions = torch.full((batch_size,), context, device=net.device)
     ops = count_dispatched_ops(lambda: dec.step_eager(tokens, positions))
     eager = benchmark(lambda: dec.step_eager(tokens, positions), net.device, warmup=2, repeat=5)
-    weights = [w for layer, pair in zip(net.layers, dec.fused) for w in layer_matrices(layer, pair)]
-    weights += [net.lm_head.weight] if _is_plain_linear(net.lm_head) else []
+    weights = step_matrices(net, dec.fused)
     xs = [torch.randn(batch_size, w.shape[1], device=net.device, dtype=w.dtype) for w in weights]
     matmuls = benchmark(lambda: [F.linear(x, w) for x, w in zip(xs, weights)], net.device, warmup=1, repeat=5)
     row = {"model": net.cfg.name, "device": str(net.device), "batch": batch_size, "ops per step": ops,
@@ -6305,9 +6309,11 @@ def measure_fast_path(model: str = "smollm2", device=None, batch_sizes: Sequence
             limit = float("nan")
             if B == 1:  # tokens/s if reading the weights were all
                 limit = machine_bandwidth(net.device) / net.param_bytes
-            out = run()
-            whole = benchmark(run, net.device, warmup=0, repeat=repeat, reduce=min)
+            outs = []  # the timed generations' tokens (greedy: the same every time)
+            whole = benchmark(lambda outs=outs, run=run: outs.append(run()), net.device, warmup=0,
+                              repeat=repeat, reduce=min)
             prefill = benchmark(lambda: run(n=1), net.device, warmup=0, repeat=repeat, reduce=min)
+            out = outs[-1]
             reference = reference or out
             tps = B * (new_tokens - 1) / max(whole - prefill, 1e-9)
             note = ""

@@ -56,8 +56,7 @@ def main() -> None:
                                                                  cpu_matvec="blas"),
                 "compiled static step (chosen paths)": llm.StaticDecoder(model, 1, length, "compile")}
     chosen = decoders["compiled static step (chosen paths)"]
-    weights = [w for layer, pair in zip(model.layers, chosen.fused) for w in llm.layer_matrices(layer, pair)]
-    weights.append(model.lm_head.weight)
+    weights = llm.step_matrices(model, chosen.fused)
     weight_bytes = model.param_bytes
     inputs = [torch.randn(1, w.shape[1]) for w in weights]
 
