@@ -5032,6 +5032,9 @@ fastest of three paths this machine has:
 3. The reference: dequantize, then `F.linear` in fp32. Larger steps (prefill, perplexity) always
    take it, and so does every step where neither of the others can run.
 
+On a GPU, steps of up to 32 tokens go through Triton kernels that dequantize in registers
+(W8A16 and W4A16, Appendix D), so a decode step reads only the codes and their scales.
+
 `quantize_model` returns a *copy* of a model with every linear layer (and the output head)
 replaced; the shared model of `get_model` is never changed.
 """
@@ -5125,6 +5128,12 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
+        on_gpu = flat.device.type == "cuda" and flat.shape[0] <= QUANT_MAX_ROWS and triton_available()
+        if self.fast and on_gpu:  # Appendix D's kernels: the codes dequantize in registers
+            offsets = self.scales if self.offsets is None else self.offsets  # INT8 has none
+            y = quant_matmul_operator()(flat, self.codes, self.scales, offsets, self.qw.bits,
+                                        self.qw.group_size, self.in_features)
+            return y.view(*x.shape[:-1], self.out_features)
         if self.fast and flat.shape[0] <= self.FUSED_MAX_TOKENS and flat.device.type == "cpu":
             if self.builtin:
                 return self.builtin_matmul(flat.float()).to(x.dtype).view(*x.shape[:-1], self.out_features)
@@ -6015,6 +6024,8 @@ class StaticDecoder:
         # At batch 1 on a GPU, the projections run `triton_matvec` with the norms, SiLU·up and the
         # residual adds folded in (None: PyTorch's ops, which the compiler may rewrite and fuse)
         self.matvec_op = matvec_operator() if use_matvec(model, batch_size) else None
+        if model.device.type == "cuda" and triton_available():
+            quant_matmul_operator()  # registered before tracing, for quantized layers (§8)
         self._matvec_tuned = False
         # A compiled batch-1 step on a CPU multiplies by each weight shape the faster way here:
         # the BLAS, or a product-and-sum that the compiler turns into a loop at the memory roof
@@ -9099,8 +9110,9 @@ def triton_matvec(x: torch.Tensor, w: torch.Tensor, norm: torch.Tensor | None = 
     return out
 
 
-def time_matvec_configs(launch: Callable, w: torch.Tensor, rounds: int = 7) -> list[float]:
-    """µs per launch of `launch(cfg, weight)` for each of `MATVEC_CONFIGS`, timed the way the
+def time_matvec_configs(launch: Callable, w: torch.Tensor, rounds: int = 7,
+                        configs: Sequence[tuple] = MATVEC_CONFIGS) -> list[float]:
+    """µs per launch of `launch(cfg, weight)` for each of `configs`, timed the way the
     decode step runs it: back to back inside a CUDA graph (no launch gaps), each launch reading a
     different copy of the weight, enough copies to overflow the L2 cache four times over (so every
     read comes from memory, as in a step that streams 13 GB of weights; at most 64), and the median of
@@ -9115,7 +9127,7 @@ def time_matvec_configs(launch: Callable, w: torch.Tensor, rounds: int = 7) -> l
     except torch.cuda.OutOfMemoryError:  # a full GPU: time with the copies there was room for
         pass
     graphs, passes = [], 2  # each graph walks the copies twice
-    for cfg in MATVEC_CONFIGS:
+    for cfg in configs:
         launch(cfg)  # compiles this variant outside the capture
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
@@ -9147,6 +9159,184 @@ def matvec_operator() -> Callable:
 
     return _lesson_op("matvec", matvec, shape)
 
+
+# %% [markdown]
+"""
+### Weight-only quantized products on a GPU: W8A16 and W4A16
+§8's `QuantizedLinear` keeps codes and scales; on a GPU without a kernel of its own it would
+dequantize the whole matrix before each product, which reads the weight three times (codes,
+then the bf16 matrix written and read back) where a plain bf16 step reads it once. The kernels
+below read only the codes, scales and offsets and dequantize in registers, so the bytes a decode
+step streams shrink with the bits: ~4.5 bits a weight for INT4 in groups of 128, against 16.
+
+Each program owns `BLOCK_N` output rows and walks along them `BLOCK_K` weights at a time. For
+INT4 a group's byte j holds code j (low nibble) and code j + G/2 (high nibble): a tile of bytes
+spans whole groups, each byte column knows its group (`column // (G/2)`) and from it its scale,
+offset and the two activations it multiplies. The weight w = offset + scale · q is formed in
+fp32 in registers. Then, for one row of x (decode at batch 1), the kernel multiplies elementwise
+and sums across the tile at the end, like `triton_matvec`; for 2 to 32 rows it rounds the tile
+to x's dtype and uses `tl.dot` (tensor cores), x padded to 16 rows. INT8 is the same walk with
+one scale per row, applied once to the finished sums. A row whose length is not a whole number
+of groups ends in codes of padding, which meet activations masked to 0.
+
+The launch configuration is timed per shape on first use, as for `triton_matvec`, and the kernel
+is a PyTorch operator (`quant_matmul_operator`), so the compiled and captured step of §9 calls
+it as it is. `tests/test_s8_quantization.py` checks every configuration against dequantize-then-
+`F.linear` (on a CPU through Triton's interpreter).
+"""
+
+
+# %%
+@functools.cache
+def _triton_quant_kernels():
+    if not triton_available():
+        raise LessonError("the quantized kernels need the `triton` package and a CUDA GPU (or "
+                          "TRITON_INTERPRET=1); QuantizedLinear's reference path (dequantize, then F.linear) "
+                          "works everywhere")
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def w4_kernel(X, C, S, Z, Out, M, N, K, n_groups, stride_xm, stride_om,
+                  G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BYTES: tl.constexpr,
+                  DOT: tl.constexpr, PRECISION: tl.constexpr):
+        HALF: tl.constexpr = G // 2
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        in_n = rows < N
+        row_bytes = rows.to(tl.int64) * (n_groups * HALF)
+        row_groups = rows.to(tl.int64) * n_groups
+        cols = tl.arange(0, BYTES)  # byte columns of this tile
+        m = tl.arange(0, BLOCK_M)
+        if DOT:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_N, BYTES), dtype=tl.float32)
+        for b0 in range(0, n_groups * HALF, BYTES):
+            byte = b0 + cols
+            group = byte // HALF
+            in_g = group < n_groups
+            k_lo = group * G + byte % HALF  # the activation each nibble multiplies
+            k_hi = k_lo + HALF
+            mask = in_n[:, None] & in_g[None, :]
+            codes = tl.load(C + row_bytes[:, None] + byte[None, :], mask=mask, other=0)
+            scale = tl.load(S + row_groups[:, None] + group[None, :], mask=mask, other=0.0).to(tl.float32)
+            offset = tl.load(Z + row_groups[:, None] + group[None, :], mask=mask, other=0.0).to(tl.float32)
+            w_lo = (codes & 15).to(tl.float32) * scale + offset
+            w_hi = (codes >> 4).to(tl.float32) * scale + offset
+            if DOT:
+                x_rows = X + m[:, None] * stride_xm
+                in_m = (m < M)[:, None]
+                x_lo = tl.load(x_rows + k_lo[None, :], mask=in_m & (k_lo < K)[None, :], other=0.0)
+                x_hi = tl.load(x_rows + k_hi[None, :], mask=in_m & (k_hi < K)[None, :], other=0.0)
+                acc += tl.dot(x_lo, tl.trans(w_lo.to(x_lo.dtype)), input_precision=PRECISION)
+                acc += tl.dot(x_hi, tl.trans(w_hi.to(x_hi.dtype)), input_precision=PRECISION)
+            else:
+                x_lo = tl.load(X + k_lo, mask=k_lo < K, other=0.0).to(tl.float32)
+                x_hi = tl.load(X + k_hi, mask=k_hi < K, other=0.0).to(tl.float32)
+                acc += w_lo * x_lo[None, :] + w_hi * x_hi[None, :]
+        if DOT:
+            out_ptrs = Out + m[:, None] * stride_om + rows[None, :]
+            tl.store(out_ptrs, acc.to(Out.dtype.element_ty), mask=(m < M)[:, None] & in_n[None, :])
+        else:
+            tl.store(Out + rows, tl.sum(acc, axis=1).to(Out.dtype.element_ty), mask=in_n)
+
+    @triton.jit
+    def w8_kernel(X, C, S, Out, M, N, K, stride_xm, stride_om, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        in_n = rows < N
+        w_rows = C + rows.to(tl.int64)[:, None] * K
+        cols = tl.arange(0, BLOCK_K)
+        m = tl.arange(0, BLOCK_M)
+        if DOT:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + cols
+            w = tl.load(w_rows + k[None, :], mask=in_n[:, None] & (k < K)[None, :], other=0)
+            if DOT:
+                x = tl.load(X + m[:, None] * stride_xm + k[None, :], mask=(m < M)[:, None] & (k < K)[None, :],
+                            other=0.0)
+                w = w.to(tl.float32).to(x.dtype)  # int8 codes are exact in bf16
+                acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
+            else:
+                x = tl.load(X + k, mask=k < K, other=0.0).to(tl.float32)
+                acc += w.to(tl.float32) * x[None, :]
+        scale = tl.load(S + rows, mask=in_n, other=0.0).to(tl.float32)
+        if DOT:
+            out = acc * scale[None, :]
+            tl.store(Out + m[:, None] * stride_om + rows[None, :], out.to(Out.dtype.element_ty),
+                     mask=(m < M)[:, None] & in_n[None, :])
+        else:
+            tl.store(Out + rows, (tl.sum(acc, axis=1) * scale).to(Out.dtype.element_ty), mask=in_n)
+
+    return w4_kernel, w8_kernel
+
+
+# (BLOCK_N, BLOCK_K in weights, num_warps, num_stages), timed per shape on a GPU: one row of x, more rows
+QUANT_CONFIGS = {"vec": ((8, 256, 4, 3), (8, 512, 4, 3), (16, 256, 4, 3), (4, 512, 4, 4), (4, 1024, 4, 3),
+                         (16, 512, 8, 3), (2, 1024, 4, 4), (32, 256, 8, 3), (8, 1024, 8, 3)),
+                 "dot": ((16, 128, 4, 3), (32, 128, 4, 3), (32, 256, 4, 3), (64, 128, 4, 3), (16, 256, 4, 4),
+                         (64, 256, 8, 3), (128, 128, 8, 3), (16, 512, 4, 3))}
+QUANT_TUNED: dict = {}  # (kind, N, K, bits, group, x dtype, device) → the fastest config
+
+
+QUANT_MAX_ROWS = 32  # the kernels' limit: larger steps (prefill) dequantize and use the BLAS
+
+
+def triton_quant_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
+                        offsets: torch.Tensor | None, bits: int, group_size: int, in_features: int
+                        ) -> torch.Tensor:
+    """`F.linear(x, w)` with w given as §8's codes (a `QuantizedWeight`'s fields): x (M, K) with
+    M ≤ 32 → (M, N) in x's dtype, accumulated in fp32, w dequantized in registers."""
+    M, K = x.shape
+    N = codes.shape[0]
+    if K != in_features or not 1 <= M <= QUANT_MAX_ROWS or codes.device != x.device:
+        raise InvalidArgumentError(f"triton_quant_matmul needs x (M ≤ {QUANT_MAX_ROWS}, {in_features}) on "
+                                   f"the codes' device {codes.device}; got {tuple(x.shape)} on {x.device}")
+    w4, w8 = _triton_quant_kernels()
+    x = x.contiguous()
+    out = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    kind = "vec" if M == 1 else "dot"
+    block_m = max(16, 1 << (M - 1).bit_length())
+    precision = "ieee" if x.dtype == torch.float32 else "tf32"
+    codes, scales = codes.contiguous(), scales.contiguous()
+    offsets = scales if offsets is None else offsets.contiguous()  # INT8 has none: any tensor will do
+
+    def launch(cfg, c=codes):
+        bn, bk, warps, stages = cfg
+        grid = (-(-N // bn),)
+        if bits == 8:
+            w8[grid](x, c, scales, out, M, N, K, x.stride(0), out.stride(0), BLOCK_M=block_m, BLOCK_N=bn,
+                     BLOCK_K=bk, DOT=kind == "dot", PRECISION=precision, num_warps=warps, num_stages=stages)
+        else:  # BLOCK_K weights are BLOCK_K / 2 bytes (a tile may end inside a group)
+            w4[grid](x, c, scales, offsets, out, M, N, K, codes.shape[1], x.stride(0), out.stride(0),
+                     G=group_size, BLOCK_M=block_m, BLOCK_N=bn, BYTES=max(16, bk // 2),
+                     DOT=kind == "dot", PRECISION=precision, num_warps=warps, num_stages=stages)
+
+    key = (kind, N, K, bits, group_size, block_m, x.dtype, x.device)
+    if key not in QUANT_TUNED:
+        configs = QUANT_CONFIGS[kind]
+        if x.device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
+            times = time_matvec_configs(launch, codes, configs=configs)
+            QUANT_TUNED[key] = configs[times.index(min(times))]
+        else:
+            QUANT_TUNED[key] = configs[0]
+    launch(QUANT_TUNED[key])
+    return out
+
+
+def quant_matmul_operator() -> Callable:
+    """`triton_quant_matmul` as a PyTorch operator (offsets: an empty tensor for INT8)."""
+    def quant_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
+                     bits: int, group_size: int, in_features: int) -> torch.Tensor:
+        return triton_quant_matmul(x, codes, scales, offsets, bits, group_size, in_features)
+
+    def shape(x, codes, scales, offsets, bits, group_size, in_features):
+        return x.new_empty(x.shape[0], codes.shape[0])
+
+    return _lesson_op("quant_matmul", quant_matmul, shape)
 
 # %% [markdown]
 """

@@ -1,0 +1,67 @@
+"""§8 on a GPU (Appendix D): the W8A16 and W4A16 Triton kernels equal dequantize-then-`F.linear`
+for group sizes that divide the row and that do not, odd N and K, 1 to 32 rows of x, in fp32 and
+bf16 (one row only, through the interpreter), for several launch configurations; bad input gets
+a named error.
+
+The kernels run on a GPU when there is one, else through Triton's CPU interpreter
+(TRITON_INTERPRET=1, set here before the kernels are first built), else they are skipped."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are first defined
+
+from conftest import load_lesson  # noqa: E402
+
+llm_module = load_lesson()
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_triton = pytest.mark.skipif(not llm_module.triton_available(), reason="triton is not installed")
+
+
+def quantized(llm, bits, group, N, K, seed):
+    w = torch.randn(N, K, generator=torch.Generator().manual_seed(seed)) * 0.05
+    qw = llm.quantize_int8(w) if bits == 8 else llm.quantize_groupwise(w, bits, group)
+    return llm.dataclasses.replace(qw, codes=qw.codes.to(DEVICE), scales=qw.scales.to(DEVICE),
+                                   offsets=None if qw.offsets is None else qw.offsets.to(DEVICE))
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bits,group", [(8, None), (4, 32), (4, 128), (4, 48), (3, 64)])
+@pytest.mark.parametrize("N,K", [(37, 301), (64, 256)])
+def test_quant_kernels_equal_dequantize_then_linear(llm, bits, group, N, K, dtype):
+    """Every row count class (one row: elementwise; 3, 8, 32 rows: tl.dot), three launch
+    configurations each plus the one with the widest tile: to 1e-5 of the output's scale in fp32,
+    and in bf16 to the rounding of x and of the tile (w rounded to bf16 before tl.dot) and the output."""
+    qw = quantized(llm, bits, group, N, K, seed=N + K + bits)
+    w = qw.dequantize().double()
+    for M in (1, 3, 8, 32):
+        if DEVICE == "cpu" and dtype == torch.bfloat16 and M > 1:
+            continue  # Triton's CPU interpreter returns garbage for a bf16 tl.dot; the GPU run checks it
+        x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)).to(DEVICE, dtype)
+        ref = torch.nn.functional.linear(x.double(), w)
+        tol = (1e-5 if dtype == torch.float32 else 4 * torch.finfo(dtype).eps) * ref.abs().max().item()
+        kind = "vec" if M == 1 else "dot"
+        key = (kind, N, K, bits, qw.group_size, max(16, 1 << (M - 1).bit_length()), dtype, x.device)
+        configs = llm.QUANT_CONFIGS[kind]
+        try:
+            for cfg in configs[:3] + (max(configs, key=lambda c: c[1]),):
+                llm.QUANT_TUNED[key] = cfg
+                out = llm.triton_quant_matmul(x, qw.codes, qw.scales, qw.offsets, bits, qw.group_size, K)
+                assert out.shape == (M, N) and out.dtype == dtype
+                assert (out.double() - ref).abs().max().item() < tol, (M, cfg)
+        finally:
+            llm.QUANT_TUNED.pop(key, None)
+
+
+@needs_triton
+def test_quant_kernel_rejects_bad_input(llm):
+    qw = quantized(llm, 4, 32, 16, 64, seed=0)
+    args = (qw.codes, qw.scales, qw.offsets, 4, 32, 64)
+    with pytest.raises(llm.InvalidArgumentError, match="M ≤ 32"):
+        llm.triton_quant_matmul(torch.randn(33, 64, device=DEVICE), *args)
+    with pytest.raises(llm.InvalidArgumentError, match="64"):
+        llm.triton_quant_matmul(torch.randn(1, 63, device=DEVICE), *args)
