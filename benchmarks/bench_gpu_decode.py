@@ -243,6 +243,112 @@ def bench_matvec(llm, name):
     print("\n".join(spread), flush=True)
 
 
+class Int4PackLinear(torch.nn.Module):
+    """The peer for INT4: PyTorch's own CUDA kernel for weight-only int4 (`_weight_int4pack_mm`, the
+    one gpt-fast and torchao call), holding the same codes, scales and offsets as a `QuantizedLinear`
+    (w = offset + scale · q = (q − 8) · scale + zero, zero = offset + 8 · scale)."""
+
+    def __init__(self, layer, inner_k_tiles=8):
+        super().__init__()
+        (N, K), G = layer.qw.shape, layer.qw.group_size
+        q = torch.cat([layer.codes & 15, layer.codes >> 4], dim=-1).reshape(N, -1)[:, :K].to(torch.int32)
+        try:  # recent PyTorch: two codes per byte, the even one in the high nibble
+            self.packed = torch.ops.aten._convert_weight_to_int4pack(
+                (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8), inner_k_tiles)
+        except RuntimeError:  # older PyTorch: one int32 per code
+            self.packed = torch.ops.aten._convert_weight_to_int4pack(q, inner_k_tiles)
+        scales, offsets = layer.scales.float(), layer.offsets.float()
+        self.grid = torch.stack([scales, offsets + 8 * scales], -1).transpose(0, 1).contiguous().bfloat16()
+        self.group_size, self.in_features, self.out_features = G, K, N
+
+    def forward(self, x):
+        flat = x.reshape(-1, self.in_features).bfloat16()
+        y = torch.ops.aten._weight_int4pack_mm(flat, self.packed, self.group_size, self.grid)
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+
+def _peer_int4(llm, qmodel):
+    """A copy of an INT4 model whose 4-bit layers run PyTorch's int4 kernel (layers whose shapes it
+    cannot take, and the INT8 head, keep ours). Returns (model, how many layers it took)."""
+    import copy
+
+    peer, n = copy.deepcopy(qmodel), 0
+    for name, mod in list(peer.named_modules()):
+        if isinstance(mod, llm.QuantizedLinear) and mod.qw.bits == 4 and mod.in_features % 1024 == 0 \
+                and mod.out_features % 8 == 0:
+            llm._replace_module(peer, name, Int4PackLinear(mod))
+            n += 1
+    return peer, n
+
+
+def _layer_error(llm, model, qlayer_name):
+    """max |layer(x) − F.linear(x, dequantized w)| / max |reference|, bf16 x of 1 and 8 rows."""
+    layer = model.get_submodule(qlayer_name)
+    ref_w = layer.weight_dequantized().float() if hasattr(layer, "weight_dequantized") else None
+    errs = []
+    for rows in (1, 8):
+        x = torch.randn(rows, layer.in_features, device="cuda", dtype=torch.bfloat16)
+        with torch.inference_mode():
+            got = layer(x).float()
+            ref = torch.nn.functional.linear(x.float(), ref_w)
+        errs.append(float((got - ref).abs().max() / ref.abs().max()))
+    return max(errs)
+
+
+def bench_quant(llm, name, args, bw):
+    """Decode by weight format: ours bf16, INT8 per channel, INT4 g128 (RTN; GPTQ and AWQ store the
+    same layout and run the same kernel), and INT4 through PyTorch's int4 kernel with the same codes."""
+    base, cfg = random_model(llm, name)
+    formats = {"bf16": base}
+    with torch.no_grad():
+        if "int8" in args.quant:
+            formats["INT8 per channel"] = llm.quantize_model(base, llm.rtn_quantizer(8))
+        if "int4" in args.quant:
+            formats["INT4 g128 (head INT8)"] = int4 = llm.quantize_model(base, llm.rtn_quantizer(4, 128))
+            peer, n_peer = _peer_int4(llm, int4)
+            if n_peer:
+                formats[f"INT4 g128, PyTorch int4 kernel ({n_peer} layers)"] = peer
+    rows, n = [], args.new_tokens
+    for label, model in formats.items():
+        tensors = list(model.parameters()) + list(model.buffers())
+        tensors += [t for m in model.modules() if isinstance(m, Int4PackLinear) for t in (m.packed, m.grid)]
+        seen, weight_bytes = set(), 0
+        for t in tensors:  # each storage once (the fused q/k/v views share their base)
+            if t.untyped_storage().data_ptr() not in seen:
+                seen.add(t.untyped_storage().data_ptr())
+                weight_bytes += t.untyped_storage().nbytes()
+        weight_bytes -= model.embed.weight.numel() * model.embed.weight.element_size()  # one row is read
+        err = 0.0 if label == "bf16" else _layer_error(llm, model, "layers.0.mlp.w_up")
+        for B in args.batches:
+            g = torch.Generator().manual_seed(B)
+            prompts = [torch.randint(0, cfg.vocab_size, (args.prompt,), generator=g).tolist()
+                       for _ in range(B)]
+            for mode in args.modes:
+                run = functools.partial(_static, llm, model, prompts, mode)
+                try:
+                    run(2)  # compile and capture
+                    times = []
+                    for _ in range(args.repeat):
+                        out, sec = timed(functools.partial(run, n))
+                        times.append(sec)
+                    tps = B * n / statistics.median(times)
+                except Exception as exc:  # report, keep going
+                    rows.append({"model": name, "format": label, "B": B, "mode": mode, "tok/s": float("nan"),
+                                 "note": f"{type(exc).__name__}: {str(exc)[:80]}"})
+                    print(rows[-1], flush=True)
+                    continue
+                ref = next((r["tok/s"] for r in rows if r["format"] == "bf16" and r["B"] == B
+                            and r["mode"] == mode), tps)
+                rows.append({"model": name, "format": label, "B": B, "mode": mode,
+                             "GB read per step": weight_bytes / 1e9, "tok/s": tps, "× bf16": tps / ref,
+                             "% of its bandwidth limit": 100 * tps * weight_bytes / bw if B == 1 else None,
+                             "layer error": err, "note": ""})
+                print(rows[-1], flush=True)
+    formats.clear()
+    torch.cuda.empty_cache()
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 128])
@@ -267,6 +373,8 @@ def main():
     ap.add_argument("--matvec-mode", choices=("auto", "on", "off"), default="auto",
                     help="batch-1 static steps: triton_matvec where the lesson picks it, always, never")
     ap.add_argument("--repeat", type=int, default=1, help="time each row this many times; report the median")
+    ap.add_argument("--quant", nargs="+", choices=("int8", "int4"), default=[],
+                    help="decode by weight format instead (bf16, INT8, INT4, PyTorch's int4 kernel)")
     ap.add_argument("--profile", action="store_true",
                     help="print the kernels of one compiled and captured step at batch 1, by GPU time")
     args = ap.parse_args()
@@ -283,6 +391,12 @@ def main():
         for name in args.models:
             bench_matvec(llm, name)
     bw = llm.measure_memory_bandwidth("cuda")
+    if args.quant:
+        rows = [r for name in args.models for r in bench_quant(llm, name, args, bw)]
+        print(llm.format_table(rows, f"Decode by weight format on {torch.cuda.get_device_name()}, random "
+                                     f"weights, {args.prompt}-token prompts, {args.new_tokens} new tokens; "
+                                     f"copy bandwidth {bw / 1e12:.2f} TB/s (measured)"))
+        return
     rows = []
     for name in args.models:
         rows += bench_model(llm, name, args, bw)

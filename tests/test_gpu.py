@@ -162,3 +162,26 @@ def test_interleaved_generators_on_gpu_get_their_own_cache(llm):
     outer = llm.generate(model, prompts[0], 3,
                          on_token=lambda t: nested.append(llm.generate(model, prompts[1], 3)))
     assert outer == expected[0][:3] and nested == [expected[1][:3]] * 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_model_on_gpu_decodes_through_the_kernels(llm, bits, dtype):
+    """§8 on a GPU: a quantized model decodes through Appendix D's kernels (eagerly, in CUDA graphs,
+    compiled and captured) with the tokens of the same model on the reference path (dequantize,
+    then F.linear); a sharp model, so that a wrong product changes the tokens."""
+    model = _sharp_tiny(llm, seed=7).to(dtype)
+    fast = llm.quantize_model(model, llm.rtn_quantizer(bits, 32))
+    reference = llm.quantize_model(model, llm.rtn_quantizer(bits, 32), fast=False)
+    prompts = [[5, 17, 99, 3, 8, 1], [42, 7]]
+    expected = [llm.generate(reference, p, 10, cuda_graphs=False) for p in prompts]
+    calls = []
+    kernel = llm.triton_quant_matmul
+    llm.triton_quant_matmul = lambda *a: calls.append(a[0].shape[0]) or kernel(*a)
+    try:
+        assert [llm.generate(fast, p, 10, cuda_graphs=False) for p in prompts] == expected
+    finally:
+        llm.triton_quant_matmul = kernel
+    assert calls and max(calls) <= llm.QUANT_MAX_ROWS
+    for mode in ("graph", "compile+graph"):
+        assert llm.static_generate(fast, prompts, 10, mode) == expected, mode
