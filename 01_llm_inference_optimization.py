@@ -4269,11 +4269,13 @@ def score_step(model: Transformer, cache, seq: SequenceState, query_len: int) ->
 
 def speculative_generate(target: Transformer, draft, prompt_ids: Sequence[int], max_new_tokens: int,
                          gamma: int = 4, temperature: float = 0.0, top_k: int | None = None,
-                         top_p: float | None = None, seed: int = 0,
-                         stop_ids: Sequence[int] = ()) -> tuple[list[int], SpeculativeStats]:
+                         top_p: float | None = None, seed: int = 0, stop_ids: Sequence[int] = (),
+                         static: str | None = None) -> tuple[list[int], SpeculativeStats]:
     """Generate with draft-and-verify. The tokens have exactly the distribution of
     `generate(target, ...)` with the same sampling settings (identical tokens when greedy);
-    `draft` is a `ModelDraft`, an `NgramDraft` or anything with `propose(context, gamma)`."""
+    `draft` is a `ModelDraft`, an `NgramDraft` or anything with `propose(context, gamma)`.
+    `static`: a `StaticDecoder` mode for static verify steps (Appendix D; "graph" on a GPU by
+    default), or None for the packed path below (the default on a CPU)."""
     _check_generation_args(target, prompt_ids, max_new_tokens)
     if not isinstance(gamma, int) or gamma < 1:
         raise InvalidArgumentError(f"gamma (tokens drafted per round) must be an int >= 1, got {gamma!r}")
@@ -4286,10 +4288,16 @@ def speculative_generate(target: Transformer, draft, prompt_ids: Sequence[int], 
     if vocab is not None and vocab != target.cfg.vocab_size:
         raise DraftMismatchError(f"the draft's vocabulary has {vocab} tokens, the target's "
                                  f"{target.cfg.vocab_size}: a draft must share the target's tokenizer")
+    static = static or ("graph" if target.device.type == "cuda" else None)
+    if static is not None and static not in StaticDecoder.MODES:
+        raise InvalidArgumentError(f"static must be one of {StaticDecoder.MODES} or None, got {static!r}")
     stats = SpeculativeStats(getattr(draft, "name", type(draft).__name__), gamma)
     if max_new_tokens == 0:
         return [], stats
     gen, V = seeded_generator(seed), target.cfg.vocab_size
+    if static is not None:
+        return static_speculative_generate(target, draft, prompt_ids, max_new_tokens, gamma, static, stats,
+                                           temperature, top_k, top_p, gen, stop_ids), stats
     seq = SequenceState(0, list(prompt_ids))
     cache = ContiguousKVCache(target.cfg, 1, len(seq.token_ids) + max_new_tokens, target.device, target.dtype)
     if hasattr(draft, "start"):
@@ -6012,6 +6020,7 @@ class StaticDecoder:
         self.positions = torch.zeros(batch_size, dtype=torch.long, device=model.device)
         self._graph, self._out, self._compiled = None, None, None
         self._prefills: dict = {}  # prompt length → (token buffer, length buffer, CUDA graph)
+        self._verify: dict = {}  # speculative verify steps (Appendix D), by length
         self.fused = fuse_projections(model)  # q/k/v and gate/up as one matmul each
         # On a GPU, attention is §7's split-K Triton kernel: PyTorch's SDPA launches one program
         # per head for a single query row (32 programs for LLaMA-2-7B's heads, on a GPU of 132
@@ -9337,6 +9346,197 @@ def quant_matmul_operator() -> Callable:
         return x.new_empty(x.shape[0], codes.shape[0])
 
     return _lesson_op("quant_matmul", quant_matmul, shape)
+
+# %% [markdown]
+"""
+### Speculative decoding in static shapes
+§6's `speculative_generate` runs each round eagerly on the packed path: a verify forward of
+γ + 1 tokens, its logits copied to the host, the caches cut back. On a GPU that costs more
+host time than the forward itself, and speculation ends up slower than plain decoding in CUDA
+graphs. The round can be static instead, like §9's step:
+
+- The verify step is §9's static step over the newest token and γ drafted ones as rows, at
+  positions start … start + γ; their k, v go to the decoder's cache at those positions, and each
+  row attends to the cache up to its own position (causal inside the block). It computes the
+  target's argmax after every row and, on the device, how many drafts in a row equal the argmax
+  before them. One graph per γ: a round with fewer drafts pads them (the count of real ones masks
+  the padding; on a memory-bound GPU the extra rows cost almost nothing), captured on first use
+  with the round's real inputs, so its warm-up writes exactly what the round writes.
+- Rolling back costs nothing: the cache is static, attention stops at each row's position,
+  and the next round writes its rows over the rejected drafts.
+- The host reads one small tensor per round (the count and the argmaxes) and needs it: the
+  drafts of the next round depend on what was accepted.
+- When the draft keeps failing (a round accepts nothing), plain steps run instead, chained on
+  the device as in `StaticDecoder.generate`, 1, 2, 4, … up to 16 of them before the next try;
+  the draft length adapts as in HF transformers' assistant: +2 after a round that accepts every
+  draft, −1 after one that does not. So a draft that never helps costs little.
+- A model draft (`ModelDraft`) runs its one-token steps through a kept decoder of its own: after
+  a round it feeds only the tokens its cache lacks, then chains γ steps and is read once.
+
+In fp32 the tokens equal plain greedy decoding's. In bf16 they can differ: a row of a verify
+step is rounded inside a (γ + 1)-row product, a decode step inside a 1-row product, and where
+the two best logits are closer than that rounding, the argmax can flip. Every emitted token is
+still the target's argmax under the verify step's own numerics. With sampling, the verify
+step's logits go to the host and §6's `rejection_sample` decides, as on the packed path.
+"""
+
+
+# %%
+def static_verify_step(decoder: StaticDecoder, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One verification in static shapes for batch row 0 of `decoder`: `inputs` (L + 2,) holds the
+    newest token and L − 1 drafted ones, then the newest token's position, then how many drafts
+    are real (the rest is padding). Writes the L rows' k, v into the decoder's cache. Returns
+    (L + 1,) ints: the count of drafts accepted (each equal to the target's argmax before it, in
+    a row), then the argmax after each row; and the (L, V) logits in fp32."""
+    model, cache = decoder.model, decoder.cache
+    cfg, dev, L = model.cfg, inputs.device, inputs.shape[0] - 2
+    H, Hkv, D, T = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cache.max_seq_len
+    tokens, start, n_draft = inputs[:L], inputs[L], inputs[L + 1]
+    pos = (start + torch.arange(L, device=dev)).clamp(max=T - 1)  # rows past the cache are padding
+    visible = (torch.arange(T, device=dev) <= pos[:, None])[None, None, None]  # (1, 1, 1, L, T)
+    h = torch.arange(Hkv, device=dev)[None, :].expand(L, Hkv)
+    b, t = torch.zeros_like(h), pos[:, None].expand(L, Hkv)
+
+    def attend(i, q, k, v):
+        _write_rows(cache.k, cache.v, (torch.full_like(h, i), b, h, t), k, v)  # cache[i, 0, h, pos]
+        qg = q.reshape(L, Hkv, H // Hkv, D).permute(1, 2, 0, 3)[None].float()  # (1, Hkv, G, L, D)
+        keys, values = cache.k[i, :1, :, None].float(), cache.v[i, :1, :, None].float()  # (1, Hkv, 1, T, D)
+        scores = (qg @ keys.transpose(-1, -2) * D**-0.5).masked_fill(~visible, float("-inf"))
+        o = torch.softmax(scores, -1) @ values  # (1, Hkv, G, L, D)
+        return o[0].permute(2, 0, 1, 3).reshape(L, H, D).to(q.dtype)
+
+    logits = static_decode_step(model, tokens, pos, attend, decoder.fused)  # (L, V)
+    picked = logits.argmax(-1)
+    real = torch.arange(L - 1, device=dev) < n_draft
+    accepted = ((tokens[1:] == picked[:-1]) & real).long().cumprod(0).sum(0, keepdim=True)
+    return torch.cat([accepted, picked]), logits
+
+
+def _verify(decoder: StaticDecoder, values: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`static_verify_step` on `values` in the decoder's mode: compiled and captured once per length
+    (kept on the decoder, rebuilt with it), the capture's warm-up run on this round's own inputs
+    (they write the same rows the round writes)."""
+    L = len(values) - 2
+    entry = decoder._verify.get(L)
+    if entry is None:
+        def verify(inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return static_verify_step(decoder, inputs)
+
+        if decoder.mode.startswith("compile"):
+            opts = {"coordinate_descent_tuning": True} if decoder.model.device.type == "cuda" else {}
+            verify = torch.compile(verify, dynamic=False, fullgraph=True, options=opts)
+        entry = decoder._verify[L] = [torch.tensor(values, device=decoder.tokens.device), verify, None, None]
+    inputs, verify, graph, out = entry
+    inputs.copy_(torch.tensor(values))
+    if not decoder.mode.endswith("graph"):
+        return verify(inputs)
+    if graph is None:
+        entry[2], entry[3] = graph, out = decoder._graph_of(verify, inputs)
+    graph.replay()
+    return out
+
+
+class _StaticModelDraft:
+    """A `ModelDraft`'s greedy proposals through a kept decoder of the draft model: `seen` is what
+    its cache holds (positions 0, 1, …); each call feeds what the context added since, then chains
+    γ one-token steps on the device and reads them once."""
+
+    def __init__(self, decoder: StaticDecoder):
+        self.decoder, self.seen = decoder, []
+
+    def propose(self, context: Sequence[int], gamma: int) -> tuple[list[int], None]:
+        dec, dev = self.decoder, self.decoder.tokens.device
+        if not self.seen:
+            dec._prefill([context])  # leaves the first proposal in dec.tokens
+            picks = [dec.tokens.clone()]
+        else:
+            keep = min(_common_prefix_len(self.seen, context), len(context) - 1)
+            for j in range(keep, len(context) - 1):  # accepted tokens the draft's cache lacks
+                dec.step(torch.tensor([context[j]], device=dev), torch.tensor([j], device=dev))
+            dec.tokens.fill_(context[-1])
+            dec.positions.fill_(len(context) - 1)
+            picks = []
+        picks += [dec._run()[1].clone() for _ in range(gamma - len(picks))]
+        tokens = torch.cat(picks).tolist()
+        self.seen = list(context) + tokens[:-1]
+        return tokens, None
+
+
+@torch.inference_mode()
+def static_speculative_generate(target: Transformer, draft, prompt_ids: Sequence[int], max_new_tokens: int,
+                                gamma: int, mode: str, stats: "SpeculativeStats", temperature: float = 0.0,
+                                top_k: int | None = None, top_p: float | None = None,
+                                generator: torch.Generator | None = None,
+                                stop_ids: Sequence[int] = ()) -> list[int]:
+    """`speculative_generate` through static verify steps in a `StaticDecoder` of `mode` (see
+    above); the arguments are checked there. Fills `stats`."""
+    prompt, stops, dev, greedy = list(prompt_ids), set(stop_ids), target.device, temperature == 0.0
+    with contextlib.ExitStack() as stack:
+        dec = stack.enter_context(kept_decoder(target, 1, len(prompt) + max_new_tokens, mode))
+        if greedy and isinstance(draft, ModelDraft):
+            draft = _StaticModelDraft(stack.enter_context(kept_decoder(draft.model, 1, len(prompt) +
+                                                                       max_new_tokens, mode)))
+        elif hasattr(draft, "start"):
+            draft.start(len(prompt) + max_new_tokens, temperature, top_k, top_p, generator)
+        with Timer(dev) as t:
+            if greedy:  # the prefill's graph picks the first token into the decode buffers
+                dec._prefill([prompt])
+                first = int(dec.tokens[0])
+            else:
+                lens = torch.tensor([len(prompt)], device=dev)
+                logits = dec.prefill_eager(torch.tensor([prompt], device=dev), lens)
+                probs = logits_to_probs(logits[0].float().cpu(), temperature, top_k, top_p)
+                first = int(torch.multinomial(probs, 1, generator=generator))
+        stats.prefill_time = t.seconds
+        out, context = [first], prompt + [first]
+        g_now, fails, plain = gamma, 0, 0
+        while len(out) < max_new_tokens and out[-1] not in stops:
+            room = max_new_tokens - len(out)
+            if plain:  # the draft failed lately: plain steps, chained on the device, read once
+                t0 = time.perf_counter()
+                dec.tokens.fill_(context[-1])
+                dec.positions.fill_(len(context) - 1)
+                emitted = torch.cat([dec._run()[1].clone() for _ in range(min(plain, room))]).tolist()
+                stats.target_time += time.perf_counter() - t0
+                stats.rounds += len(emitted)
+                plain = 0
+            else:
+                t0 = time.perf_counter()
+                g = min(g_now, room - 1)
+                drafted, q = draft.propose(list(context), g) if g > 0 else ([], None)
+                drafted = _checked_draft_tokens(drafted[:g], target.cfg.vocab_size)
+                stats.draft_time += time.perf_counter() - t0
+                if greedy and not drafted:
+                    plain = 1
+                    continue
+                t0 = time.perf_counter()
+                padding = [0] * (gamma - len(drafted))  # one graph per γ: fewer drafts are padded
+                values = [context[-1]] + drafted + padding + [len(context) - 1, len(drafted)]
+                head, logits = _verify(dec, values)
+                if greedy:
+                    head = head.tolist()  # the one wait for the device this round
+                    k = head[0]
+                    emitted = drafted[:k] + [head[1 + k]]
+                else:
+                    p = logits_to_probs(logits[:len(drafted) + 1].cpu(), temperature, top_k, top_p)
+                    q = q[:len(drafted)] if q is not None else \
+                        F.one_hot(torch.tensor(drafted, dtype=torch.long), p.shape[-1]).float()
+                    emitted = rejection_sample(p, q, drafted, generator)
+                    k = len(emitted) - 1
+                stats.target_time += time.perf_counter() - t0
+                stats.rounds += 1
+                stats.drafted, stats.accepted = stats.drafted + len(drafted), stats.accepted + k
+                stats.rejected += k < len(drafted)
+                fails = 0 if k else fails + 1
+                plain = min(16, 1 << (fails - 1)) if fails and greedy else 0
+                g_now = min(gamma, g_now + 2) if k == len(drafted) else max(1, g_now - 1)
+            for token in emitted:
+                out.append(token)
+                context.append(token)
+                if token in stops:
+                    break
+    stats.new_tokens = len(out)
+    return out
 
 # %% [markdown]
 """

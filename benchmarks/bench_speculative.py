@@ -3,6 +3,14 @@ same GGUF weights (fp32), same prompts, greedy, side by side in one run.
 
     python benchmarks/bench_speculative.py [--gammas 4 8] [--max-new-tokens 64] [--repeats 3]
                                            [--draft-layers 7]
+    python benchmarks/bench_speculative.py --device cuda [--model F.gguf] [--dtype bf16]
+                                           [--mode compile+graph] [--draft-gammas 2 4]
+
+On a GPU (`--device cuda`) the table is ours only: plain decoding (`generate`, CUDA graph per step;
+`static_generate` compiled and captured, our fastest), then speculation through static verify steps
+(Appendix D) in `--mode`: prompt lookup for each γ and the self-draft, on both tasks; then the cost of
+one verify step of γ + 1 rows against one decode step (steady state, 200 graph replays timed by CUDA
+events), for the model and for LLaMA-2-7B shapes (random weights: no useful α, but the cost is real).
 
 Rows: plain greedy decoding (ours: `generate`; HF: `model.generate`), prompt lookup (ours: `NgramDraft`;
 HF: `prompt_lookup_num_tokens=γ` with `max_matching_ngram_size=3`, as ours), and a self-draft made of the
@@ -50,15 +58,101 @@ def median_time(fn, repeats):
     return out, statistics.median(times)
 
 
+def replay_ms(fn, n=200):
+    """ms per call of `fn` (graph replays), back to back, timed by CUDA events."""
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(n):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / n
+
+
+def verify_cost(llm, model, gammas, mode, context=128):
+    """Per γ: one verify step of γ + 1 rows vs one decode step, both replayed from graphs at batch 1."""
+    rows = []
+    with llm.kept_decoder(model, 1, context + 64, mode) as dec, torch.inference_mode():
+        dec.tokens.fill_(1)
+        dec.positions.fill_(context)
+        step = replay_ms(lambda: dec._run())
+        for g in gammas:
+            values = [1] * (g + 1) + [context, g]
+            ms = replay_ms(lambda v=values: llm._verify(dec, v))
+            rows.append({"model": model.cfg.name, "γ + 1 rows": g + 1, "decode step (ms)": step,
+                         "verify step (ms)": ms, "verify / decode": ms / step})
+    return rows
+
+
+def spec_row(task, method, gamma, out, seconds, fast_s, plain, stats=None):
+    agree = sum(a == b for a, b in zip(out, plain)) / max(1, len(plain))
+    return {"task": task, "method": method, "γ": gamma, "new tokens": len(out),
+            "tokens/s": len(out) / seconds,
+            "× compile+graph plain": fast_s / seconds, "α": stats.acceptance_rate if stats else float("nan"),
+            "tokens/round": stats.tokens_per_round if stats else float("nan"),
+            "same tokens as plain": out == plain, "agree with plain %": 100 * agree}
+
+
+def main_gpu(args, llm):
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    net, tok = llm.get_model(args.model, "cuda")
+    net = net.to(dtype)
+    n, eos, rows, k = args.max_new_tokens, tok.eos_id, [], args.draft_layers
+    drafts = [("prompt lookup", llm.NgramDraft(3), args.gammas),
+              (f"self-draft ({k} layers)", llm.ModelDraft(llm.truncated_model(net, k)), args.draft_gammas)]
+    for task, text in llm.SPECULATIVE_TASKS.items():
+        ids = tok.encode_chat([{"role": "user", "content": text}])
+        plain, plain_s = median_time(lambda ids=ids: llm.generate(net, ids, n, stop_ids=[eos]), args.repeats)
+        fast, fast_s = median_time(lambda ids=ids: llm.static_generate(net, [ids], n, "compile+graph",
+                                                                       stop_ids=[eos])[0], args.repeats)
+        rows.append(spec_row(task, "generate (graph per step)", "", plain, plain_s, fast_s, plain))
+        rows.append(spec_row(task, "static_generate compile+graph", "", fast, fast_s, fast_s, plain))
+        for name, draft, gammas in drafts:
+            for g in gammas:
+                stats = []
+
+                def run(g=g, draft=draft, ids=ids, stats=stats):
+                    out, st = llm.speculative_generate(net, draft, ids, n, gamma=g, stop_ids=[eos],
+                                                       static=args.mode)
+                    stats.append(st)
+                    return out
+
+                out, s = median_time(run, args.repeats)
+                rows.append(spec_row(task, f"speculative, {name}, {args.mode}", g, out, s, fast_s, plain,
+                                     stats[-1]))
+                print(rows[-1], flush=True)
+    title = (f"Speculative decoding on {torch.cuda.get_device_name()}, {net.cfg.name} {args.dtype}, greedy, "
+             f"{n} new tokens at most; median of {args.repeats} (measured)")
+    print(llm.format_table(rows, title))
+    cost = verify_cost(llm, net, sorted(set(args.gammas) | {8}), args.mode)
+    if args.shapes:
+        cfg = llm.ModelConfig.from_name(args.shapes)
+        with torch.device("cuda"):
+            big = llm.Transformer(cfg)
+        cost += verify_cost(llm, big.to(torch.bfloat16).eval(), [1, 2, 4, 8], args.mode)
+    print(llm.format_table(cost, f"One verify step vs one decode step at batch 1, {args.mode}, "
+                                 f"{torch.cuda.get_device_name()} (measured, CUDA events)"))
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--gammas", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--draft-layers", type=int, default=7)
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--model", default="smollm2", help="GPU: the GGUF file (or smollm2)")
+    ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="GPU: the weights' dtype")
+    ap.add_argument("--mode", default="compile+graph", help="GPU: the verify steps' StaticDecoder mode")
+    ap.add_argument("--draft-gammas", type=int, nargs="+", default=[2, 4], help="GPU: γ for the self-draft")
+    ap.add_argument("--shapes", default="llama-2-7b", help="GPU: also the verify cost at these shapes")
     args = ap.parse_args()
 
     llm = load_lesson()
+    if args.device == "cuda":
+        main_gpu(args, llm)
+        return
     torch.set_num_threads(os.cpu_count() or 1)
     path = llm.resolve_model("smollm2")
     net, tok = llm.get_model(path)

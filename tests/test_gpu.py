@@ -185,3 +185,77 @@ def test_quantized_model_on_gpu_decodes_through_the_kernels(llm, bits, dtype):
     assert calls and max(calls) <= llm.QUANT_MAX_ROWS
     for mode in ("graph", "compile+graph"):
         assert llm.static_generate(fast, prompts, 10, mode) == expected, mode
+
+
+REPEATING = [1, 2, 3, 4, 5, 6, 7, 8] * 3 + [1, 2, 3]
+
+
+@pytest.mark.parametrize("mode,gammas", [("graph", [1, 2, 4, 8]), ("compile+graph", [4])])
+def test_static_speculative_on_gpu_equals_generate_in_fp32(llm, mode, gammas):
+    """§6 on a GPU (Appendix D): greedy speculation through captured verify steps gives plain greedy
+    decoding's tokens in fp32, for prompt lookup, a 1-layer self-draft and a self-draft that is always
+    right; speculative_generate takes this path on a GPU by default."""
+    model = _sharp_tiny(llm, seed=6)
+    drafts = [llm.NgramDraft(), llm.ModelDraft(llm.truncated_model(model, 1)),
+              llm.ModelDraft(llm.truncated_model(model, model.cfg.n_layers))]
+    for prompt in (REPEATING, [9, 8, 7]):
+        base = llm.generate(model, prompt, 24, cuda_graphs=False)
+        for gamma in gammas:
+            for draft in drafts:
+                out, stats = llm.speculative_generate(model, draft, prompt, 24, gamma=gamma, static=mode)
+                assert out == base, (mode, gamma, draft.name, prompt)
+                assert stats.accepted + stats.rounds + 1 == 24
+    default, _ = llm.speculative_generate(model, llm.NgramDraft(), REPEATING, 24, gamma=4)
+    assert default == llm.generate(model, REPEATING, 24, cuda_graphs=False)
+
+
+def test_static_speculative_bf16_emits_the_verify_steps_argmax(llm):
+    """In bf16 each emitted token is the verify step's own argmax: every round's accepted drafts and
+    its last token are what the step's logits say, at the positions the round wrote."""
+    model = _sharp_tiny(llm, seed=6).to(torch.bfloat16)
+    calls, real = [], llm.static_verify_step
+
+    def spy(decoder, inputs):
+        head, logits = real(decoder, inputs)
+        calls.append((inputs.tolist(), head.tolist(), logits.argmax(-1).tolist()))
+        return head, logits
+
+    llm.static_verify_step = spy
+    try:
+        out, stats = llm.speculative_generate(model, llm.NgramDraft(), REPEATING, 24, gamma=4, static="eager")
+    finally:
+        llm.static_verify_step = real
+    assert calls and stats.accepted > 0
+    for inputs, head, argmax in calls:
+        L = len(inputs) - 2
+        drafted, start, n = inputs[1:1 + inputs[-1]], inputs[L], inputs[-1]
+        assert head[1:] == argmax
+        k = head[0]
+        assert k <= n and drafted[:k] == argmax[:k] and (k == n or drafted[k] != argmax[k])
+        at = start + 1 - len(REPEATING)  # where this round's tokens go in the output
+        assert out[at:at + k + 1] == drafted[:k] + [argmax[k]]
+
+
+def test_static_speculative_sampling_on_gpu_matches_target(llm):
+    """Sampling through captured verify steps (the default on a GPU) keeps the target's joint
+    distribution of the first two tokens (chi-square over 1,000 runs, a 1-layer self-draft, γ = 2)."""
+    model = llm.build_model("tiny", seed=0, device="cuda")
+    prompt, temp, k = [5, 17, 99, 3], 0.1, 3
+    exact = {}
+    p1 = llm.logits_to_probs(llm.forward_without_cache(model, prompt).cpu(), temp, k)
+    for t1 in p1.nonzero().flatten().tolist():
+        p2 = llm.logits_to_probs(llm.forward_without_cache(model, prompt + [t1]).cpu(), temp, k)
+        for t2 in p2.nonzero().flatten().tolist():
+            exact[(t1, t2)] = float(p1[t1] * p2[t2])
+    cells = sorted(exact)
+    draft = llm.ModelDraft(llm.truncated_model(model, 1))
+    counts = torch.zeros(len(cells))
+    for seed in range(1000):
+        out, _ = llm.speculative_generate(model, draft, prompt, 3, gamma=2, temperature=temp, top_k=k,
+                                          seed=seed)
+        counts[cells.index(tuple(out[:2]))] += 1
+    probs = torch.tensor([exact[c] for c in cells], dtype=torch.double)
+    expected = counts.sum() * probs
+    stat = ((counts.double() - expected) ** 2 / expected).sum()
+    dof = torch.tensor((len(cells) - 1) / 2, dtype=torch.double)
+    assert float(torch.special.gammaincc(dof, stat / 2)) > 1e-3

@@ -7,7 +7,7 @@ and bad input fails with named errors."""
 import numpy as np
 import pytest
 import torch
-from conftest import load_lesson
+from conftest import load_lesson, sharp_tiny
 
 llm_module = load_lesson()
 
@@ -292,3 +292,86 @@ def test_demo_on_tiny_model(llm):
     assert rows and all(r["same tokens"] for r in rows)
     assert {r["draft"].split(" (")[0] for r in rows} == {"prompt lookup", "self-draft"}
     assert all(r["measured (×)"] > 0 and 1 <= r["tokens/round"] <= r["γ"] + 1 for r in rows)
+
+
+# ----------------------------------------------------------------------------- static verify steps
+def test_static_verify_step_equals_packed_verify(llm, tiny):
+    """Appendix D's verify step in static shapes (eager, on the decoder's contiguous cache) gives the
+    packed verify's logits at every row, its argmax, and the count of drafts that equal it."""
+    prompt, drafted = [3, 1, 4, 1, 5, 9, 2, 6], [5, 3, 5]
+    dec = llm.StaticDecoder(tiny, 1, 64, "eager")
+    dec._prefill([prompt[:-1]])  # the cache holds all but the newest token
+    n = len(prompt) - 1
+    head, logits = llm.static_verify_step(dec, torch.tensor([prompt[-1]] + drafted + [0, n, len(drafted)]))
+    cache, seq = llm.ContiguousKVCache(tiny.cfg, 1, 64), llm.SequenceState(0, list(prompt[:-1]))
+    llm.run_step(tiny, cache, [seq], [n])
+    seq.token_ids += [prompt[-1]] + drafted
+    packed = llm.score_step(tiny, cache, seq, 1 + len(drafted))
+    torch.testing.assert_close(logits[:4], packed, atol=1e-5, rtol=1e-5)
+    picked = packed.argmax(-1).tolist()
+    assert head[1:5].tolist() == picked
+    assert head[0] == len(llm.greedy_accept(packed, drafted)) - 1
+    torch.testing.assert_close(dec.cache.k[:, 0, :, :n + 4], cache.k[:, 0, :, :n + 4], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("gamma", [1, 2, 3, 5, 8])
+def test_static_speculative_equals_generate_tiny(llm, tiny, gamma):
+    """Greedy speculation through static verify steps gives plain greedy decoding's tokens for every
+    draft, also one that is always right (the target itself: every round accepts all γ)."""
+    drafts = [llm.NgramDraft(), llm.ModelDraft(llm.truncated_model(tiny, 1)),
+              llm.ModelDraft(llm.truncated_model(tiny, tiny.cfg.n_layers))]
+    for prompt in (REPEATING, [9, 8, 7]):
+        base = llm.generate(tiny, prompt, 30)
+        for draft in drafts:
+            out, stats = llm.speculative_generate(tiny, draft, prompt, 30, gamma=gamma, static="eager")
+            assert out == base, (draft.name, prompt)
+            # the prefill emits the first token, each round k accepted + 1
+            assert stats.accepted + stats.rounds + 1 == stats.new_tokens == 30
+    assert stats.accepted == stats.drafted > 0
+
+
+def test_static_speculative_compiled_equals_generate(llm, tiny):
+    base = llm.generate(tiny, REPEATING, 24)
+    draft = llm.ModelDraft(llm.truncated_model(tiny, tiny.cfg.n_layers))
+    out, stats = llm.speculative_generate(tiny, draft, REPEATING, 24, gamma=4, static="compile")
+    assert out == base and stats.accepted > 0
+
+
+def test_static_speculative_sampling_matches_target(llm, tiny):
+    """With sampling, static verify steps keep the target's distribution of the first two tokens."""
+    prompt, temp, k = [5, 17, 99, 3], 0.1, 3
+    exact = {}
+    p1 = llm.logits_to_probs(llm.forward_without_cache(tiny, prompt), temp, k)
+    for t1 in p1.nonzero().flatten().tolist():
+        p2 = llm.logits_to_probs(llm.forward_without_cache(tiny, prompt + [t1]), temp, k)
+        for t2 in p2.nonzero().flatten().tolist():
+            exact[(t1, t2)] = float(p1[t1] * p2[t2])
+    cells = sorted(exact)
+    draft = llm.ModelDraft(llm.truncated_model(tiny, 1))
+    counts, accepted, tested = torch.zeros(len(cells)), 0, 0
+    for seed in range(1500):
+        out, stats = llm.speculative_generate(tiny, draft, prompt, 3, gamma=2, temperature=temp, top_k=k,
+                                              seed=seed, static="eager")
+        counts[cells.index(tuple(out[:2]))] += 1
+        accepted, tested = accepted + stats.accepted, tested + stats.accepted + stats.rejected
+    assert 0.05 < accepted / tested < 0.95  # both the accept and the residual paths ran
+    assert chi2_pvalue(counts, torch.tensor([exact[c] for c in cells])) > 1e-3
+
+
+def test_static_cache_after_rejections_equals_fresh_prefill(llm, tiny):
+    """After rounds with rejections, the decoder's cache holds, at every position up to the last
+    token fed, what a fresh prefill of the emitted text writes: rejected drafts were overwritten."""
+    model = sharp_tiny(llm, 6)  # its tokens depend on the context: prompt lookup is often wrong
+    out, stats = llm.speculative_generate(model, llm.NgramDraft(), REPEATING, 20, gamma=4, static="eager")
+    assert stats.rejected > 0 and stats.accepted > 0
+    text = REPEATING + out[:-1]  # the last token's k, v are never written
+    with llm.kept_decoder(model, 1, len(REPEATING) + 20, "eager") as dec:
+        cache = dec.cache.k[:, 0, :, :len(text)].clone()
+    fresh = llm.StaticDecoder(model, 1, 64, "eager")
+    fresh._prefill([text])
+    torch.testing.assert_close(cache, fresh.cache.k[:, 0, :, :len(text)], atol=1e-5, rtol=1e-5)
+
+
+def test_static_speculative_bad_mode(llm, tiny):
+    with pytest.raises(llm.InvalidArgumentError, match="static"):
+        llm.speculative_generate(tiny, llm.NgramDraft(), [1, 2], 4, static="fast")
