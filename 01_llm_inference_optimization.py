@@ -5808,9 +5808,9 @@ def fuse_projections(model: Transformer) -> list[tuple[torch.Tensor | None, torc
     """Per layer, the q/k/v weights as rows of one matrix and gate/up as rows of another, the
     modules' weights re-pointed at views of them: same values, same memory, and a decode step can
     run one matmul where it ran three (two), as vLLM's QKVParallelLinear and
-    MergedColumnParallelLinear do. Returns [(w_qkv, w_gate_up)] per layer, None where the layer's
-    projections are not plain `nn.Linear` of one dtype (a quantized copy keeps separate matmuls).
-    Idempotent; re-lays out weights that moved (after `.to()`, say)."""
+    MergedColumnParallelLinear do. Returns [(w_qkv, w_gate_up)] per layer; quantized layers (§8) on
+    a GPU give one `QuantizedLinear` with their codes stacked (`fuse_quantized`), and None is left
+    where neither applies. Idempotent; re-lays out weights that moved (after `.to()`, say)."""
     fused = []
     for layer in model.layers:
         pair = []
@@ -5819,7 +5819,7 @@ def fuse_projections(model: Transformer) -> list[tuple[torch.Tensor | None, torc
             mods = [getattr(owner, n) for n in names]
             if not all(_is_plain_linear(m) for m in mods) or \
                     len({(m.weight.dtype, m.weight.device, m.weight.shape[1]) for m in mods}) != 1:
-                pair.append(None)
+                pair.append(fuse_quantized(owner, mods))
                 continue
             base = _FUSED.get(owner)
             if base is None or not _views_of(base, [m.weight for m in mods]):
@@ -5846,7 +5846,7 @@ def layer_matrices(layer: nn.Module, fused_pair: tuple) -> list[torch.Tensor]:
     gate/up, down (the fused matrices from `fuse_projections`), leaving out quantized layers."""
     (w_qkv, w_gate_up), wo, down = fused_pair, layer.attn.wo, layer.mlp.w_down
     return [w for w in (w_qkv, wo.weight if _is_plain_linear(wo) else None, w_gate_up,
-                        down.weight if _is_plain_linear(down) else None) if w is not None]
+                        down.weight if _is_plain_linear(down) else None) if isinstance(w, torch.Tensor)]
 
 
 def step_matrices(model: Transformer, fused: Sequence) -> list[torch.Tensor]:
@@ -5931,9 +5931,9 @@ def static_decode_step(model: Transformer, tokens: torch.Tensor, positions: torc
     H, Hkv, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
 
     def norm_linear(norm, x, w, swiglu=False):  # linear(norm(x), w), then silu(gate) · up
-        if matvec is not None:
+        if matvec is not None and isinstance(w, torch.Tensor):
             return matvec(x, w, norm.weight, norm.eps, None, swiglu)
-        h = linear(norm(x), w)
+        h = w(norm(x)) if isinstance(w, nn.Module) else linear(norm(x), w)  # a module: quantized
         if not swiglu:
             return h
         gate, up = h.chunk(2, dim=-1)
@@ -9190,7 +9190,9 @@ of groups ends in codes of padding, which meet activations masked to 0.
 
 The launch configuration is timed per shape on first use, as for `triton_matvec`, and the kernel
 is a PyTorch operator (`quant_matmul_operator`), so the compiled and captured step of §9 calls
-it as it is. `tests/test_s8_quantization.py` checks every configuration against dequantize-then-
+it as it is. As with plain weights (§9's `fuse_projections`), q/k/v and gate/up each run as one
+product: `fuse_quantized` stacks their codes, scales and offsets by rows.
+`tests/test_s8_quantized_kernels.py` checks every configuration against dequantize-then-
 `F.linear` (on a CPU through Triton's interpreter).
 """
 
@@ -9346,6 +9348,33 @@ def quant_matmul_operator() -> Callable:
         return x.new_empty(x.shape[0], codes.shape[0])
 
     return _lesson_op("quant_matmul", quant_matmul, shape)
+
+_FUSED_QUANT: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # owner → (codes' addresses, fused)
+
+
+def fuse_quantized(owner: nn.Module, mods: Sequence[nn.Module]) -> "QuantizedLinear | None":
+    """On a GPU, quantized projections of one input (q/k/v, gate/up) as one `QuantizedLinear`: codes,
+    scales and offsets stacked by rows (a copy, remade when the codes move or are written), so a decode
+    step launches one kernel where it launched three. None where they cannot stack (another
+    device, bits, group size or input width)."""
+    if not all(isinstance(m, QuantizedLinear) and m.fast for m in mods) or \
+            mods[0].codes.device.type != "cuda" or \
+            len({(m.qw.bits, m.qw.group_size, m.in_features) for m in mods}) != 1:
+        return None
+    key = tuple((t.data_ptr(), -1 if t.is_inference() else t._version)
+                for m in mods for t in (m.codes, m.scales))
+    kept = _FUSED_QUANT.get(owner)
+    if kept is not None and kept[0] == key:
+        return kept[1]
+
+    def stack(name):
+        return None if getattr(mods[0], name) is None else torch.cat([getattr(m, name) for m in mods])
+
+    q = mods[0].qw
+    fused = QuantizedLinear(QuantizedWeight(stack("codes"), stack("scales"), stack("offsets"), q.bits,
+                                            q.group_size, (sum(m.out_features for m in mods), q.shape[1])))
+    _FUSED_QUANT[owner] = (key, fused)
+    return fused
 
 # %% [markdown]
 """

@@ -183,6 +183,10 @@ def test_quantized_model_on_gpu_decodes_through_the_kernels(llm, bits, dtype):
     finally:
         llm.triton_quant_matmul = kernel
     assert calls and max(calls) <= llm.QUANT_MAX_ROWS
+    qkv, gate_up = llm.fuse_projections(fast)[0]  # one kernel for q/k/v, one for gate/up
+    assert isinstance(qkv, llm.QuantizedLinear) and qkv.out_features == sum(
+        m.out_features for m in (fast.layers[0].attn.wq, fast.layers[0].attn.wk, fast.layers[0].attn.wv))
+    assert isinstance(gate_up, llm.QuantizedLinear) and llm.fuse_projections(fast)[0][0] is qkv
     for mode in ("graph", "compile+graph"):
         assert llm.static_generate(fast, prompts, 10, mode) == expected, mode
 
