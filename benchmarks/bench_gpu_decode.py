@@ -295,6 +295,45 @@ def _layer_error(llm, model, qlayer_name):
     return max(errs)
 
 
+def bench_quant_kernels(llm, name):
+    """Each distinct projection shape of the model's decode step at batch 1, bf16 vs INT8 vs INT4 g128:
+    µs per product and GB/s of bytes read, timed as the tuner times them (back to back in a CUDA graph,
+    each launch on another copy of the codes), the best launch configuration."""
+    cfg = llm.ModelConfig.from_name(name)
+    shapes = {"q/k/v": ((cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, cfg.dim),
+              "wo": (cfg.dim, cfg.n_heads * cfg.head_dim), "gate/up": (2 * cfg.ffn_dim, cfg.dim),
+              "down": (cfg.dim, cfg.ffn_dim)}
+    rows = []
+    for label, (N, K) in shapes.items():
+        w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
+        x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+        row = {"model": name, "matrix": label, "N × K": f"{N} × {K}"}
+        graphed = llm.time_matvec_configs(lambda c, weight=w, x=x: torch.nn.functional.linear(x, weight), w,
+                                          configs=[None])
+        row["bf16 cuBLAS µs"], row["bf16 GB/s"] = graphed[0], w.numel() * 2 / graphed[0] / 1e3
+        for bits in (8, 4):
+            qw = llm.quantize_int8(w) if bits == 8 else llm.quantize_groupwise(w, 4, 128)
+            nbytes = qw.nbytes
+            key = ("vec", N, K, bits, qw.group_size, 16, x.dtype, x.device)
+
+            def launch(c, codes=qw.codes, qw=qw, key=key, x=x, bits=bits, K=K):
+                llm.QUANT_TUNED[key] = c
+                llm.triton_quant_matmul(x, codes, qw.scales, qw.offsets, bits, qw.group_size, K)
+
+            times = llm.time_matvec_configs(launch, qw.codes, configs=llm.QUANT_CONFIGS["vec"])
+            best = min(times)
+            ref = torch.nn.functional.linear(x.float(), qw.dequantize().float())
+            llm.QUANT_TUNED[key] = llm.QUANT_CONFIGS["vec"][times.index(best)]
+            got = llm.triton_quant_matmul(x, qw.codes, qw.scales, qw.offsets, bits, qw.group_size, K).float()
+            row[f"INT{bits} µs"], row[f"INT{bits} GB/s"] = best, nbytes / best / 1e3
+            row[f"INT{bits} config"] = str(llm.QUANT_CONFIGS["vec"][times.index(best)])
+            row[f"INT{bits} error"] = float((got - ref).abs().max() / ref.abs().max())
+        rows.append(row)
+        print(row, flush=True)
+    print(llm.format_table(rows, f"Batch-1 products by weight format, {name} shapes, on "
+                                 f"{torch.cuda.get_device_name()} (measured, in CUDA graphs)"))
+
+
 def bench_quant(llm, name, args, bw):
     """Decode by weight format: ours bf16, INT8 per channel, INT4 g128 (RTN; GPTQ and AWQ store the
     same layout and run the same kernel), and INT4 through PyTorch's int4 kernel with the same codes."""
@@ -392,6 +431,8 @@ def main():
             bench_matvec(llm, name)
     bw = llm.measure_memory_bandwidth("cuda")
     if args.quant:
+        for name in args.models:
+            bench_quant_kernels(llm, name)
         rows = [r for name in args.models for r in bench_quant(llm, name, args, bw)]
         print(llm.format_table(rows, f"Decode by weight format on {torch.cuda.get_device_name()}, random "
                                      f"weights, {args.prompt}-token prompts, {args.new_tokens} new tokens; "
