@@ -131,9 +131,10 @@ def main_gpu(args, llm):
         cfg = llm.ModelConfig.from_name(args.shapes)
         with torch.device("cuda"):
             big = llm.Transformer(cfg)
-        cost += verify_cost(llm, big.to(torch.bfloat16).eval(), [1, 2, 4, 8], args.mode)
-    print(llm.format_table(cost, f"One verify step vs one decode step at batch 1, {args.mode}, "
-                                 f"{torch.cuda.get_device_name()} (measured, CUDA events)"))
+        cost += verify_cost(llm, big.to(torch.bfloat16).eval(), args.shapes_gammas, args.shapes_mode)
+    print(llm.format_table(cost, f"One verify step vs one decode step at batch 1, {args.mode} ({args.shapes} "
+                                 f"shapes: {args.shapes_mode}), {torch.cuda.get_device_name()} (measured, "
+                                 "CUDA events)"))
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -147,6 +148,8 @@ def main():
     ap.add_argument("--mode", default="compile+graph", help="GPU: the verify steps' StaticDecoder mode")
     ap.add_argument("--draft-gammas", type=int, nargs="+", default=[2, 4], help="GPU: γ for the self-draft")
     ap.add_argument("--shapes", default="llama-2-7b", help="GPU: also the verify cost at these shapes")
+    ap.add_argument("--shapes-mode", default="graph", help="GPU: their mode (compiling is slow)")
+    ap.add_argument("--shapes-gammas", type=int, nargs="+", default=[1, 2, 4, 8])
     args = ap.parse_args()
 
     llm = load_lesson()
