@@ -4218,7 +4218,8 @@ token has not been fed yet). The draft proposes γ tokens; the target runs the n
 the γ drafts as one (γ + 1)-token step and returns logits at all γ + 1 positions; the
 acceptance rule keeps k drafts and adds one token; the target's cache is cut back to
 n + k tokens (the rejected drafts' K/V are stale). The round never drafts past
-`max_new_tokens`, so the cache is sized exactly for prompt + output.
+`max_new_tokens`, so the cache is sized exactly for prompt + output. On a GPU the same rounds
+run in static shapes, captured in CUDA graphs (Appendix D).
 """
 
 
@@ -4289,8 +4290,6 @@ def speculative_generate(target: Transformer, draft, prompt_ids: Sequence[int], 
         raise DraftMismatchError(f"the draft's vocabulary has {vocab} tokens, the target's "
                                  f"{target.cfg.vocab_size}: a draft must share the target's tokenizer")
     static = static or ("graph" if target.device.type == "cuda" else None)
-    if static is not None and static not in StaticDecoder.MODES:
-        raise InvalidArgumentError(f"static must be one of {StaticDecoder.MODES} or None, got {static!r}")
     stats = SpeculativeStats(getattr(draft, "name", type(draft).__name__), gamma)
     if max_new_tokens == 0:
         return [], stats
@@ -5136,12 +5135,8 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        on_gpu = flat.device.type == "cuda" and flat.shape[0] <= QUANT_MAX_ROWS and triton_available()
-        if self.fast and on_gpu:  # Appendix D's kernels: the codes dequantize in registers
-            offsets = self.scales if self.offsets is None else self.offsets  # INT8 has none
-            y = quant_matmul_operator()(flat, self.codes, self.scales, offsets, self.qw.bits,
-                                        self.qw.group_size, self.in_features)
-            return y.view(*x.shape[:-1], self.out_features)
+        if self.fast and x.is_cuda and flat.shape[0] <= QUANT_MAX_ROWS and triton_available():
+            return quantized_matmul_gpu(self, flat).view(*x.shape[:-1], self.out_features)  # Appendix D
         if self.fast and flat.shape[0] <= self.FUSED_MAX_TOKENS and flat.device.type == "cpu":
             if self.builtin:
                 return self.builtin_matmul(flat.float()).to(x.dtype).view(*x.shape[:-1], self.out_features)
@@ -9338,6 +9333,13 @@ def triton_quant_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tens
     return out
 
 
+def quantized_matmul_gpu(layer: "QuantizedLinear", x: torch.Tensor) -> torch.Tensor:
+    """A `QuantizedLinear`'s product for x (M ≤ 32, K) on a GPU, through the operator."""
+    offsets = layer.scales if layer.offsets is None else layer.offsets  # INT8 has none
+    return quant_matmul_operator()(x, layer.codes, layer.scales, offsets, layer.qw.bits, layer.qw.group_size,
+                                   layer.in_features)
+
+
 def quant_matmul_operator() -> Callable:
     """`triton_quant_matmul` as a PyTorch operator (offsets: an empty tensor for INT8)."""
     def quant_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
@@ -9499,6 +9501,8 @@ def static_speculative_generate(target: Transformer, draft, prompt_ids: Sequence
                                 stop_ids: Sequence[int] = ()) -> list[int]:
     """`speculative_generate` through static verify steps in a `StaticDecoder` of `mode` (see
     above); the arguments are checked there. Fills `stats`."""
+    if mode not in StaticDecoder.MODES:
+        raise InvalidArgumentError(f"static must be one of {StaticDecoder.MODES} or None, got {mode!r}")
     prompt, stops, dev, greedy = list(prompt_ids), set(stop_ids), target.device, temperature == 0.0
     with contextlib.ExitStack() as stack:
         dec = stack.enter_context(kept_decoder(target, 1, len(prompt) + max_new_tokens, mode))
