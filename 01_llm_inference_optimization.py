@@ -5803,9 +5803,8 @@ def fuse_projections(model: Transformer) -> list[tuple[torch.Tensor | None, torc
     """Per layer, the q/k/v weights as rows of one matrix and gate/up as rows of another, the
     modules' weights re-pointed at views of them: same values, same memory, and a decode step can
     run one matmul where it ran three (two), as vLLM's QKVParallelLinear and
-    MergedColumnParallelLinear do. Returns [(w_qkv, w_gate_up)] per layer; quantized layers (§8) on
-    a GPU give one `QuantizedLinear` with their codes stacked (`fuse_quantized`), and None is left
-    where neither applies. Idempotent; re-lays out weights that moved (after `.to()`, say)."""
+    MergedColumnParallelLinear do. Returns [(w_qkv, w_gate_up)] per layer (quantized layers on a GPU:
+    `fuse_quantized`), else None. Idempotent; re-lays out weights that moved (after `.to()`)."""
     fused = []
     for layer in model.layers:
         pair = []
@@ -6028,8 +6027,6 @@ class StaticDecoder:
         # At batch 1 on a GPU, the projections run `triton_matvec` with the norms, SiLU·up and the
         # residual adds folded in (None: PyTorch's ops, which the compiler may rewrite and fuse)
         self.matvec_op = matvec_operator() if use_matvec(model, batch_size) else None
-        if model.device.type == "cuda" and triton_available():
-            quant_matmul_operator()  # registered before tracing, for quantized layers (§8)
         self._matvec_tuned = False
         # A compiled batch-1 step on a CPU multiplies by each weight shape the faster way here:
         # the BLAS, or a product-and-sum that the compiler turns into a loop at the memory roof
@@ -9363,6 +9360,8 @@ def fuse_quantized(owner: nn.Module, mods: Sequence[nn.Module]) -> "QuantizedLin
             mods[0].codes.device.type != "cuda" or \
             len({(m.qw.bits, m.qw.group_size, m.in_features) for m in mods}) != 1:
         return None
+    if triton_available():
+        quant_matmul_operator()  # registered now, before a decode step is traced, not while it is
     key = tuple((t.data_ptr(), -1 if t.is_inference() else t._version)
                 for m in mods for t in (m.codes, m.scales))
     kept = _FUSED_QUANT.get(owner)
