@@ -6027,7 +6027,7 @@ class StaticDecoder:
         # At batch 1 on a GPU, the projections run `triton_matvec` with the norms, SiLU·up and the
         # residual adds folded in (None: PyTorch's ops, which the compiler may rewrite and fuse)
         self.matvec_op = matvec_operator() if use_matvec(model, batch_size) else None
-        self._matvec_tuned = False
+        self._matvec_tuned = model.device.type != "cuda" or self.mode == "eager"  # see `_run`
         # A compiled batch-1 step on a CPU multiplies by each weight shape the faster way here:
         # the BLAS, or a product-and-sum that the compiler turns into a loop at the memory roof
         self.matvec_paths: dict[tuple, str] = {}
@@ -6125,9 +6125,9 @@ class StaticDecoder:
 
     def _run(self) -> tuple[torch.Tensor, torch.Tensor]:
         """`step_and_pick` on the decoder's own buffers, in this decoder's mode."""
-        if self.matvec_op is not None and not self._matvec_tuned:
-            # One eager step first: `triton_matvec` times its launch configurations for each call
-            # of the step on the current stream, not inside a compiled call or a graph's warm-up.
+        if not self._matvec_tuned:
+            # One eager step first: `triton_matvec` and the quantized kernels (§8) time their launch
+            # configurations on the current stream, not inside a compiled call or a graph's warm-up.
             # It writes this step's k, v at the row's position, which the real step rewrites
             self.step_eager(self.tokens.clone(), self.positions.clone())
             self._matvec_tuned = True
