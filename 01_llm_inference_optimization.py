@@ -9396,10 +9396,12 @@ graphs. The round can be static instead, like §9's step:
   and the next round writes its rows over the rejected drafts.
 - The host reads one small tensor per round (the count and the argmaxes) and needs it: the
   drafts of the next round depend on what was accepted.
-- When the draft keeps failing (a round accepts nothing), plain steps run instead, chained on
-  the device as in `StaticDecoder.generate`, 1, 2, 4, … up to 16 of them before the next try;
-  the draft length adapts as in HF transformers' assistant: +2 after a round that accepts every
-  draft, −1 after one that does not. So a draft that never helps costs little.
+- Whether a round pays is §6's cost model on live figures: the tokens a round is expected to
+  emit at the recent acceptance rate, (1 − α^(γ+1)) / (1 − α), against the time a round takes
+  (draft, verify, the read) over the time of one plain step. When it does not pay, 16 plain
+  steps run instead, chained on the device as in `StaticDecoder.generate`, then one round
+  probes again. The draft length adapts as in HF transformers' assistant: +2 after a round that
+  accepts every draft, −1 after one that does not. So a draft that never helps costs little.
 - A model draft (`ModelDraft`) runs its one-token steps through a kept decoder of its own: after
   a round it feeds only the tokens its cache lacks, then chains γ steps and is read once.
 
@@ -9496,10 +9498,11 @@ class _StaticModelDraft:
 def static_speculative_generate(target: Transformer, draft, prompt_ids: Sequence[int], max_new_tokens: int,
                                 gamma: int, mode: str, stats: "SpeculativeStats", temperature: float = 0.0,
                                 top_k: int | None = None, top_p: float | None = None,
-                                generator: torch.Generator | None = None,
-                                stop_ids: Sequence[int] = ()) -> list[int]:
+                                generator: torch.Generator | None = None, stop_ids: Sequence[int] = (),
+                                adaptive: bool = True) -> list[int]:
     """`speculative_generate` through static verify steps in a `StaticDecoder` of `mode` (see
-    above); the arguments are checked there. Fills `stats`."""
+    above); the arguments are checked there. Fills `stats`. `adaptive=False` keeps γ and never
+    swaps rounds for plain steps."""
     if mode not in StaticDecoder.MODES:
         raise InvalidArgumentError(f"static must be one of {StaticDecoder.MODES} or None, got {mode!r}")
     prompt, stops, dev, greedy = list(prompt_ids), set(stop_ids), target.device, temperature == 0.0
@@ -9521,25 +9524,28 @@ def static_speculative_generate(target: Transformer, draft, prompt_ids: Sequence
                 first = int(torch.multinomial(probs, 1, generator=generator))
         stats.prefill_time = t.seconds
         out, context = [first], prompt + [first]
-        g_now, fails, plain = gamma, 0, 0
+        g_now, plain = gamma, 0
+        accepted, tested, round_s, token_s = 1.0, 2.0, None, None  # running estimates (α from 0.5)
         while len(out) < max_new_tokens and out[-1] not in stops:
             room = max_new_tokens - len(out)
-            if plain:  # the draft failed lately: plain steps, chained on the device, read once
+            if plain:  # speculation does not pay lately: plain steps, chained on the device, read once
                 t0 = time.perf_counter()
                 dec.tokens.fill_(context[-1])
                 dec.positions.fill_(len(context) - 1)
                 emitted = torch.cat([dec._run()[1].clone() for _ in range(min(plain, room))]).tolist()
-                stats.target_time += time.perf_counter() - t0
+                seconds = (time.perf_counter() - t0) / len(emitted)
+                token_s = seconds if token_s is None else (token_s + seconds) / 2
+                stats.target_time += seconds * len(emitted)
                 stats.rounds += len(emitted)
                 plain = 0
             else:
-                t0 = time.perf_counter()
+                t0 = t_round = time.perf_counter()
                 g = min(g_now, room - 1)
                 drafted, q = draft.propose(list(context), g) if g > 0 else ([], None)
                 drafted = _checked_draft_tokens(drafted[:g], target.cfg.vocab_size)
                 stats.draft_time += time.perf_counter() - t0
                 if greedy and not drafted:
-                    plain = 1
+                    plain = 4
                     continue
                 t0 = time.perf_counter()
                 padding = [0] * (gamma - len(drafted))  # one graph per γ: fewer drafts are padded
@@ -9559,9 +9565,16 @@ def static_speculative_generate(target: Transformer, draft, prompt_ids: Sequence
                 stats.rounds += 1
                 stats.drafted, stats.accepted = stats.drafted + len(drafted), stats.accepted + k
                 stats.rejected += k < len(drafted)
-                fails = 0 if k else fails + 1
-                plain = min(16, 1 << (fails - 1)) if fails and greedy else 0
-                g_now = min(gamma, g_now + 2) if k == len(drafted) else max(1, g_now - 1)
+                if adaptive:  # (its choices depend on timings; the tokens do not)
+                    g_now = min(gamma, g_now + 2) if k == len(drafted) else max(1, g_now - 1)
+                    # §6's cost model on live figures: a round pays if the tokens it is expected to
+                    # emit at the recent α would take longer as plain steps than the round takes
+                    seconds = time.perf_counter() - t_round
+                    round_s = seconds if round_s is None else (round_s + seconds) / 2
+                    accepted, tested = 0.8 * accepted + k, 0.8 * tested + k + (k < len(drafted))
+                    expected = speculative_speedup(accepted / tested, g_now, 0.0)  # tokens per round
+                    if greedy and (token_s is None and k == 0 or token_s and expected * token_s < round_s):
+                        plain = 4 if token_s is None else 16  # then try a round again
             for token in emitted:
                 out.append(token)
                 context.append(token)
@@ -9569,6 +9582,7 @@ def static_speculative_generate(target: Transformer, draft, prompt_ids: Sequence
                     break
     stats.new_tokens = len(out)
     return out
+
 
 # %% [markdown]
 """

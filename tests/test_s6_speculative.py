@@ -362,7 +362,10 @@ def test_static_cache_after_rejections_equals_fresh_prefill(llm, tiny):
     """After rounds with rejections, the decoder's cache holds, at every position up to the last
     token fed, what a fresh prefill of the emitted text writes: rejected drafts were overwritten."""
     model = sharp_tiny(llm, 6)  # its tokens depend on the context: prompt lookup is often wrong
-    out, stats = llm.speculative_generate(model, llm.NgramDraft(), REPEATING, 20, gamma=4, static="eager")
+    stats = llm.SpeculativeStats("prompt lookup", 4)  # adaptive=False: every round speculates
+    out = llm.static_speculative_generate(model, llm.NgramDraft(), REPEATING, 20, 4, "eager", stats,
+                                          adaptive=False)
+    assert out == llm.generate(model, REPEATING, 20)
     assert stats.rejected > 0 and stats.accepted > 0
     text = REPEATING + out[:-1]  # the last token's k, v are never written
     with llm.kept_decoder(model, 1, len(REPEATING) + 20, "eager") as dec:
