@@ -2,7 +2,7 @@
 same GGUF weights (fp32), same prompts, greedy, side by side in one run.
 
     python benchmarks/bench_speculative.py [--gammas 4 8] [--max-new-tokens 64] [--repeats 3]
-                                           [--draft-layers 7]
+                                           [--draft-layers 7] [--static compile]
     python benchmarks/bench_speculative.py --device cuda [--model F.gguf] [--dtype bf16]
                                            [--mode compile+graph] [--draft-gammas 2 4]
 
@@ -143,6 +143,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--draft-layers", type=int, default=7)
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--static", default=None, help="CPU: also static verify steps in this mode (compile)")
     ap.add_argument("--model", default="smollm2", help="GPU: the GGUF file (or smollm2)")
     ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="GPU: the weights' dtype")
     ap.add_argument("--mode", default="compile+graph", help="GPU: the verify steps' StaticDecoder mode")
@@ -182,6 +183,10 @@ def main():
         plain, ours_s = median_time(lambda ids=ids: llm.generate(net, ids, n, stop_ids=[eos]), args.repeats)
         add(task, "HF generate (plain)", "", ref, hf_s, hf_s, ref)
         add(task, "ours generate (plain)", "", plain, ours_s, ours_s, ref)
+        if args.static:
+            out, static_s = median_time(lambda ids=ids: llm.static_generate(net, [ids], n, args.static,
+                                                                            stop_ids=[eos])[0], args.repeats)
+            add(task, f"ours static_generate {args.static} (plain)", "", out, static_s, ours_s, ref)
         for g in args.gammas:
             lookup = dict(prompt_lookup_num_tokens=g, max_matching_ngram_size=3)
             out, s = median_time(lambda ids=ids, kw=lookup: hf_generate(ids, **kw), args.repeats)
@@ -189,6 +194,11 @@ def main():
             out, s = median_time(lambda ids=ids, g=g: llm.speculative_generate(
                 net, llm.NgramDraft(3), ids, n, gamma=g, stop_ids=[eos])[0], args.repeats)
             add(task, "ours prompt lookup", g, out, s, ours_s, ref)
+            if args.static:
+                out, s = median_time(lambda ids=ids, g=g: llm.speculative_generate(
+                    net, llm.NgramDraft(3), ids, n, gamma=g, stop_ids=[eos], static=args.static)[0],
+                    args.repeats)
+                add(task, f"ours prompt lookup, static {args.static}", g, out, s, ours_s, ref)
             hf_draft.generation_config.num_assistant_tokens = g
             hf_draft.generation_config.num_assistant_tokens_schedule = "constant"
             out, s = median_time(lambda ids=ids: hf_generate(ids, assistant_model=hf_draft), args.repeats)
