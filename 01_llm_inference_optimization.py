@@ -8719,9 +8719,10 @@ notebook_demo("perplexity")  # runs only in a notebook: the demo, here
 The main path gets a decode step to the memory roof with general tools: static shapes, a CUDA
 graph and `torch.compile` (§9). What is left on a Hopper GPU is kernel engineering, collected
 here: §7's split-K attention as Triton kernels (over a contiguous and a paged cache), a
-matrix-vector kernel for batch 1 with the norm, SiLU·up and residual folded in, the operators
-that let `torch.compile` and CUDA graphs call them, and the §5 engine's decode step captured in
-a CUDA graph over the paged cache. Each has a PyTorch reference in the main path, and the tests
+matrix-vector kernel for batch 1 with the norm, SiLU·up and residual folded in, §8's weight-only
+INT8 and INT4 products, the operators that let `torch.compile` and CUDA graphs call them, §6's
+speculative rounds in static shapes, and the §5 engine's decode step captured in a CUDA graph
+over the paged cache. Each has a PyTorch reference in the main path, and the tests
 check them against it (on a CPU through Triton's interpreter). The appendix ends with the CPU's
 counterpart for the §5 engine: its small products through oneDNN where the BLAS falls short.
 """
