@@ -6134,13 +6134,7 @@ class StaticDecoder:
         if self.mode == "eager":
             return self.step_and_pick(self.tokens, self.positions)
         if self.mode.startswith("compile") and self._compiled is None:
-            # On a GPU, coordinate-descent tuning also turns batch-1 matmuls into tuned Triton
-            # reductions (as gpt-fast does); on a CPU, a C++ wrapper calls the compiled kernels
-            # without Python in between
-            on_gpu = self.model.device.type == "cuda"
-            opts = {"coordinate_descent_tuning": True} if on_gpu else {"cpp_wrapper": True}
-            # fullgraph: a graph break is an error here, not a silent slowdown
-            self._compiled = torch.compile(self.step_and_pick, dynamic=False, fullgraph=True, options=opts)
+            self._compiled = self.compile(self.step_and_pick)
         if self.mode == "compile":
             return self._compiled(self.tokens, self.positions)
         if self._graph is None:
@@ -6148,6 +6142,12 @@ class StaticDecoder:
                                                     self.positions)
         self._graph.replay()
         return self._out
+
+    def compile(self, fn: Callable) -> Callable:
+        """`fn` compiled, fullgraph (a graph break is an error): on a GPU with coordinate-descent tuning
+        (batch-1 matmuls become tuned Triton reductions), on a CPU with a C++ wrapper (no Python)."""
+        opts = {"coordinate_descent_tuning" if self.model.device.type == "cuda" else "cpp_wrapper": True}
+        return torch.compile(fn, dynamic=False, fullgraph=True, options=opts)
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """One step for every row in this decoder's mode: tokens, positions (B,) on the model's
@@ -9456,8 +9456,7 @@ def _verify(decoder: StaticDecoder, values: list[int]) -> tuple[torch.Tensor, to
             return static_verify_step(decoder, inputs)
 
         if decoder.mode.startswith("compile"):
-            opts = {"coordinate_descent_tuning": True} if decoder.model.device.type == "cuda" else {}
-            verify = torch.compile(verify, dynamic=False, fullgraph=True, options=opts)
+            verify = decoder.compile(verify)
         entry = decoder._verify[L] = [torch.tensor(values, device=decoder.tokens.device), verify, None, None]
     inputs, verify, graph, out = entry
     inputs.copy_(torch.tensor(values))

@@ -281,10 +281,12 @@ def _peer_int4(llm, qmodel):
     return peer, n
 
 
-def _layer_error(llm, model, qlayer_name):
-    """max |layer(x) − F.linear(x, dequantized w)| / max |reference|, bf16 x of 1 and 8 rows."""
+def _layer_error(model, reference, qlayer_name):
+    """max |layer(x) − F.linear(x, dequantized w)| / max |F.linear(…)|, bf16 x of 1 and 8 rows; w is
+    the same layer of `reference` (a model of `QuantizedLinear`s: the layer itself, or the codes a
+    peer layer was made from)."""
     layer = model.get_submodule(qlayer_name)
-    ref_w = layer.weight_dequantized().float() if hasattr(layer, "weight_dequantized") else None
+    ref_w = reference.get_submodule(qlayer_name).weight_dequantized().float()
     errs = []
     for rows in (1, 8):
         x = torch.randn(rows, layer.in_features, device="cuda", dtype=torch.bfloat16)
@@ -338,7 +340,7 @@ def bench_quant(llm, name, args, bw):
     """Decode by weight format: ours bf16, INT8 per channel, INT4 g128 (RTN; GPTQ and AWQ store the
     same layout and run the same kernel), and INT4 through PyTorch's int4 kernel with the same codes."""
     base, cfg = random_model(llm, name)
-    formats = {"bf16": base}
+    formats, references = {"bf16": base}, {}  # references: the QuantizedLinear codes of each format
     with torch.no_grad():
         if "int8" in args.quant:
             formats["INT8 per channel"] = llm.quantize_model(base, llm.rtn_quantizer(8))
@@ -347,6 +349,7 @@ def bench_quant(llm, name, args, bw):
             peer, n_peer = _peer_int4(llm, int4)
             if n_peer:
                 formats[f"INT4 g128, PyTorch int4 kernel ({n_peer} layers)"] = peer
+                references[f"INT4 g128, PyTorch int4 kernel ({n_peer} layers)"] = int4
     rows, n = [], args.new_tokens
     for label, model in formats.items():
         tensors = list(model.parameters()) + list(model.buffers())
@@ -357,7 +360,8 @@ def bench_quant(llm, name, args, bw):
                 seen.add(t.untyped_storage().data_ptr())
                 weight_bytes += t.untyped_storage().nbytes()
         weight_bytes -= model.embed.weight.numel() * model.embed.weight.element_size()  # one row is read
-        err = 0.0 if label == "bf16" else _layer_error(llm, model, "layers.0.mlp.w_up")
+        reference = references.get(label, model)
+        err = 0.0 if label == "bf16" else _layer_error(model, reference, "layers.0.mlp.w_up")
         for B in args.batches:
             g = torch.Generator().manual_seed(B)
             prompts = [torch.randint(0, cfg.vocab_size, (args.prompt,), generator=g).tolist()

@@ -25,6 +25,58 @@ def load_lesson():
     return module
 
 
+def lesson_with_triton():
+    """(the lesson module, the device its kernels run on, a skip mark for tests that need Triton).
+    Without a GPU it switches on Triton's CPU interpreter first (TRITON_INTERPRET=1, read when the
+    kernels are first defined), so the kernel tests run there too, slowly."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    llm = load_lesson()
+    return (llm, "cuda" if torch.cuda.is_available() else "cpu",
+            pytest.mark.skipif(not llm.triton_available(), reason="triton is not installed"))
+
+
+def chi2_pvalue(counts, probs) -> float:
+    """Pearson's chi-square goodness of fit; cells with probability 0 must have no counts."""
+    import torch
+
+    counts, probs = counts.double(), probs.double()
+    assert counts[probs == 0].sum() == 0, "a token with probability 0 was emitted"
+    keep = probs > 0
+    n = counts.sum()
+    expected = n * probs[keep] / probs[keep].sum()
+    stat = ((counts[keep] - expected) ** 2 / expected).sum()
+    df = int(keep.sum()) - 1
+    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.double), stat / 2))
+
+
+def sample_first_two_tokens(llm, model, runs: int, **kwargs):
+    """Speculative sampling (a 1-layer self-draft, γ = 2, temperature 0.1, top-k 3) `runs` times
+    from one prompt: (counts of each pair of first two tokens, the target's own probability of
+    each pair, p(t1) p(t2 | t1), and the fraction of tested drafts accepted). `kwargs` go to
+    `speculative_generate`."""
+    import torch
+
+    prompt, temp, k = [5, 17, 99, 3], 0.1, 3
+    exact = {}
+    p1 = llm.logits_to_probs(llm.forward_without_cache(model, prompt).cpu(), temp, k)
+    for t1 in p1.nonzero().flatten().tolist():
+        p2 = llm.logits_to_probs(llm.forward_without_cache(model, prompt + [t1]).cpu(), temp, k)
+        for t2 in p2.nonzero().flatten().tolist():
+            exact[(t1, t2)] = float(p1[t1] * p2[t2])
+    cells = sorted(exact)
+    draft = llm.ModelDraft(llm.truncated_model(model, 1))
+    counts, accepted, tested = torch.zeros(len(cells)), 0, 0
+    for seed in range(runs):
+        out, stats = llm.speculative_generate(model, draft, prompt, 3, gamma=2, temperature=temp, top_k=k,
+                                              seed=seed, **kwargs)
+        counts[cells.index(tuple(out[:2]))] += 1
+        accepted, tested = accepted + stats.accepted, tested + stats.accepted + stats.rejected
+    return counts, torch.tensor([exact[c] for c in cells]), accepted / tested
+
+
 def engine_workload(llm, sampled: bool = True):
     """Seven requests of mixed prompt and output lengths for the engine's decode-step tests (the
     fourth sampled at temperature 0.9 unless `sampled=False`)."""

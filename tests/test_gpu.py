@@ -3,7 +3,7 @@ with the CPU reference. CI has no GPU; run these on a machine with one."""
 
 import pytest
 import torch
-from conftest import engine_tokens, sharp_tiny
+from conftest import chi2_pvalue, engine_tokens, sample_first_two_tokens, sharp_tiny
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -244,22 +244,5 @@ def test_static_speculative_sampling_on_gpu_matches_target(llm):
     """Sampling through captured verify steps (the default on a GPU) keeps the target's joint
     distribution of the first two tokens (chi-square over 1,000 runs, a 1-layer self-draft, γ = 2)."""
     model = llm.build_model("tiny", seed=0, device="cuda")
-    prompt, temp, k = [5, 17, 99, 3], 0.1, 3
-    exact = {}
-    p1 = llm.logits_to_probs(llm.forward_without_cache(model, prompt).cpu(), temp, k)
-    for t1 in p1.nonzero().flatten().tolist():
-        p2 = llm.logits_to_probs(llm.forward_without_cache(model, prompt + [t1]).cpu(), temp, k)
-        for t2 in p2.nonzero().flatten().tolist():
-            exact[(t1, t2)] = float(p1[t1] * p2[t2])
-    cells = sorted(exact)
-    draft = llm.ModelDraft(llm.truncated_model(model, 1))
-    counts = torch.zeros(len(cells))
-    for seed in range(1000):
-        out, _ = llm.speculative_generate(model, draft, prompt, 3, gamma=2, temperature=temp, top_k=k,
-                                          seed=seed)
-        counts[cells.index(tuple(out[:2]))] += 1
-    probs = torch.tensor([exact[c] for c in cells], dtype=torch.double)
-    expected = counts.sum() * probs
-    stat = ((counts.double() - expected) ** 2 / expected).sum()
-    dof = torch.tensor((len(cells) - 1) / 2, dtype=torch.double)
-    assert float(torch.special.gammaincc(dof, stat / 2)) > 1e-3
+    counts, probs, _ = sample_first_two_tokens(llm, model, 1000)
+    assert chi2_pvalue(counts, probs) > 1e-3

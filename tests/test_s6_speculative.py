@@ -7,7 +7,7 @@ and bad input fails with named errors."""
 import numpy as np
 import pytest
 import torch
-from conftest import load_lesson, sharp_tiny
+from conftest import chi2_pvalue, load_lesson, sample_first_two_tokens, sharp_tiny
 
 llm_module = load_lesson()
 
@@ -15,18 +15,6 @@ llm_module = load_lesson()
 @pytest.fixture(scope="module")
 def tiny(llm):
     return llm.build_model("tiny", seed=0, device="cpu")
-
-
-def chi2_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
-    """Pearson's chi-square goodness of fit; cells with probability 0 must have no counts."""
-    counts, probs = counts.double(), probs.double()
-    assert counts[probs == 0].sum() == 0, "a token with probability 0 was emitted"
-    keep = probs > 0
-    n = counts.sum()
-    expected = n * probs[keep] / probs[keep].sum()
-    stat = ((counts[keep] - expected) ** 2 / expected).sum()
-    df = int(keep.sum()) - 1
-    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.double), stat / 2))
 
 
 # ----------------------------------------------------------------------------- warping
@@ -130,23 +118,9 @@ def test_first_emitted_token_is_distributed_as_p(llm, case):
 def test_joint_distribution_of_two_sampled_tokens_matches_target(llm, tiny):
     """On the tiny model: the first two tokens of speculative sampling (a 1-layer self-draft,
     γ = 2) are distributed as the target's own p(t1) p(t2 | t1)."""
-    prompt, temp, k = [5, 17, 99, 3], 0.1, 3
-    exact = {}
-    p1 = llm.logits_to_probs(llm.forward_without_cache(tiny, prompt), temp, k)
-    for t1 in p1.nonzero().flatten().tolist():
-        p2 = llm.logits_to_probs(llm.forward_without_cache(tiny, prompt + [t1]), temp, k)
-        for t2 in p2.nonzero().flatten().tolist():
-            exact[(t1, t2)] = float(p1[t1] * p2[t2])
-    cells = sorted(exact)
-    draft = llm.ModelDraft(llm.truncated_model(tiny, 1))
-    counts, accepted, tested = torch.zeros(len(cells)), 0, 0
-    for seed in range(1500):
-        out, stats = llm.speculative_generate(tiny, draft, prompt, 3, gamma=2, temperature=temp, top_k=k,
-                                              seed=seed)
-        counts[cells.index(tuple(out[:2]))] += 1
-        accepted, tested = accepted + stats.accepted, tested + stats.accepted + stats.rejected
-    assert 0.05 < accepted / tested < 0.95  # both the accept and the residual paths ran
-    assert chi2_pvalue(counts, torch.tensor([exact[c] for c in cells])) > 1e-3
+    counts, probs, acceptance = sample_first_two_tokens(llm, tiny, 1500)
+    assert 0.05 < acceptance < 0.95  # both the accept and the residual paths ran
+    assert chi2_pvalue(counts, probs) > 1e-3
 
 
 # ----------------------------------------------------------------------------- greedy identity
@@ -339,23 +313,9 @@ def test_static_speculative_compiled_equals_generate(llm, tiny):
 
 def test_static_speculative_sampling_matches_target(llm, tiny):
     """With sampling, static verify steps keep the target's distribution of the first two tokens."""
-    prompt, temp, k = [5, 17, 99, 3], 0.1, 3
-    exact = {}
-    p1 = llm.logits_to_probs(llm.forward_without_cache(tiny, prompt), temp, k)
-    for t1 in p1.nonzero().flatten().tolist():
-        p2 = llm.logits_to_probs(llm.forward_without_cache(tiny, prompt + [t1]), temp, k)
-        for t2 in p2.nonzero().flatten().tolist():
-            exact[(t1, t2)] = float(p1[t1] * p2[t2])
-    cells = sorted(exact)
-    draft = llm.ModelDraft(llm.truncated_model(tiny, 1))
-    counts, accepted, tested = torch.zeros(len(cells)), 0, 0
-    for seed in range(1500):
-        out, stats = llm.speculative_generate(tiny, draft, prompt, 3, gamma=2, temperature=temp, top_k=k,
-                                              seed=seed, static="eager")
-        counts[cells.index(tuple(out[:2]))] += 1
-        accepted, tested = accepted + stats.accepted, tested + stats.accepted + stats.rejected
-    assert 0.05 < accepted / tested < 0.95  # both the accept and the residual paths ran
-    assert chi2_pvalue(counts, torch.tensor([exact[c] for c in cells])) > 1e-3
+    counts, probs, acceptance = sample_first_two_tokens(llm, tiny, 1500, static="eager")
+    assert 0.05 < acceptance < 0.95  # both the accept and the residual paths ran
+    assert chi2_pvalue(counts, probs) > 1e-3
 
 
 def test_static_cache_after_rejections_equals_fresh_prefill(llm, tiny):

@@ -6,19 +6,11 @@ variants equal the contiguous ones through shuffled block tables.
 The Triton kernels run on a GPU when there is one, else through Triton's CPU interpreter
 (TRITON_INTERPRET=1, set here before the kernels are first built), else they are skipped."""
 
-import os
-
 import pytest
 import torch
+from conftest import lesson_with_triton
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are first defined
-
-from conftest import load_lesson  # noqa: E402
-
-llm_module = load_lesson()
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-needs_triton = pytest.mark.skipif(not llm_module.triton_available(), reason="triton is not installed")
+_, DEVICE, needs_triton = lesson_with_triton()
 
 
 def random_case(seed, dtype=torch.float32, device="cpu", scale=1.0):

@@ -3,19 +3,11 @@ and compiled (CPU; skipped with a reason where torch.compile cannot build), for 
 prompts of unequal length; bad input gets named errors. The CUDA-graph mode is tested in
 tests/test_gpu.py."""
 
-import os
-
 import pytest
 import torch
+from conftest import engine_tokens, lesson_with_triton, sharp_tiny
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton's CPU interpreter for the matvec kernel
-
-from conftest import engine_tokens, load_lesson, sharp_tiny  # noqa: E402
-
-llm_module = load_lesson()
-needs_triton = pytest.mark.skipif(not llm_module.triton_available(), reason="triton is not installed")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+_, DEVICE, needs_triton = lesson_with_triton()
 PROMPTS = [[5, 17, 99, 3, 8, 1], [42], list(range(30, 52))]
 
 
