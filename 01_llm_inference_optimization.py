@@ -9382,9 +9382,9 @@ def fuse_quantized(owner: nn.Module, mods: Sequence[nn.Module]) -> "QuantizedLin
 """
 ### Speculative decoding in static shapes
 §6's `speculative_generate` runs each round eagerly on the packed path: a verify forward of
-γ + 1 tokens, its logits copied to the host, the caches cut back. On a GPU that costs more
-host time than the forward itself, and speculation ends up slower than plain decoding in CUDA
-graphs. The round can be static instead, like §9's step:
+γ + 1 tokens, its logits copied to the host, the caches cut back. On a GPU each of those
+eager operations is a kernel launch paid in host time, while plain decoding replays a whole step
+from a CUDA graph. The round can be static instead, like §9's step:
 
 - The verify step is §9's static step over the newest token and γ drafted ones as rows, at
   positions start … start + γ; their k, v go to the decoder's cache at those positions, and each
