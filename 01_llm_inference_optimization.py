@@ -837,13 +837,25 @@ def build_model(config: ModelConfig | str = "tiny", seed: int = 0, device=None,
     """A model with random weights (normal, std 0.02), deterministic for a seed."""
     cfg = ModelConfig.from_name(config) if isinstance(config, str) else config
     gen = torch.Generator().manual_seed(seed)
-    model = Transformer(cfg)
+    model = uninitialized_model(cfg)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
-                continue  # norms start at 1
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+                p.fill_(1.0)  # norms start at 1
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
     return model.to(device=pick_device(device), dtype=dtype).eval()
+
+
+def uninitialized_model(cfg: ModelConfig) -> Transformer:
+    """Transformer(cfg) with its weights allocated but not initialized, for a caller that writes
+    every one: PyTorch's default init of 135M weights alone takes over a second on a CPU."""
+    saved = nn.Linear.reset_parameters, nn.Embedding.reset_parameters
+    nn.Linear.reset_parameters = nn.Embedding.reset_parameters = lambda self: None
+    try:
+        return Transformer(cfg)
+    finally:
+        nn.Linear.reset_parameters, nn.Embedding.reset_parameters = saved
 
 
 # %% [markdown]
@@ -1090,11 +1102,7 @@ def model_from_gguf(path: str | Path, device=None, dtype=torch.float32, gguf=Non
     """Build a `Transformer` and fill it with the (dequantized) weights of a GGUF file."""
     gguf = gguf or read_gguf(path)
     cfg = config_from_gguf(gguf.metadata, gguf.tensors, name=Path(path).stem)
-    with torch.device("meta"):  # no random init: every weight is overwritten from the file below
-        model = Transformer(cfg)
-    model = model.to_empty(device="cpu")
-    if cfg.tie_embeddings:  # to_empty gives each module its own tensor; tie them again
-        model.lm_head.weight = model.embed.weight
+    model = uninitialized_model(cfg)  # every weight is written from the file below
     params, loaded = dict(model.named_parameters()), set()  # tied weights appear once
     with torch.no_grad():
         for name in gguf.tensors:
