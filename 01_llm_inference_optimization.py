@@ -8658,12 +8658,15 @@ def reference_text() -> str:
 
 
 def text_slices(tokenizer) -> dict[str, list[int]]:
-    """The fixed `eval` and `calibration` token slices of `reference_text()` (disjoint)."""
-    ids = tokenizer.encode(reference_text())
-    end = CALIBRATION_OFFSET + CALIBRATION_TOKENS
-    if len(ids) < end:
-        raise LessonError(f"reference text has only {len(ids)} tokens, need {end}")
-    return {"eval": ids[:EVAL_TOKENS], "calibration": ids[CALIBRATION_OFFSET:end]}
+    """The fixed `eval` and `calibration` token slices of `reference_text()` (disjoint), encoded
+    once per tokenizer (kept on it: §8 and the appendices ask for them many times a run)."""
+    if getattr(tokenizer, "_text_slices", None) is None:
+        ids = tokenizer.encode(reference_text())
+        end = CALIBRATION_OFFSET + CALIBRATION_TOKENS
+        if len(ids) < end:
+            raise LessonError(f"reference text has only {len(ids)} tokens, need {end}")
+        tokenizer._text_slices = {"eval": ids[:EVAL_TOKENS], "calibration": ids[CALIBRATION_OFFSET:end]}
+    return {name: list(ids) for name, ids in tokenizer._text_slices.items()}  # copies: callers may edit
 
 
 def evaluation_tokens(tokenizer, quick: bool = False, full: bool = False) -> list[int]:
