@@ -9189,16 +9189,21 @@ below read only the codes, scales and offsets and dequantize in registers, so th
 step streams shrink with the bits: ~4.5 bits a weight for INT4 in groups of 128, against 16.
 
 Each program owns `BLOCK_N` output rows and walks along them `BLOCK_K` weights at a time. For
-INT4 a group's byte j holds code j (low nibble) and code j + G/2 (high nibble): a tile of bytes
-spans whole groups, each byte column knows its group (`column // (G/2)`) and from it its scale,
-offset and the two activations it multiplies. The weight w = offset + scale · q is formed in
+INT4 a group's byte j holds code j (low nibble) and code j + G/2 (high nibble). Two tilings of
+the bytes are timed against each other: in `w4_kernel` each byte column of a flat tile finds its
+group (`column // (G/2)`) and from it its scale, offset and the two activations it multiplies,
+which works for any group size but loads a scale and an offset per byte; in `w4_grouped_kernel`
+the tile is three-dimensional, (rows, whole groups, G/2 bytes), so each group's scale and offset
+are loaded once and broadcast over its bytes (Triton's tile sides are powers of two, so this
+needs G/2 to be one: 32, 64, 128, 256). Either way the weight w = offset + scale · q is formed in
 fp32 in registers. Then, for one row of x (decode at batch 1), the kernel multiplies elementwise
 and sums across the tile at the end, like `triton_matvec`; for 2 to 32 rows it rounds the tile
 to x's dtype and uses `tl.dot` (tensor cores), x padded to 16 rows. INT8 is the same walk with
 one scale per row, applied once to the finished sums. A row whose length is not a whole number
 of groups ends in codes of padding, which meet activations masked to 0.
 
-The launch configuration is timed per shape on first use, as for `triton_matvec`, and the kernel
+The launch configuration (tiling included) is timed per shape on first use, as for
+`triton_matvec`; a variant this GPU's Triton cannot build is left out with a warning. The kernel
 is a PyTorch operator (`quant_matmul_operator`), so the compiled and captured step of §9 calls
 it as it is. As with plain weights (§9's `fuse_projections`), q/k/v and gate/up each run as one
 product: `fuse_quantized` stacks their codes, scales and offsets by rows.
@@ -9292,15 +9297,81 @@ def _triton_quant_kernels():
         else:
             tl.store(Out + rows, (tl.sum(acc, axis=1) * scale).to(Out.dtype.element_ty), mask=in_n)
 
-    return w4_kernel, w8_kernel
+    @triton.jit
+    def w4_grouped_kernel(X, C, S, Z, Out, M, N, K, n_groups, stride_xm, stride_om,
+                          G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GT: tl.constexpr,
+                          DOT: tl.constexpr, PRECISION: tl.constexpr):
+        # w4_kernel's product for G/2 a power of two: a tile is (rows, GT whole groups, G/2 bytes),
+        # so a group's scale and offset are loaded once and broadcast, and no column computes its group
+        HALF: tl.constexpr = G // 2
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        in_n = rows < N
+        rows64 = rows.to(tl.int64)
+        gi, j, m = tl.arange(0, GT), tl.arange(0, HALF), tl.arange(0, BLOCK_M)
+        if DOT:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_N, GT, HALF), dtype=tl.float32)
+        for g0 in range(0, n_groups, GT):
+            g = g0 + gi
+            in_g = g < n_groups
+            byte = g[:, None] * HALF + j[None, :]  # (GT, HALF)
+            codes = tl.load(C + rows64[:, None, None] * (n_groups * HALF) + byte[None, :, :],
+                            mask=in_n[:, None, None] & in_g[None, :, None], other=0)
+            g_at = rows64[:, None] * n_groups + g[None, :]  # (BLOCK_N, GT)
+            g_mask = in_n[:, None] & in_g[None, :]
+            scale = tl.load(S + g_at, mask=g_mask, other=0.0).to(tl.float32)[:, :, None]
+            offset = tl.load(Z + g_at, mask=g_mask, other=0.0).to(tl.float32)[:, :, None]
+            w_lo = (codes & 15).to(tl.float32) * scale + offset
+            w_hi = (codes >> 4).to(tl.float32) * scale + offset
+            k_lo = g[:, None] * G + j[None, :]  # (GT, HALF): the activation each low nibble multiplies
+            k_hi = k_lo + HALF
+            if DOT:
+                x_rows = X + m[:, None, None] * stride_xm
+                in_m = (m < M)[:, None, None]
+                x_lo = tl.load(x_rows + k_lo[None], mask=in_m & (k_lo < K)[None], other=0.0)
+                x_hi = tl.load(x_rows + k_hi[None], mask=in_m & (k_hi < K)[None], other=0.0)
+                acc += tl.dot(tl.reshape(x_lo, (BLOCK_M, GT * HALF)),
+                              tl.trans(tl.reshape(w_lo.to(x_lo.dtype), (BLOCK_N, GT * HALF))),
+                              input_precision=PRECISION)
+                acc += tl.dot(tl.reshape(x_hi, (BLOCK_M, GT * HALF)),
+                              tl.trans(tl.reshape(w_hi.to(x_hi.dtype), (BLOCK_N, GT * HALF))),
+                              input_precision=PRECISION)
+            else:
+                x_lo = tl.load(X + k_lo, mask=k_lo < K, other=0.0).to(tl.float32)
+                x_hi = tl.load(X + k_hi, mask=k_hi < K, other=0.0).to(tl.float32)
+                acc += w_lo * x_lo[None] + w_hi * x_hi[None]
+        if DOT:
+            out_ptrs = Out + m[:, None] * stride_om + rows[None, :]
+            tl.store(out_ptrs, acc.to(Out.dtype.element_ty), mask=(m < M)[:, None] & in_n[None, :])
+        else:
+            tl.store(Out + rows, tl.sum(tl.sum(acc, axis=2), axis=1).to(Out.dtype.element_ty), mask=in_n)
+
+    return w4_kernel, w8_kernel, w4_grouped_kernel
 
 
-# (BLOCK_N, BLOCK_K in weights, num_warps, num_stages), timed per shape on a GPU: one row of x, more rows
-QUANT_CONFIGS = {"vec": ((8, 256, 4, 3), (8, 512, 4, 3), (16, 256, 4, 3), (4, 512, 4, 4), (4, 1024, 4, 3),
-                         (16, 512, 8, 3), (2, 1024, 4, 4), (32, 256, 8, 3), (8, 1024, 8, 3)),
-                 "dot": ((16, 128, 4, 3), (32, 128, 4, 3), (32, 256, 4, 3), (64, 128, 4, 3), (16, 256, 4, 4),
-                         (64, 256, 8, 3), (128, 128, 8, 3), (16, 512, 4, 3))}
+# (BLOCK_N, BLOCK_K in weights, num_warps, num_stages, INT4 tiles), timed per shape on a GPU: one row of
+# x, more rows. Tiles "columns": w4_kernel, any group size; "groups": w4_grouped_kernel, G/2 a power of two
+QUANT_CONFIGS = {"vec": tuple((*c, "columns") for c in (
+                     (8, 256, 4, 3), (8, 512, 4, 3), (16, 256, 4, 3), (4, 512, 4, 4), (4, 1024, 4, 3),
+                     (16, 512, 8, 3), (2, 1024, 4, 4), (32, 256, 8, 3), (8, 1024, 8, 3))) +
+                 tuple((*c, "groups") for c in (
+                     (4, 512, 4, 4), (8, 512, 4, 3), (4, 1024, 4, 3), (8, 256, 4, 3), (16, 512, 8, 3),
+                     (2, 1024, 4, 4), (8, 1024, 8, 3))),
+                 "dot": tuple((*c, "columns") for c in (
+                     (16, 128, 4, 3), (32, 128, 4, 3), (32, 256, 4, 3), (64, 128, 4, 3), (16, 256, 4, 4),
+                     (64, 256, 8, 3), (128, 128, 8, 3), (16, 512, 4, 3))) +
+                 tuple((*c, "groups") for c in (
+                     (16, 128, 4, 3), (32, 128, 4, 3), (32, 256, 4, 3), (64, 128, 4, 3), (16, 256, 4, 4)))}
 QUANT_TUNED: dict = {}  # (kind, N, K, bits, group, x dtype, device) → the fastest config
+
+
+def quant_configs(kind: str, bits: int, group_size: int) -> list[tuple]:
+    """The launch configurations that apply to a product: whole-group tiles only for codes of at
+    most 4 bits whose half group is a power of two (Triton's tiles are)."""
+    half = group_size // 2 if bits < 8 else 0
+    grouped = half > 0 and half & (half - 1) == 0
+    return [c for c in QUANT_CONFIGS[kind] if c[4] == "columns" or grouped]
 
 
 QUANT_MAX_ROWS = 32  # the kernels' limit: larger steps (prefill) dequantize and use the BLAS
@@ -9316,7 +9387,7 @@ def triton_quant_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tens
     if K != in_features or not 1 <= M <= QUANT_MAX_ROWS or codes.device != x.device:
         raise InvalidArgumentError(f"triton_quant_matmul needs x (M ≤ {QUANT_MAX_ROWS}, {in_features}) on "
                                    f"the codes' device {codes.device}; got {tuple(x.shape)} on {x.device}")
-    w4, w8 = _triton_quant_kernels()
+    w4, w8, w4_grouped = _triton_quant_kernels()
     x = x.contiguous()
     out = torch.empty(M, N, device=x.device, dtype=x.dtype)
     kind = "vec" if M == 1 else "dot"
@@ -9326,11 +9397,15 @@ def triton_quant_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tens
     offsets = scales if offsets is None else offsets.contiguous()  # INT8 has none: any tensor will do
 
     def launch(cfg, c=codes):
-        bn, bk, warps, stages = cfg
+        bn, bk, warps, stages, tiles = cfg
         grid = (-(-N // bn),)
         if bits == 8:
             w8[grid](x, c, scales, out, M, N, K, x.stride(0), out.stride(0), BLOCK_M=block_m, BLOCK_N=bn,
                      BLOCK_K=bk, DOT=kind == "dot", PRECISION=precision, num_warps=warps, num_stages=stages)
+        elif tiles == "groups":  # BLOCK_K weights: BLOCK_K / G whole groups (at least one)
+            w4_grouped[grid](x, c, scales, offsets, out, M, N, K, codes.shape[1], x.stride(0), out.stride(0),
+                             G=group_size, BLOCK_M=block_m, BLOCK_N=bn, GT=max(1, bk // group_size),
+                             DOT=kind == "dot", PRECISION=precision, num_warps=warps, num_stages=stages)
         else:  # BLOCK_K weights are BLOCK_K / 2 bytes (a tile may end inside a group)
             w4[grid](x, c, scales, offsets, out, M, N, K, codes.shape[1], x.stride(0), out.stride(0),
                      G=group_size, BLOCK_M=block_m, BLOCK_N=bn, BYTES=max(16, bk // 2),
@@ -9338,14 +9413,31 @@ def triton_quant_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tens
 
     key = (kind, N, K, bits, group_size, block_m, x.dtype, x.device)
     if key not in QUANT_TUNED:
-        configs = QUANT_CONFIGS[kind]
+        configs = quant_configs(kind, bits, group_size)
         if x.device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
+            configs = [c for c in configs if _compiles(launch, c)]
             times = time_matvec_configs(launch, codes, configs=configs)
             QUANT_TUNED[key] = configs[times.index(min(times))]
         else:
             QUANT_TUNED[key] = configs[0]
     launch(QUANT_TUNED[key])
     return out
+
+
+def _compiles(launch: Callable, cfg: tuple) -> bool:
+    """Launch once (Triton compiles the variant); a variant this GPU's Triton cannot build is left
+    out of the tuning with a warning, as long as another one builds."""
+    try:
+        launch(cfg)
+        return True
+    except Exception as exc:  # compile failures come as several exception types
+        if cfg[4] == "columns":
+            raise  # the general kernel must build
+        import warnings
+
+        warnings.warn(f"quantized-kernel configuration {cfg} does not build here and is skipped: {exc}",
+                      stacklevel=3)
+        return False
 
 
 def quantized_matmul_gpu(layer: "QuantizedLinear", x: torch.Tensor) -> torch.Tensor:

@@ -322,13 +322,18 @@ def bench_quant_kernels(llm, name):
                 llm.QUANT_TUNED[key] = c
                 llm.triton_quant_matmul(x, codes, qw.scales, qw.offsets, bits, qw.group_size, K)
 
-            times = llm.time_matvec_configs(launch, qw.codes, configs=llm.QUANT_CONFIGS["vec"])
+            configs = llm.quant_configs("vec", bits, qw.group_size)
+            times = llm.time_matvec_configs(launch, qw.codes, configs=configs)
             best = min(times)
             ref = torch.nn.functional.linear(x.float(), qw.dequantize().float())
-            llm.QUANT_TUNED[key] = llm.QUANT_CONFIGS["vec"][times.index(best)]
+            llm.QUANT_TUNED[key] = configs[times.index(best)]
             got = llm.triton_quant_matmul(x, qw.codes, qw.scales, qw.offsets, bits, qw.group_size, K).float()
             row[f"INT{bits} µs"], row[f"INT{bits} GB/s"] = best, nbytes / best / 1e3
-            row[f"INT{bits} config"] = str(llm.QUANT_CONFIGS["vec"][times.index(best)])
+            row[f"INT{bits} config"] = str(configs[times.index(best)])
+            if bits == 4:  # the best of each INT4 tiling, to see what whole-group tiles buy
+                for tiles in ("columns", "groups"):
+                    row[f"INT4 {tiles} µs"] = min((t for t, c in zip(times, configs) if c[4] == tiles),
+                                                  default=float("nan"))
             row[f"INT{bits} error"] = float((got - ref).abs().max() / ref.abs().max())
         rows.append(row)
         print(row, flush=True)

@@ -25,8 +25,9 @@ def quantized(llm, bits, group, N, K, seed):
 @pytest.mark.parametrize("bits,group", [(8, None), (4, 32), (4, 128), (4, 48), (3, 64)])
 @pytest.mark.parametrize("N,K", [(37, 301), (64, 256)])
 def test_quant_kernels_equal_dequantize_then_linear(llm, bits, group, N, K, dtype):
-    """Every row count class (one row: elementwise; 3, 8, 32 rows: tl.dot), three launch
-    configurations each plus the one with the widest tile: to 1e-5 of the output's scale in fp32,
+    """Every row count class (one row: elementwise; 3, 8, 32 rows: tl.dot), two launch
+    configurations of each INT4 tiling (columns; whole groups where G/2 is a power of two) plus
+    its widest tile: to 1e-5 of the output's scale in fp32,
     and in bf16 to the rounding of x and of the tile (w rounded to bf16 before tl.dot) and the output."""
     qw = quantized(llm, bits, group, N, K, seed=N + K + bits)
     w = qw.dequantize().double()
@@ -38,9 +39,13 @@ def test_quant_kernels_equal_dequantize_then_linear(llm, bits, group, N, K, dtyp
         tol = (1e-5 if dtype == torch.float32 else 4 * torch.finfo(dtype).eps) * ref.abs().max().item()
         kind = "vec" if M == 1 else "dot"
         key = (kind, N, K, bits, qw.group_size, max(16, 1 << (M - 1).bit_length()), dtype, x.device)
-        configs = llm.QUANT_CONFIGS[kind]
+        picks = []
+        for tiles in ("columns", "groups"):  # whole-group tiles apply where G/2 is a power of two
+            own = [c for c in llm.quant_configs(kind, bits, qw.group_size) if c[4] == tiles]
+            picks += own[:2] + [max(own, key=lambda c: c[1])] if own else []
+        assert len(picks) == (6 if bits < 8 and group in (32, 64, 128) else 3)
         try:
-            for cfg in configs[:3] + (max(configs, key=lambda c: c[1]),):
+            for cfg in picks:
                 llm.QUANT_TUNED[key] = cfg
                 out = llm.triton_quant_matmul(x, qw.codes, qw.scales, qw.offsets, bits, qw.group_size, K)
                 assert out.shape == (M, N) and out.dtype == dtype
@@ -57,3 +62,19 @@ def test_quant_kernel_rejects_bad_input(llm):
         llm.triton_quant_matmul(torch.randn(33, 64, device=DEVICE), *args)
     with pytest.raises(llm.InvalidArgumentError, match="64"):
         llm.triton_quant_matmul(torch.randn(1, 63, device=DEVICE), *args)
+
+
+def test_a_variant_that_does_not_build_is_left_out_of_tuning(llm):
+    """Tuning launches each configuration once first: a whole-group variant that this GPU's Triton
+    cannot build is skipped with a warning; a failure of the general kernel is raised."""
+    def launch(cfg):
+        raise RuntimeError("no such layout")
+
+    groups = next(c for c in llm.QUANT_CONFIGS["vec"] if c[4] == "groups")
+    columns = next(c for c in llm.QUANT_CONFIGS["vec"] if c[4] == "columns")
+    with pytest.warns(UserWarning, match="does not build here"):
+        assert llm._compiles(launch, groups) is False
+    with pytest.raises(RuntimeError, match="no such layout"):
+        llm._compiles(launch, columns)
+    assert llm._compiles(lambda cfg: None, groups) is True
+    assert all(c[4] == "columns" for c in llm.quant_configs("vec", 4, 48) + llm.quant_configs("dot", 8, 128))
