@@ -5658,6 +5658,8 @@ def measure_quantization(model: str = "smollm2", device=None, quick: bool = Fals
              "perplexity": baseline_perplexity(model, device, quick, full) if real else
              evaluate_perplexity(net, eval_ids, show_progress=False),
              **timed(net, (32, None)), "quantize (s)": 0.0}]
+    energy = lambda ws: sum(float((w.double() ** 2).sum()) for w in ws)  # noqa: E731  Σw², for the SQNR
+    net_energy = energy(fp32_weights.values())  # every scheme rounds net's weights but AWQ (a rescaled copy)
     for name, (kind, bits, group, act) in progress(list(quantization_schemes(full, quick).items()), "schemes",
                                                    enabled=show_progress):
         with Timer() as t:
@@ -5665,7 +5667,7 @@ def measure_quantization(model: str = "smollm2", device=None, quick: bool = Fals
         qlins = {n: m for n, m in qnet.named_modules() if isinstance(m, QuantizedLinear)}
         before = {n: m.weight.detach() for n, m in linear_layers(rounded).items()}
         err = sum(float(((before[n] - m.weight_dequantized()).double() ** 2).sum()) for n, m in qlins.items())
-        signal = sum(float((w.double() ** 2).sum()) for w in before.values())
+        signal = net_energy if rounded is net else energy(before.values())
         rows.append({"scheme": name, "bits/weight": sum(m.qw.bits_per_weight * m.qw.shape[0] * m.qw.shape[1]
                                                         for m in qlins.values()) / n_weights,
                      "linear weights (MB)": sum(m.qw.nbytes for m in qlins.values()) / 1e6,
