@@ -173,6 +173,14 @@ def test_gptq_bad_input(llm):
     bad[0, 0] = float("nan")
     with pytest.raises(llm.QuantizationError, match="NaN"):
         llm.quantize_int8(bad)
+    for value in (float("inf"), -float("inf")):  # the check looks at the min and the max
+        bad[0, 0] = value
+        with pytest.raises(llm.QuantizationError, match="infinite"):
+            llm.quantize_groupwise(bad, 4, 32)
+    H = torch.eye(32)
+    H[3, 5] = float("nan")
+    with pytest.raises(llm.QuantizationError, match="finite"):
+        llm.gptq_quantize(W, H)
     with pytest.raises(llm.QuantizationError, match="2-D"):
         llm.quantize_int4(torch.randn(3, 4, 5))
 
