@@ -5006,13 +5006,10 @@ def quantize_groupwise(w: torch.Tensor, bits: int = 4, group_size: int = 128) ->
     return QuantizedWeight(_pack_nibbles(codes), scale, offset, bits, group_size, tuple(w.shape))
 
 
-def fake_quantize_groupwise(w: torch.Tensor, bits: int = 4, group_size: int = 128,
-                            checked: bool = False) -> torch.Tensor:
+def fake_quantize_groupwise(w: torch.Tensor, bits: int = 4, group_size: int = 128) -> torch.Tensor:
     """`quantize_groupwise(w, bits, group_size).dequantize()` without packing the codes: the
-    values a layer computes with, for searches that try many grids (AWQ). `checked`: the caller
-    has validated the arguments (the finiteness scan is a full pass over w)."""
-    if not checked:
-        _check_quant_args(w, bits, group_size)
+    values a layer computes with, for searches that try many grids (AWQ)."""
+    _check_quant_args(w, bits, group_size)
     O, K = w.shape
     return _round_groups(_group_view(w.detach().float(), group_size), bits).reshape(O, -1)[:, :K]
 
@@ -5416,14 +5413,11 @@ def awq_search_scales(x: torch.Tensor, weights: Sequence[torch.Tensor], bits: in
     s_x = x.abs().mean(0).clamp_min(1e-8)
     forward = forward or (lambda ws: torch.cat([x @ w.T for w in ws], dim=-1))
     reference = forward([w.float() for w in weights])
-    for w in weights:
-        _check_quant_args(w, bits, group_size)  # once, not at every α
     errors, best = [], (float("inf"), None, 0.0)
     for alpha in torch.linspace(0, 1, grid + 1).tolist():
         s = s_x.pow(alpha)
         s = s / (s.max() * s.min()).sqrt()  # centre the scales around 1
-        effective = [fake_quantize_groupwise(w.float() * s, bits, group_size, checked=True) / s
-                     for w in weights]
+        effective = [fake_quantize_groupwise(w.float() * s, bits, group_size) / s for w in weights]
         err = float((forward(effective) - reference).pow(2).sum())
         errors.append(err)
         if err < best[0]:
@@ -5665,7 +5659,9 @@ def measure_quantization(model: str = "smollm2", device=None, quick: bool = Fals
              "perplexity": baseline_perplexity(model, device, quick, full) if real else
              evaluate_perplexity(net, eval_ids, show_progress=False),
              **timed(net, (32, None)), "quantize (s)": 0.0}]
-    energy = lambda ws: sum(float((w.double() ** 2).sum()) for w in ws)  # noqa: E731  Σw², for the SQNR
+    def energy(weights) -> float:  # Σw², the SQNR's signal
+        return sum(float((w.double() ** 2).sum()) for w in weights)
+
     net_energy = energy(fp32_weights.values())  # every scheme rounds net's weights but AWQ (a rescaled copy)
     for name, (kind, bits, group, act) in progress(list(quantization_schemes(full, quick).items()), "schemes",
                                                    enabled=show_progress):
