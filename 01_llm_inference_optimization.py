@@ -9311,55 +9311,59 @@ def _triton_quant_kernels():
     def w4_grouped_kernel(X, C, S, Z, Out, M, N, K, n_groups, stride_xm, stride_om,
                           G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GT: tl.constexpr,
                           DOT: tl.constexpr, PRECISION: tl.constexpr):
-        # w4_kernel's product for G/2 a power of two: a tile is (rows, GT whole groups, G/2 bytes),
-        # so a group's scale and offset are loaded once and broadcast, and no column computes its group
+        # w4_kernel's product for G/2 a power of two, by whole groups: Σ (offset + scale·q)·x over a
+        # group is scale·Σ q·x + offset·Σ x, so a group's scale and offset are applied once to a sum.
+        # A code q becomes fp32 without an int-to-float conversion (a quarter-rate instruction on a
+        # GPU): the bits 0x4B000000 | q are the float 2^23 + q, exactly
         HALF: tl.constexpr = G // 2
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         in_n = rows < N
         rows64 = rows.to(tl.int64)
-        gi, j, m = tl.arange(0, GT), tl.arange(0, HALF), tl.arange(0, BLOCK_M)
-        if DOT:
+        j, m = tl.arange(0, HALF), tl.arange(0, BLOCK_M)
+        if DOT:  # GT groups a step, one after the other: (rows, G/2 bytes) tiles, tensor-core products
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        else:
-            acc = tl.zeros((BLOCK_N, GT), dtype=tl.float32)
-        for g0 in range(0, n_groups, GT):
-            g = g0 + gi
-            in_g = g < n_groups
-            byte = g[:, None] * HALF + j[None, :]  # (GT, HALF)
-            codes = tl.load(C + rows64[:, None, None] * (n_groups * HALF) + byte[None, :, :],
-                            mask=in_n[:, None, None] & in_g[None, :, None], other=0).to(tl.int32)
-            g_at = rows64[:, None] * n_groups + g[None, :]  # (BLOCK_N, GT)
-            g_mask = in_n[:, None] & in_g[None, :]
-            scale = tl.load(S + g_at, mask=g_mask, other=0.0).to(tl.float32)
-            offset = tl.load(Z + g_at, mask=g_mask, other=0.0).to(tl.float32)
-            # a code q as fp32 without an int-to-float conversion (a quarter-rate instruction on a GPU):
-            # the bits 0x4B000000 | q are the float 2^23 + q, exactly
-            q_lo = ((codes & 15) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-            q_hi = ((codes >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-            k_lo = g[:, None] * G + j[None, :]  # (GT, HALF): the activation each low nibble multiplies
-            k_hi = k_lo + HALF
-            if DOT:
-                w_lo = q_lo * scale[:, :, None] + offset[:, :, None]
-                w_hi = q_hi * scale[:, :, None] + offset[:, :, None]
-                x_rows = X + m[:, None, None] * stride_xm
-                in_m = (m < M)[:, None, None]
-                x_lo = tl.load(x_rows + k_lo[None], mask=in_m & (k_lo < K)[None], other=0.0)
-                x_hi = tl.load(x_rows + k_hi[None], mask=in_m & (k_hi < K)[None], other=0.0)
-                acc += tl.dot(tl.reshape(x_lo, (BLOCK_M, GT * HALF)),
-                              tl.trans(tl.reshape(w_lo.to(x_lo.dtype), (BLOCK_N, GT * HALF))),
-                              input_precision=PRECISION)
-                acc += tl.dot(tl.reshape(x_hi, (BLOCK_M, GT * HALF)),
-                              tl.trans(tl.reshape(w_hi.to(x_hi.dtype), (BLOCK_N, GT * HALF))),
-                              input_precision=PRECISION)
-            else:  # Σ (offset + scale·q)·x over a group = scale·Σ q·x + offset·Σ x: two operations a code
-                x_lo = tl.load(X + k_lo, mask=k_lo < K, other=0.0).to(tl.float32)
-                x_hi = tl.load(X + k_hi, mask=k_hi < K, other=0.0).to(tl.float32)
-                qx = tl.sum(q_lo * x_lo[None] + q_hi * x_hi[None], axis=2)  # (BLOCK_N, GT)
-                acc += qx * scale + offset * tl.sum(x_lo + x_hi, axis=1)[None, :]
-        if DOT:
+            x_rows = X + m[:, None] * stride_xm
+            in_m = (m < M)[:, None]
+            for g0 in range(0, n_groups, GT):
+                for t in tl.static_range(GT):
+                    g = g0 + t
+                    ok = in_n & (rows * 0 + g < n_groups)  # (a tensor: masks must be)
+                    codes = tl.load(C + rows64[:, None] * (n_groups * HALF) + g * HALF + j[None, :],
+                                    mask=ok[:, None], other=0).to(tl.int32)  # (BLOCK_N, HALF)
+                    scale = tl.load(S + rows64 * n_groups + g, mask=ok, other=0.0).to(tl.float32)
+                    offset = tl.load(Z + rows64 * n_groups + g, mask=ok, other=0.0).to(tl.float32)
+                    k_lo = g * G + j
+                    x_lo = tl.load(x_rows + k_lo[None, :], mask=in_m & (k_lo < K)[None, :], other=0.0)
+                    x_hi = tl.load(x_rows + k_lo[None, :] + HALF, mask=in_m & (k_lo + HALF < K)[None, :],
+                                   other=0.0)
+                    q_lo = ((codes & 15) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                    q_hi = ((codes >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                    qx = tl.dot(x_lo, tl.trans(q_lo.to(x_lo.dtype)), input_precision=PRECISION)  # q exact
+                    qx = tl.dot(x_hi, tl.trans(q_hi.to(x_hi.dtype)), qx, input_precision=PRECISION)
+                    x_sum = tl.sum(x_lo.to(tl.float32), axis=1) + tl.sum(x_hi.to(tl.float32), axis=1)
+                    acc += qx * scale[None, :] + x_sum[:, None] * offset[None, :]
             out_ptrs = Out + m[:, None] * stride_om + rows[None, :]
             tl.store(out_ptrs, acc.to(Out.dtype.element_ty), mask=(m < M)[:, None] & in_n[None, :])
-        else:
+        else:  # one row of x: a (rows, GT whole groups, G/2 bytes) tile a step
+            gi = tl.arange(0, GT)
+            acc = tl.zeros((BLOCK_N, GT), dtype=tl.float32)
+            for g0 in range(0, n_groups, GT):
+                g = g0 + gi
+                in_g = g < n_groups
+                byte = g[:, None] * HALF + j[None, :]  # (GT, HALF)
+                codes = tl.load(C + rows64[:, None, None] * (n_groups * HALF) + byte[None, :, :],
+                                mask=in_n[:, None, None] & in_g[None, :, None], other=0).to(tl.int32)
+                g_at = rows64[:, None] * n_groups + g[None, :]  # (BLOCK_N, GT)
+                g_mask = in_n[:, None] & in_g[None, :]
+                scale = tl.load(S + g_at, mask=g_mask, other=0.0).to(tl.float32)
+                offset = tl.load(Z + g_at, mask=g_mask, other=0.0).to(tl.float32)
+                k_lo = g[:, None] * G + j[None, :]  # (GT, HALF): the activation each low nibble multiplies
+                x_lo = tl.load(X + k_lo, mask=k_lo < K, other=0.0).to(tl.float32)
+                x_hi = tl.load(X + k_lo + HALF, mask=k_lo + HALF < K, other=0.0).to(tl.float32)
+                q_lo = ((codes & 15) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                q_hi = ((codes >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                qx = tl.sum(q_lo * x_lo[None] + q_hi * x_hi[None], axis=2)  # (BLOCK_N, GT)
+                acc += qx * scale + offset * tl.sum(x_lo + x_hi, axis=1)[None, :]
             tl.store(Out + rows, tl.sum(acc, axis=1).to(Out.dtype.element_ty), mask=in_n)
 
     return w4_kernel, w8_kernel, w4_grouped_kernel
