@@ -179,16 +179,38 @@ def test_quantized_model_on_gpu_decodes_through_the_kernels(llm, bits, dtype):
     kernel = llm.triton_quant_matmul
     llm.triton_quant_matmul = lambda *a: calls.append(a[0].shape[0]) or kernel(*a)
     try:
-        assert [llm.generate(fast, p, 10, cuda_graphs=False) for p in prompts] == expected
+        got = [llm.generate(fast, p, 10, cuda_graphs=False) for p in prompts]
     finally:
         llm.triton_quant_matmul = kernel
+    _same_or_near_tie(llm, fast, reference, prompts, got, expected, dtype)
     assert calls and max(calls) <= llm.QUANT_MAX_ROWS
     qkv, gate_up = llm.fuse_projections(fast)[0]  # one kernel for q/k/v, one for gate/up
     assert isinstance(qkv, llm.QuantizedLinear) and qkv.out_features == sum(
         m.out_features for m in (fast.layers[0].attn.wq, fast.layers[0].attn.wk, fast.layers[0].attn.wv))
     assert isinstance(gate_up, llm.QuantizedLinear) and llm.fuse_projections(fast)[0][0] is qkv
     for mode in ("graph", "compile+graph"):
-        assert llm.static_generate(fast, prompts, 10, mode) == expected, mode
+        _same_or_near_tie(llm, fast, reference, prompts, llm.static_generate(fast, prompts, 10, mode),
+                          expected, dtype)
+
+
+def _same_or_near_tie(llm, fast, reference, prompts, got, expected, dtype):
+    """fp32: the same tokens. bf16: the kernels form each weight exactly in fp32 (the reference rounds
+    it to bf16 first), so a near tie may flip: where the tokens first differ, both models' logits
+    agree to 2% of their scale and the reference's two best logits are that close too."""
+    if dtype == torch.float32:
+        assert got == expected
+        return
+    for prompt, a, b in zip(prompts, got, expected):
+        n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        if n is None:
+            assert a == b
+            continue
+        with torch.inference_mode():
+            ref = llm.forward_without_cache(reference, prompt + b[:n]).float()
+            ours = llm.forward_without_cache(fast, prompt + b[:n]).float()
+        scale, top2 = ref.abs().max().item(), ref.topk(2).values
+        assert (ours - ref).abs().max().item() <= 0.02 * scale, (prompt, n)
+        assert (top2[0] - top2[1]).item() <= 0.02 * scale, f"token {n} differs without a near tie"
 
 
 REPEATING = [1, 2, 3, 4, 5, 6, 7, 8] * 3 + [1, 2, 3]
