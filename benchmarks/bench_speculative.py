@@ -109,6 +109,7 @@ def main_gpu(args, llm):
                                                                        stop_ids=[eos])[0], args.repeats)
         rows.append(spec_row(task, "generate (graph per step)", "", plain, plain_s, fast_s, plain))
         rows.append(spec_row(task, "static_generate compile+graph", "", fast, fast_s, fast_s, plain))
+        print(rows[-2], rows[-1], sep="\n", flush=True)  # rows as they come: compiles take minutes
         for name, draft, gammas in drafts:
             for g in gammas:
                 stats = []
