@@ -421,10 +421,14 @@ class RMSNorm(nn.Module):
         self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalize in fp32 (as HF does), then cast back.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm's arithmetic: normalize in fp32 (as HF does), cast back, then scale."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float):
@@ -5946,6 +5950,8 @@ def static_decode_step(model: Transformer, tokens: torch.Tensor, positions: torc
     def norm_linear(norm, x, w, swiglu=False):  # linear(norm(x), w), then silu(gate) · up
         if matvec is not None and isinstance(w, torch.Tensor):
             return matvec(x, w, norm.weight, norm.eps, None, swiglu)
+        if matvec is not None and _quant_kernel_applies(w, x):  # Appendix D's kernels fold them too
+            return quantized_matmul_gpu(w, x, norm.weight, norm.eps, None, swiglu)
         h = w(norm(x)) if isinstance(w, nn.Module) else linear(norm(x), w)  # a module: quantized
         if not swiglu:
             return h
@@ -5953,6 +5959,8 @@ def static_decode_step(model: Transformer, tokens: torch.Tensor, positions: torc
         return F.silu(gate) * up
 
     def add_linear(x, module, h):  # x + module(h); a quantized module (§8) runs its own forward
+        if matvec is not None and _quant_kernel_applies(module, h):
+            return quantized_matmul_gpu(module, h, None, 0.0, x, False)
         if not _is_plain_linear(module):
             return x + module(h)
         if matvec is not None:
@@ -5979,7 +5987,13 @@ def static_decode_step(model: Transformer, tokens: torch.Tensor, positions: torc
         x = x[rows]
     if _is_plain_linear(model.lm_head):
         return norm_linear(model.norm, x, model.lm_head.weight).float()
-    return model.lm_head(model.norm(x)).float()
+    return norm_linear(model.norm, x, model.lm_head).float()
+
+
+def _quant_kernel_applies(module, x: torch.Tensor) -> bool:
+    """Whether a quantized layer (§8) multiplies this one-row x through Appendix D's kernels."""
+    return (isinstance(module, QuantizedLinear) and module.fast and x.is_cuda and x.shape[0] == 1
+            and triton_available())
 
 
 def _write_rows(k_cache: torch.Tensor, v_cache: torch.Tensor, index: tuple, k: torch.Tensor,
@@ -9216,7 +9230,15 @@ its arithmetic, not memory, sets the pace (`benchmarks/RESULTS.md`). INT8 is the
 one scale per row, applied once to the finished sums. A row whose length is not a whole number
 of groups ends in codes of padding, which meet activations masked to 0.
 
-The launch configuration (tiling included) is timed per shape on first use, as for
+At batch 1 the static step of §9 folds a product's neighbours into these kernels as it does into
+`triton_matvec`: the RMSNorm before q/k/v, gate/up and the head (x times the norm's weight in the
+loop, Σ x² alongside, one 1/rms for the finished sums), SiLU·up after gate/up (a program owns
+matching gate and up rows), and the residual add after wo and down. Without the folds a
+quantized step runs each of them as separate small kernels, about a dozen a layer.
+`w8_kernel` and `w4_grouped_kernel` fold; groups whose half is no power of two apply the
+neighbours in PyTorch around `w4_kernel`.
+
+The launch configuration (tiling included) is timed per shape and folds on first use, as for
 `triton_matvec`; a variant this GPU's Triton cannot build is left out with a warning. The kernel
 is a PyTorch operator (`quant_matmul_operator`), so the compiled and captured step of §9 calls
 it as it is. As with plain weights (§9's `fuse_projections`), q/k/v and gate/up each run as one
@@ -9281,40 +9303,60 @@ def _triton_quant_kernels():
             tl.store(Out + rows, tl.sum(acc, axis=1).to(Out.dtype.element_ty), mask=in_n)
 
     @triton.jit
-    def w8_kernel(X, C, S, Out, M, N, K, stride_xm, stride_om, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        in_n = rows < N
-        w_rows = C + rows.to(tl.int64)[:, None] * K
+    def w8_kernel(X, C, S, Gn, R, Out, M, N, K, stride_xm, stride_om, eps, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROWS: tl.constexpr, DOT: tl.constexpr,
+                  PRECISION: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr):
         cols = tl.arange(0, BLOCK_K)
-        m = tl.arange(0, BLOCK_M)
         if DOT:
+            rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+            in_n = rows < N
+            w_rows = C + rows.to(tl.int64)[:, None] * K
+            m = tl.arange(0, BLOCK_M)
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        else:
-            acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k = k0 + cols
-            w = tl.load(w_rows + k[None, :], mask=in_n[:, None] & (k < K)[None, :], other=0)
-            if DOT:
+            for k0 in range(0, K, BLOCK_K):
+                k = k0 + cols
+                w = tl.load(w_rows + k[None, :], mask=in_n[:, None] & (k < K)[None, :], other=0)
                 x = tl.load(X + m[:, None] * stride_xm + k[None, :], mask=(m < M)[:, None] & (k < K)[None, :],
                             other=0.0)
                 w = w.to(tl.float32).to(x.dtype)  # int8 codes are exact in bf16
                 acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
-            else:
+            scale = tl.load(S + rows, mask=in_n, other=0.0).to(tl.float32)
+            tl.store(Out + m[:, None] * stride_om + rows[None, :],
+                     (acc * scale[None, :]).to(Out.dtype.element_ty), mask=(m < M)[:, None] & in_n[None, :])
+        else:  # one row of x; ROWS = BLOCK_N rows, or 2·BLOCK_N with SWIGLU (gate rows, then up rows)
+            r = tl.arange(0, ROWS)
+            rows = tl.program_id(0) * BLOCK_N + r % BLOCK_N + (r // BLOCK_N) * N
+            in_n = tl.program_id(0) * BLOCK_N + r % BLOCK_N < N
+            w_rows = C + rows.to(tl.int64)[:, None] * K
+            acc = tl.zeros((ROWS, BLOCK_K), dtype=tl.float32)
+            squares = tl.zeros((BLOCK_K,), dtype=tl.float32)  # NORM: Σ x², alongside the products
+            for k0 in range(0, K, BLOCK_K):
+                k = k0 + cols
+                w = tl.load(w_rows + k[None, :], mask=in_n[:, None] & (k < K)[None, :], other=0)
                 x = tl.load(X + k, mask=k < K, other=0.0).to(tl.float32)
+                if NORM:
+                    squares += x * x
+                    x = x * tl.load(Gn + k, mask=k < K, other=0.0).to(tl.float32)
                 acc += w.to(tl.float32) * x[None, :]
-        scale = tl.load(S + rows, mask=in_n, other=0.0).to(tl.float32)
-        if DOT:
-            out = acc * scale[None, :]
-            tl.store(Out + m[:, None] * stride_om + rows[None, :], out.to(Out.dtype.element_ty),
-                     mask=(m < M)[:, None] & in_n[None, :])
-        else:
-            tl.store(Out + rows, (tl.sum(acc, axis=1) * scale).to(Out.dtype.element_ty), mask=in_n)
+            sums = tl.sum(acc, axis=1) * tl.load(S + rows, mask=in_n, other=0.0).to(tl.float32)
+            if NORM:  # RMSNorm's 1/rms is one number for the row: it scales the finished sums
+                sums = sums * tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
+            if SWIGLU:
+                pair = tl.reshape(sums, (2, BLOCK_N))
+                which = tl.arange(0, 2)[:, None]
+                gate = tl.sum(tl.where(which == 0, pair, 0.0), axis=0)
+                sums = gate * tl.sigmoid(gate) * tl.sum(tl.where(which == 1, pair, 0.0), axis=0)
+            out_rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+            if RESIDUAL:  # round as `x + linear(h)` does: the product to the output dtype, then the sum
+                sums = sums.to(Out.dtype.element_ty).to(tl.float32) + \
+                    tl.load(R + out_rows, mask=out_rows < N, other=0.0).to(tl.float32)
+            tl.store(Out + out_rows, sums.to(Out.dtype.element_ty), mask=out_rows < N)
 
     @triton.jit
-    def w4_grouped_kernel(X, C, S, Z, Out, M, N, K, n_groups, stride_xm, stride_om,
+    def w4_grouped_kernel(X, C, S, Z, Gn, R, Out, M, N, K, n_groups, stride_xm, stride_om, eps,
                           G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GT: tl.constexpr,
-                          DOT: tl.constexpr, PRECISION: tl.constexpr):
+                          ROWS: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, NORM: tl.constexpr,
+                          SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr):
         # w4_kernel's product for G/2 a power of two, by whole groups: Σ (offset + scale·q)·x over a
         # group is scale·Σ q·x + offset·Σ x, so a group's scale and offset are applied once to a sum.
         # A code q becomes fp32 without an int-to-float conversion (a quarter-rate instruction on a
@@ -9348,27 +9390,47 @@ def _triton_quant_kernels():
                     acc += qx * scale[None, :] + x_sum[:, None] * offset[None, :]
             out_ptrs = Out + m[:, None] * stride_om + rows[None, :]
             tl.store(out_ptrs, acc.to(Out.dtype.element_ty), mask=(m < M)[:, None] & in_n[None, :])
-        else:  # one row of x: a (rows, GT whole groups, G/2 bytes) tile a step
+        else:  # one row of x: (ROWS, GT whole groups, G/2 bytes) tiles; ROWS as in w8_kernel
+            r = tl.arange(0, ROWS)
+            rows64 = (tl.program_id(0) * BLOCK_N + r % BLOCK_N + (r // BLOCK_N) * N).to(tl.int64)
+            in_n = tl.program_id(0) * BLOCK_N + r % BLOCK_N < N
             gi = tl.arange(0, GT)
-            acc = tl.zeros((BLOCK_N, GT), dtype=tl.float32)
+            acc = tl.zeros((ROWS, GT), dtype=tl.float32)
+            squares = tl.zeros((GT, HALF), dtype=tl.float32)  # NORM: Σ x², alongside the products
             for g0 in range(0, n_groups, GT):
                 g = g0 + gi
                 in_g = g < n_groups
                 byte = g[:, None] * HALF + j[None, :]  # (GT, HALF)
                 codes = tl.load(C + rows64[:, None, None] * (n_groups * HALF) + byte[None, :, :],
                                 mask=in_n[:, None, None] & in_g[None, :, None], other=0).to(tl.int32)
-                g_at = rows64[:, None] * n_groups + g[None, :]  # (BLOCK_N, GT)
+                g_at = rows64[:, None] * n_groups + g[None, :]  # (ROWS, GT)
                 g_mask = in_n[:, None] & in_g[None, :]
                 scale = tl.load(S + g_at, mask=g_mask, other=0.0).to(tl.float32)
                 offset = tl.load(Z + g_at, mask=g_mask, other=0.0).to(tl.float32)
                 k_lo = g[:, None] * G + j[None, :]  # (GT, HALF): the activation each low nibble multiplies
                 x_lo = tl.load(X + k_lo, mask=k_lo < K, other=0.0).to(tl.float32)
                 x_hi = tl.load(X + k_lo + HALF, mask=k_lo + HALF < K, other=0.0).to(tl.float32)
+                if NORM:
+                    squares += x_lo * x_lo + x_hi * x_hi
+                    x_lo = x_lo * tl.load(Gn + k_lo, mask=k_lo < K, other=0.0).to(tl.float32)
+                    x_hi = x_hi * tl.load(Gn + k_lo + HALF, mask=k_lo + HALF < K, other=0.0).to(tl.float32)
                 q_lo = ((codes & 15) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
                 q_hi = ((codes >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-                qx = tl.sum(q_lo * x_lo[None] + q_hi * x_hi[None], axis=2)  # (BLOCK_N, GT)
+                qx = tl.sum(q_lo * x_lo[None] + q_hi * x_hi[None], axis=2)  # (ROWS, GT)
                 acc += qx * scale + offset * tl.sum(x_lo + x_hi, axis=1)[None, :]
-            tl.store(Out + rows, tl.sum(acc, axis=1).to(Out.dtype.element_ty), mask=in_n)
+            sums = tl.sum(acc, axis=1)
+            if NORM:  # the neighbours folded in exactly as in w8_kernel
+                sums = sums * tl.rsqrt(tl.sum(tl.sum(squares, axis=1), axis=0) / K + eps)
+            if SWIGLU:
+                pair = tl.reshape(sums, (2, BLOCK_N))
+                which = tl.arange(0, 2)[:, None]
+                gate = tl.sum(tl.where(which == 0, pair, 0.0), axis=0)
+                sums = gate * tl.sigmoid(gate) * tl.sum(tl.where(which == 1, pair, 0.0), axis=0)
+            out_rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+            if RESIDUAL:
+                sums = sums.to(Out.dtype.element_ty).to(tl.float32) + \
+                    tl.load(R + out_rows, mask=out_rows < N, other=0.0).to(tl.float32)
+            tl.store(Out + out_rows, sums.to(Out.dtype.element_ty), mask=out_rows < N)
 
     return w4_kernel, w8_kernel, w4_grouped_kernel
 
@@ -9401,42 +9463,70 @@ QUANT_MAX_ROWS = 32  # the kernels' limit: larger steps (prefill) dequantize and
 
 
 def triton_quant_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
-                        offsets: torch.Tensor | None, bits: int, group_size: int, in_features: int
-                        ) -> torch.Tensor:
+                        offsets: torch.Tensor | None, bits: int, group_size: int, in_features: int,
+                        norm: torch.Tensor | None = None, eps: float = 0.0,
+                        residual: torch.Tensor | None = None, swiglu: bool = False) -> torch.Tensor:
     """`F.linear(x, w)` with w given as §8's codes (a `QuantizedWeight`'s fields): x (M, K) with
-    M ≤ 32 → (M, N) in x's dtype, accumulated in fp32, w dequantized in registers."""
+    M ≤ 32 → (M, N) in x's dtype, accumulated in fp32, w dequantized in registers. For one row
+    the step's neighbours fold in as in `triton_matvec`: `norm` (RMSNorm of x first), `swiglu`
+    (w is gate and up stacked: silu(gate) · up, (1, N/2)), `residual` (added to the product)."""
     M, K = x.shape
     N = codes.shape[0]
     if K != in_features or not 1 <= M <= QUANT_MAX_ROWS or codes.device != x.device:
         raise InvalidArgumentError(f"triton_quant_matmul needs x (M ≤ {QUANT_MAX_ROWS}, {in_features}) on "
                                    f"the codes' device {codes.device}; got {tuple(x.shape)} on {x.device}")
+    folds = (norm is not None, swiglu, residual is not None)
+    n_out = N // 2 if swiglu else N
+    if any(folds) and (M != 1 or N % (2 if swiglu else 1)):
+        raise InvalidArgumentError(f"the folded norm, SiLU·up and residual take one row of x (and an even "
+                                   f"row count with swiglu); got x {tuple(x.shape)}, {N} rows")
+    for name, t, n in (("norm", norm, K), ("residual", residual, n_out)):
+        if t is not None and (t.numel() != n or t.device != x.device):
+            raise InvalidArgumentError(f"triton_quant_matmul's {name} must hold {n} values on {x.device}; "
+                                       f"got {tuple(t.shape)} on {t.device}")
+    half = group_size // 2
+    if bits == 4 and any(folds) and half & (half - 1):  # only whole-group tiles fold: the rest in torch
+        if norm is not None:
+            x = rms_norm(x, norm, eps)
+        out = triton_quant_matmul(x, codes, scales, offsets, bits, group_size, in_features)
+        if swiglu:
+            gate, up = out.chunk(2, dim=-1)
+            out = F.silu(gate) * up
+        return out if residual is None else residual.reshape(out.shape) + out
     w4, w8, w4_grouped = _triton_quant_kernels()
     x = x.contiguous()
-    out = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    out = torch.empty(M, n_out, device=x.device, dtype=x.dtype)
     kind = "vec" if M == 1 else "dot"
     block_m = max(16, 1 << (M - 1).bit_length())
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
     codes, scales = codes.contiguous(), scales.contiguous()
     offsets = scales if offsets is None else offsets.contiguous()  # INT8 has none: any tensor will do
+    g = x if norm is None else norm.reshape(K).contiguous()  # unused pointers point at x
+    r = x if residual is None else residual.reshape(n_out).contiguous()
+    fold = dict(NORM=folds[0], SWIGLU=swiglu, RESIDUAL=folds[2])
 
     def launch(cfg, c=codes):
         bn, bk, warps, stages, tiles = cfg
-        grid = (-(-N // bn),)
+        grid = (-(-n_out // bn),)
+        rows = bn * (2 if swiglu else 1)
         if bits == 8:
-            w8[grid](x, c, scales, out, M, N, K, x.stride(0), out.stride(0), BLOCK_M=block_m, BLOCK_N=bn,
-                     BLOCK_K=bk, DOT=kind == "dot", PRECISION=precision, num_warps=warps, num_stages=stages)
+            w8[grid](x, c, scales, g, r, out, M, n_out, K, x.stride(0), out.stride(0), eps, BLOCK_M=block_m,
+                     BLOCK_N=bn, BLOCK_K=bk, ROWS=rows, DOT=kind == "dot", PRECISION=precision, **fold,
+                     num_warps=warps, num_stages=stages)
         elif tiles == "groups":  # BLOCK_K weights: BLOCK_K / G whole groups (at least one)
-            w4_grouped[grid](x, c, scales, offsets, out, M, N, K, codes.shape[1], x.stride(0), out.stride(0),
-                             G=group_size, BLOCK_M=block_m, BLOCK_N=bn, GT=max(1, bk // group_size),
-                             DOT=kind == "dot", PRECISION=precision, num_warps=warps, num_stages=stages)
+            w4_grouped[grid](x, c, scales, offsets, g, r, out, M, n_out, K, codes.shape[1], x.stride(0),
+                             out.stride(0), eps, G=group_size, BLOCK_M=block_m, BLOCK_N=bn,
+                             GT=max(1, bk // group_size), ROWS=rows, DOT=kind == "dot", PRECISION=precision,
+                             **fold, num_warps=warps, num_stages=stages)
         else:  # BLOCK_K weights are BLOCK_K / 2 bytes (a tile may end inside a group)
             w4[grid](x, c, scales, offsets, out, M, N, K, codes.shape[1], x.stride(0), out.stride(0),
                      G=group_size, BLOCK_M=block_m, BLOCK_N=bn, BYTES=max(16, bk // 2),
                      DOT=kind == "dot", PRECISION=precision, num_warps=warps, num_stages=stages)
 
-    key = (kind, N, K, bits, group_size, block_m, x.dtype, x.device)
+    key = (kind, N, K, bits, group_size, block_m, x.dtype, x.device, folds)
     if key not in QUANT_TUNED:
-        configs = quant_configs(kind, bits, group_size)
+        configs = [c for c in quant_configs(kind, bits, group_size) if not any(folds) or bits == 8
+                   or c[4] == "groups"]  # the per-column kernel has no folds
         if x.device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
             configs = [c for c in configs if _compiles(launch, c)]
             times = time_matvec_configs(launch, codes, configs=configs)
@@ -9463,23 +9553,29 @@ def _compiles(launch: Callable, cfg: tuple) -> bool:
         return False
 
 
-def quantized_matmul_gpu(layer: "QuantizedLinear", x: torch.Tensor) -> torch.Tensor:
-    """A `QuantizedLinear`'s product for x (M ≤ 32, K) on a GPU, through the operator."""
+def quantized_matmul_gpu(layer: "QuantizedLinear", x: torch.Tensor, norm: torch.Tensor | None = None,
+                         eps: float = 0.0, residual: torch.Tensor | None = None,
+                         swiglu: bool = False) -> torch.Tensor:
+    """A `QuantizedLinear`'s product for x (M ≤ 32, K) on a GPU, through the operator; for one
+    row, with the neighbours folded in (see `triton_quant_matmul`)."""
     offsets = layer.scales if layer.offsets is None else layer.offsets  # INT8 has none
     return quant_matmul_operator()(x, layer.codes, layer.scales, offsets, layer.qw.bits, layer.qw.group_size,
-                                   layer.in_features)
+                                   layer.in_features, norm, eps, residual, swiglu)
 
 
 def quant_matmul_operator() -> Callable:
-    """`triton_quant_matmul` as a PyTorch operator (offsets: an empty tensor for INT8)."""
+    """`triton_quant_matmul` as a PyTorch operator (every argument given; offsets: any tensor for
+    INT8)."""
     def quant_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
-                     bits: int, group_size: int, in_features: int) -> torch.Tensor:
-        return triton_quant_matmul(x, codes, scales, offsets, bits, group_size, in_features)
+                     bits: int, group_size: int, in_features: int, norm: torch.Tensor | None, eps: float,
+                     residual: torch.Tensor | None, swiglu: bool) -> torch.Tensor:
+        return triton_quant_matmul(x, codes, scales, offsets, bits, group_size, in_features, norm, eps,
+                                   residual, swiglu)
 
-    def shape(x, codes, scales, offsets, bits, group_size, in_features):
-        return x.new_empty(x.shape[0], codes.shape[0])
+    def shape(x, codes, scales, offsets, bits, group_size, in_features, norm, eps, residual, swiglu):
+        return x.new_empty(x.shape[0], codes.shape[0] // 2 if swiglu else codes.shape[0])
 
-    return _lesson_op("quant_matmul", quant_matmul, shape)
+    return _lesson_op("quant_matmul_folded", quant_matmul, shape)
 
 _FUSED_QUANT: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # owner → (codes' addresses, fused)
 

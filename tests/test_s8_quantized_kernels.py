@@ -78,3 +78,44 @@ def test_a_variant_that_does_not_build_is_left_out_of_tuning(llm):
         llm._compiles(launch, columns)
     assert llm._compiles(lambda cfg: None, groups) is True
     assert all(c[4] == "columns" for c in llm.quant_configs("vec", 4, 48) + llm.quant_configs("dot", 8, 128))
+
+
+@needs_triton
+@pytest.mark.parametrize("bits,group", [(8, None), (4, 32), (4, 128), (4, 48)])
+@pytest.mark.parametrize("N,K", [(38, 301), (64, 256)])
+def test_folded_norm_swiglu_residual_equal_the_unfolded_step(llm, bits, group, N, K):
+    """One row of x with the step's neighbours folded into the kernel (whole-group INT4 and INT8;
+    INT4 groups whose half is no power of two apply them in torch around the kernel): equal to
+    rms_norm, then the product, then silu(gate) · up, then + residual, to 1e-5 of the output's scale."""
+    qw = quantized(llm, bits, group, N, K, seed=N + K)
+    w = qw.dequantize().double()
+    g = torch.Generator().manual_seed(K)
+    x = torch.randn(1, K, generator=g).to(DEVICE)
+    weight = (1 + 0.1 * torch.randn(K, generator=g)).to(DEVICE)
+    for norm, swiglu, residual in [(True, False, False), (False, True, False), (False, False, True),
+                                   (True, True, False)]:
+        h = llm.rms_norm(x.double(), weight.double(), 1e-5) if norm else x.double()
+        ref = torch.nn.functional.linear(h, w)
+        if swiglu:
+            gate, up = ref.chunk(2, dim=-1)
+            ref = torch.nn.functional.silu(gate) * up
+        res = torch.randn(ref.shape, generator=g).to(DEVICE) if residual else None
+        ref = ref + res.double() if residual else ref
+        key_folds = (norm, swiglu, residual)
+        key = ("vec", N, K, bits, qw.group_size, 16, torch.float32, x.device, key_folds)
+        configs = [c for c in llm.quant_configs("vec", bits, qw.group_size) if bits == 8 or c[4] == "groups"]
+        picks = (configs[:1] + [max(configs, key=lambda c: c[1])]) if configs else [None]
+        try:
+            for cfg in picks:
+                if cfg is not None:
+                    llm.QUANT_TUNED[key] = cfg
+                out = llm.triton_quant_matmul(x, qw.codes, qw.scales, qw.offsets, bits, qw.group_size, K,
+                                              weight if norm else None, 1e-5, res, swiglu)
+                assert out.shape == ref.shape
+                err = (out.double() - ref).abs().max().item()
+                assert err < 1e-5 * ref.abs().max().item(), (key_folds, cfg)
+        finally:
+            llm.QUANT_TUNED.pop(key, None)
+    with pytest.raises(llm.InvalidArgumentError, match="one row"):
+        llm.triton_quant_matmul(torch.randn(2, K, device=DEVICE), qw.codes, qw.scales, qw.offsets, bits,
+                                qw.group_size, K, weight, 1e-5, None, False)
