@@ -168,8 +168,9 @@ def test_interleaved_generators_on_gpu_get_their_own_cache(llm):
 @pytest.mark.parametrize("bits", [8, 4])
 def test_quantized_model_on_gpu_decodes_through_the_kernels(llm, bits, dtype):
     """§8 on a GPU: a quantized model decodes through Appendix D's kernels (eagerly, in CUDA graphs,
-    compiled and captured) with the tokens of the same model on the reference path (dequantize,
-    then F.linear); a sharp model, so that a wrong product changes the tokens."""
+    compiled and captured, at batch 1 with the neighbours folded in) with the tokens of the same
+    model on the reference path (dequantize, then F.linear); a sharp model, so that a wrong
+    product changes the tokens."""
     model = _sharp_tiny(llm, seed=7).to(dtype)
     fast = llm.quantize_model(model, llm.rtn_quantizer(bits, 32))
     reference = llm.quantize_model(model, llm.rtn_quantizer(bits, 32), fast=False)
@@ -191,6 +192,9 @@ def test_quantized_model_on_gpu_decodes_through_the_kernels(llm, bits, dtype):
     for mode in ("graph", "compile+graph"):
         _same_or_near_tie(llm, fast, reference, prompts, llm.static_generate(fast, prompts, 10, mode),
                           expected, dtype)
+    # batch 1 in a CUDA graph: the norm, SiLU·up and residual folded into the kernels
+    _same_or_near_tie(llm, fast, reference, prompts, [llm.generate(fast, p, 10) for p in prompts],
+                      expected, dtype)
 
 
 def _same_or_near_tie(llm, fast, reference, prompts, got, expected, dtype):
