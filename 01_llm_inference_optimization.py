@@ -9597,14 +9597,20 @@ def fuse_quantized(owner: nn.Module, mods: Sequence[nn.Module]) -> "QuantizedLin
     if kept is not None and kept[0] == key:
         return kept[1]
 
+    fused = stack_quantized(mods)
+    _FUSED_QUANT[owner] = (key, fused)
+    return fused
+
+
+def stack_quantized(mods: Sequence["QuantizedLinear"]) -> "QuantizedLinear":
+    """Quantized layers of one input, bits and group size as one: codes, scales and offsets
+    stacked by rows (a copy)."""
     def stack(name):
         return None if getattr(mods[0], name) is None else torch.cat([getattr(m, name) for m in mods])
 
     q = mods[0].qw
-    fused = QuantizedLinear(QuantizedWeight(stack("codes"), stack("scales"), stack("offsets"), q.bits,
-                                            q.group_size, (sum(m.out_features for m in mods), q.shape[1])))
-    _FUSED_QUANT[owner] = (key, fused)
-    return fused
+    return QuantizedLinear(QuantizedWeight(stack("codes"), stack("scales"), stack("offsets"), q.bits,
+                                           q.group_size, (sum(m.out_features for m in mods), q.shape[1])))
 
 # %% [markdown]
 """

@@ -119,3 +119,32 @@ def test_folded_norm_swiglu_residual_equal_the_unfolded_step(llm, bits, group, N
     with pytest.raises(llm.InvalidArgumentError, match="one row"):
         llm.triton_quant_matmul(torch.randn(2, K, device=DEVICE), qw.codes, qw.scales, qw.offsets, bits,
                                 qw.group_size, K, weight, 1e-5, None, False)
+
+
+@needs_triton
+@pytest.mark.parametrize("bits", [8, 4])
+def test_static_step_folds_the_neighbours_of_quantized_layers(llm, bits, monkeypatch):
+    """§9's static step at batch 1 with a quantized model: with the folds (norms, SiLU·up and
+    residual adds inside the kernels, q/k/v and gate/up stacked) the logits equal the same model's
+    on the reference path, dequantize then F.linear (fp32, 1e-4 of their scale). On a CPU the
+    kernels run in Triton's interpreter."""
+    base = llm.build_model("tiny", seed=3)
+    reference = llm.quantize_model(base, llm.rtn_quantizer(bits, 32), fast=False).to(DEVICE)
+    model = llm.quantize_model(base, llm.rtn_quantizer(bits, 32)).to(DEVICE)
+    tokens, positions = torch.tensor([7], device=DEVICE), torch.tensor([0], device=DEVICE)
+    with torch.inference_mode():
+        unfolded = llm.StaticDecoder(reference, 1, 16, "eager").step_eager(tokens, positions)
+        dec = llm.StaticDecoder(model, 1, 16, "eager")
+        monkeypatch.setattr(llm, "_quant_kernel_applies",
+                            lambda m, x: isinstance(m, llm.QuantizedLinear) and m.fast and x.shape[0] == 1)
+        dec.matvec_op = lambda x, w, norm, eps, residual, swiglu: llm.triton_matvec(x, w, norm, eps, residual,
+                                                                                   swiglu)
+        dec.fused = [(llm.stack_quantized([layer.attn.wq, layer.attn.wk, layer.attn.wv]),
+                      llm.stack_quantized([layer.mlp.w_gate, layer.mlp.w_up])) for layer in model.layers]
+        calls = []
+        kernel = llm.triton_quant_matmul
+        monkeypatch.setattr(llm, "triton_quant_matmul", lambda *a: calls.append(a[7:]) or kernel(*a))
+        folded = dec.step_eager(tokens, positions)
+    assert {(n is not None, swiglu, r is not None) for n, _, r, swiglu in calls} >= {
+        (True, False, False), (True, True, False), (False, False, True)}  # norm, SiLU·up, residual folded
+    assert (folded - unfolded).abs().max().item() < 1e-4 * unfolded.abs().max().item()
