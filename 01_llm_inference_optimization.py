@@ -9485,14 +9485,10 @@ def triton_quant_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tens
             raise InvalidArgumentError(f"triton_quant_matmul's {name} must hold {n} values on {x.device}; "
                                        f"got {tuple(t.shape)} on {t.device}")
     half = group_size // 2
+    unfolded = functools.partial(_quant_matmul_unfolded, x, codes, scales, offsets, bits, group_size,
+                                 in_features, norm, eps, residual, swiglu)
     if bits == 4 and any(folds) and half & (half - 1):  # only whole-group tiles fold: the rest in torch
-        if norm is not None:
-            x = rms_norm(x, norm, eps)
-        out = triton_quant_matmul(x, codes, scales, offsets, bits, group_size, in_features)
-        if swiglu:
-            gate, up = out.chunk(2, dim=-1)
-            out = F.silu(gate) * up
-        return out if residual is None else residual.reshape(out.shape) + out
+        return unfolded()
     w4, w8, w4_grouped = _triton_quant_kernels()
     x = x.contiguous()
     out = torch.empty(M, n_out, device=x.device, dtype=x.dtype)
@@ -9528,24 +9524,40 @@ def triton_quant_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tens
         configs = [c for c in quant_configs(kind, bits, group_size) if not any(folds) or bits == 8
                    or c[4] == "groups"]  # the per-column kernel has no folds
         if x.device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
-            configs = [c for c in configs if _compiles(launch, c)]
-            times = time_matvec_configs(launch, codes, configs=configs)
-            QUANT_TUNED[key] = configs[times.index(min(times))]
+            general = not any(folds)  # a fold that does not build falls back to `unfolded`
+            configs = [c for c in configs if _compiles(launch, c, required=c[4] == "columns" and general)]
+            times = time_matvec_configs(launch, codes, configs=configs) if configs else []
+            QUANT_TUNED[key] = configs[times.index(min(times))] if configs else None
         else:
             QUANT_TUNED[key] = configs[0]
+    if QUANT_TUNED[key] is None:
+        return unfolded()
     launch(QUANT_TUNED[key])
     return out
 
 
-def _compiles(launch: Callable, cfg: tuple) -> bool:
+def _quant_matmul_unfolded(x, codes, scales, offsets, bits, group_size, in_features, norm, eps, residual,
+                           swiglu) -> torch.Tensor:
+    """`triton_quant_matmul` with the neighbours applied in PyTorch around the plain kernel."""
+    if norm is not None:
+        x = rms_norm(x, norm, eps)
+    out = triton_quant_matmul(x, codes, scales, offsets, bits, group_size, in_features)
+    if swiglu:
+        gate, up = out.chunk(2, dim=-1)
+        out = F.silu(gate) * up
+    return out if residual is None else residual.reshape(out.shape) + out
+
+
+def _compiles(launch: Callable, cfg: tuple, required: bool | None = None) -> bool:
     """Launch once (Triton compiles the variant); a variant this GPU's Triton cannot build is left
-    out of the tuning with a warning, as long as another one builds."""
+    out of the tuning with a warning. A `required` one (by default the per-column tiles, the
+    general kernel) raises instead."""
     try:
         launch(cfg)
         return True
     except Exception as exc:  # compile failures come as several exception types
-        if cfg[4] == "columns":
-            raise  # the general kernel must build
+        if cfg[4] == "columns" if required is None else required:
+            raise
         import warnings
 
         warnings.warn(f"quantized-kernel configuration {cfg} does not build here and is skipped: {exc}",

@@ -76,6 +76,8 @@ def test_a_variant_that_does_not_build_is_left_out_of_tuning(llm):
         assert llm._compiles(launch, groups) is False
     with pytest.raises(RuntimeError, match="no such layout"):
         llm._compiles(launch, columns)
+    with pytest.warns(UserWarning, match="does not build here"):  # a folded variant falls back instead
+        assert llm._compiles(launch, columns, required=False) is False
     assert llm._compiles(lambda cfg: None, groups) is True
     assert all(c[4] == "columns" for c in llm.quant_configs("vec", 4, 48) + llm.quant_configs("dot", 8, 128))
 
@@ -104,11 +106,10 @@ def test_folded_norm_swiglu_residual_equal_the_unfolded_step(llm, bits, group, N
         key_folds = (norm, swiglu, residual)
         key = ("vec", N, K, bits, qw.group_size, 16, torch.float32, x.device, key_folds)
         configs = [c for c in llm.quant_configs("vec", bits, qw.group_size) if bits == 8 or c[4] == "groups"]
-        picks = (configs[:1] + [max(configs, key=lambda c: c[1])]) if configs else [None]
+        picks = (configs[:1] + [max(configs, key=lambda c: c[1])]) if configs else []
         try:
-            for cfg in picks:
-                if cfg is not None:
-                    llm.QUANT_TUNED[key] = cfg
+            for cfg in picks + [None]:  # None: as when no folded variant builds (the unfolded path)
+                llm.QUANT_TUNED[key] = cfg
                 out = llm.triton_quant_matmul(x, qw.codes, qw.scales, qw.offsets, bits, qw.group_size, K,
                                               weight if norm else None, 1e-5, res, swiglu)
                 assert out.shape == ref.shape
