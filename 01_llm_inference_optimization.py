@@ -9325,8 +9325,8 @@ def _triton_quant_kernels():
                      (acc * scale[None, :]).to(Out.dtype.element_ty), mask=(m < M)[:, None] & in_n[None, :])
         else:  # one row of x; ROWS = BLOCK_N rows, or 2·BLOCK_N with SWIGLU (gate rows, then up rows)
             r = tl.arange(0, ROWS)
-            rows = tl.program_id(0) * BLOCK_N + r % BLOCK_N + (r // BLOCK_N) * N
-            in_n = tl.program_id(0) * BLOCK_N + r % BLOCK_N < N
+            out_row = tl.program_id(0) * BLOCK_N + r % BLOCK_N  # the output row each tile row feeds
+            rows, in_n = out_row + (r // BLOCK_N) * N, out_row < N
             w_rows = C + rows.to(tl.int64)[:, None] * K
             acc = tl.zeros((ROWS, BLOCK_K), dtype=tl.float32)
             squares = tl.zeros((BLOCK_K,), dtype=tl.float32)  # NORM: Σ x², alongside the products
@@ -9392,8 +9392,8 @@ def _triton_quant_kernels():
             tl.store(out_ptrs, acc.to(Out.dtype.element_ty), mask=(m < M)[:, None] & in_n[None, :])
         else:  # one row of x: (ROWS, GT whole groups, G/2 bytes) tiles; ROWS as in w8_kernel
             r = tl.arange(0, ROWS)
-            rows64 = (tl.program_id(0) * BLOCK_N + r % BLOCK_N + (r // BLOCK_N) * N).to(tl.int64)
-            in_n = tl.program_id(0) * BLOCK_N + r % BLOCK_N < N
+            out_row = tl.program_id(0) * BLOCK_N + r % BLOCK_N
+            rows64, in_n = (out_row + (r // BLOCK_N) * N).to(tl.int64), out_row < N
             gi = tl.arange(0, GT)
             acc = tl.zeros((ROWS, GT), dtype=tl.float32)
             squares = tl.zeros((GT, HALF), dtype=tl.float32)  # NORM: Σ x², alongside the products
@@ -9477,18 +9477,13 @@ def triton_quant_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tens
                                    f"the codes' device {codes.device}; got {tuple(x.shape)} on {x.device}")
     folds = (norm is not None, swiglu, residual is not None)
     n_out = N // 2 if swiglu else N
-    if any(folds) and (M != 1 or N % (2 if swiglu else 1)):
+    if any(folds) and (M != 1 or swiglu and N % 2):
         raise InvalidArgumentError(f"the folded norm, SiLU·up and residual take one row of x (and an even "
                                    f"row count with swiglu); got x {tuple(x.shape)}, {N} rows")
     for name, t, n in (("norm", norm, K), ("residual", residual, n_out)):
         if t is not None and (t.numel() != n or t.device != x.device):
             raise InvalidArgumentError(f"triton_quant_matmul's {name} must hold {n} values on {x.device}; "
                                        f"got {tuple(t.shape)} on {t.device}")
-    half = group_size // 2
-    unfolded = functools.partial(_quant_matmul_unfolded, x, codes, scales, offsets, bits, group_size,
-                                 in_features, norm, eps, residual, swiglu)
-    if bits == 4 and any(folds) and half & (half - 1):  # only whole-group tiles fold: the rest in torch
-        return unfolded()
     w4, w8, w4_grouped = _triton_quant_kernels()
     x = x.contiguous()
     out = torch.empty(M, n_out, device=x.device, dtype=x.dtype)
@@ -9499,7 +9494,7 @@ def triton_quant_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tens
     offsets = scales if offsets is None else offsets.contiguous()  # INT8 has none: any tensor will do
     g = x if norm is None else norm.reshape(K).contiguous()  # unused pointers point at x
     r = x if residual is None else residual.reshape(n_out).contiguous()
-    fold = dict(NORM=folds[0], SWIGLU=swiglu, RESIDUAL=folds[2])
+    fold = dict(zip(("NORM", "SWIGLU", "RESIDUAL"), folds))
 
     def launch(cfg, c=codes):
         bn, bk, warps, stages, tiles = cfg
@@ -9523,15 +9518,16 @@ def triton_quant_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tens
     if key not in QUANT_TUNED:
         configs = [c for c in quant_configs(kind, bits, group_size) if not any(folds) or bits == 8
                    or c[4] == "groups"]  # the per-column kernel has no folds
-        if x.device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
-            general = not any(folds)  # a fold that does not build falls back to `unfolded`
+        if configs and x.device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
+            general = not any(folds)  # a fold that does not build is done unfolded instead
             configs = [c for c in configs if _compiles(launch, c, required=c[4] == "columns" and general)]
             times = time_matvec_configs(launch, codes, configs=configs) if configs else []
             QUANT_TUNED[key] = configs[times.index(min(times))] if configs else None
         else:
-            QUANT_TUNED[key] = configs[0]
-    if QUANT_TUNED[key] is None:
-        return unfolded()
+            QUANT_TUNED[key] = configs[0] if configs else None
+    if QUANT_TUNED[key] is None:  # no kernel here folds this product's neighbours: PyTorch applies them
+        return _quant_matmul_unfolded(x, codes, scales, offsets, bits, group_size, in_features, norm, eps,
+                                      residual, swiglu)
     launch(QUANT_TUNED[key])
     return out
 
