@@ -97,6 +97,17 @@ def spec_row(task, method, gamma, out, seconds, fast_s, plain, stats=None):
 
 def main_gpu(args, llm):
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    shapes_cost = []
+    if args.shapes:  # first: graph replays need no compile, so this table comes within a minute
+        cfg = llm.ModelConfig.from_name(args.shapes)
+        with torch.device("cuda"):
+            big = llm.Transformer(cfg)
+        shapes_cost = verify_cost(llm, big.to(torch.bfloat16).eval(), args.shapes_gammas, args.shapes_mode)
+        del big
+        torch.cuda.empty_cache()
+        print(llm.format_table(shapes_cost, f"One verify step vs one decode step at batch 1, {args.shapes} "
+                                            f"shapes, {args.shapes_mode}, {torch.cuda.get_device_name()} "
+                                            "(measured, CUDA events)"), flush=True)
     net, tok = llm.get_model(args.model, "cuda")
     net = net.to(dtype)
     n, eos, rows, k = args.max_new_tokens, tok.eos_id, [], args.draft_layers
@@ -127,12 +138,7 @@ def main_gpu(args, llm):
     title = (f"Speculative decoding on {torch.cuda.get_device_name()}, {net.cfg.name} {args.dtype}, greedy, "
              f"{n} new tokens at most; median of {args.repeats} (measured)")
     print(llm.format_table(rows, title))
-    cost = verify_cost(llm, net, sorted(set(args.gammas) | {8}), args.mode)
-    if args.shapes:
-        cfg = llm.ModelConfig.from_name(args.shapes)
-        with torch.device("cuda"):
-            big = llm.Transformer(cfg)
-        cost += verify_cost(llm, big.to(torch.bfloat16).eval(), args.shapes_gammas, args.shapes_mode)
+    cost = verify_cost(llm, net, sorted(set(args.gammas) | {8}), args.mode) + shapes_cost
     print(llm.format_table(cost, f"One verify step vs one decode step at batch 1, {args.mode} ({args.shapes} "
                                  f"shapes: {args.shapes_mode}), {torch.cuda.get_device_name()} (measured, "
                                  "CUDA events)"))
