@@ -114,6 +114,8 @@ def main_gpu(args, llm):
     drafts = [("prompt lookup", llm.NgramDraft(3), args.gammas),
               (f"self-draft ({k} layers)", llm.ModelDraft(llm.truncated_model(net, k)), args.draft_gammas)]
     for task, text in llm.SPECULATIVE_TASKS.items():
+        if args.tasks and task not in args.tasks:
+            continue
         ids = tok.encode_chat([{"role": "user", "content": text}])
         plain, plain_s = median_time(lambda ids=ids: llm.generate(net, ids, n, stop_ids=[eos]), args.repeats)
         fast, fast_s = median_time(lambda ids=ids: llm.static_generate(net, [ids], n, "compile+graph",
@@ -158,6 +160,7 @@ def main():
     ap.add_argument("--shapes", default="llama-2-7b", help="GPU: also the verify cost at these shapes")
     ap.add_argument("--shapes-mode", default="graph", help="GPU: their mode (compiling is slow)")
     ap.add_argument("--shapes-gammas", type=int, nargs="+", default=[1, 2, 4, 8])
+    ap.add_argument("--tasks", nargs="+", default=None, help="GPU: only these tasks of SPECULATIVE_TASKS")
     args = ap.parse_args()
 
     llm = load_lesson()
