@@ -5260,33 +5260,36 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int = 4, gr
     groups = group_of.tolist()
     scales = torch.zeros(O, n_groups, dtype=torch.half)
     offsets = torch.zeros(O, n_groups, dtype=torch.half)
-    scale_f, offset_f = scales.float(), offsets.float()  # the same grids in fp32, for the loop
-    ready = torch.zeros(n_groups, dtype=torch.bool)
-    codes = torch.zeros(O, K)  # permuted order; integers held in fp32 until the end
+    # The loop runs on the transpose: column i of W is row i of WT, contiguous, so each step's
+    # rounding and rank-1 update stream whole rows (the same arithmetic as on W's columns).
+    WT = W.T.contiguous()  # (K, O)
+    scale_t, offset_t = torch.zeros(n_groups, O), torch.zeros(n_groups, O)  # the grids in fp32, per group
+    ready = [False] * n_groups
+    codes = torch.zeros(K, O)  # permuted order; integers held in fp32 until the end
     top = 2**bits - 1
     for i1 in range(0, K, block_size):
         i2 = min(i1 + block_size, K)
-        W1, Err1, Hinv1 = W[:, i1:i2].clone(), torch.zeros(O, i2 - i1, dtype=W.dtype), Hinv[i1:i2, i1:i2]
+        W1, Err1, Hinv1 = WT[i1:i2].clone(), torch.zeros(i2 - i1, O, dtype=W.dtype), Hinv[i1:i2, i1:i2]
+        neg_d = -torch.diagonal(Hinv1)
         for i in range(i2 - i1):
             g = groups[i1 + i]
             if not ready[g]:  # the group's grid, from its columns' current (compensated) values
                 cols = (group_of == g).nonzero().flatten()  # none processed yet; all at or after i1 + i
-                later = cols[cols >= i2]  # W holds these without this block's pending updates: add them
-                current = W[:, cols].clone()
-                current[:, cols >= i2] -= Err1[:, :i] @ Hinv[i1:i1 + i, later]
+                later = cols[cols >= i2]  # WT holds these without this block's pending updates: add them
+                current = WT[cols].clone()
+                current[cols >= i2] -= Hinv[i1:i1 + i, later].T @ Err1[:i]
                 inside = cols < i2
-                current[:, inside] = W1[:, cols[inside] - i1]
-                scales[:, g], offsets[:, g] = group_grid(current.float(), bits)
-                scale_f[:, g], offset_f[:, g] = scales[:, g].float(), offsets[:, g].float()
+                current[inside] = W1[cols[inside] - i1]
+                scales[:, g], offsets[:, g] = group_grid(current.T.float(), bits)
+                scale_t[g], offset_t[g] = scales[:, g].float(), offsets[:, g].float()
                 ready[g] = True
-            w, sc, off = W1[:, i], scale_f[:, g], offset_f[:, g]
-            q = torch.round((w - off) / sc).clamp_(0, top)  # as _codes_on_grid, one column
-            codes[:, i1 + i] = q
-            err = (w - (off + sc * q)) / Hinv1[i, i]
-            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)  # the other columns absorb the error
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-    codes = codes.to(torch.uint8)[:, torch.argsort(perm)]  # back to the original column order
+            w, sc, off, err = W1[i], scale_t[g], offset_t[g], Err1[i]
+            q = codes[i1 + i]
+            torch.round((w - off) / sc, out=q).clamp_(0, top)  # as _codes_on_grid, one column
+            torch.addcmul(off, sc, q, out=err).sub_(w).div_(neg_d[i])  # (w − dequantized) / Hinv[i, i]
+            W1[i:].addr_(Hinv1[i, i:], err, alpha=-1)  # the other columns absorb the error
+        WT[i2:] -= Hinv[i1:i2, i2:].T @ Err1
+    codes = codes.T.to(torch.uint8)[:, torch.argsort(perm)]  # back to (O, K), the original column order
     pad = n_groups * group_size - K
     grouped = F.pad(codes, (0, pad)).view(O, n_groups, group_size)
     qw = QuantizedWeight(_pack_nibbles(grouped), scales, offsets, bits, group_size, (O, K))
