@@ -9453,7 +9453,17 @@ QUANT_CONFIGS = {"vec": tuple((*c, "columns") for c in (
                      (64, 256, 8, 3), (128, 128, 8, 3), (16, 512, 4, 3))) +
                  tuple((*c, "groups") for c in (
                      (16, 128, 4, 3), (32, 128, 4, 3), (32, 256, 4, 3), (64, 128, 4, 3), (16, 256, 4, 4)))}
-QUANT_TUNED: dict = {}  # (kind, N, K, bits, group, x dtype, device) → the fastest config
+QUANT_TUNED: dict = {}  # quant_tuning_key(…) → the fastest config
+
+
+def quant_tuning_key(x: torch.Tensor, N: int, K: int, bits: int, group_size: int,
+                     folds: tuple = (False, False, False)) -> tuple:
+    """What a launch configuration of `triton_quant_matmul` is tuned for: the kernel family (one row
+    of x or several), the product's shape and format, x's rows padded for `tl.dot`, its dtype and
+    device, and the folds (norm, SiLU·up, residual)."""
+    M = x.shape[0]
+    return ("vec" if M == 1 else "dot", N, K, bits, group_size, max(16, 1 << (M - 1).bit_length()), x.dtype,
+            x.device, tuple(folds))
 
 
 def quant_configs(kind: str, bits: int, group_size: int) -> list[tuple]:
@@ -9519,7 +9529,7 @@ def triton_quant_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tens
                      G=group_size, BLOCK_M=block_m, BLOCK_N=bn, BYTES=max(16, bk // 2),
                      DOT=kind == "dot", PRECISION=precision, num_warps=warps, num_stages=stages)
 
-    key = (kind, N, K, bits, group_size, block_m, x.dtype, x.device, folds)
+    key = quant_tuning_key(x, N, K, bits, group_size, folds)
     if key not in QUANT_TUNED:
         configs = [c for c in quant_configs(kind, bits, group_size) if not any(folds) or bits == 8
                    or c[4] == "groups"]  # the per-column kernel has no folds

@@ -316,7 +316,7 @@ def bench_quant_kernels(llm, name):
         for bits in (8, 4):
             qw = llm.quantize_int8(w) if bits == 8 else llm.quantize_groupwise(w, 4, 128)
             nbytes = qw.nbytes
-            key = ("vec", N, K, bits, qw.group_size, 16, x.dtype, x.device, (False, False, False))  # no folds
+            key = llm.quant_tuning_key(x, N, K, bits, qw.group_size)  # no folds
 
             def launch(c, codes=qw.codes, qw=qw, key=key, x=x, bits=bits, K=K):
                 llm.QUANT_TUNED[key] = c

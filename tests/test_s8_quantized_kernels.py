@@ -38,7 +38,7 @@ def test_quant_kernels_equal_dequantize_then_linear(llm, bits, group, N, K, dtyp
         ref = torch.nn.functional.linear(x.double(), w)
         tol = (1e-5 if dtype == torch.float32 else 4 * torch.finfo(dtype).eps) * ref.abs().max().item()
         kind = "vec" if M == 1 else "dot"
-        key = (kind, N, K, bits, qw.group_size, max(16, 1 << (M - 1).bit_length()), dtype, x.device)
+        key = llm.quant_tuning_key(x, N, K, bits, qw.group_size)
         picks, first = [], 1 if DEVICE == "cuda" else 2  # on a GPU each configuration is a compile
         for tiles in ("columns", "groups"):  # whole-group tiles apply where G/2 is a power of two
             own = [c for c in llm.quant_configs(kind, bits, qw.group_size) if c[4] == tiles]
@@ -47,7 +47,9 @@ def test_quant_kernels_equal_dequantize_then_linear(llm, bits, group, N, K, dtyp
         try:
             for cfg in picks:
                 llm.QUANT_TUNED[key] = cfg
+                tuned = dict(llm.QUANT_TUNED)
                 out = llm.triton_quant_matmul(x, qw.codes, qw.scales, qw.offsets, bits, qw.group_size, K)
+                assert llm.QUANT_TUNED == tuned  # the call ran the forced configuration, tuned nothing
                 assert out.shape == (M, N) and out.dtype == dtype
                 assert (out.double() - ref).abs().max().item() < tol, (M, cfg)
         finally:
@@ -104,14 +106,16 @@ def test_folded_norm_swiglu_residual_equal_the_unfolded_step(llm, bits, group, N
         res = torch.randn(ref.shape, generator=g).to(DEVICE) if residual else None
         ref = ref + res.double() if residual else ref
         key_folds = (norm, swiglu, residual)
-        key = ("vec", N, K, bits, qw.group_size, 16, torch.float32, x.device, key_folds)
+        key = llm.quant_tuning_key(x, N, K, bits, qw.group_size, key_folds)
         configs = [c for c in llm.quant_configs("vec", bits, qw.group_size) if bits == 8 or c[4] == "groups"]
         picks = (configs[:1] + [max(configs, key=lambda c: c[1])]) if configs else []
         try:
             for cfg in picks + [None]:  # None: as when no folded variant builds (the unfolded path)
                 llm.QUANT_TUNED[key] = cfg
+                tuned = dict(llm.QUANT_TUNED)
                 out = llm.triton_quant_matmul(x, qw.codes, qw.scales, qw.offsets, bits, qw.group_size, K,
                                               weight if norm else None, 1e-5, res, swiglu)
+                assert cfg is None or llm.QUANT_TUNED == tuned  # the forced configuration ran
                 assert out.shape == ref.shape
                 err = (out.double() - ref).abs().max().item()
                 assert err < 1e-5 * ref.abs().max().item(), (key_folds, cfg)
