@@ -5261,7 +5261,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int = 4, gr
     scales = torch.zeros(O, n_groups, dtype=torch.half)
     offsets = torch.zeros(O, n_groups, dtype=torch.half)
     # The loop runs on the transpose: column i of W is row i of WT, contiguous, so each step's
-    # rounding and rank-1 update stream whole rows (the same arithmetic as on W's columns).
+    # rounding and rank-1 update stream whole rows (the same operations as on W's columns; the
+    # block updates' matrix products may sum in another order, which can move a code at a midpoint).
     WT = W.T.contiguous()  # (K, O)
     scale_t, offset_t = torch.zeros(n_groups, O), torch.zeros(n_groups, O)  # the grids in fp32, per group
     ready = [False] * n_groups
