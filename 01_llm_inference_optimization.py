@@ -9503,8 +9503,8 @@ def triton_quant_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tens
     w4, w8, w4_grouped = _triton_quant_kernels()
     x = x.contiguous()
     out = torch.empty(M, n_out, device=x.device, dtype=x.dtype)
-    kind = "vec" if M == 1 else "dot"
-    block_m = max(16, 1 << (M - 1).bit_length())
+    key = quant_tuning_key(x, N, K, bits, group_size, folds)
+    kind, block_m = key[0], key[5]  # "vec" (one row) or "dot"; x's rows padded for tl.dot
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
     codes, scales = codes.contiguous(), scales.contiguous()
     offsets = scales if offsets is None else offsets.contiguous()  # INT8 has none: any tensor will do
@@ -9530,7 +9530,6 @@ def triton_quant_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tens
                      G=group_size, BLOCK_M=block_m, BLOCK_N=bn, BYTES=max(16, bk // 2),
                      DOT=kind == "dot", PRECISION=precision, num_warps=warps, num_stages=stages)
 
-    key = quant_tuning_key(x, N, K, bits, group_size, folds)
     if key not in QUANT_TUNED:
         configs = [c for c in quant_configs(kind, bits, group_size) if not any(folds) or bits == 8
                    or c[4] == "groups"]  # the per-column kernel has no folds
