@@ -9677,7 +9677,9 @@ def static_verify_step(decoder: StaticDecoder, inputs: torch.Tensor) -> tuple[to
     newest token and L − 1 drafted ones, then the newest token's position, then how many drafts
     are real (the rest is padding). Writes the L rows' k, v into the decoder's cache. Returns
     (L + 1,) ints: the count of drafts accepted (each equal to the target's argmax before it, in
-    a row), then the argmax after each row; and the (L, V) logits in fp32."""
+    a row), then the argmax after each row; and the (L, V) logits in fp32. Attention on a GPU is
+    the decode step's own kernel (§7), row j read as a sequence of start + j + 1 tokens over the
+    same cache row; elsewhere it is masked attention in fp32."""
     model, cache = decoder.model, decoder.cache
     cfg, dev, L = model.cfg, inputs.device, inputs.shape[0] - 2
     H, Hkv, D, T = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cache.max_seq_len
@@ -9686,9 +9688,13 @@ def static_verify_step(decoder: StaticDecoder, inputs: torch.Tensor) -> tuple[to
     visible = (torch.arange(T, device=dev) <= pos[:, None])[None, None, None]  # (1, 1, 1, L, T)
     h = torch.arange(Hkv, device=dev)[None, :].expand(L, Hkv)
     b, t = torch.zeros_like(h), pos[:, None].expand(L, Hkv)
+    lens = (pos + 1).to(torch.int32)  # row j sees the cache up to its own position: causal in the block
 
     def attend(i, q, k, v):
         _write_rows(cache.k, cache.v, (torch.full_like(h, i), b, h, t), k, v)  # cache[i, 0, h, pos]
+        if decoder.attention_op is not None:  # on a GPU, §7's kernel, each row as a sequence of its
+            keys, values = (c[i, :1].expand(L, Hkv, T, D) for c in (cache.k, cache.v))  # own (no copy)
+            return decoder.attention_op(q, keys, values, lens)
         qg = q.reshape(L, Hkv, H // Hkv, D).permute(1, 2, 0, 3)[None].float()  # (1, Hkv, G, L, D)
         keys, values = cache.k[i, :1, :, None].float(), cache.v[i, :1, :, None].float()  # (1, Hkv, 1, T, D)
         scores = (qg @ keys.transpose(-1, -2) * D**-0.5).masked_fill(~visible, float("-inf"))
