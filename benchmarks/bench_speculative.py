@@ -5,6 +5,7 @@ same GGUF weights (fp32), same prompts, greedy, side by side in one run.
                                            [--draft-layers 7] [--static compile]
     python benchmarks/bench_speculative.py --device cuda [--model F.gguf] [--dtype bf16]
                                            [--mode compile+graph] [--draft-gammas 2 4]
+    python benchmarks/bench_speculative.py --device cuda --shapes-only [--shapes-mode graph compile+graph]
 
 On a GPU (`--device cuda`) the table is ours only: plain decoding (`generate`, CUDA graph per step;
 `static_generate` compiled and captured, our fastest), then speculation through static verify steps
@@ -101,13 +102,17 @@ def main_gpu(args, llm):
     if args.shapes:  # first: graph replays need no compile, so this table comes within a minute
         cfg = llm.ModelConfig.from_name(args.shapes)
         with torch.device("cuda"):
-            big = llm.Transformer(cfg)
-        shapes_cost = verify_cost(llm, big.to(torch.bfloat16).eval(), args.shapes_gammas, args.shapes_mode)
+            big = llm.Transformer(cfg).to(torch.bfloat16).eval()
+        for mode in args.shapes_mode:
+            cost = verify_cost(llm, big, args.shapes_gammas, mode)
+            title = (f"One verify step vs one decode step at batch 1, {args.shapes} shapes, {mode}, "
+                     f"{torch.cuda.get_device_name()} (measured, CUDA events)")
+            print(llm.format_table(cost, title), flush=True)
+            shapes_cost += cost
         del big
         torch.cuda.empty_cache()
-        print(llm.format_table(shapes_cost, f"One verify step vs one decode step at batch 1, {args.shapes} "
-                                            f"shapes, {args.shapes_mode}, {torch.cuda.get_device_name()} "
-                                            "(measured, CUDA events)"), flush=True)
+        if args.shapes_only:
+            return
     net, tok = llm.get_model(args.model, "cuda")
     net = net.to(dtype)
     n, eos, rows, k = args.max_new_tokens, tok.eos_id, [], args.draft_layers
@@ -142,8 +147,8 @@ def main_gpu(args, llm):
     print(llm.format_table(rows, title))
     cost = verify_cost(llm, net, sorted(set(args.gammas) | {8}), args.mode) + shapes_cost
     print(llm.format_table(cost, f"One verify step vs one decode step at batch 1, {args.mode} ({args.shapes} "
-                                 f"shapes: {args.shapes_mode}), {torch.cuda.get_device_name()} (measured, "
-                                 "CUDA events)"))
+                                 f"shapes: {' and '.join(args.shapes_mode)}), {torch.cuda.get_device_name()} "
+                                 "(measured, CUDA events)"))
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -158,7 +163,8 @@ def main():
     ap.add_argument("--mode", default="compile+graph", help="GPU: the verify steps' StaticDecoder mode")
     ap.add_argument("--draft-gammas", type=int, nargs="+", default=[2, 4], help="GPU: γ for the self-draft")
     ap.add_argument("--shapes", default="llama-2-7b", help="GPU: also the verify cost at these shapes")
-    ap.add_argument("--shapes-mode", default="graph", help="GPU: their mode (compiling is slow)")
+    ap.add_argument("--shapes-mode", nargs="+", default=["graph"], help="GPU: their modes (compiles: slow)")
+    ap.add_argument("--shapes-only", action="store_true", help="GPU: only the verify cost at --shapes")
     ap.add_argument("--shapes-gammas", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--tasks", nargs="+", default=None, help="GPU: only these tasks of SPECULATIVE_TASKS")
     args = ap.parse_args()
