@@ -2881,7 +2881,6 @@ def _simulate_beams(bm: BlockManager, prompt: list[int], width: int, output: int
                 seq.token_ids.append(int(rng.integers(1000)))
                 bm.append_slot(seq)
                 _as_if_computed(bm, seq)
-            _as_if_computed(bm, seq)
         shared += bm.num_used_blocks
         unshared += width * bm.blocks_for(beams[0].num_tokens)
     for seq in beams:
