@@ -9727,11 +9727,9 @@ from a CUDA graph. The round can be static instead, like §9's step:
   positions start … start + γ; their k, v go to the decoder's cache at those positions, and each
   row attends to the cache up to its own position (causal inside the block). On a GPU that is the
   decode step's own kernel (§7): each row is handed to it as a sequence of its own that ends at
-  the row's position, all of them views of the same cache row, so nothing is copied. Its products
-  are the decode step's too: `triton_matvec` takes up to 32 rows, multiplying them in tensor-core
-  tiles (`tl.dot`, the rows padded to 16) with the norm, SiLU·up and residual folded in as for one
-  row, so each weight tile is read once for all the rows. It computes the target's argmax after
-  every row and, on the device, how many drafts in a row equal the argmax before them. One graph per γ: a round with fewer drafts pads them (the count of real ones masks
+  the row's position, all of them views of the same cache row, so nothing is copied. It computes the
+  target's argmax after every row and, on the device, how many drafts in a row equal the argmax
+  before them. One graph per γ: a round with fewer drafts pads them (the count of real ones masks
   the padding; on a memory-bound GPU the extra rows cost almost nothing), captured on first use
   with the round's real inputs, so its warm-up writes exactly what the round writes.
 - Rolling back costs nothing: the cache is static, attention stops at each row's position,
