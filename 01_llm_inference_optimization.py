@@ -5943,10 +5943,9 @@ def static_decode_step(model: Transformer, tokens: torch.Tensor, positions: torc
     → logits (B, V). `attend(layer, q, k, v)` writes this step's k, v (B, Hkv, D) into its cache
     and returns the attention output (B, H, D): the caches differ, the rest not. `fused` (from
     `fuse_projections`) runs q/k/v as one matmul and gate/up as one. `matvec` (the operator of
-    `triton_matvec`: batch 1, or a verify step's few rows) runs the plain projections with their
-    neighbours folded in: the norm before, SiLU·up after gate/up, the residual add after wo and
-    down. `rows` keeps only those rows' logits (a prefill's rows are every prompt token; only the
-    last one picks).
+    `triton_matvec`, batch 1) runs the plain projections with their neighbours folded in: the
+    norm before, SiLU·up after gate/up, the residual add after wo and down. `rows` keeps only
+    those rows' logits (a prefill's rows are every prompt token; only the last one picks).
     `linear(x, w)` multiplies by the plain weights (`cpu_matvec_linear` in a compiled CPU step)."""
     cfg, B = model.cfg, tokens.shape[0]
     H, Hkv, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -9105,39 +9104,31 @@ MATVEC_TUNED: dict = {}  # matvec_key(…) → the fastest config
 
 
 def matvec_key(w: torch.Tensor, norm: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-                swiglu: bool = False, block_m: int = 1) -> tuple:
-    """What a launch configuration is tuned for: the output rows, K, dtype, device, the folds, and
-    x's rows (1, or padded for `tl.dot`)."""
+                swiglu: bool = False) -> tuple:
+    """What a launch configuration is tuned for: the output rows, K, dtype, device and the folds."""
     N, K = w.shape
-    key = (N // 2 if swiglu else N, K, w.dtype, w.device, (norm is not None, swiglu, residual is not None))
-    return key if block_m == 1 else key + (block_m,)
+    return (N // 2 if swiglu else N, K, w.dtype, w.device, (norm is not None, swiglu, residual is not None))
 
 
 def triton_matvec(x: torch.Tensor, w: torch.Tensor, norm: torch.Tensor | None = None, eps: float = 0.0,
                   residual: torch.Tensor | None = None, swiglu: bool = False) -> torch.Tensor:
-    """`F.linear(x, w)` for one row, x (1, K) or (K,), or a few, x (M, K) with M ≤ 32 (a speculative
-    verify step's rows); w (N, K) with unit column stride → (…, N) in x's dtype, accumulated in
-    fp32, with the step's neighbours folded in:
-    - `norm` (K,): RMSNorm of each row of x with this weight and `eps` first, `F.linear(rms_norm(x), w)`;
+    """`F.linear(x, w)` for one row: x (1, K) or (K,), w (N, K) with unit column stride → (…, N)
+    in x's dtype, accumulated in fp32, with the step's neighbours folded in:
+    - `norm` (K,): RMSNorm of x with this weight and `eps` first, `F.linear(rms_norm(x), w)`;
     - `swiglu`: w is gate and up stacked (2F, K): returns silu(x·gateᵀ) · (x·upᵀ), (…, F);
     - `residual` (…, N): returns residual + the product.
-    One row runs `matvec_kernel`; several run the tensor-core tiles of Appendix D's INT8 kernel on
-    the plain weights. The launch configuration is tuned on the first call per shape, fusion and
-    row count (on a GPU; the interpreter takes the first candidate)."""
+    The launch configuration is tuned on the first call per shape and fusion (on a GPU; the
+    interpreter takes the first candidate)."""
     N, K = w.shape
-    M = x.numel() // K if x.shape[-1] == K else 0
-    if not 1 <= M <= QUANT_MAX_ROWS or (x.dim() > 2 and M > 1) or w.stride(1) != 1 or (swiglu and N % 2):
-        raise InvalidArgumentError(f"triton_matvec needs x (M, {K}) with M ≤ {QUANT_MAX_ROWS} rows (one row "
-                                   f"or (…, {K})) and a weight (N, K) with unit column stride (N even with "
-                                   f"swiglu); got x {tuple(x.shape)}, w {tuple(w.shape)} strides "
-                                   f"{w.stride()}")
+    if x.shape[-1] != K or x.numel() != K or w.stride(1) != 1 or (swiglu and N % 2):
+        raise InvalidArgumentError(f"triton_matvec needs one row x (…, {K}) and a weight (N, K) with unit "
+                                   f"column stride (N even with swiglu); got x {tuple(x.shape)}, w "
+                                   f"{tuple(w.shape)} strides {w.stride()}")
     N = N // 2 if swiglu else N
-    for name, t, n in (("norm", norm, K), ("residual", residual, M * N)):
+    for name, t, n in (("norm", norm, K), ("residual", residual, N)):
         if t is not None and (t.numel() != n or t.device != x.device):
             raise InvalidArgumentError(f"triton_matvec's {name} must hold {n} values on {x.device}; got "
                                        f"{tuple(t.shape)} on {t.device}")
-    if M > 1:
-        return _matvec_rows(x, w, norm, eps, residual, swiglu)
     kernel, xv = _triton_matvec_kernel(), x.reshape(K).contiguous()
     out = torch.empty(*x.shape[:-1], N, device=x.device, dtype=x.dtype)
     g = xv if norm is None else norm.reshape(K).contiguous()  # unused pointers point at x
@@ -9156,50 +9147,6 @@ def triton_matvec(x: torch.Tensor, w: torch.Tensor, norm: torch.Tensor | None = 
             MATVEC_TUNED[key] = MATVEC_CONFIGS[times.index(min(times))]
         else:
             MATVEC_TUNED[key] = MATVEC_CONFIGS[0]
-    launch(MATVEC_TUNED[key])
-    return out
-
-
-# (BLOCK_N, BLOCK_K, num_warps, num_stages) for a few rows of x: the INT8 kernel's tensor-core tiles
-MATVEC_ROWS_CONFIGS = ((16, 128, 4, 3), (32, 128, 4, 3), (32, 256, 4, 3), (64, 128, 4, 3), (16, 256, 4, 4),
-                       (64, 256, 8, 3), (16, 512, 4, 3))
-
-
-def _matvec_rows(x: torch.Tensor, w: torch.Tensor, norm: torch.Tensor | None, eps: float,
-                 residual: torch.Tensor | None, swiglu: bool) -> torch.Tensor:
-    """`triton_matvec` for M > 1 rows (checked there): the INT8 kernel's `tl.dot` tiles on the plain
-    weights, without scales, BLOCK_M = M padded to a power of two (at least 16)."""
-    (N, K), M = w.shape, x.shape[0]
-    n_out = N // 2 if swiglu else N
-    w8 = _triton_quant_kernels()[1]
-    x = x.contiguous()
-    out = torch.empty(M, n_out, device=x.device, dtype=x.dtype)
-    g = x if norm is None else norm.reshape(K).contiguous()  # unused pointers point at x
-    r = x if residual is None else residual.reshape(M, n_out).contiguous()
-    block_m, precision = max(16, 1 << (M - 1).bit_length()), "ieee" if x.dtype == torch.float32 else "tf32"
-
-    def launch(cfg, weight=w):
-        bn, bk, warps, stages = cfg[:4]
-        w8[(-(-n_out // bn),)](x, weight, x, g, r, out, M, n_out, K, x.stride(0), out.stride(0), w.stride(0),
-                               eps, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, ROWS=bn, DOT=True,
-                               PRECISION=precision, NORM=norm is not None, SWIGLU=swiglu,
-                               RESIDUAL=residual is not None, SCALED=False, num_warps=warps,
-                               num_stages=stages)
-
-    key = matvec_key(w, norm, residual, swiglu, block_m)
-    if key not in MATVEC_TUNED:
-        if x.device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
-            configs = [c for c in MATVEC_ROWS_CONFIGS if _compiles(launch, c, required=False)]
-            times = time_matvec_configs(launch, w, configs=configs) if configs else []
-            MATVEC_TUNED[key] = configs[times.index(min(times))] if configs else None
-        else:
-            MATVEC_TUNED[key] = MATVEC_ROWS_CONFIGS[0]
-    if MATVEC_TUNED[key] is None:  # no tile builds here: PyTorch's ops, unfolded
-        h = F.linear(x if norm is None else rms_norm(x, norm, eps), w)
-        if swiglu:
-            gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
-        return h if residual is None else residual.reshape(h.shape) + h
     launch(MATVEC_TUNED[key])
     return out
 
@@ -9361,57 +9308,31 @@ def _triton_quant_kernels():
             tl.store(Out + rows, tl.sum(acc, axis=1).to(Out.dtype.element_ty), mask=in_n)
 
     @triton.jit
-    def w8_kernel(X, C, S, Gn, R, Out, M, N, K, stride_xm, stride_om, stride_c, eps, BLOCK_M: tl.constexpr,
+    def w8_kernel(X, C, S, Gn, R, Out, M, N, K, stride_xm, stride_om, eps, BLOCK_M: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROWS: tl.constexpr, DOT: tl.constexpr,
-                  PRECISION: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr,
-                  SCALED: tl.constexpr):
-        # INT8 codes times a scale per row (SCALED), or plain bf16/fp32 weights (not SCALED: the few-row
-        # path of `triton_matvec`). The neighbours fold in as in `triton_matvec`, one row of x or several
+                  PRECISION: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr):
         cols = tl.arange(0, BLOCK_K)
-        if DOT:  # up to 32 rows of x: (BLOCK_M, BLOCK_K) by (BLOCK_K, BLOCK_N) tensor-core products
+        if DOT:
             rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
             in_n = rows < N
-            w_rows = C + rows.to(tl.int64)[:, None] * stride_c
+            w_rows = C + rows.to(tl.int64)[:, None] * K
             m = tl.arange(0, BLOCK_M)
-            in_m = m < M
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # SWIGLU: the up rows, N further on
-            squares = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)  # NORM: Σ x² per row of x
             for k0 in range(0, K, BLOCK_K):
                 k = k0 + cols
-                x = tl.load(X + m[:, None] * stride_xm + k[None, :], mask=in_m[:, None] & (k < K)[None, :],
-                            other=0.0)
-                if NORM:  # x · g here, 1/rms(x) on the finished sums (one number per row of x)
-                    xf = x.to(tl.float32)
-                    squares += xf * xf
-                    x = (xf * tl.load(Gn + k, mask=k < K, other=0.0).to(tl.float32)[None, :]).to(x.dtype)
                 w = tl.load(w_rows + k[None, :], mask=in_n[:, None] & (k < K)[None, :], other=0)
+                x = tl.load(X + m[:, None] * stride_xm + k[None, :], mask=(m < M)[:, None] & (k < K)[None, :],
+                            other=0.0)
                 w = w.to(tl.float32).to(x.dtype)  # int8 codes are exact in bf16
                 acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
-                if SWIGLU:
-                    w = tl.load(w_rows + N * stride_c + k[None, :], mask=in_n[:, None] & (k < K)[None, :],
-                                other=0)
-                    acc_up += tl.dot(x, tl.trans(w.to(tl.float32).to(x.dtype)), input_precision=PRECISION)
-            if SCALED:
-                acc = acc * tl.load(S + rows, mask=in_n, other=0.0).to(tl.float32)[None, :]
-                if SWIGLU:
-                    acc_up = acc_up * tl.load(S + N + rows, mask=in_n, other=0.0).to(tl.float32)[None, :]
-            if NORM:
-                rstd = tl.rsqrt(tl.sum(squares, axis=1) / K + eps)
-                acc = acc * rstd[:, None]
-                acc_up = acc_up * rstd[:, None]
-            if SWIGLU:
-                acc = acc * tl.sigmoid(acc) * acc_up
-            at = m[:, None] * stride_om + rows[None, :]
-            if RESIDUAL:  # the residual is laid out as the output
-                acc = acc.to(Out.dtype.element_ty).to(tl.float32) + \
-                    tl.load(R + at, mask=in_m[:, None] & in_n[None, :], other=0.0).to(tl.float32)
-            tl.store(Out + at, acc.to(Out.dtype.element_ty), mask=in_m[:, None] & in_n[None, :])
+            scale = tl.load(S + rows, mask=in_n, other=0.0).to(tl.float32)
+            tl.store(Out + m[:, None] * stride_om + rows[None, :],
+                     (acc * scale[None, :]).to(Out.dtype.element_ty), mask=(m < M)[:, None] & in_n[None, :])
         else:  # one row of x; ROWS = BLOCK_N rows, or 2·BLOCK_N with SWIGLU (gate rows, then up rows)
             r = tl.arange(0, ROWS)
             out_row = tl.program_id(0) * BLOCK_N + r % BLOCK_N  # the output row each tile row feeds
             rows, in_n = out_row + (r // BLOCK_N) * N, out_row < N
-            w_rows = C + rows.to(tl.int64)[:, None] * stride_c
+            w_rows = C + rows.to(tl.int64)[:, None] * K
             acc = tl.zeros((ROWS, BLOCK_K), dtype=tl.float32)
             squares = tl.zeros((BLOCK_K,), dtype=tl.float32)  # NORM: Σ x², alongside the products
             for k0 in range(0, K, BLOCK_K):
@@ -9422,9 +9343,7 @@ def _triton_quant_kernels():
                     squares += x * x
                     x = x * tl.load(Gn + k, mask=k < K, other=0.0).to(tl.float32)
                 acc += w.to(tl.float32) * x[None, :]
-            sums = tl.sum(acc, axis=1)
-            if SCALED:
-                sums = sums * tl.load(S + rows, mask=in_n, other=0.0).to(tl.float32)
+            sums = tl.sum(acc, axis=1) * tl.load(S + rows, mask=in_n, other=0.0).to(tl.float32)
             if NORM:  # RMSNorm's 1/rms is one number for the row: it scales the finished sums
                 sums = sums * tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
             if SWIGLU:
@@ -9563,10 +9482,9 @@ def triton_quant_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tens
                         norm: torch.Tensor | None = None, eps: float = 0.0,
                         residual: torch.Tensor | None = None, swiglu: bool = False) -> torch.Tensor:
     """`F.linear(x, w)` with w given as §8's codes (a `QuantizedWeight`'s fields): x (M, K) with
-    M ≤ 32 → (M, N) in x's dtype, accumulated in fp32, w dequantized in registers. The step's
-    neighbours fold in as in `triton_matvec`: `norm` (RMSNorm of x first), `swiglu` (w is gate and
-    up stacked: silu(gate) · up, (M, N/2)), `residual` (M, N: added to the product); in the kernels
-    for one row, and in INT8's for several (elsewhere PyTorch applies them around the kernel)."""
+    M ≤ 32 → (M, N) in x's dtype, accumulated in fp32, w dequantized in registers. For one row
+    the step's neighbours fold in as in `triton_matvec`: `norm` (RMSNorm of x first), `swiglu`
+    (w is gate and up stacked: silu(gate) · up, (1, N/2)), `residual` (added to the product)."""
     M, K = x.shape
     N = codes.shape[0]
     if K != in_features or not 1 <= M <= QUANT_MAX_ROWS or codes.device != x.device:
@@ -9574,9 +9492,10 @@ def triton_quant_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tens
                                    f"the codes' device {codes.device}; got {tuple(x.shape)} on {x.device}")
     folds = (norm is not None, swiglu, residual is not None)
     n_out = N // 2 if swiglu else N
-    if swiglu and N % 2:
-        raise InvalidArgumentError(f"swiglu needs gate and up stacked: an even row count, got {N} rows")
-    for name, t, n in (("norm", norm, K), ("residual", residual, M * n_out)):
+    if any(folds) and (M != 1 or swiglu and N % 2):
+        raise InvalidArgumentError(f"the folded norm, SiLU·up and residual take one row of x (and an even "
+                                   f"row count with swiglu); got x {tuple(x.shape)}, {N} rows")
+    for name, t, n in (("norm", norm, K), ("residual", residual, n_out)):
         if t is not None and (t.numel() != n or t.device != x.device):
             raise InvalidArgumentError(f"triton_quant_matmul's {name} must hold {n} values on {x.device}; "
                                        f"got {tuple(t.shape)} on {t.device}")
@@ -9589,7 +9508,7 @@ def triton_quant_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tens
     codes, scales = codes.contiguous(), scales.contiguous()
     offsets = scales if offsets is None else offsets.contiguous()  # INT8 has none: any tensor will do
     g = x if norm is None else norm.reshape(K).contiguous()  # unused pointers point at x
-    r = x if residual is None else residual.reshape(M, n_out).contiguous()
+    r = x if residual is None else residual.reshape(n_out).contiguous()
     fold = dict(zip(("NORM", "SWIGLU", "RESIDUAL"), folds))
 
     def launch(cfg, c=codes):
@@ -9597,9 +9516,9 @@ def triton_quant_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tens
         grid = (-(-n_out // bn),)
         rows = bn * (2 if swiglu else 1)
         if bits == 8:
-            w8[grid](x, c, scales, g, r, out, M, n_out, K, x.stride(0), out.stride(0), c.stride(0), eps,
-                     BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, ROWS=rows, DOT=kind == "dot",
-                     PRECISION=precision, **fold, SCALED=True, num_warps=warps, num_stages=stages)
+            w8[grid](x, c, scales, g, r, out, M, n_out, K, x.stride(0), out.stride(0), eps, BLOCK_M=block_m,
+                     BLOCK_N=bn, BLOCK_K=bk, ROWS=rows, DOT=kind == "dot", PRECISION=precision, **fold,
+                     num_warps=warps, num_stages=stages)
         elif tiles == "groups":  # BLOCK_K weights: BLOCK_K / G whole groups (at least one)
             w4_grouped[grid](x, c, scales, offsets, g, r, out, M, n_out, K, codes.shape[1], x.stride(0),
                              out.stride(0), eps, G=group_size, BLOCK_M=block_m, BLOCK_N=bn,
@@ -9612,7 +9531,7 @@ def triton_quant_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tens
 
     if key not in QUANT_TUNED:
         configs = [c for c in quant_configs(kind, bits, group_size) if not any(folds) or bits == 8
-                   or c[4] == "groups" and kind == "vec"]  # INT4 folds: one row, whole groups
+                   or c[4] == "groups"]  # the per-column kernel has no folds
         if configs and x.device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
             general = not any(folds)  # a fold that does not build is done unfolded instead
             configs = [c for c in configs if _compiles(launch, c, required=c[4] == "columns" and general)]
@@ -9792,8 +9711,7 @@ def static_verify_step(decoder: StaticDecoder, inputs: torch.Tensor) -> tuple[to
         o = torch.softmax(scores, -1) @ values  # (1, Hkv, G, L, D)
         return o[0].permute(2, 0, 1, 3).reshape(L, H, D).to(q.dtype)
 
-    matvec = decoder.matvec_op if L <= QUANT_MAX_ROWS else None  # the decode step's folded products
-    logits = static_decode_step(model, tokens, pos, attend, decoder.fused, matvec)  # (L, V)
+    logits = static_decode_step(model, tokens, pos, attend, decoder.fused)  # (L, V)
     picked = logits.argmax(-1)
     real = torch.arange(L - 1, device=dev) < n_draft
     accepted = ((tokens[1:] == picked[:-1]) & real).long().cumprod(0).sum(0, keepdim=True)
@@ -9810,10 +9728,6 @@ def _verify(decoder: StaticDecoder, values: list[int]) -> tuple[torch.Tensor, to
         def verify(inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             return static_verify_step(decoder, inputs)
 
-        if decoder.matvec_op is not None and decoder.mode != "eager":
-            # One eager run first: the kernels time their launch configurations for L rows here,
-            # not inside a compiled call or a graph's warm-up (it writes the rows the round writes)
-            static_verify_step(decoder, torch.tensor(values, device=decoder.tokens.device))
         if decoder.mode.startswith("compile"):
             verify = decoder.compile(verify)
         entry = decoder._verify[L] = [torch.tensor(values, device=decoder.tokens.device), verify, None, None]

@@ -245,24 +245,21 @@ def test_paged_decode_refuses_tables_it_cannot_read(llm, name):
 
 @needs_triton
 def test_static_verify_attention_through_the_decode_kernel(llm):
-    """A verify step as on a GPU, its attention through §7's kernel (each of the L rows a sequence
-    ending at its own position, all over the same cache row, with no copy) and its products through
-    `triton_matvec`'s few-row tiles with the neighbours folded in, gives the PyTorch path's logits,
-    picks and acceptance count."""
+    """A verify step's attention through §7's kernel (as on a GPU: each of the L rows is a sequence
+    ending at its own position, all over the same cache row, with no copy) gives the masked fp32
+    path's logits, picks and acceptance count."""
     from conftest import sharp_tiny
 
     model = sharp_tiny(llm, 0, DEVICE)
     prompt, drafted = [3, 1, 4, 1, 5, 9, 2, 6], [5, 3, 5, 8]
     n = len(prompt) - 1
     outs = []
-    for op, matvec in ((None, None), (llm.flash_decode_operator(), None),
-                       (llm.flash_decode_operator(), llm.matvec_operator())):
+    for op in (None, llm.flash_decode_operator()):
         dec = llm.StaticDecoder(model, 1, 48, "eager")
-        dec.attention_op, dec.matvec_op = op, matvec
+        dec.attention_op = op
         dec._prefill([prompt[:-1]])
         values = [prompt[-1]] + drafted + [0, n, len(drafted)]  # one padded row past the drafts
         outs.append(llm.static_verify_step(dec, torch.tensor(values, device=DEVICE)))
-    (head_ref, logits_ref), *rest = outs
-    for head, logits in rest:
-        torch.testing.assert_close(logits, logits_ref, atol=2e-4, rtol=2e-4)
-        assert head.tolist() == head_ref.tolist()
+    (head_ref, logits_ref), (head, logits) = outs
+    torch.testing.assert_close(logits, logits_ref, atol=2e-4, rtol=2e-4)
+    assert head.tolist() == head_ref.tolist()
