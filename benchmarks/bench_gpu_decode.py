@@ -351,7 +351,7 @@ def bench_quant(llm, name, args, bw):
             formats["INT8 per channel"] = llm.quantize_model(base, llm.rtn_quantizer(8))
         if "int4" in args.quant:
             formats["INT4 g128 (head INT8)"] = int4 = llm.quantize_model(base, llm.rtn_quantizer(4, 128))
-            peer, n_peer = _peer_int4(llm, int4)
+            peer, n_peer = _peer_int4(llm, int4) if not args.no_peer else (None, 0)
             if n_peer:
                 formats[f"INT4 g128, PyTorch int4 kernel ({n_peer} layers)"] = peer
                 references[f"INT4 g128, PyTorch int4 kernel ({n_peer} layers)"] = int4
@@ -423,6 +423,10 @@ def main():
     ap.add_argument("--repeat", type=int, default=1, help="time each row this many times; report the median")
     ap.add_argument("--quant", nargs="+", choices=("int8", "int4"), default=[],
                     help="decode by weight format instead (bf16, INT8, INT4, PyTorch's int4 kernel)")
+    ap.add_argument("--no-peer", action="store_true",
+                    help="with --quant int4: leave out PyTorch's int4 kernel (one compile fewer)")
+    ap.add_argument("--no-kernel-table", action="store_true",
+                    help="with --quant: leave out the table of each product alone (first)")
     ap.add_argument("--profile", action="store_true",
                     help="print the kernels of one compiled and captured step at batch 1, by GPU time")
     args = ap.parse_args()
@@ -440,7 +444,7 @@ def main():
             bench_matvec(llm, name)
     bw = llm.measure_memory_bandwidth("cuda")
     if args.quant:
-        for name in args.models:
+        for name in args.models if not args.no_kernel_table else ():
             bench_quant_kernels(llm, name)
         rows = [r for name in args.models for r in bench_quant(llm, name, args, bw)]
         print(llm.format_table(rows, f"Decode by weight format on {torch.cuda.get_device_name()}, random "
