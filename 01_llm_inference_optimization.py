@@ -9646,9 +9646,9 @@ from a CUDA graph. The round can be static instead, like §9's step:
   positions start … start + γ; their k, v go to the decoder's cache at those positions, and each
   row attends to the cache up to its own position (causal inside the block). On a GPU that is the
   decode step's own kernel (§7): each row is handed to it as a sequence of its own that ends at
-  the row's position, all of them views of the same cache row, so nothing is copied. It computes the
-  target's argmax after every row and, on the device, how many drafts in a row equal the argmax
-  before them. One graph per γ: a round with fewer drafts pads them (the count of real ones masks
+  the row's position, all of them views of the same cache row, so nothing is copied. It computes
+  the target's argmax after every row and, on the device, how many drafts in a row equal the
+  argmax before them. One graph per γ: a round with fewer drafts pads them (the count of real ones masks
   the padding; on a memory-bound GPU the extra rows cost almost nothing), captured on first use
   with the round's real inputs, so its warm-up writes exactly what the round writes.
 - Rolling back costs nothing: the cache is static, attention stops at each row's position,
@@ -9695,10 +9695,12 @@ def static_verify_step(decoder: StaticDecoder, inputs: torch.Tensor) -> tuple[to
     H, Hkv, D, T = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cache.max_seq_len
     tokens, start, n_draft = inputs[:L], inputs[L], inputs[L + 1]
     pos = (start + torch.arange(L, device=dev)).clamp(max=T - 1)  # rows past the cache are padding
-    visible = (torch.arange(T, device=dev) <= pos[:, None])[None, None, None]  # (1, 1, 1, L, T)
     h = torch.arange(Hkv, device=dev)[None, :].expand(L, Hkv)
     b, t = torch.zeros_like(h), pos[:, None].expand(L, Hkv)
-    lens = (pos + 1).to(torch.int32)  # row j sees the cache up to its own position: causal in the block
+    if decoder.attention_op is not None:  # row j sees the cache up to its own position: causal in the block
+        lens = pos.to(torch.int32) + 1
+    else:
+        visible = (torch.arange(T, device=dev) <= pos[:, None])[None, None, None]  # (1, 1, 1, L, T)
 
     def attend(i, q, k, v):
         _write_rows(cache.k, cache.v, (torch.full_like(h, i), b, h, t), k, v)  # cache[i, 0, h, pos]

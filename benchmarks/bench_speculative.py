@@ -82,7 +82,7 @@ def verify_cost(llm, model, gammas, mode, context=128):
         for g in gammas:
             values = [1] * (g + 1) + [context, g]
             ms = replay_ms(lambda v=values: llm._verify(dec, v))
-            rows.append({"model": model.cfg.name, "γ + 1 rows": g + 1, "decode step (ms)": step,
+            rows.append({"model": model.cfg.name, "mode": mode, "γ + 1 rows": g + 1, "decode step (ms)": step,
                          "verify step (ms)": ms, "verify / decode": ms / step})
     return rows
 

@@ -8,7 +8,7 @@ The Triton kernels run on a GPU when there is one, else through Triton's CPU int
 
 import pytest
 import torch
-from conftest import lesson_with_triton
+from conftest import lesson_with_triton, sharp_tiny
 
 _, DEVICE, needs_triton = lesson_with_triton()
 
@@ -248,8 +248,6 @@ def test_static_verify_attention_through_the_decode_kernel(llm):
     """A verify step's attention through §7's kernel (as on a GPU: each of the L rows is a sequence
     ending at its own position, all over the same cache row, with no copy) gives the masked fp32
     path's logits, picks and acceptance count."""
-    from conftest import sharp_tiny
-
     model = sharp_tiny(llm, 0, DEVICE)
     prompt, drafted = [3, 1, 4, 1, 5, 9, 2, 6], [5, 3, 5, 8]
     n = len(prompt) - 1
