@@ -72,18 +72,27 @@ def replay_ms(fn, n=200):
     return start.elapsed_time(end) / n
 
 
-def verify_cost(llm, model, gammas, mode, context=128):
-    """Per γ: one verify step of γ + 1 rows vs one decode step, both replayed from graphs at batch 1."""
+def verify_cost(llm, model, gammas, mode, context=128, masked=False):
+    """Per γ: one verify step of γ + 1 rows vs one decode step, both replayed from graphs at batch 1.
+    `masked`: the verify's attention as on a CPU (masked, fp32, over the whole cache) instead of the
+    prefix through §7's kernel merged with the block's own keys."""
     rows = []
     with llm.kept_decoder(model, 1, context + 64, mode) as dec, torch.inference_mode():
         dec.tokens.fill_(1)
         dec.positions.fill_(context)
         step = replay_ms(lambda: dec._run())
-        for g in gammas:
-            values = [1] * (g + 1) + [context, g]
-            ms = replay_ms(lambda v=values: llm._verify(dec, v))
-            rows.append({"model": model.cfg.name, "mode": mode, "γ + 1 rows": g + 1, "decode step (ms)": step,
-                         "verify step (ms)": ms, "verify / decode": ms / step})
+        kept, dec._verify = dec.prefix_attention_op, {}  # verify steps built afresh, with this attention
+        dec.prefix_attention_op = None if masked else kept
+        try:
+            for g in gammas:
+                values = [1] * (g + 1) + [context, g]
+                ms = replay_ms(lambda v=values: llm._verify(dec, v))
+                rows.append({"model": model.cfg.name, "mode": mode,
+                             "verify attention": "masked" if masked else "prefix kernel + block",
+                             "γ + 1 rows": g + 1, "decode step (ms)": step, "verify step (ms)": ms,
+                             "verify / decode": ms / step})
+        finally:
+            dec.prefix_attention_op, dec._verify = kept, {}
     return rows
 
 
@@ -105,6 +114,8 @@ def main_gpu(args, llm):
             big = llm.Transformer(cfg).to(torch.bfloat16).eval()
         for mode in args.shapes_mode:
             cost = verify_cost(llm, big, args.shapes_gammas, mode)
+            if args.also_masked:
+                cost += verify_cost(llm, big, args.shapes_gammas, mode, masked=True)
             title = (f"One verify step vs one decode step at batch 1, {args.shapes} shapes, {mode}, "
                      f"{torch.cuda.get_device_name()} (measured, CUDA events)")
             print(llm.format_table(cost, title), flush=True)
@@ -165,6 +176,8 @@ def main():
     ap.add_argument("--shapes", default="llama-2-7b", help="GPU: also the verify cost at these shapes")
     ap.add_argument("--shapes-mode", nargs="+", default=["graph"], help="GPU: their modes (compiles: slow)")
     ap.add_argument("--shapes-only", action="store_true", help="GPU: only the verify cost at --shapes")
+    ap.add_argument("--also-masked", action="store_true",
+                    help="GPU: the verify cost at --shapes also with the masked attention (as on a CPU)")
     ap.add_argument("--shapes-gammas", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--tasks", nargs="+", default=None, help="GPU: only these tasks of SPECULATIVE_TASKS")
     args = ap.parse_args()
