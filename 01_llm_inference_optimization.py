@@ -9762,13 +9762,9 @@ from a CUDA graph. The round can be static instead, like §9's step:
 
 - The verify step is §9's static step over the newest token and γ drafted ones as rows, at
   positions start … start + γ; their k, v go to the decoder's cache at those positions, and each
-  row attends to the cache up to its own position (causal inside the block). On a GPU the
-  attention splits at start, as flash-decoding splits a sequence (§7). Every row sees all of the
-  cached prefix, so the decode step's own kernel reads it once for all γ + 1 rows: the rows join
-  the query heads that share each KV head, as GQA's heads do (G·(γ + 1) of them a KV head), and the
-  kernel also returns each row's log-sum-exp. The block's own γ + 1 keys, causal, are a tiny
-  product done directly. §7's merge weighs the two parts by their log-sum-exps. Handing each row
-  to the kernel as a sequence of its own would read the prefix γ + 1 times. The step computes
+  row attends to the cache up to its own position (causal inside the block). On a GPU that is the
+  decode step's own kernel (§7): each row is handed to it as a sequence of its own that ends at
+  the row's position, all of them views of the same cache row, so nothing is copied. It computes
   the target's argmax after every row and, on the device, how many drafts in a row equal the
   argmax before them. One graph per γ: a round with fewer drafts pads them (the count of real ones masks
   the padding; on a memory-bound GPU the extra rows cost almost nothing), captured on first use
