@@ -6060,7 +6060,6 @@ class StaticDecoder:
         D = model.cfg.head_dim
         split_k = model.device.type == "cuda" and triton_available() and not D & (D - 1)
         self.attention_op = flash_decode_operator() if split_k else None  # None: SDPA with a mask
-        self.prefix_attention_op = flash_decode_lse_operator() if split_k else None  # §6's verify step
         # At batch 1 on a GPU, the projections run `triton_matvec` with the norms, SiLU·up and the
         # residual adds folded in (None: PyTorch's ops, which the compiler may rewrite and fuse)
         self.matvec_op = matvec_operator() if use_matvec(model, batch_size) else None
@@ -8905,7 +8904,7 @@ _TRITON_COUNTERS: dict = {}  # device → int32 arrival counters of the fused me
 
 
 def _triton_decode(q, k, v, lens, T, strides, paged_tables, num_splits, block_n, block_size=1,
-                   fused: bool = False, with_lse: bool = False, **launch):
+                   fused: bool = False, **launch):
     split_kernel, merge_kernel, next_pow2 = _triton_decode_kernels()
     (B, H, D), Hkv = q.shape, strides[0]
     if D & (D - 1):
@@ -8931,8 +8930,6 @@ def _triton_decode(q, k, v, lens, T, strides, paged_tables, num_splits, block_n,
                                PRECISION=precision, FUSED=fused, **launch)
     if not fused:
         merge_kernel[(B * H,)](o, lse, out, S=S, BLOCK_S=next_pow2(S), D=D)
-    if with_lse:  # each row's log-sum-exp over all its keys, from the splits' (-inf for an empty one)
-        return out, torch.logsumexp(lse, -1)
     return out
 
 
@@ -9039,20 +9036,6 @@ def flash_decode_operator() -> Callable:
         return triton_flash_decode(q, k, v, lens, fused=True)
 
     return _lesson_op("flash_decode", flash_decode, lambda q, k, v, lens: torch.empty_like(q))
-
-
-def flash_decode_lse_operator() -> Callable:
-    """`flash_decode_operator` that also returns each query row's log-sum-exp of scores, (B, H) in
-    fp32: what §7's merge needs to combine this attention with attention over other keys (the
-    verify step of §6 does)."""
-    def flash_decode_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                         lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return triton_flash_decode(q, k, v, lens, fused=True, with_lse=True)
-
-    def shape(q, k, v, lens):
-        return torch.empty_like(q), q.new_empty(q.shape[:2], dtype=torch.float32)
-
-    return _lesson_op("flash_decode_lse", flash_decode_lse, shape)
 
 
 @functools.cache
@@ -9805,43 +9788,27 @@ def static_verify_step(decoder: StaticDecoder, inputs: torch.Tensor) -> tuple[to
     newest token and L − 1 drafted ones, then the newest token's position, then how many drafts
     are real (the rest is padding). Writes the L rows' k, v into the decoder's cache. Returns
     (L + 1,) ints: the count of drafts accepted (each equal to the target's argmax before it, in
-    a row), then the argmax after each row; and the (L, V) logits in fp32. On a GPU attention
-    splits at the block's start: every row sees the whole cached prefix, which §7's kernel reads
-    once for all L rows (the rows join each KV head's query heads, as GQA's do), and the block's
-    own keys causally, computed directly; §7's log-sum-exp merge combines the two. Elsewhere it
-    is masked attention over the cache in fp32."""
+    a row), then the argmax after each row; and the (L, V) logits in fp32. Attention on a GPU is
+    the decode step's own kernel (§7), row j read as a sequence of start + j + 1 tokens over the
+    same cache row; elsewhere it is masked attention in fp32."""
     model, cache = decoder.model, decoder.cache
     cfg, dev, L = model.cfg, inputs.device, inputs.shape[0] - 2
     H, Hkv, D, T = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cache.max_seq_len
-    G = H // Hkv
     tokens, start, n_draft = inputs[:L], inputs[L], inputs[L + 1]
     pos = (start + torch.arange(L, device=dev)).clamp(max=T - 1)  # rows past the cache are padding
     h = torch.arange(Hkv, device=dev)[None, :].expand(L, Hkv)
     b, t = torch.zeros_like(h), pos[:, None].expand(L, Hkv)
-    if decoder.prefix_attention_op is not None:
-        prefix = start.to(torch.int32).reshape(1)  # the cached tokens before the block: all rows see them
-        has_prefix = prefix > 0  # (a one-token prompt has none: the kernel then reads 1 token, unused)
-        prefix = prefix.clamp(min=1)
-        causal = torch.arange(L, device=dev)[None, :] <= torch.arange(L, device=dev)[:, None]  # (L, L)
+    if decoder.attention_op is not None:  # row j sees the cache up to its own position: causal in the block
+        lens = pos.to(torch.int32) + 1
     else:
         visible = (torch.arange(T, device=dev) <= pos[:, None])[None, None, None]  # (1, 1, 1, L, T)
 
     def attend(i, q, k, v):
         _write_rows(cache.k, cache.v, (torch.full_like(h, i), b, h, t), k, v)  # cache[i, 0, h, pos]
-        if decoder.prefix_attention_op is not None:
-            rows = q.reshape(L, Hkv, G, D).transpose(0, 1).reshape(1, Hkv * L * G, D)  # L·G heads per KV head
-            o_pre, lse_pre = decoder.prefix_attention_op(rows, cache.k[i, :1], cache.v[i, :1], prefix)
-            o_pre = o_pre.reshape(Hkv, L, G, D).transpose(0, 1).float()  # (L, Hkv, G, D)
-            lse_pre = lse_pre.reshape(Hkv, L, G).transpose(0, 1)
-            scores = torch.einsum("jhgd,khd->jhgk", q.reshape(L, Hkv, G, D).float(), k.float()) * D**-0.5
-            scores = scores.masked_fill(~causal[:, None, None, :], float("-inf"))  # row j: block rows ≤ j
-            lse_own = torch.logsumexp(scores, -1)
-            o_own = torch.einsum("jhgk,khd->jhgd", torch.softmax(scores, -1), v.float())
-            top = torch.maximum(lse_pre, lse_own)  # finite: every row sees itself
-            w_pre = torch.where(has_prefix, torch.exp(lse_pre - top), 0.0)[..., None]
-            w_own = torch.exp(lse_own - top)[..., None]
-            return ((w_pre * o_pre + w_own * o_own) / (w_pre + w_own)).reshape(L, H, D).to(q.dtype)
-        qg = q.reshape(L, Hkv, G, D).permute(1, 2, 0, 3)[None].float()  # (1, Hkv, G, L, D)
+        if decoder.attention_op is not None:  # on a GPU, §7's kernel, each row as a sequence of its
+            keys, values = (c[i, :1].expand(L, Hkv, T, D) for c in (cache.k, cache.v))  # own (no copy)
+            return decoder.attention_op(q, keys, values, lens)
+        qg = q.reshape(L, Hkv, H // Hkv, D).permute(1, 2, 0, 3)[None].float()  # (1, Hkv, G, L, D)
         keys, values = cache.k[i, :1, :, None].float(), cache.v[i, :1, :, None].float()  # (1, Hkv, 1, T, D)
         scores = (qg @ keys.transpose(-1, -2) * D**-0.5).masked_fill(~visible, float("-inf"))
         o = torch.softmax(scores, -1) @ values  # (1, Hkv, G, L, D)
