@@ -9233,17 +9233,6 @@ its arithmetic, not memory, sets the pace (`benchmarks/RESULTS.md`). INT8 is the
 one scale per row, applied once to the finished sums. A row whose length is not a whole number
 of groups ends in codes of padding, which meet activations masked to 0.
 
-A third tiling, `words_kernel`, is for one row of x only and cuts the work per code further. It
-reads the codes as 32-bit words (eight four-bit codes, or four eight-bit ones) and turns each code
-into a float with two integer instructions: a shift that moves the code to the top of the
-mantissa, and one and-or that sets the exponent of 1.0, so the bits read as 1 + q/16 (1 + u/256
-for a byte, u = q + 128: its sign bit flipped). Summing (1 + q/16)·x and x side by side gives
-Σ q·x = 16·(Σ (1 + q/16)·x − Σ x) per group: no conversion and no subtraction per code, one
-multiply-add. The price is in x: a word's codes multiply activations four apart (byte j of a
-group holds codes j and j + G/2), so each thread gathers them one by one and shares them across
-the rows it holds. It applies where a group's bytes are whole words (G = 32 … 256) and, for INT8,
-where a row's are.
-
 At batch 1 the static step of §9 folds a product's neighbours into these kernels as it does into
 `triton_matvec`: the RMSNorm before q/k/v, gate/up and the head (x times the norm's weight in the
 loop, Σ x² alongside, one 1/rms for the finished sums), SiLU·up after gate/up (a program owns
@@ -9251,8 +9240,8 @@ matching gate and up rows), and the residual add after wo and down. Without the 
 quantized step runs each of them as separate small kernels, about a dozen a layer.
 On an H100 in graph mode, batch-1 decoding of LLaMA-2-7B shapes runs at 1.27× bf16's speed with
 INT8 and 1.22× with INT4 g128 with the folds, 1.05× and 1.02× without (`benchmarks/RESULTS.md`).
-`w8_kernel`, `w4_grouped_kernel` and `words_kernel` fold; groups whose half is no power of two
-apply the neighbours in PyTorch around `w4_kernel`.
+`w8_kernel` and `w4_grouped_kernel` fold; groups whose half is no power of two apply the
+neighbours in PyTorch around `w4_kernel`.
 
 The launch configuration (tiling included) is timed per shape and folds on first use, as for
 `triton_matvec`; a variant this GPU's Triton cannot build is left out with a warning. The kernel
@@ -9448,85 +9437,7 @@ def _triton_quant_kernels():
                     tl.load(R + out_rows, mask=out_rows < N, other=0.0).to(tl.float32)
             tl.store(Out + out_rows, sums.to(Out.dtype.element_ty), mask=out_rows < N)
 
-    @triton.jit
-    def words_kernel(X, C, S, Z, Gn, R, Out, N, K, n_words, eps, BITS: tl.constexpr, G: tl.constexpr,
-                     BLOCK_N: tl.constexpr, GT: tl.constexpr, WPG: tl.constexpr, ROWS: tl.constexpr,
-                     NORM: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr):
-        # One row of x, the codes read as int32 words: 8 four-bit codes or 4 eight-bit codes a word.
-        # A code q becomes a float with two integer instructions, a shift that puts it at the top of the
-        # mantissa and one and-or that sets the exponent of 1.0: 1 + q/16 (4 bits at mantissa bits
-        # 19-22) or 1 + u/256 (8 bits at 15-22, u = q + 128: the sign bit flipped). The sums of
-        # (1 + q/16)·x and of x give Σ q·x = 16·(Σ (1 + q/16)·x − Σ x), per group for 4-bit codes
-        # (tiles of (ROWS, GT groups, WPG words)), per row for 8-bit ones (GT chunks of WPG words)
-        r = tl.arange(0, ROWS)
-        out_row = tl.program_id(0) * BLOCK_N + r % BLOCK_N
-        rows64, in_n = (out_row + (r // BLOCK_N) * N).to(tl.int64), out_row < N
-        gi, wj = tl.arange(0, GT), tl.arange(0, WPG)
-        acc = tl.zeros((ROWS, GT), dtype=tl.float32)
-        squares = tl.zeros((GT, WPG), dtype=tl.float32)  # NORM: Σ x², alongside the products
-        x_all = tl.zeros((GT, WPG), dtype=tl.float32)  # 8-bit codes: Σ x, and Σ (1 + u/256)·x
-        total = tl.zeros((ROWS, GT, WPG), dtype=tl.float32)
-        n_groups = n_words // WPG  # 4-bit codes: a group is WPG words (the chunks of 8-bit codes, the same)
-        for g0 in range(0, tl.cdiv(n_words, GT * WPG) * GT, GT):
-            g = g0 + gi
-            word = g[:, None] * WPG + wj[None, :]  # (GT, WPG)
-            in_w = word < n_words
-            codes = tl.load(C + rows64[:, None, None] * n_words + word[None, :, :],
-                            mask=in_n[:, None, None] & in_w[None, :, :], other=0)
-            if BITS == 4:  # a group's sums start at zero; 8-bit codes add to the row's running sums
-                fx = tl.zeros((ROWS, GT, WPG), dtype=tl.float32)
-            else:
-                fx = total
-            xs = tl.zeros((GT, WPG), dtype=tl.float32)
-            for i in tl.static_range(32 // BITS):  # the word's codes, lowest bits first
-                if BITS == 4:  # byte i // 2 of the word, low nibble (code j) or high (code j + G/2)
-                    k = g[:, None] * G + 4 * wj[None, :] + i // 2 + (i % 2) * (G // 2)
-                    if 19 - 4 * i >= 0:  # the shift that brings bits 4i..4i+3 to 19..22
-                        f = ((codes << (19 - 4 * i)) & 0x00780000) | 0x3F800000
-                    else:
-                        f = ((codes >> (4 * i - 19)) & 0x00780000) | 0x3F800000
-                else:
-                    k = 4 * word + i
-                    if 15 - 8 * i >= 0:  # bits 8i..8i+7 to 15..22
-                        f = (((codes << (15 - 8 * i)) & 0x007F8000) ^ 0x00400000) | 0x3F800000
-                    else:
-                        f = (((codes >> (8 * i - 15)) & 0x007F8000) ^ 0x00400000) | 0x3F800000
-                xk = tl.load(X + k, mask=k < K, other=0.0).to(tl.float32)
-                if NORM:
-                    squares += xk * xk
-                    xk = xk * tl.load(Gn + k, mask=k < K, other=0.0).to(tl.float32)
-                fx += f.to(tl.float32, bitcast=True) * xk[None, :, :]
-                xs += xk
-            if BITS == 4:  # the group's scale and offset, once: scale·Σ q·x + offset·Σ x
-                g_at = rows64[:, None] * n_groups + g[None, :]
-                g_mask = in_n[:, None] & (g < n_groups)[None, :]
-                scale = tl.load(S + g_at, mask=g_mask, other=0.0).to(tl.float32)
-                offset = tl.load(Z + g_at, mask=g_mask, other=0.0).to(tl.float32)
-                x_sum = tl.sum(xs, axis=1)[None, :]
-                acc += 16.0 * scale * (tl.sum(fx, axis=2) - x_sum) + offset * x_sum
-            else:
-                total = fx
-                x_all += xs
-        if BITS == 4:
-            sums = tl.sum(acc, axis=1)
-        else:  # Σ q·x = Σ (u − 128)·x = 256·Σ (1 + u/256)·x − 384·Σ x, then the row's scale
-            x_sum = tl.sum(tl.sum(x_all, axis=1), axis=0)
-            sums = (256.0 * tl.sum(tl.sum(total, axis=2), axis=1) - 384.0 * x_sum) * \
-                tl.load(S + rows64, mask=in_n, other=0.0).to(tl.float32)
-        if NORM:  # the neighbours folded in exactly as in w8_kernel
-            sums = sums * tl.rsqrt(tl.sum(tl.sum(squares, axis=1), axis=0) / K + eps)
-        if SWIGLU:
-            pair = tl.reshape(sums, (2, BLOCK_N))
-            which = tl.arange(0, 2)[:, None]
-            gate = tl.sum(tl.where(which == 0, pair, 0.0), axis=0)
-            sums = gate * tl.sigmoid(gate) * tl.sum(tl.where(which == 1, pair, 0.0), axis=0)
-        out_rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        if RESIDUAL:
-            sums = sums.to(Out.dtype.element_ty).to(tl.float32) + \
-                tl.load(R + out_rows, mask=out_rows < N, other=0.0).to(tl.float32)
-        tl.store(Out + out_rows, sums.to(Out.dtype.element_ty), mask=out_rows < N)
-
-    return w4_kernel, w8_kernel, w4_grouped_kernel, words_kernel
+    return w4_kernel, w8_kernel, w4_grouped_kernel
 
 
 # (BLOCK_N, BLOCK_K in weights, num_warps, num_stages, INT4 tiles), timed per shape on a GPU: one row of
@@ -9536,10 +9447,7 @@ QUANT_CONFIGS = {"vec": tuple((*c, "columns") for c in (
                      (16, 512, 8, 3), (2, 1024, 4, 4), (32, 256, 8, 3), (8, 1024, 8, 3))) +
                  tuple((*c, "groups") for c in (
                      (4, 512, 4, 4), (8, 512, 4, 3), (4, 1024, 4, 3), (8, 256, 4, 3), (16, 512, 8, 3),
-                     (2, 1024, 4, 4), (8, 1024, 8, 3))) +
-                 tuple((*c, "words") for c in (
-                     (8, 512, 4, 3), (16, 256, 4, 3), (16, 512, 4, 3), (32, 256, 8, 3), (4, 1024, 4, 3),
-                     (32, 512, 8, 3), (8, 1024, 8, 3), (16, 1024, 8, 3))),
+                     (2, 1024, 4, 4), (8, 1024, 8, 3))),
                  "dot": tuple((*c, "columns") for c in (
                      (16, 128, 4, 3), (32, 128, 4, 3), (32, 256, 4, 3), (64, 128, 4, 3), (16, 256, 4, 4),
                      (64, 256, 8, 3), (128, 128, 8, 3), (16, 512, 4, 3))) +
@@ -9558,15 +9466,12 @@ def quant_tuning_key(x: torch.Tensor, N: int, K: int, bits: int, group_size: int
             x.device, tuple(folds))
 
 
-def quant_configs(kind: str, bits: int, group_size: int, in_features: int | None = None) -> list[tuple]:
+def quant_configs(kind: str, bits: int, group_size: int) -> list[tuple]:
     """The launch configurations that apply to a product: whole-group tiles only for codes of at
-    most 4 bits whose half group is a power of two (Triton's tiles are); word tiles (one row of x)
-    where a group's bytes are whole words, or for 8-bit codes where a row's are (`in_features` % 4)."""
+    most 4 bits whose half group is a power of two (Triton's tiles are)."""
     half = group_size // 2 if bits < 8 else 0
     grouped = half > 0 and half & (half - 1) == 0
-    words = half >= 4 and grouped if bits < 8 else in_features is None or in_features % 4 == 0
-    return [c for c in QUANT_CONFIGS[kind] if c[4] == "columns" or c[4] == "groups" and grouped or
-            c[4] == "words" and words]
+    return [c for c in QUANT_CONFIGS[kind] if c[4] == "columns" or grouped]
 
 
 QUANT_MAX_ROWS = 32  # the kernels' limit: larger steps (prefill) dequantize and use the BLAS
@@ -9594,7 +9499,7 @@ def triton_quant_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tens
         if t is not None and (t.numel() != n or t.device != x.device):
             raise InvalidArgumentError(f"triton_quant_matmul's {name} must hold {n} values on {x.device}; "
                                        f"got {tuple(t.shape)} on {t.device}")
-    w4, w8, w4_grouped, words = _triton_quant_kernels()
+    w4, w8, w4_grouped = _triton_quant_kernels()
     x = x.contiguous()
     out = torch.empty(M, n_out, device=x.device, dtype=x.dtype)
     key = quant_tuning_key(x, N, K, bits, group_size, folds)
@@ -9610,13 +9515,7 @@ def triton_quant_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tens
         bn, bk, warps, stages, tiles = cfg
         grid = (-(-n_out // bn),)
         rows = bn * (2 if swiglu else 1)
-        if tiles == "words":  # the codes as int32 words; INT4: BLOCK_K / G whole groups, INT8: BLOCK_K codes
-            wpg = group_size // 8 if bits < 8 else bk // 4
-            words[grid](x, c.view(torch.int32), scales, offsets, g, r, out, n_out, K, c[0].numel() // 4, eps,
-                        BITS=4 if bits < 8 else 8, G=group_size if bits < 8 else 4 * wpg, BLOCK_N=bn,
-                        GT=max(1, bk // group_size) if bits < 8 else 1, WPG=wpg, ROWS=rows, **fold,
-                        num_warps=warps, num_stages=stages)
-        elif bits == 8:
+        if bits == 8:
             w8[grid](x, c, scales, g, r, out, M, n_out, K, x.stride(0), out.stride(0), eps, BLOCK_M=block_m,
                      BLOCK_N=bn, BLOCK_K=bk, ROWS=rows, DOT=kind == "dot", PRECISION=precision, **fold,
                      num_warps=warps, num_stages=stages)
@@ -9631,8 +9530,8 @@ def triton_quant_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tens
                      DOT=kind == "dot", PRECISION=precision, num_warps=warps, num_stages=stages)
 
     if key not in QUANT_TUNED:
-        configs = [c for c in quant_configs(kind, bits, group_size, K) if not any(folds) or bits == 8
-                   or c[4] != "columns"]  # the per-column kernel has no folds
+        configs = [c for c in quant_configs(kind, bits, group_size) if not any(folds) or bits == 8
+                   or c[4] == "groups"]  # the per-column kernel has no folds
         if configs and x.device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
             general = not any(folds)  # a fold that does not build is done unfolded instead
             configs = [c for c in configs if _compiles(launch, c, required=c[4] == "columns" and general)]

@@ -322,7 +322,7 @@ def bench_quant_kernels(llm, name):
                 llm.QUANT_TUNED[key] = c
                 llm.triton_quant_matmul(x, codes, qw.scales, qw.offsets, bits, qw.group_size, K)
 
-            configs = llm.quant_configs("vec", bits, qw.group_size, K)
+            configs = llm.quant_configs("vec", bits, qw.group_size)
             times = llm.time_matvec_configs(launch, qw.codes, configs=configs)
             best = min(times)
             ref = torch.nn.functional.linear(x.float(), qw.dequantize().float())
@@ -330,9 +330,10 @@ def bench_quant_kernels(llm, name):
             got = llm.triton_quant_matmul(x, qw.codes, qw.scales, qw.offsets, bits, qw.group_size, K).float()
             row[f"INT{bits} µs"], row[f"INT{bits} GB/s"] = best, nbytes / best / 1e3
             row[f"INT{bits} config"] = str(configs[times.index(best)])
-            for tiles in ("columns", "groups", "words") if bits == 4 else ("columns", "words"):
-                row[f"INT{bits} {tiles} µs"] = min((t for t, c in zip(times, configs) if c[4] == tiles),
-                                                   default=float("nan"))  # the best of each tiling
+            if bits == 4:  # the best of each INT4 tiling, to see what whole-group tiles buy
+                for tiles in ("columns", "groups"):
+                    row[f"INT4 {tiles} µs"] = min((t for t, c in zip(times, configs) if c[4] == tiles),
+                                                  default=float("nan"))
             row[f"INT{bits} error"] = float((got - ref).abs().max() / ref.abs().max())
         rows.append(row)
         print(row, flush=True)
@@ -354,18 +355,8 @@ def bench_quant(llm, name, args, bw):
             if n_peer:
                 formats[f"INT4 g128, PyTorch int4 kernel ({n_peer} layers)"] = peer
                 references[f"INT4 g128, PyTorch int4 kernel ({n_peer} layers)"] = int4
-        if args.without_words:  # each quantized format again, tuned without the int32-word tiles
-            for label, bits, group in (("INT8 per channel", 8, None), ("INT4 g128 (head INT8)", 4, 128)):
-                if label in formats:
-                    again = llm.quantize_model(base, llm.rtn_quantizer(bits, group))
-                    formats[f"{label}, no word tiles"] = again
     rows, n = [], args.new_tokens
-    all_configs = dict(llm.QUANT_CONFIGS)
     for label, model in formats.items():
-        no_words = label.endswith("no word tiles")
-        llm.QUANT_CONFIGS = {k: tuple(c for c in v if not no_words or c[4] != "words")
-                             for k, v in all_configs.items()}
-        llm.QUANT_TUNED.clear()  # each format tunes its products afresh, from its own configurations
         tensors = list(model.parameters()) + list(model.buffers())
         tensors += [t for m in model.modules() if isinstance(m, Int4PackLinear) for t in (m.packed, m.grid)]
         seen, weight_bytes = set(), 0
@@ -401,7 +392,6 @@ def bench_quant(llm, name, args, bw):
                              "% of its bandwidth limit": 100 * tps * weight_bytes / bw if B == 1 else None,
                              "layer error": err, "note": ""})
                 print(rows[-1], flush=True)
-    llm.QUANT_CONFIGS = all_configs
     formats.clear()
     torch.cuda.empty_cache()
     return rows
@@ -435,8 +425,6 @@ def main():
                     help="decode by weight format instead (bf16, INT8, INT4, PyTorch's int4 kernel)")
     ap.add_argument("--no-peer", action="store_true",
                     help="with --quant int4: leave out PyTorch's int4 kernel (one compile fewer)")
-    ap.add_argument("--without-words", action="store_true",
-                    help="with --quant: each quantized format also tuned without the int32-word tiles")
     ap.add_argument("--no-kernel-table", action="store_true",
                     help="with --quant: leave out the table of each product alone (first)")
     ap.add_argument("--profile", action="store_true",

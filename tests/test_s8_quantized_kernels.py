@@ -26,8 +26,7 @@ def quantized(llm, bits, group, N, K, seed):
 @pytest.mark.parametrize("N,K", [(37, 301), (64, 256)])
 def test_quant_kernels_equal_dequantize_then_linear(llm, bits, group, N, K, dtype):
     """Every row count class (one row: elementwise; 3, 8, 32 rows: tl.dot), the first two launch
-    configurations of each tiling (columns; whole groups where G/2 is a power of two; int32 words
-    for one row where a group's or an INT8 row's bytes are whole words; the
+    configurations of each INT4 tiling (columns; whole groups where G/2 is a power of two; the
     first one on a GPU, where each is a compile) plus its widest tile: to 1e-5 of the output's scale in fp32,
     and in bf16 to the rounding of x and of the tile (w rounded to bf16 before tl.dot) and the output."""
     qw = quantized(llm, bits, group, N, K, seed=N + K + bits)
@@ -41,12 +40,10 @@ def test_quant_kernels_equal_dequantize_then_linear(llm, bits, group, N, K, dtyp
         kind = "vec" if M == 1 else "dot"
         key = llm.quant_tuning_key(x, N, K, bits, qw.group_size)
         picks, first = [], 1 if DEVICE == "cuda" else 2  # on a GPU each configuration is a compile
-        for tiles in ("columns", "groups", "words"):  # whole groups where G/2 is a power of two; words:
-            own = [c for c in llm.quant_configs(kind, bits, qw.group_size, K) if c[4] == tiles]  # one row
+        for tiles in ("columns", "groups"):  # whole-group tiles apply where G/2 is a power of two
+            own = [c for c in llm.quant_configs(kind, bits, qw.group_size) if c[4] == tiles]
             picks += own[:first] + [max(own, key=lambda c: c[1])] if own else []
-        grouped = bits < 8 and group in (32, 64, 128)
-        n_words = (grouped if bits < 8 else K % 4 == 0) and M == 1
-        assert len(picks) == (first + 1) * (1 + grouped + n_words)
+        assert len(picks) == (first + 1) * (2 if bits < 8 and group in (32, 64, 128) else 1)
         try:
             for cfg in picks:
                 llm.QUANT_TUNED[key] = cfg
@@ -110,15 +107,8 @@ def test_folded_norm_swiglu_residual_equal_the_unfolded_step(llm, bits, group, N
         ref = ref + res.double() if residual else ref
         key_folds = (norm, swiglu, residual)
         key = llm.quant_tuning_key(x, N, K, bits, qw.group_size, key_folds)
-        configs = [c for c in llm.quant_configs("vec", bits, qw.group_size, K)
-                   if bits == 8 or c[4] != "columns"]
-        picks = []
-        for tiles in ("columns", "groups", "words"):  # the first and the widest of each tiling that folds
-            own = [c for c in configs if c[4] == tiles]
-            picks += own[:1] + [max(own, key=lambda c: c[1])] if own else []
-        words = group in (32, 128) or bits == 8 and K % 4 == 0
-        assert {c[4] for c in picks} == ({"columns"} if bits == 8 else set()) | \
-            ({"groups"} if group in (32, 128) else set()) | ({"words"} if words else set())
+        configs = [c for c in llm.quant_configs("vec", bits, qw.group_size) if bits == 8 or c[4] == "groups"]
+        picks = (configs[:1] + [max(configs, key=lambda c: c[1])]) if configs else []
         try:
             for cfg in picks + [None]:  # None: as when no folded variant builds (the unfolded path)
                 llm.QUANT_TUNED[key] = cfg
