@@ -74,25 +74,25 @@ def replay_ms(fn, n=200):
 
 def verify_cost(llm, model, gammas, mode, context=128, masked=False):
     """Per γ: one verify step of γ + 1 rows vs one decode step, both replayed from graphs at batch 1.
-    `masked`: the verify's attention as on a CPU (masked, fp32, over the whole cache) instead of the
-    prefix through §7's kernel merged with the block's own keys."""
+    `masked`: the verify's attention as on a CPU (masked, fp32, over the whole cache) instead of
+    §7's kernel with each row a sequence of its own."""
     rows = []
     with llm.kept_decoder(model, 1, context + 64, mode) as dec, torch.inference_mode():
         dec.tokens.fill_(1)
         dec.positions.fill_(context)
         step = replay_ms(lambda: dec._run())
-        kept, dec._verify = dec.prefix_attention_op, {}  # verify steps built afresh, with this attention
-        dec.prefix_attention_op = None if masked else kept
+        kept, dec._verify = dec.attention_op, {}  # verify steps built afresh, with this attention
+        dec.attention_op = None if masked else kept
         try:
             for g in gammas:
                 values = [1] * (g + 1) + [context, g]
                 ms = replay_ms(lambda v=values: llm._verify(dec, v))
                 rows.append({"model": model.cfg.name, "mode": mode,
-                             "verify attention": "masked" if masked else "prefix kernel + block",
+                             "verify attention": "masked" if masked else "decode kernel, a sequence a row",
                              "γ + 1 rows": g + 1, "decode step (ms)": step, "verify step (ms)": ms,
                              "verify / decode": ms / step})
         finally:
-            dec.prefix_attention_op, dec._verify = kept, {}
+            dec.attention_op, dec._verify = kept, {}
     return rows
 
 
