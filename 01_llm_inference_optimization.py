@@ -9239,7 +9239,9 @@ loop, Σ x² alongside, one 1/rms for the finished sums), SiLU·up after gate/up
 matching gate and up rows), and the residual add after wo and down. Without the folds a
 quantized step runs each of them as separate small kernels, about a dozen a layer.
 On an H100 in graph mode, batch-1 decoding of LLaMA-2-7B shapes runs at 1.27× bf16's speed with
-INT8 and 1.22× with INT4 g128 with the folds, 1.05× and 1.02× without (`benchmarks/RESULTS.md`).
+INT8 and 1.22× with INT4 g128 with the folds, 1.05× and 1.02× without; compiled and captured, at
+1.37× (267 tok/s) and 1.26× (245 tok/s) (`benchmarks/RESULTS.md`). INT4 reads half of INT8's
+bytes yet decodes slower: its kernel's arithmetic per code, not memory, sets its pace.
 `w8_kernel` and `w4_grouped_kernel` fold; groups whose half is no power of two apply the
 neighbours in PyTorch around `w4_kernel`.
 
