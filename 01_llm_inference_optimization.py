@@ -9222,14 +9222,18 @@ each weight w = offset + scale · q in fp32 in registers, multiplies elementwise
 the tile at the end, like `triton_matvec`. `w4_grouped_kernel` does less arithmetic per code,
 which matters because four-bit codes arrive twice as fast as eight-bit ones: it sums q · x over
 each group and applies the group's scale and offset once, Σ (offset + scale · q) · x =
-scale · Σ q · x + offset · Σ x, and it turns a code into a float by setting the bits of 2²³ + q
-and subtracting 2²³, instead of an int-to-float conversion, which a GPU runs at a quarter of the
-rate of an add. For 2 to 32 rows of x both kernels use `tl.dot` (tensor cores), x padded to 16
-rows: `w4_kernel` rounds the dequantized tile to x's dtype, `w4_grouped_kernel` multiplies the
-codes themselves (exact in bf16) one group at a time and applies the scale and offset to each
-group's product. On an H100 the whole-group kernel takes half the per-column kernel's time and
-half of bf16 cuBLAS's for LLaMA-2-7B's matrices, yet streams its codes at only 1.0–1.4 TB/s:
-its arithmetic, not memory, sets the pace (`benchmarks/RESULTS.md`). INT8 is the same walk with
+scale · Σ q · x + offset · Σ x, and it turns a code into a float without an int-to-float
+conversion, which a GPU runs at a quarter of the rate of an add: a shift puts the code's four bits
+at the top of the mantissa of 1.0 and one and-or sets the rest, so the bits read as 1 + q/16, and
+Σ q · x = 16 · (Σ (1 + q/16) · x − Σ x), with Σ x shared by every row. (Setting the bits of
+2²³ + q instead needs a subtraction of 2²³ per code; without it the kernel ran 7–10% faster on an
+H100 at every tile size timed.) For 2 to 32 rows of x both kernels use `tl.dot` (tensor cores),
+x padded to 16 rows: `w4_kernel` rounds the dequantized tile to x's dtype, `w4_grouped_kernel`
+multiplies the codes themselves (2²³ + q less 2²³: exact in bf16) one group at a time and applies
+the scale and offset to each group's product. On an H100 the whole-group kernel takes half the
+per-column kernel's time and half of bf16 cuBLAS's for LLaMA-2-7B's matrices, yet streams its
+codes at only 1.0–1.4 TB/s: its arithmetic, not memory, sets the pace (`benchmarks/RESULTS.md`).
+INT8 is the same walk with
 one scale per row, applied once to the finished sums. A row whose length is not a whole number
 of groups ends in codes of padding, which meet activations masked to 0.
 
@@ -9367,7 +9371,9 @@ def _triton_quant_kernels():
         # w4_kernel's product for G/2 a power of two, by whole groups: Σ (offset + scale·q)·x over a
         # group is scale·Σ q·x + offset·Σ x, so a group's scale and offset are applied once to a sum.
         # A code q becomes fp32 without an int-to-float conversion (a quarter-rate instruction on a
-        # GPU): the bits 0x4B000000 | q are the float 2^23 + q, exactly
+        # GPU): for tl.dot the bits 0x4B000000 | q are the float 2^23 + q, exactly, less 2^23; for
+        # one row, q shifted to the top of 1.0's mantissa reads as 1 + q/16, and no subtraction is
+        # needed: Σ q·x = 16·(Σ (1 + q/16)·x − Σ x)
         HALF: tl.constexpr = G // 2
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         in_n = rows < N
@@ -9421,10 +9427,11 @@ def _triton_quant_kernels():
                     squares += x_lo * x_lo + x_hi * x_hi
                     x_lo = x_lo * tl.load(Gn + k_lo, mask=k_lo < K, other=0.0).to(tl.float32)
                     x_hi = x_hi * tl.load(Gn + k_lo + HALF, mask=k_lo + HALF < K, other=0.0).to(tl.float32)
-                q_lo = ((codes & 15) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-                q_hi = ((codes >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-                qx = tl.sum(q_lo * x_lo[None] + q_hi * x_hi[None], axis=2)  # (ROWS, GT)
-                acc += qx * scale + offset * tl.sum(x_lo + x_hi, axis=1)[None, :]
+                x_sum = tl.sum(x_lo + x_hi, axis=1)[None, :]
+                f_lo = (((codes << 19) & 0x00780000) | 0x3F800000).to(tl.float32, bitcast=True)  # 1 + q/16:
+                f_hi = (((codes << 15) & 0x00780000) | 0x3F800000).to(tl.float32, bitcast=True)  # bits 19–22
+                fx = tl.sum(f_lo * x_lo[None] + f_hi * x_hi[None], axis=2)  # Σ (1 + q/16)·x, (ROWS, GT)
+                acc += 16.0 * scale * (fx - x_sum) + offset * x_sum
             sums = tl.sum(acc, axis=1)
             if NORM:  # the neighbours folded in exactly as in w8_kernel
                 sums = sums * tl.rsqrt(tl.sum(tl.sum(squares, axis=1), axis=0) / K + eps)
@@ -9449,7 +9456,7 @@ QUANT_CONFIGS = {"vec": tuple((*c, "columns") for c in (
                      (16, 512, 8, 3), (2, 1024, 4, 4), (32, 256, 8, 3), (8, 1024, 8, 3))) +
                  tuple((*c, "groups") for c in (
                      (4, 512, 4, 4), (8, 512, 4, 3), (4, 1024, 4, 3), (8, 256, 4, 3), (16, 512, 8, 3),
-                     (2, 1024, 4, 4), (8, 1024, 8, 3))),
+                     (2, 1024, 4, 4), (8, 1024, 8, 3), (32, 1024, 4, 3), (16, 1024, 4, 3))),
                  "dot": tuple((*c, "columns") for c in (
                      (16, 128, 4, 3), (32, 128, 4, 3), (32, 256, 4, 3), (64, 128, 4, 3), (16, 256, 4, 4),
                      (64, 256, 8, 3), (128, 128, 8, 3), (16, 512, 4, 3))) +
