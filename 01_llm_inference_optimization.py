@@ -9655,7 +9655,11 @@ from a CUDA graph. The round can be static instead, like §9's step:
   positions start … start + γ; their k, v go to the decoder's cache at those positions, and each
   row attends to the cache up to its own position (causal inside the block). On a GPU that is the
   decode step's own kernel (§7): each row is handed to it as a sequence of its own that ends at
-  the row's position, all of them views of the same cache row, so nothing is copied. It computes
+  the row's position, all of them views of the same cache row, so nothing is copied. Each row
+  reads the cached prefix again; reading it once for all rows (the rows as extra query heads of
+  each KV head, the block's own keys done apart, the two merged by their log-sum-exps as in §7)
+  measured slower on an H100 at a 128-token context: its half-dozen small operations a layer
+  cost more than the re-reads they save (`benchmarks/RESULTS.md`). It computes
   the target's argmax after every row and, on the device, how many drafts in a row equal the
   argmax before them. One graph per γ: a round with fewer drafts pads them (the count of real ones masks
   the padding; on a memory-bound GPU the extra rows cost almost nothing), captured on first use
