@@ -9210,42 +9210,42 @@ then the bf16 matrix written and read back) where a plain bf16 step reads it onc
 below read only the codes, scales and offsets and dequantize in registers, so the bytes a decode
 step streams shrink with the bits: ~4.5 bits a weight for INT4 in groups of 128, against 16.
 
-Each program owns `BLOCK_N` output rows and walks along them `BLOCK_K` weights at a time. For
-INT4 a group's byte j holds code j (low nibble) and code j + G/2 (high nibble). Two tilings of
-the bytes are timed against each other: in `w4_kernel` each byte column of a flat tile finds its
-group (`column // (G/2)`) and from it its scale, offset and the two activations it multiplies,
-which works for any group size but loads a scale and an offset per byte; in `w4_grouped_kernel`
-the tile is three-dimensional, (rows, whole groups, G/2 bytes), so each group's scale and offset
-are loaded once and broadcast over its bytes (Triton's tile sides are powers of two, so this
-needs G/2 to be one: 32, 64, 128, 256). For one row of x (decode at batch 1), `w4_kernel` forms
-each weight w = offset + scale · q in fp32 in registers, multiplies elementwise and sums across
-the tile at the end, like `triton_matvec`. `w4_grouped_kernel` does less arithmetic per code,
-which matters because four-bit codes arrive twice as fast as eight-bit ones: it sums q · x over
-each group and applies the group's scale and offset once, Σ (offset + scale · q) · x =
-scale · Σ q · x + offset · Σ x, and it turns a code into a float without an int-to-float
-conversion, which a GPU runs at a quarter of the rate of an add: a shift puts the code's four bits
-at the top of the mantissa of 1.0 and one and-or sets the rest, so the bits read as 1 + q/16, and
-Σ q · x = 16 · (Σ (1 + q/16) · x − Σ x), with Σ x shared by every row. (Setting the bits of
-2²³ + q instead needs a subtraction of 2²³ per code; without it the kernel ran 7–10% faster on an
-H100 at every tile size timed.) For 2 to 32 rows of x both kernels use `tl.dot` (tensor cores),
-x padded to 16 rows: `w4_kernel` rounds the dequantized tile to x's dtype, `w4_grouped_kernel`
-multiplies the codes themselves (2²³ + q less 2²³: exact in bf16) one group at a time and applies
-the scale and offset to each group's product. On an H100 the whole-group kernel takes half the
-per-column kernel's time and half of bf16 cuBLAS's for LLaMA-2-7B's matrices, yet streams its
-codes at only 1.0–1.4 TB/s: its arithmetic, not memory, sets the pace (`benchmarks/RESULTS.md`).
-INT8 is the same walk with
-one scale per row, applied once to the finished sums. A row whose length is not a whole number
-of groups ends in codes of padding, which meet activations masked to 0.
+Each program owns `BLOCK_N` output rows and walks along them `BLOCK_K` weights at a time. For INT4
+a group's byte j holds code j (low nibble) and code j + G/2 (high nibble). Two tilings of the
+bytes are timed against each other: in `w4_kernel` each byte column of a flat tile finds its group
+(`column // (G/2)`) and from it its scale, offset and the two activations it multiplies, which
+works for any group size but loads a scale and an offset per byte; in `w4_grouped_kernel` the tile
+is three-dimensional, (rows, whole groups, G/2 bytes), so each group's scale and offset are loaded
+once and broadcast over its bytes (Triton's tile sides are powers of two, so this needs G/2 to be
+one: 32, 64, 128, 256). For one row of x (decode at batch 1), `w4_kernel` forms each weight
+w = offset + scale · q in fp32 in registers, multiplies elementwise and sums across the tile at
+the end, like `triton_matvec`. `w4_grouped_kernel` does less arithmetic per code, which matters
+because four-bit codes arrive twice as fast as eight-bit ones: it sums q · x over each group and
+applies the group's scale and offset once,
+Σ (offset + scale · q) · x = scale · Σ q · x + offset · Σ x, and it turns a code into a float
+without an int-to-float conversion, which a GPU runs at a quarter of the rate of an add: a shift
+puts the code's four bits at the top of the mantissa of 1.0 and one and-or sets the rest, so the
+bits read as 1 + q/16, and Σ q · x = 16 · (Σ (1 + q/16) · x − Σ x), with Σ x shared by every row.
+(Setting the bits of 2²³ + q instead needs a subtraction of 2²³ per code; without it every tiling
+timed on an H100 ran faster, the best one for each of LLaMA-2-7B's matrices by 7–9%.) For 2 to 32
+rows of x both kernels use `tl.dot` (tensor cores), x padded to 16 rows: `w4_kernel` rounds the
+dequantized tile to x's dtype, `w4_grouped_kernel` multiplies the codes themselves
+(2²³ + q less 2²³: exact in bf16) one group at a time and applies the scale and offset to each
+group's product. On an H100 the whole-group kernel takes half the per-column kernel's time and
+half of bf16 cuBLAS's for LLaMA-2-7B's matrices, yet streams its codes at only 1.0–1.4 TB/s: its
+arithmetic, not memory, sets the pace (`benchmarks/RESULTS.md`). INT8 is the same walk with one
+scale per row, applied once to the finished sums. A row whose length is not a whole number of
+groups ends in codes of padding, which meet activations masked to 0.
 
 At batch 1 the static step of §9 folds a product's neighbours into these kernels as it does into
-`triton_matvec`: the RMSNorm before q/k/v, gate/up and the head (x times the norm's weight in the
-loop, Σ x² alongside, one 1/rms for the finished sums), SiLU·up after gate/up (a program owns
-matching gate and up rows), and the residual add after wo and down. Without the folds a
-quantized step runs each of them as separate small kernels, about a dozen a layer.
-On an H100 in graph mode, batch-1 decoding of LLaMA-2-7B shapes runs at 1.27× bf16's speed with
-INT8 and 1.22× with INT4 g128 with the folds, 1.05× and 1.02× without; compiled and captured, at
-1.37× (267 tok/s) and 1.26× (245 tok/s) (`benchmarks/RESULTS.md`). INT4 reads half of INT8's
-bytes yet decodes slower: its kernel's arithmetic per code, not memory, sets its pace.
+`triton_matvec`: the RMSNorm before q/k/v, gate/up and the head (x times the norm's weight in
+the loop, Σ x² alongside, one 1/rms for the finished sums), SiLU·up after gate/up (a program
+owns matching gate and up rows), and the residual add after wo and down. Without the folds a
+quantized step runs each of them as separate small kernels, about a dozen a layer. On an H100 in
+graph mode, batch-1 decoding of LLaMA-2-7B shapes runs at 1.27× bf16's speed with INT8 and 1.22×
+with INT4 g128 with the folds, 1.05× and 1.02× without; compiled and captured, at 1.37× (267
+tok/s) and 1.26× (245 tok/s, with the 2²³ conversion) (`benchmarks/RESULTS.md`). INT4 reads half
+of INT8's bytes yet decodes slower: its kernel's arithmetic per code, not memory, sets its pace.
 `w8_kernel` and `w4_grouped_kernel` fold; groups whose half is no power of two apply the
 neighbours in PyTorch around `w4_kernel`.
 
