@@ -9245,7 +9245,8 @@ quantized step runs each of them as separate small kernels, about a dozen a laye
 graph mode, batch-1 decoding of LLaMA-2-7B shapes runs at 1.27× bf16's speed with INT8 and 1.22×
 with INT4 g128 with the folds, 1.05× and 1.02× without; compiled and captured, at 1.37× (267
 tok/s) and 1.26× (245 tok/s, with the 2²³ conversion) (`benchmarks/RESULTS.md`). INT4 reads half
-of INT8's bytes yet decodes slower: its kernel's arithmetic per code, not memory, sets its pace.
+of INT8's bytes yet decodes slower: memory does not set its pace, since its kernel takes as long
+per product as INT8's while streaming half the bytes.
 `w8_kernel` and `w4_grouped_kernel` fold; groups whose half is no power of two apply the
 neighbours in PyTorch around `w4_kernel`.
 
@@ -9428,8 +9429,9 @@ def _triton_quant_kernels():
                     x_lo = x_lo * tl.load(Gn + k_lo, mask=k_lo < K, other=0.0).to(tl.float32)
                     x_hi = x_hi * tl.load(Gn + k_lo + HALF, mask=k_lo + HALF < K, other=0.0).to(tl.float32)
                 x_sum = tl.sum(x_lo + x_hi, axis=1)[None, :]
-                f_lo = (((codes << 19) & 0x00780000) | 0x3F800000).to(tl.float32, bitcast=True)  # 1 + q/16:
-                f_hi = (((codes << 15) & 0x00780000) | 0x3F800000).to(tl.float32, bitcast=True)  # bits 19–22
+                # each nibble moved to bits 19–22 under 1.0's exponent: the float 1 + q/16
+                f_lo = (((codes << 19) & 0x00780000) | 0x3F800000).to(tl.float32, bitcast=True)
+                f_hi = (((codes << 15) & 0x00780000) | 0x3F800000).to(tl.float32, bitcast=True)
                 fx = tl.sum(f_lo * x_lo[None] + f_hi * x_hi[None], axis=2)  # Σ (1 + q/16)·x, (ROWS, GT)
                 acc += 16.0 * scale * (fx - x_sum) + offset * x_sum
             sums = tl.sum(acc, axis=1)

@@ -6,6 +6,7 @@ same GGUF weights (fp32), same prompts, greedy, side by side in one run.
     python benchmarks/bench_speculative.py --device cuda [--model F.gguf] [--dtype bf16]
                                            [--mode compile+graph] [--draft-gammas 2 4]
     python benchmarks/bench_speculative.py --device cuda --shapes-only [--shapes-mode graph compile+graph]
+                                           [--also-masked]
 
 On a GPU (`--device cuda`) the table is ours only: plain decoding (`generate`, CUDA graph per step;
 `static_generate` compiled and captured, our fastest), then speculation through static verify steps
