@@ -146,7 +146,7 @@ def test_analyze_prefill_vs_decode_rows(llm):
     assert all(set(r) == ROW_KEYS for r in rows)
     pre = [r for r in rows if r["phase"] == "prefill"]
     dec = [r for r in rows if r["phase"] == "decode"]
-    assert [r["tokens"] for r in pre] == [32, 256] and [r["batch"] for r in dec] == [1, 16, 64]
+    assert [r["tokens"] for r in pre] == [32, 128] and [r["batch"] for r in dec] == [1, 8, 32]
     assert all(r["context"] == 129 and r["tokens"] == r["batch"] for r in dec)
     assert [r["FLOP/byte"] for r in dec] == sorted(r["FLOP/byte"] for r in dec)
     for r in rows:
