@@ -10413,12 +10413,18 @@ def plot_perplexity_vs_bits(rows: Sequence[dict], title: str, gguf_rows: Sequenc
     ax.set_title(title, fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
-    four = [r for r in points if 4 <= r["bits/weight"] < 5]
-    best = min(four, key=lambda r: r["perplexity vs fp32 %"], default=None)
-    caption = ("fewer bits, more error; at about 4 bits the method matters as much as the bits"
-               + (f": the best there is {best['scheme']} ({best['perplexity vs fp32 %']:+.1f}%)."
-                  if best else "."))
-    return save_plot(fig, "s8_perplexity_vs_bits", caption, model)
+    same_bits: dict[float, list[dict]] = {}  # rows that store the same bits per weight (to 0.05 bit)
+    for r in points:
+        same_bits.setdefault(round(r["bits/weight"] * 20) / 20, []).append(r)
+    mixed = [g for g in same_bits.values() if len({_scheme_family(r["scheme"]) for r in g}) > 1]
+    caption = "fewer bits, more error"
+    if mixed:  # the bits where the most methods meet: there the method, not the size, decides
+        group = max(mixed, key=lambda g: (len({_scheme_family(r["scheme"]) for r in g}), len(g)))
+        lo, hi = (f(group, key=lambda r: r["perplexity vs fp32 %"]) for f in (min, max))
+        caption += (f"; at the same {group[0]['bits/weight']:.2f} bits per weight the method decides: "
+                    f"{lo['scheme']} {lo['perplexity vs fp32 %']:+.1f}% against {hi['scheme']} "
+                    f"{hi['perplexity vs fp32 %']:+.1f}%")
+    return save_plot(fig, "s8_perplexity_vs_bits", caption + ".", model)
 
 
 def plot_decode_vs_bandwidth(rows: Sequence[dict], bandwidth: float, title: str, model=None) -> "Plot":
