@@ -9252,7 +9252,12 @@ graph mode, batch-1 decoding of LLaMA-2-7B shapes runs at 1.27× bf16's speed wi
 with INT4 g128 with the folds, 1.05× and 1.02× without; compiled and captured, at 1.37× (267
 tok/s) and 1.26× (245 tok/s, with the 2²³ conversion) (`benchmarks/RESULTS.md`). INT4 reads half
 of INT8's bytes yet decodes slower: memory does not set its pace, since its kernel takes as long
-per product as INT8's while streaming half the bytes.
+per product as INT8's while streaming half the bytes. Nsight Compute says what does
+(`benchmarks/profile_quant_kernel.py`, numbers in `benchmarks/RESULTS.md`): on an H100 the INT4 kernel
+executes about nine instructions per weight and issues them nearly as fast as the GPU can, while
+memory runs at 39% of its peak. Most of those instructions unpack the codes (pull each byte out of
+its 32-bit register, shift, mask) and move x into the codes' layout; fewer instructions per code,
+not fewer bytes, is what would speed it up.
 `w8_kernel` and `w4_grouped_kernel` fold; groups whose half is no power of two apply the
 neighbours in PyTorch around `w4_kernel`.
 
