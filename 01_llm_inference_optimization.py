@@ -730,6 +730,7 @@ Shapes in comments: N tokens in the step, d model width, H/Hkv heads, D head dim
 
 
 # %%
+# `Linear` is `nn.Linear` whose product on some CPUs runs the faster way round (Appendix D)
 class Attention(nn.Module):
     """Grouped-query self-attention: project, rotate q/k, then let the cache write and attend."""
 
@@ -737,10 +738,10 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg = cfg
         D = cfg.head_dim
-        self.wq = nn.Linear(cfg.dim, cfg.n_heads * D, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * D, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * D, bias=False)
-        self.wo = nn.Linear(cfg.n_heads * D, cfg.dim, bias=False)
+        self.wq = Linear(cfg.dim, cfg.n_heads * D, bias=False)
+        self.wk = Linear(cfg.dim, cfg.n_kv_heads * D, bias=False)
+        self.wv = Linear(cfg.dim, cfg.n_kv_heads * D, bias=False)
+        self.wo = Linear(cfg.n_heads * D, cfg.dim, bias=False)
 
     def forward(self, x, cos, sin, layer: int, meta: AttentionMetadata, cache=None):
         N, D = x.shape[0], self.cfg.head_dim
@@ -761,9 +762,9 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.w_gate = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
-        self.w_up = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
-        self.w_down = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+        self.w_gate = Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.w_up = Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.w_down = Linear(cfg.ffn_dim, cfg.dim, bias=False)
 
     def forward(self, x):
         return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
@@ -791,7 +792,7 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
 
@@ -3581,7 +3582,7 @@ class LLMEngine:
         from CUDA graphs captured for batch sizes 1, 2, 4, …), or "auto" (graph on a GPU, else
         packed). `cpu_linear="onednn"` runs the packed forwards' linear layers on a CPU through
         oneDNN with weights reordered once (`onednn_model`: a second copy of them, remade when the
-        weights change); "blas" (the default) through `F.linear`."""
+        weights change); "blas" (the default) through `plain_linear`."""
         if cpu_linear not in ("blas", "onednn"):
             raise InvalidArgumentError(f"cpu_linear is 'blas' or 'onednn', got {cpu_linear!r}")
         if cpu_linear == "onednn" and not onednn_available(model):
@@ -5173,7 +5174,7 @@ class QuantizedLinear(nn.Module):
                 with torch._dynamo.config.patch(recompile_limit=64):  # one compile per layer shape
                     y = kernel(flat.float(), *args)
                 return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
-        return F.linear(x, self.weight_dequantized().to(x.dtype))
+        return plain_linear(x, self.weight_dequantized().to(x.dtype))
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, bits={self.qw.bits}, "
@@ -5863,8 +5864,8 @@ def fuse_projections(model: Transformer) -> list[tuple[torch.Tensor | None, torc
 
 
 def _is_plain_linear(module: nn.Module) -> bool:
-    """An `nn.Linear` without bias (not §8's quantized layers): its weight can be multiplied directly."""
-    return type(module) is nn.Linear and module.bias is None
+    """A linear layer without bias (not §8's quantized layers): its weight can be multiplied directly."""
+    return type(module) in (nn.Linear, Linear) and module.bias is None
 
 
 def layer_matrices(layer: nn.Module, fused_pair: tuple) -> list[torch.Tensor]:
@@ -5944,7 +5945,7 @@ def _views_of(base: torch.Tensor, weights: Sequence[torch.Tensor]) -> bool:
 def static_decode_step(model: Transformer, tokens: torch.Tensor, positions: torch.Tensor,
                        attend: Callable, fused: Sequence | None = None,
                        matvec: Callable | None = None, rows: torch.Tensor | None = None,
-                       linear: Callable = F.linear) -> torch.Tensor:
+                       linear: Callable | None = None) -> torch.Tensor:
     """One token per row through every layer, tensor operations only: tokens and positions (B,)
     → logits (B, V). `attend(layer, q, k, v)` writes this step's k, v (B, Hkv, D) into its cache
     and returns the attention output (B, H, D): the caches differ, the rest not. `fused` (from
@@ -5952,8 +5953,9 @@ def static_decode_step(model: Transformer, tokens: torch.Tensor, positions: torc
     `triton_matvec`, batch 1) runs the plain projections with their neighbours folded in: the
     norm before, SiLU·up after gate/up, the residual add after wo and down. `rows` keeps only
     those rows' logits (a prefill's rows are every prompt token; only the last one picks).
-    `linear(x, w)` multiplies by the plain weights (`cpu_matvec_linear` in a compiled CPU step)."""
-    cfg, B = model.cfg, tokens.shape[0]
+    `linear(x, w)` multiplies by the plain weights (default `plain_linear`; `cpu_matvec_linear` in a
+    compiled CPU step)."""
+    cfg, B, linear = model.cfg, tokens.shape[0], linear or plain_linear
     H, Hkv, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
 
     def norm_linear(norm, x, w, swiglu=False):  # linear(norm(x), w), then silu(gate) · up
@@ -6073,7 +6075,7 @@ class StaticDecoder:
         # A compiled batch-1 step on a CPU multiplies by each weight shape the faster way here:
         # the BLAS, or a product-and-sum that the compiler turns into a loop at the memory roof
         self.matvec_paths: dict[tuple, str] = {}
-        self.linear: Callable = F.linear
+        self.linear: Callable = plain_linear
         if model.device.type == "cpu" and batch_size == 1 and self.mode.startswith("compile"):
             self.matvec_paths = choose_cpu_matvec(model, self.fused, force=self.cpu_matvec)
             self.linear = cpu_matvec_linear(self.matvec_paths)
@@ -6309,7 +6311,7 @@ def measure_launch_overhead(model: str = "smollm2", device=None, batch_size: int
                             context: int = 128) -> "Rows":
     """Ops per decode step; eager step time; the bandwidth limit (the weights read at this run's
     read bandwidth); `matmuls alone`: every weight matrix of the step through the BLAS
-    (`F.linear`), back to back; and what each of the other ops adds: (step − matmuls) / (ops −
+    (`plain_linear`), back to back; and what each of the other ops adds: (step − matmuls) / (ops −
     matmuls)."""
     net, _ = get_model(model, device)
     dec = StaticDecoder(net, batch_size, context + 8)
@@ -6319,7 +6321,8 @@ def measure_launch_overhead(model: str = "smollm2", device=None, batch_size: int
     eager = benchmark(lambda: dec.step_eager(tokens, positions), net.device, warmup=2, repeat=5)
     weights = step_matrices(net, dec.fused)
     xs = [torch.randn(batch_size, w.shape[1], device=net.device, dtype=w.dtype) for w in weights]
-    matmuls = benchmark(lambda: [F.linear(x, w) for x, w in zip(xs, weights)], net.device, warmup=1, repeat=5)
+    matmuls = benchmark(lambda: [plain_linear(x, w) for x, w in zip(xs, weights)], net.device, warmup=1,
+                        repeat=5)
     row = {"model": net.cfg.name, "device": str(net.device), "batch": batch_size, "ops per step": ops,
            "eager step (ms)": eager * 1e3,
            "bandwidth limit (ms)": net.param_bytes / machine_bandwidth(net.device) * 1e3,
@@ -10016,18 +10019,67 @@ class PagedDecodeRunner:
 
 # %% [markdown]
 """
-### On a CPU: the engine's products of a few rows through oneDNN
-The §5 engine's packed steps multiply a few rows (one per running sequence) by every weight. A
-BLAS tunes such products per CPU: on some AMD hosts MKL's fp32 path streams them at a fraction
-of the memory roof, slower for 4–8 rows than for one. oneDNN, the kernel library vLLM's CPU
-backend uses, keeps each weight in a blocked layout reordered once; for SmolLM2's weights and
-4–8 rows it is 2.3–2.8× faster than MKL on an AMD EPYC (Zen 3) host (`benchmarks/run_on_vllm.py`
-measures the whole engine both ways). `LLMEngine(cpu_linear="onednn")` runs the packed forwards
-on `onednn_model(model)`: the same modules, each plain linear layer replaced by a `OneDnnLinear`
-holding the reordered copy (so the weights take twice the memory), remade whenever
-`weights_signature` says the weights changed. It is off by default: where the BLAS is already at
-the roof the copy buys nothing.
+### On a CPU: products of a few rows, the faster way round
+A decode step multiplies a few rows (one per running sequence, γ+1 in a verify) by every
+weight, and a prefill a few hundred. A BLAS tunes such products per CPU, and `F.linear(x, w)`,
+x·wᵀ, can land on a slow path: on an AMD EPYC (Zen 3) host, MKL's fp32 product of 2–32 rows by
+SmolLM2's weights streams them slower than one row does, at a fifth to a quarter of the read
+bandwidth. The same product asked for the other way round, (w·xᵀ)ᵀ, takes MKL's path for a tall
+matrix times a few columns, which streams w's rows in parallel: there, a whole SmolLM2 step of
+2–4 rows runs 1.5–2× faster, of 8–32 rows about 1.1×, and from about 64 rows the two ways take
+turns winning; the products are equal up to fp32 rounding (`benchmarks/bench_cpu_linear.py` times
+both on the reader's machine; `benchmarks/RESULTS.md` has this host's table). `plain_linear`
+takes that way round on AMD CPUs, where it was measured (MKL picks its kernels by CPU vendor), for
+2–32 rows; elsewhere,
+for one row, inside a compiled step, or with `LESSON_CPU_LINEAR=blas`, it calls `F.linear`
+(`LESSON_CPU_LINEAR=weight-first` forces the other way). `Linear`, the model's layer, calls it.
+
+The §5 engine can go further: oneDNN, the kernel library vLLM's CPU backend uses, keeps each
+weight in a blocked layout reordered once, a little faster again for 8–32 rows.
+`LLMEngine(cpu_linear="onednn")` runs the packed forwards on `onednn_model(model)`: the same
+modules, each plain linear layer replaced by a `OneDnnLinear` holding the reordered copy (so the
+weights take twice the memory), remade whenever `weights_signature` says the weights changed
+(`benchmarks/run_on_vllm.py` measures the whole engine both ways). It is off by default.
 """
+
+
+# %%
+CPU_LINEAR_PATHS = ("auto", "blas", "weight-first")
+WEIGHT_FIRST_MAX_ROWS = 32  # from about 64 rows the two ways round take turns winning (RESULTS.md)
+
+
+@functools.cache
+def _cpu_is_amd() -> bool:
+    return "AMD" in cpu_name()
+
+
+def weight_first_applies(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether `plain_linear` multiplies these as (w·xᵀ)ᵀ: fp32 on a CPU, 2–32 rows, not while
+    torch.compile traces, and $LESSON_CPU_LINEAR "weight-first", or "auto" (unset) on an AMD CPU."""
+    if x.is_cuda or not 2 * x.shape[-1] <= x.numel() <= WEIGHT_FIRST_MAX_ROWS * x.shape[-1] or \
+            x.device.type != "cpu" or x.dtype != torch.float32 or w.dtype != torch.float32 or \
+            torch.compiler.is_compiling():
+        return False
+    choice = os.environ.get("LESSON_CPU_LINEAR") or "auto"
+    if choice not in CPU_LINEAR_PATHS:
+        raise InvalidArgumentError(f"LESSON_CPU_LINEAR is one of {CPU_LINEAR_PATHS}, got {choice!r}")
+    return choice == "weight-first" or (choice == "auto" and _cpu_is_amd())
+
+
+def plain_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x·wᵀ for x (…, K) and w (N, K), no bias: `F.linear(x, w)`, or where `weight_first_applies`
+    the same product as (w·xᵀ)ᵀ, which MKL runs faster on some CPUs (see above)."""
+    if not weight_first_applies(x, w):
+        return F.linear(x, w)
+    flat = x.reshape(-1, x.shape[-1])
+    return torch.mm(w, flat.t()).t().contiguous().view(*x.shape[:-1], w.shape[0])
+
+
+class Linear(nn.Linear):
+    """The model's linear layer: `nn.Linear`, whose bias-free product is `plain_linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return plain_linear(x, self.weight) if self.bias is None else F.linear(x, self.weight, self.bias)
 
 
 # %%
