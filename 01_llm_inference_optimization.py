@@ -10026,8 +10026,8 @@ x·wᵀ, can land on a slow path: on an AMD EPYC (Zen 3) host, MKL's fp32 produc
 SmolLM2's weights streams them slower than one row does, at a fifth to a quarter of the read
 bandwidth. The same product asked for the other way round, (w·xᵀ)ᵀ, takes MKL's path for a tall
 matrix times a few columns, which streams w's rows in parallel: there, a whole SmolLM2 step of
-2–4 rows runs 1.5–2× faster, of 8–32 rows about 1.1×, and from about 64 rows the two ways take
-turns winning; the products are equal up to fp32 rounding (`benchmarks/bench_cpu_linear.py` times
+2–16 rows runs 1.2–2× faster, and from about 64 rows the two ways take turns winning; the
+products are equal up to fp32 rounding (`benchmarks/bench_cpu_linear.py` times
 both on the reader's machine; `benchmarks/RESULTS.md` has this host's table). `plain_linear`
 takes that way round on AMD CPUs, where it was measured (MKL picks its kernels by CPU vendor), for
 2–32 rows; elsewhere,
