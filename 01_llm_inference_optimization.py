@@ -10023,23 +10023,23 @@ class PagedDecodeRunner:
 A decode step multiplies a few rows (one per running sequence, γ+1 in a verify) by every
 weight, and a prefill a few hundred. A BLAS tunes such products per CPU, and `F.linear(x, w)`,
 x·wᵀ, can land on a slow path: on an AMD EPYC (Zen 3) host, MKL's fp32 product of 2–32 rows by
-SmolLM2's weights streams them slower than one row does, at a fifth to a quarter of the read
-bandwidth. The same product asked for the other way round, (w·xᵀ)ᵀ, takes MKL's path for a tall
-matrix times a few columns, which streams w's rows in parallel: there, a whole SmolLM2 step of
-2–16 rows runs 1.2–2× faster, and from about 64 rows the two ways take turns winning; the
-products are equal up to fp32 rounding (`benchmarks/bench_cpu_linear.py` times
-both on the reader's machine; `benchmarks/RESULTS.md` has this host's table). `plain_linear`
-takes that way round on AMD CPUs, where it was measured (MKL picks its kernels by CPU vendor), for
-2–32 rows; elsewhere,
-for one row, inside a compiled step, or with `LESSON_CPU_LINEAR=blas`, it calls `F.linear`
+SmolLM2's weights streams them slower than one row does, at 15–50% of the read bandwidth, and
+no faster on two threads than on one. The same product asked for the other way round, (w·xᵀ)ᵀ,
+takes another of MKL's paths, which there does use both cores: a whole SmolLM2 step of 2–16 rows
+runs 1.2–2.2× faster, and from about 64 rows the two ways take turns winning; the products are
+equal up to fp32 rounding (`benchmarks/bench_cpu_linear.py` times both on the reader's machine;
+`benchmarks/RESULTS.md` has this host's table). `plain_linear` takes that way round for 2–32
+rows on AMD CPUs, the hosts where it was measured; elsewhere, for one row, inside a compiled
+step, or with `LESSON_CPU_LINEAR=blas`, it calls `F.linear`
 (`LESSON_CPU_LINEAR=weight-first` forces the other way). `Linear`, the model's layer, calls it.
 
-The §5 engine can go further: oneDNN, the kernel library vLLM's CPU backend uses, keeps each
-weight in a blocked layout reordered once, a little faster again for 8–32 rows.
-`LLMEngine(cpu_linear="onednn")` runs the packed forwards on `onednn_model(model)`: the same
-modules, each plain linear layer replaced by a `OneDnnLinear` holding the reordered copy (so the
-weights take twice the memory), remade whenever `weights_signature` says the weights changed
-(`benchmarks/run_on_vllm.py` measures the whole engine both ways). It is off by default.
+oneDNN, the kernel library vLLM's CPU backend uses, keeps each weight in a blocked layout
+reordered once; on that host it beats both ways on the output head's tall matrix, but not
+overall on the §5 engine's workload. `LLMEngine(cpu_linear="onednn")` runs the packed forwards on
+`onednn_model(model)`: the same modules, each plain linear layer replaced by a `OneDnnLinear`
+holding the reordered copy (so the weights take twice the memory), remade whenever
+`weights_signature` says the weights changed (`benchmarks/run_on_vllm.py` measures the whole
+engine both ways). It is off by default.
 """
 
 
