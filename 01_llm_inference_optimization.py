@@ -10019,32 +10019,37 @@ class PagedDecodeRunner:
 
 # %% [markdown]
 """
-### On a CPU: products of a few rows, the faster way round
-A decode step multiplies a few rows (one per running sequence, γ+1 in a verify) by every
-weight, and a prefill a few hundred. A BLAS tunes such products per CPU, and `F.linear(x, w)`,
-x·wᵀ, can land on a slow path: on an AMD EPYC (Zen 3) host, MKL's fp32 product of 2–32 rows by
-SmolLM2's weights streams them slower than one row does, at 15–50% of the read bandwidth, and
-no faster on two threads than on one. The same product asked for the other way round, (w·xᵀ)ᵀ,
-takes another of MKL's paths, which there does use both cores: a whole SmolLM2 step of 2–16 rows
-runs 1.2–2.2× faster, and from about 64 rows the two ways take turns winning; the products are
-equal up to fp32 rounding (`benchmarks/bench_cpu_linear.py` times both on the reader's machine;
-`benchmarks/RESULTS.md` has this host's table). `plain_linear` takes that way round for 2–32
-rows on AMD CPUs, the hosts where it was measured; elsewhere, for one row, inside a compiled
-step, or with `LESSON_CPU_LINEAR=blas`, it calls `F.linear`
-(`LESSON_CPU_LINEAR=weight-first` forces the other way). `Linear`, the model's layer, calls it.
+### On a CPU: products of one row and of a few, reshaped
+A decode step multiplies one row (batch 1) or a few (one per running sequence, γ+1 in a verify)
+by every weight. A BLAS tunes such products per CPU, and `F.linear(x, w)`, x·wᵀ, can land on a
+slow path: on an AMD EPYC (Zen 3) host, MKL's fp32 product of one row by SmolLM2's weights
+streams them at 35–70% of the read bandwidth and no faster on two threads than on one, and a
+product of 2–32 rows is slower still (15–50%). The same products reshaped take
+other paths, which there do use both cores, and are equal up to fp32 rounding:
+- one row: split w's rows into one block per torch thread and multiply the blocks as a batch
+  (`torch.bmm`), each block by its own core: 1.1–2.3× faster per product, a batch-1 decode step
+  1.4–1.6×;
+- 2–32 rows: ask for (w·xᵀ)ᵀ instead: a whole SmolLM2 step of 2–16 rows runs 1.2–2.2× faster;
+  from about 64 rows the two ways take turns winning.
+
+`benchmarks/bench_cpu_linear.py` times every way on the reader's machine; `benchmarks/RESULTS.md`
+has this host's table. `plain_linear` reshapes so on AMD CPUs, the hosts where it was measured
+(`cpu_linear_way` says which way a product takes); elsewhere, beyond 32 rows, inside a compiled
+step, or with `LESSON_CPU_LINEAR=blas`, it calls `F.linear` (`LESSON_CPU_LINEAR=reshaped` reshapes
+on any CPU). `Linear`, the model's layer, calls it.
 
 oneDNN, the kernel library vLLM's CPU backend uses, keeps each weight in a blocked layout
-reordered once; on that host it beats both ways on the output head's tall matrix, but not
-overall on the §5 engine's workload. `LLMEngine(cpu_linear="onednn")` runs the packed forwards on
-`onednn_model(model)`: the same modules, each plain linear layer replaced by a `OneDnnLinear`
-holding the reordered copy (so the weights take twice the memory), remade whenever
+reordered once; on that host it beats both reshapings on the output head's tall matrix from 8
+rows up, but not overall on the §5 engine's workload. `LLMEngine(cpu_linear="onednn")` runs the
+packed forwards on `onednn_model(model)`: the same modules, each plain linear layer replaced by a
+`OneDnnLinear` holding the reordered copy (so the weights take twice the memory), remade whenever
 `weights_signature` says the weights changed (`benchmarks/run_on_vllm.py` measures the whole
 engine both ways). It is off by default.
 """
 
 
 # %%
-CPU_LINEAR_PATHS = ("auto", "blas", "weight-first")
+CPU_LINEAR_SETTINGS = ("auto", "blas", "reshaped")
 WEIGHT_FIRST_MAX_ROWS = 32  # from about 64 rows the two ways round take turns winning (RESULTS.md)
 
 
@@ -10053,26 +10058,39 @@ def _cpu_is_amd() -> bool:
     return "AMD" in cpu_name()
 
 
-def weight_first_applies(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether `plain_linear` multiplies these as (w·xᵀ)ᵀ: fp32 on a CPU, 2–32 rows, not while
-    torch.compile traces, and $LESSON_CPU_LINEAR "weight-first", or "auto" (unset) on an AMD CPU."""
-    if x.is_cuda or not 2 * x.shape[-1] <= x.numel() <= WEIGHT_FIRST_MAX_ROWS * x.shape[-1] or \
-            x.device.type != "cpu" or x.dtype != torch.float32 or w.dtype != torch.float32 or \
-            torch.compiler.is_compiling():
-        return False
-    choice = os.environ.get("LESSON_CPU_LINEAR") or "auto"
-    if choice not in CPU_LINEAR_PATHS:
-        raise InvalidArgumentError(f"LESSON_CPU_LINEAR is one of {CPU_LINEAR_PATHS}, got {choice!r}")
-    return choice == "weight-first" or (choice == "auto" and _cpu_is_amd())
+def cpu_linear_way(x: torch.Tensor, w: torch.Tensor) -> str:
+    """How `plain_linear` multiplies x (…, K) by wᵀ: "row blocks" (one row; w's rows split into
+    one block per torch thread, the blocks multiplied as a batch), "weight first" (2–32 rows, as
+    (w·xᵀ)ᵀ), or "blas" (`F.linear`). The first two only for fp32 on a CPU, not while torch.compile
+    traces, with $LESSON_CPU_LINEAR "reshaped", or "auto" (unset) on an AMD CPU; "blas" never."""
+    K = x.shape[-1]
+    rows = x.numel() // max(K, 1)
+    if x.is_cuda or not 1 <= rows <= WEIGHT_FIRST_MAX_ROWS or x.device.type != "cpu" or \
+            x.dtype != torch.float32 or w.dtype != torch.float32 or torch.compiler.is_compiling():
+        return "blas"
+    setting = os.environ.get("LESSON_CPU_LINEAR") or "auto"
+    if setting not in CPU_LINEAR_SETTINGS:
+        raise InvalidArgumentError(f"LESSON_CPU_LINEAR is one of {CPU_LINEAR_SETTINGS}, got {setting!r}")
+    if setting == "blas" or (setting == "auto" and not _cpu_is_amd()):
+        return "blas"
+    if rows > 1:
+        return "weight first"
+    blocks = torch.get_num_threads()
+    return "row blocks" if blocks > 1 and w.shape[0] % blocks == 0 and w.is_contiguous() else "blas"
 
 
 def plain_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x·wᵀ for x (…, K) and w (N, K), no bias: `F.linear(x, w)`, or where `weight_first_applies`
-    the same product as (w·xᵀ)ᵀ, which MKL runs faster on some CPUs (see above)."""
-    if not weight_first_applies(x, w):
+    """x·wᵀ for x (…, K) and w (N, K), no bias: `F.linear(x, w)`, or the same product reshaped as
+    `cpu_linear_way` says, which MKL runs faster on some CPUs (see above)."""
+    way = cpu_linear_way(x, w)
+    if way == "blas":
         return F.linear(x, w)
-    flat = x.reshape(-1, x.shape[-1])
-    return torch.mm(w, flat.t()).t().contiguous().view(*x.shape[:-1], w.shape[0])
+    N, K = w.shape
+    if way == "weight first":
+        return torch.mm(w, x.reshape(-1, K).t()).t().contiguous().view(*x.shape[:-1], N)
+    blocks = torch.get_num_threads()  # "row blocks": (P, 1, K) · (P, K, N/P), one block per thread
+    y = torch.bmm(x.reshape(1, 1, K).expand(blocks, 1, K), w.view(blocks, N // blocks, K).transpose(1, 2))
+    return y.view(*x.shape[:-1], N)  # block p holds outputs p·N/P … (p+1)·N/P − 1, in order
 
 
 class Linear(nn.Linear):

@@ -1,5 +1,6 @@
-"""On a CPU: x·wᵀ for a few rows of x, three ways side by side in one run, at SmolLM2-135M's weight
-shapes (random fp32 weights), then whole SmolLM2-shaped steps with the model's `plain_linear` each way.
+"""On a CPU: x·wᵀ for one row of x and for a few, four ways side by side in one run, at SmolLM2-135M's
+weight shapes (random fp32 weights), then whole SmolLM2-shaped steps with the model's `plain_linear`
+reshaping or not.
 
     python benchmarks/bench_cpu_linear.py [--rows 1 2 4 8 16 32 64 128 256 512] [--repeat 15]
 
@@ -8,13 +9,15 @@ reads its weight from memory, not from cache; the figure is the median over `--r
 weight bytes / time (GB/s), beside this machine's read bandwidth (`measure_memory_bandwidth`, kind
 "read"). Ways:
 - `F.linear`: `F.linear(x, w)`, PyTorch's BLAS call for x·wᵀ (MKL in the CPU builds).
+- `row blocks`: w's rows split into one block per torch thread, the blocks multiplied as a batch
+  (`torch.bmm`): what `plain_linear` runs for one row where it reshapes (`cpu_linear_way`).
 - `weight first`: `torch.mm(w, x.t()).t().contiguous()`, the same product asked for as (w·xᵀ)ᵀ: what
-  `plain_linear` runs where `weight_first_applies`.
+  `plain_linear` runs for 2–32 rows where it reshapes.
 - `oneDNN`: `torch.ops.mkldnn._linear_pointwise` on a weight reordered once (`OneDnnLinear`), what
   `LLMEngine(cpu_linear="onednn")` uses; it holds a second copy of the weights.
 
 Then the model's own steps (random weights, SmolLM2 shapes), `LESSON_CPU_LINEAR=blas` against
-`weight-first` in the same process: a prefill of 8, 32 and 128 tokens (`forward_without_cache`), and one
+`reshaped` in the same process: a prefill of 8, 32 and 128 tokens (`forward_without_cache`), and one
 eager static decode step (`StaticDecoder.step_eager`) at batch 1, 4 and 16; median of `--repeat` each.
 """
 
@@ -42,7 +45,11 @@ def median_seconds(fn, repeat: int) -> float:
 def gb_per_second(ws: list, M: int, onednn: bool, repeat: int) -> dict:
     """{way (GB/s): weight bytes streamed per second} for x (M, K) times each of `ws` in turn."""
     x = torch.randn(M, ws[0].shape[1])
+    P, (N, K) = torch.get_num_threads(), ws[0].shape
+    xb = x.unsqueeze(0).expand(P, M, K)  # row blocks: (P, M, K) · (P, K, N/P), one block per thread
     ways = {"F.linear": lambda: [F.linear(x, w) for w in ws],
+            "row blocks": lambda: [torch.bmm(xb, w.view(P, N // P, K).transpose(1, 2)).transpose(0, 1)
+                                   .reshape(M, N) for w in ws],
             "weight first": lambda: [torch.mm(w, x.t()).t().contiguous() for w in ws]}
     if onednn:
         packed = [torch.ops.mkldnn._reorder_linear_weight(w, 8) for w in ws]
@@ -75,6 +82,7 @@ def main() -> None:
             ws = [torch.randn(N, K) for _ in range(max(1, -(-2**26 // (N * K * 4))))]
             for M in args.rows:
                 row = {"weight": f"{name} {N}×{K}", "rows": M, **gb_per_second(ws, M, onednn, args.repeat)}
+                row["row blocks / F.linear"] = row["row blocks (GB/s)"] / row["F.linear (GB/s)"]
                 row["weight first / F.linear"] = row["weight first (GB/s)"] / row["F.linear (GB/s)"]
                 if onednn:
                     row["oneDNN / F.linear"] = row["oneDNN (GB/s)"] / row["F.linear (GB/s)"]
@@ -94,16 +102,16 @@ def main() -> None:
         model_rows = []
         for name, fn in steps.items():
             ms = {}
-            for way in ("blas", "weight-first"):
-                os.environ["LESSON_CPU_LINEAR"] = way
-                ms[way] = median_seconds(fn, args.repeat) * 1e3
-            blas, first = ms["blas"], ms["weight-first"]
-            model_rows.append({"step": name, "F.linear (ms)": blas, "weight first (ms)": first,
-                               "speed-up": blas / first})
+            for setting in ("blas", "reshaped"):
+                os.environ["LESSON_CPU_LINEAR"] = setting
+                ms[setting] = median_seconds(fn, args.repeat) * 1e3
+            blas, reshaped = ms["blas"], ms["reshaped"]
+            model_rows.append({"step": name, "F.linear (ms)": blas, "reshaped (ms)": reshaped,
+                               "speed-up": blas / reshaped})
             print(model_rows[-1], flush=True)
         os.environ.pop("LESSON_CPU_LINEAR")
-        llm.print_table(model_rows, "SmolLM2-shaped steps (random weights, fp32), plain_linear each way, "
-                                    "median")
+        llm.print_table(model_rows, "SmolLM2-shaped steps (random weights, fp32), plain_linear reshaping or "
+                                    "not, median")
 
 
 if __name__ == "__main__":

@@ -48,54 +48,59 @@ def test_engine_equals_generate_greedy_tiny(llm, tiny, config):
     assert engine.block_manager.num_used_blocks == 0  # nothing leaked
 
 
-@pytest.mark.parametrize("way", ["blas", "weight-first"])
-def test_plain_linear_equals_f_linear_on_smollm2_shapes(llm, monkeypatch, way):
-    """Either way round, every SmolLM2 weight shape for 1 to 40 rows (the weight-first way applies
-    to 2–32 of them) is within fp32 rounding of the product in fp64, and a 3-D x keeps its shape."""
+@pytest.mark.parametrize("setting", ["blas", "reshaped"])
+def test_plain_linear_equals_f_linear_on_smollm2_shapes(llm, monkeypatch, setting):
+    """Every way `plain_linear` takes, for every SmolLM2 weight shape and 1 to 40 rows (one row in
+    row blocks, 2–32 weight first, more through the BLAS), is within fp32 rounding of the product in
+    fp64, and keeps x's leading shape."""
     import torch
 
-    monkeypatch.setenv("LESSON_CPU_LINEAR", way)
+    monkeypatch.setenv("LESSON_CPU_LINEAR", setting)
     cfg = llm.ModelConfig.from_name("smollm2-135m")
     g = torch.Generator().manual_seed(0)
     H, Hkv, D, d, f = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.dim, cfg.ffn_dim
-    for n, k in ((H * D, d), (Hkv * D, d), (f, d), (d, f), (cfg.vocab_size, d)):
+    blocks = torch.get_num_threads()
+    for n, k in ((H * D, d), (Hkv * D, d), (f, d), (d, f), (cfg.vocab_size, d), (d + 1, d)):
         w = torch.randn(n, k, generator=g) * 0.05
-        for rows in (1, 2, 7, 32, 40):
-            x = torch.randn(rows, k, generator=g)
-            assert llm.weight_first_applies(x, w) == (way == "weight-first" and 2 <= rows <= 32)
+        for shape in ((1, k), (k,), (1, 1, k), (2, k), (7, k), (32, k), (2, 3, k), (40, k)):
+            x = torch.randn(shape, generator=g)
+            rows = x.numel() // k
+            expected = "blas" if setting == "blas" or rows > 32 else "weight first" if rows > 1 else \
+                "row blocks" if blocks > 1 and n % blocks == 0 else "blas"
+            assert llm.cpu_linear_way(x, w) == expected, (n, shape)
             ref = torch.nn.functional.linear(x.double(), w.double()).float()
             y = llm.plain_linear(x, w)
             assert y.shape == ref.shape and y.is_contiguous()
-            assert torch.allclose(y, ref, rtol=1e-4, atol=1e-4), (n, k, rows)
-    x3 = torch.randn(2, 3, d, generator=g)
-    assert torch.allclose(llm.plain_linear(x3, w), torch.nn.functional.linear(x3, w), rtol=1e-4, atol=1e-4)
+            assert torch.allclose(y, ref, rtol=1e-4, atol=1e-4), (n, k, shape)
 
 
-def test_weight_first_only_for_fp32_on_a_cpu_and_a_known_setting(llm, monkeypatch):
+def test_reshaped_products_only_for_fp32_on_a_cpu_and_a_known_setting(llm, monkeypatch):
     import torch
 
-    monkeypatch.setenv("LESSON_CPU_LINEAR", "weight-first")
-    x, w = torch.randn(4, 8), torch.randn(5, 8)
-    assert llm.weight_first_applies(x, w)
-    assert not llm.weight_first_applies(x.double(), w.double())
+    monkeypatch.setenv("LESSON_CPU_LINEAR", "reshaped")
+    x, w = torch.randn(4, 8), torch.randn(6, 8)
+    assert llm.cpu_linear_way(x, w) == "weight first"
+    assert llm.cpu_linear_way(x.double(), w.double()) == "blas"
+    assert llm.cpu_linear_way(x[:1], torch.randn(8, 6).t()) == "blas"  # row blocks need w's rows contiguous
     monkeypatch.setenv("LESSON_CPU_LINEAR", "mkl")
     with pytest.raises(llm.InvalidArgumentError, match="LESSON_CPU_LINEAR"):
         llm.plain_linear(x, w)
 
 
 def test_model_layers_multiply_through_plain_linear(llm, tiny, monkeypatch):
-    """The model's layers are `Linear`: forcing either way round changes the logits of a 12-token
-    forward only by rounding, and the engine (packed steps of a few rows) still gives `generate`'s
-    tokens with the weight-first way forced."""
+    """The model's layers are `Linear`: forcing the reshaped products changes the logits of a
+    12-token forward and of one-token steps only by rounding, and the engine (packed steps of a few
+    rows) still gives `generate`'s tokens with them forced."""
     import torch
 
     assert all(type(m) is llm.Linear for m in llm.linear_layers(tiny).values())
     ids = list(range(3, 15))
     monkeypatch.setenv("LESSON_CPU_LINEAR", "blas")
     blas = llm.forward_without_cache(tiny, ids)
-    monkeypatch.setenv("LESSON_CPU_LINEAR", "weight-first")
-    first = llm.forward_without_cache(tiny, ids)
-    assert torch.allclose(blas, first, rtol=1e-4, atol=1e-4)
+    blas_one = llm.forward_without_cache(tiny, ids[:1])
+    monkeypatch.setenv("LESSON_CPU_LINEAR", "reshaped")
+    assert torch.allclose(blas, llm.forward_without_cache(tiny, ids), rtol=1e-4, atol=1e-4)
+    assert torch.allclose(blas_one, llm.forward_without_cache(tiny, ids[:1]), rtol=1e-4, atol=1e-4)
     params = [llm.SamplingParams(max_tokens=n) for n in MAX_TOKENS]
     reference = [llm.generate(tiny, p, n) for p, n in zip(PROMPTS, MAX_TOKENS)]
     outs = llm.LLMEngine(tiny, max_num_seqs=4).generate(PROMPTS, params)
