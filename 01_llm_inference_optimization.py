@@ -10040,11 +10040,11 @@ on any CPU). `Linear`, the model's layer, calls it.
 
 oneDNN, the kernel library vLLM's CPU backend uses, keeps each weight in a blocked layout
 reordered once; on that host it beats both reshapings on the output head's tall matrix from 8
-rows up, but not overall on the §5 engine's workload. `LLMEngine(cpu_linear="onednn")` runs the
-packed forwards on `onednn_model(model)`: the same modules, each plain linear layer replaced by a
-`OneDnnLinear` holding the reordered copy (so the weights take twice the memory), remade whenever
-`weights_signature` says the weights changed (`benchmarks/run_on_vllm.py` measures the whole
-engine both ways). It is off by default.
+rows up, and on the §5 engine's workload the two trade places from run to run.
+`LLMEngine(cpu_linear="onednn")` runs the packed forwards on `onednn_model(model)`: the same
+modules, each plain linear layer replaced by a `OneDnnLinear` holding the reordered copy (so the
+weights take twice the memory), remade whenever `weights_signature` says the weights changed
+(`benchmarks/run_on_vllm.py` measures the whole engine both ways). It is off by default.
 """
 
 
