@@ -5674,7 +5674,7 @@ def measure_quantization(model: str = "smollm2", device=None, quick: bool = Fals
              evaluate_perplexity(net, eval_ids, show_progress=False),
              **timed(net, (32, None)), "quantize (s)": 0.0}]
     def energy(weights) -> float:  # Σw², the SQNR's signal
-        return sum(float((w.double() ** 2).sum()) for w in weights)
+        return sum(float(w.square().sum(dtype=torch.float64)) for w in weights)
 
     net_energy = energy(fp32_weights.values())  # every scheme rounds net's weights but AWQ (a rescaled copy)
     for name, (kind, bits, group, act) in progress(list(quantization_schemes(full, quick).items()), "schemes",
@@ -5683,7 +5683,8 @@ def measure_quantization(model: str = "smollm2", device=None, quick: bool = Fals
             qnet, rounded = build_quantized(net, kind, bits, group, act, calib, quick)
         qlins = {n: m for n, m in qnet.named_modules() if isinstance(m, QuantizedLinear)}
         before = {n: m.weight.detach() for n, m in linear_layers(rounded).items()}
-        err = sum(float(((before[n] - m.weight_dequantized()).double() ** 2).sum()) for n, m in qlins.items())
+        err = sum(float((before[n] - m.weight_dequantized()).square().sum(dtype=torch.float64))
+                  for n, m in qlins.items())
         signal = net_energy if rounded is net else energy(before.values())
         rows.append({"scheme": name, "bits/weight": sum(m.qw.bits_per_weight * m.qw.shape[0] * m.qw.shape[1]
                                                         for m in qlins.values()) / n_weights,
