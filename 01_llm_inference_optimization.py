@@ -10025,8 +10025,8 @@ A decode step multiplies one row (batch 1) or a few (one per running sequence, �
 by every weight. A BLAS tunes such products per CPU, and `F.linear(x, w)`, x·wᵀ, can land on a
 slow path: on an AMD EPYC (Zen 3) host, MKL's fp32 product of one row by SmolLM2's weights
 streams them at 35–70% of the read bandwidth and no faster on two threads than on one, and a
-product of 2–32 rows is slower still (15–50%). The same products reshaped take
-other paths, which there do use both cores, and are equal up to fp32 rounding:
+product of 2–32 rows is slower still (15–50%). The same products reshaped take other paths,
+which there do use both cores, and are equal up to fp32 rounding:
 - one row: split w's rows into one block per torch thread and multiply the blocks as a batch
   (`torch.bmm`), each block by its own core: 1.1–2.3× faster per product, a batch-1 decode step
   1.4–1.6×;
