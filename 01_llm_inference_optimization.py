@@ -6695,6 +6695,28 @@ class _GGUFCursor:
         self.pos += n
         return text
 
+    def strings(self, count: int, what: str) -> list[str]:
+        """`count` strings one after another (a tokenizer's vocabulary): `string`'s checks and
+        errors, in one loop (SmolLM2's file holds ~100k of them)."""
+        buf, pos, size, out = self.buf, self.pos, self.size, []
+        length = struct.Struct("<Q").unpack_from
+        for _ in range(count):
+            if size - pos < 8:
+                self.pos = pos
+                self.need(8, f"length of {what}")
+            (n,) = length(buf, pos)
+            if n > size - pos - 8:
+                self.pos = pos + 8
+                self.need(n, what)
+            try:
+                out.append(buf[pos + 8:pos + 8 + n].decode("utf-8"))
+            except UnicodeDecodeError as exc:
+                self.pos = pos + 8
+                raise self.fail(f"{what} is not valid UTF-8 ({exc.reason}); the file is damaged") from None
+            pos += 8 + n
+        self.pos = pos
+        return out
+
 
 def _value_type(cur: _GGUFCursor, type_id: int, what: str) -> GGUFValueType:
     try:
@@ -6725,6 +6747,8 @@ def _read_array(cur: _GGUFCursor, what: str, depth: int) -> list:
         cur.pos += values.nbytes
         return (values != 0).tolist() if etype == GGUFValueType.BOOL else values.tolist()
     item = f"an element of {what}"  # formatted once: SmolLM2 has arrays of ~49k strings
+    if etype == GGUFValueType.STRING:
+        return cur.strings(count, item)
     return [_read_value(cur, etype, item, depth) for _ in range(count)]
 
 

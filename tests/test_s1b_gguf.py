@@ -266,6 +266,12 @@ def corrupt(data: bytes, what: str) -> bytes:
     elif what == "huge array":
         i = data.index(b"t.strs") + len("t.strs") + 4 + 4  # after value type ARRAY and element type
         b[i:i + 8] = struct.pack("<Q", 1 << 60)
+    elif what in ("huge string in an array", "bad UTF-8 in an array"):
+        i = data.index(b"t.strs") + len("t.strs") + 4 + 4 + 8  # the length of its first element, "a"
+        if what == "huge string in an array":
+            b[i:i + 8] = struct.pack("<Q", 1 << 60)
+        else:
+            b[i + 8] = 0xFF  # "a" → a byte that starts no UTF-8 character
     elif what == "unknown value type":
         i = data.index(b"t.u8") + len("t.u8")
         b[i:i + 4] = struct.pack("<I", 77)
@@ -281,6 +287,7 @@ MALFORMED = {  # defect -> a phrase the message must contain
     "2^60 metadata entries": "metadata entry count is 1152921504606846976",
     "2^60 tensors": "tensor info count", "huge string": "truncated", "huge array": "element count",
     "unknown value type": "unknown value type id 77",
+    "huge string in an array": "truncated", "bad UTF-8 in an array": "not valid UTF-8",
 }
 
 
