@@ -51,6 +51,8 @@ def gb_per_second(ws: list, M: int, onednn: bool, repeat: int) -> dict:
             "row blocks": lambda: [torch.bmm(xb, w.view(P, N // P, K).transpose(1, 2)).transpose(0, 1)
                                    .reshape(M, N) for w in ws],
             "weight first": lambda: [torch.mm(w, x.t()).t().contiguous() for w in ws]}
+    if P < 2 or N % P:  # one thread, or rows that do not split evenly: plain_linear would not use them
+        del ways["row blocks"]
     if onednn:
         packed = [torch.ops.mkldnn._reorder_linear_weight(w, 8) for w in ws]
         ways["oneDNN"] = lambda: [torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [None], "")
@@ -82,7 +84,8 @@ def main() -> None:
             ws = [torch.randn(N, K) for _ in range(max(1, -(-2**26 // (N * K * 4))))]
             for M in args.rows:
                 row = {"weight": f"{name} {N}×{K}", "rows": M, **gb_per_second(ws, M, onednn, args.repeat)}
-                row["row blocks / F.linear"] = row["row blocks (GB/s)"] / row["F.linear (GB/s)"]
+                if "row blocks (GB/s)" in row:
+                    row["row blocks / F.linear"] = row["row blocks (GB/s)"] / row["F.linear (GB/s)"]
                 row["weight first / F.linear"] = row["weight first (GB/s)"] / row["F.linear (GB/s)"]
                 if onednn:
                     row["oneDNN / F.linear"] = row["oneDNN (GB/s)"] / row["F.linear (GB/s)"]
