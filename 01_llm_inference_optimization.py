@@ -730,7 +730,63 @@ Shapes in comments: N tokens in the step, d model width, H/Hkv heads, D head dim
 
 
 # %%
-# `Linear` is `nn.Linear` whose product on some CPUs runs the faster way round (Appendix D)
+# The model's linear layers are `Linear`: `nn.Linear` whose product goes through `plain_linear`,
+# which is `F.linear` except on CPUs where a reshaped product runs faster (Appendix D measures it)
+CPU_LINEAR_SETTINGS = ("auto", "blas", "reshaped")
+WEIGHT_FIRST_MAX_ROWS = 32  # from about 64 rows the two ways round take turns winning (RESULTS.md)
+
+
+@functools.cache
+def _cpu_is_amd() -> bool:
+    try:
+        return "AuthenticAMD" in Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: the vendor is unknown, so nothing is reshaped
+        return False
+
+
+def cpu_linear_way(x: torch.Tensor, w: torch.Tensor) -> str:
+    """How `plain_linear` multiplies x (…, K) by wᵀ: "row blocks" (one row; w's rows split into
+    one block per torch thread, the blocks multiplied as a batch), "weight first" (2–32 rows, as
+    (w·xᵀ)ᵀ), or "blas" (`F.linear`). The first two only for fp32 on a CPU, not while torch.compile
+    traces, with $LESSON_CPU_LINEAR "reshaped", or "auto" (unset) on an AMD CPU; "blas" never."""
+    K = x.shape[-1]
+    rows = x.numel() // max(K, 1)
+    if x.is_cuda or not 1 <= rows <= WEIGHT_FIRST_MAX_ROWS or x.device.type != "cpu" or \
+            x.dtype != torch.float32 or w.dtype != torch.float32 or torch.compiler.is_compiling():
+        return "blas"
+    setting = os.environ.get("LESSON_CPU_LINEAR") or "auto"
+    if setting not in CPU_LINEAR_SETTINGS:
+        raise InvalidArgumentError(f"LESSON_CPU_LINEAR is one of {CPU_LINEAR_SETTINGS}, got {setting!r}")
+    if setting == "blas" or (setting == "auto" and not _cpu_is_amd()):
+        return "blas"
+    if rows > 1:
+        return "weight first"
+    blocks = torch.get_num_threads()
+    return "row blocks" if blocks > 1 and w.shape[0] % blocks == 0 and w.is_contiguous() else "blas"
+
+
+def plain_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x·wᵀ for x (…, K) and w (N, K), no bias: `F.linear(x, w)`, or the same product reshaped as
+    `cpu_linear_way` says, which MKL runs faster on some CPUs (Appendix D says why)."""
+    way = cpu_linear_way(x, w)
+    if way == "blas":
+        return F.linear(x, w)
+    N, K = w.shape
+    if way == "weight first":
+        return torch.mm(w, x.reshape(-1, K).t()).t().contiguous().view(*x.shape[:-1], N)
+    blocks = torch.get_num_threads()  # "row blocks": (P, 1, K) · (P, K, N/P), one block per thread
+    y = torch.bmm(x.reshape(1, 1, K).expand(blocks, 1, K), w.view(blocks, N // blocks, K).transpose(1, 2))
+    return y.view(*x.shape[:-1], N)  # block p holds outputs p·N/P … (p+1)·N/P − 1, in order
+
+
+class Linear(nn.Linear):
+    """The model's linear layer: `nn.Linear`, whose bias-free product is `plain_linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return plain_linear(x, self.weight) if self.bias is None else F.linear(x, self.weight, self.bias)
+
+
+# %%
 class Attention(nn.Module):
     """Grouped-query self-attention: project, rotate q/k, then let the cache write and attend."""
 
@@ -10061,7 +10117,7 @@ which there do use both cores, and are equal up to fp32 rounding:
 has this host's table. `plain_linear` reshapes so on AMD CPUs, the hosts where it was measured
 (`cpu_linear_way` says which way a product takes); elsewhere, beyond 32 rows, inside a compiled
 step, or with `LESSON_CPU_LINEAR=blas`, it calls `F.linear` (`LESSON_CPU_LINEAR=reshaped` reshapes
-on any CPU). `Linear`, the model's layer, calls it.
+on any CPU). `Linear`, the model's layer (both are defined with the model, in §1), calls it.
 
 oneDNN, the kernel library vLLM's CPU backend uses, keeps each weight in a blocked layout
 reordered once; on that host it beats both reshapings on the output head's tall matrix from 8
@@ -10071,58 +10127,6 @@ modules, each plain linear layer replaced by a `OneDnnLinear` holding the reorde
 weights take twice the memory), remade whenever `weights_signature` says the weights changed
 (`benchmarks/run_on_vllm.py` measures the whole engine both ways). It is off by default.
 """
-
-
-# %%
-CPU_LINEAR_SETTINGS = ("auto", "blas", "reshaped")
-WEIGHT_FIRST_MAX_ROWS = 32  # from about 64 rows the two ways round take turns winning (RESULTS.md)
-
-
-@functools.cache
-def _cpu_is_amd() -> bool:
-    return "AMD" in cpu_name()
-
-
-def cpu_linear_way(x: torch.Tensor, w: torch.Tensor) -> str:
-    """How `plain_linear` multiplies x (…, K) by wᵀ: "row blocks" (one row; w's rows split into
-    one block per torch thread, the blocks multiplied as a batch), "weight first" (2–32 rows, as
-    (w·xᵀ)ᵀ), or "blas" (`F.linear`). The first two only for fp32 on a CPU, not while torch.compile
-    traces, with $LESSON_CPU_LINEAR "reshaped", or "auto" (unset) on an AMD CPU; "blas" never."""
-    K = x.shape[-1]
-    rows = x.numel() // max(K, 1)
-    if x.is_cuda or not 1 <= rows <= WEIGHT_FIRST_MAX_ROWS or x.device.type != "cpu" or \
-            x.dtype != torch.float32 or w.dtype != torch.float32 or torch.compiler.is_compiling():
-        return "blas"
-    setting = os.environ.get("LESSON_CPU_LINEAR") or "auto"
-    if setting not in CPU_LINEAR_SETTINGS:
-        raise InvalidArgumentError(f"LESSON_CPU_LINEAR is one of {CPU_LINEAR_SETTINGS}, got {setting!r}")
-    if setting == "blas" or (setting == "auto" and not _cpu_is_amd()):
-        return "blas"
-    if rows > 1:
-        return "weight first"
-    blocks = torch.get_num_threads()
-    return "row blocks" if blocks > 1 and w.shape[0] % blocks == 0 and w.is_contiguous() else "blas"
-
-
-def plain_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x·wᵀ for x (…, K) and w (N, K), no bias: `F.linear(x, w)`, or the same product reshaped as
-    `cpu_linear_way` says, which MKL runs faster on some CPUs (see above)."""
-    way = cpu_linear_way(x, w)
-    if way == "blas":
-        return F.linear(x, w)
-    N, K = w.shape
-    if way == "weight first":
-        return torch.mm(w, x.reshape(-1, K).t()).t().contiguous().view(*x.shape[:-1], N)
-    blocks = torch.get_num_threads()  # "row blocks": (P, 1, K) · (P, K, N/P), one block per thread
-    y = torch.bmm(x.reshape(1, 1, K).expand(blocks, 1, K), w.view(blocks, N // blocks, K).transpose(1, 2))
-    return y.view(*x.shape[:-1], N)  # block p holds outputs p·N/P … (p+1)·N/P − 1, in order
-
-
-class Linear(nn.Linear):
-    """The model's linear layer: `nn.Linear`, whose bias-free product is `plain_linear`."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return plain_linear(x, self.weight) if self.bias is None else F.linear(x, self.weight, self.bias)
 
 
 # %%
