@@ -751,7 +751,7 @@ def cpu_linear_way(x: torch.Tensor, w: torch.Tensor) -> str:
     traces, with $LESSON_CPU_LINEAR "reshaped", or "auto" (unset) on an AMD CPU; "blas" never."""
     K = x.shape[-1]
     rows = x.numel() // max(K, 1)
-    if x.is_cuda or not 1 <= rows <= WEIGHT_FIRST_MAX_ROWS or x.device.type != "cpu" or \
+    if not 1 <= rows <= WEIGHT_FIRST_MAX_ROWS or x.device.type != "cpu" or \
             x.dtype != torch.float32 or w.dtype != torch.float32 or torch.compiler.is_compiling():
         return "blas"
     setting = os.environ.get("LESSON_CPU_LINEAR") or "auto"
@@ -6741,19 +6741,11 @@ class _GGUFCursor:
         return value
 
     def string(self, what: str) -> str:
-        n = self.scalar("<Q", f"length of {what}")
-        self.need(n, what)
-        raw = self.buf[self.pos:self.pos + n]
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise self.fail(f"{what} is not valid UTF-8 ({exc.reason}); the file is damaged") from None
-        self.pos += n
-        return text
+        return self.strings(1, what)[0]
 
     def strings(self, count: int, what: str) -> list[str]:
-        """`count` strings one after another (a tokenizer's vocabulary): `string`'s checks and
-        errors, in one loop (SmolLM2's file holds ~100k of them)."""
+        """`count` strings one after another, each a u64 length and UTF-8 bytes, in one loop (a
+        tokenizer's vocabulary: SmolLM2's file holds ~100k of them)."""
         buf, pos, size, out = self.buf, self.pos, self.size, []
         length = struct.Struct("<Q").unpack_from
         for _ in range(count):
