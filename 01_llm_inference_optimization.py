@@ -5430,9 +5430,12 @@ def gptq_quantize_model(model: Transformer, tokens: torch.Tensor, bits: int = 4,
         for name in lins:
             sharing.setdefault(id(inputs[name]), []).append(name)
         for names in sharing.values():
-            X = inputs[names[0]].reshape(-1, lins[names[0]].in_features).double()  # the Hessian in fp64
+            X = inputs[names[0]].reshape(-1, lins[names[0]].in_features).float()
+            # fp32 (as GPTQ's code): within 3e-7 of max|H| of an fp64 product on SmolLM2's inputs
+            # (2,048 tokens, every layer) and 2.5× faster; the loop runs on an fp32 Hessian either way
+            H = (X.T @ X).mul_(2 / X.shape[0])
             stacked = torch.cat([lins[n].weight for n in names])  # GPTQ treats rows independently
-            _, qw = gptq_quantize(stacked, (2 * X.T @ X / X.shape[0]).float(), bits, group_size, act_order)
+            _, qw = gptq_quantize(stacked, H, bits, group_size, act_order)
             start = 0
             for n in names:
                 rows = slice(start, start + lins[n].out_features)
@@ -5457,15 +5460,16 @@ before gate/up, the up-projection's rows before the down-projection. The model c
 the same function before quantization.
 
 The scales: s = s_xᵅ with s_x the mean |activation| per input channel on calibration text, and
-α ∈ [0, 1] chosen on a grid to minimize the error, after RTN quantization, of the *block*
+α ∈ [0, 1] chosen on a grid (21 values, as in AWQ's reference code, with `full=True`; 11 in the
+default run, half the time) to minimize the error, after RTN quantization, of the *block*
 the layers feed: the attention block's output for q/k/v (through RoPE and softmax), the MLP's
 output for gate/up, the down-projection's own output for down (α = 0 is plain RTN, so the search
 never does worse on its own objective). Measured on SmolLM2 (1,024 evaluation, 2,048 calibration
-tokens), the block objective gave perplexity 16.36 where the layers' own outputs gave 16.6. The
-output projection wo, fed by attention over GQA-shared values, is quantized without scaling
-(AWQ's reference code skips it too when v and o differ in shape). AWQ's second search, clipping
-each group's largest weights (`awq_search_clip`, `clip=True`), gained little here (16.34) for a
-third more time, so the default table leaves it to `full=True`.
+tokens, 21 values of α), the block objective gave perplexity 16.36 where the layers' own outputs
+gave 16.6. The output projection wo, fed by attention over GQA-shared values, is quantized
+without scaling (AWQ's reference code skips it too when v and o differ in shape). AWQ's second
+search, clipping each group's largest weights (`awq_search_clip`, `clip=True`), gained little
+here (16.34) for a third more time, so the default table leaves it to `full=True`.
 """
 
 
@@ -5659,15 +5663,14 @@ GPTQ and AWQ close is so visible here.
 @torch.inference_mode()
 def decode_speed(model: Transformer, prompt: Sequence[int], new_tokens: int = 16, repeat: int = 3) -> float:
     """Batch-1 decode tokens/s: median over `repeat` runs of generating `new_tokens` greedily,
-    minus the prompt's prefill (timed separately)."""
+    timed from the first token (the prefill's) to the last: `new_tokens` − 1 decode steps."""
+    if new_tokens < 2:
+        raise InvalidArgumentError(f"new_tokens={new_tokens}: a decode speed needs at least 2 new tokens")
     generate(model, prompt, 2)  # warm-up (compiles the fused kernels on first use)
     times = []
     for _ in range(repeat):
-        with Timer(model.device) as t_all:
-            generate(model, prompt, new_tokens)
-        with Timer(model.device) as t_pre:
-            generate(model, prompt, 1)
-        times.append((t_all.seconds - t_pre.seconds) / (new_tokens - 1))
+        stamps = [time.perf_counter() for _ in stream_generate(model, prompt, new_tokens)]  # each token
+        times.append((stamps[-1] - stamps[0]) / (new_tokens - 1))  # is a Python int: the device has synced
     return 1.0 / float(np.median(times))
 
 
@@ -5691,14 +5694,15 @@ def quantization_schemes(full: bool = False, quick: bool = False) -> dict[str, t
 
 
 def build_quantized(net: Transformer, kind: str, bits: int, group_size: int | None, act_order: bool,
-                    calib: torch.Tensor, quick: bool = False) -> tuple[Transformer, Transformer]:
+                    calib: torch.Tensor, awq_grid: int = 20) -> tuple[Transformer, Transformer]:
     """A quantized copy of `net` by one scheme of `quantization_schemes`, and the fp32 model
-    whose weights were rounded (AWQ rounds a rescaled copy; the others round `net` itself)."""
+    whose weights were rounded (AWQ rounds a rescaled copy; the others round `net` itself).
+    AWQ searches α on `awq_grid` + 1 values."""
     if kind == "rtn":
         return quantize_model(net, rtn_quantizer(bits, group_size)), net
     if kind == "gptq":
         return gptq_quantize_model(net, calib, bits, group_size, act_order, show_progress=False), net
-    scaled, _ = awq_scale_model(net, calib, bits, group_size, grid=10 if quick else 20, max_tokens=512,
+    scaled, _ = awq_scale_model(net, calib, bits, group_size, grid=awq_grid, max_tokens=512,
                                 clip=kind == "awq+clip", show_progress=False)
     return quantize_model(scaled, rtn_quantizer(bits, group_size)), scaled
 
@@ -5736,7 +5740,7 @@ def measure_quantization(model: str = "smollm2", device=None, quick: bool = Fals
     for name, (kind, bits, group, act) in progress(list(quantization_schemes(full, quick).items()), "schemes",
                                                    enabled=show_progress):
         with Timer() as t:
-            qnet, rounded = build_quantized(net, kind, bits, group, act, calib, quick)
+            qnet, rounded = build_quantized(net, kind, bits, group, act, calib, 20 if full else 10)
         qlins = {n: m for n, m in qnet.named_modules() if isinstance(m, QuantizedLinear)}
         before = {n: m.weight.detach() for n, m in linear_layers(rounded).items()}
         err = sum(float((before[n] - m.weight_dequantized()).square().sum(dtype=torch.float64))
@@ -5768,7 +5772,8 @@ def demonstrate_quantization(model: str = "smollm2", *, device=None, seed: int =
                              quick: bool = False, plots: bool = True, measured: dict | None = None,
                              full: bool = False) -> "Report":
     """Outliers, then each scheme's size, error, perplexity and decode speed on the real model
-    (`full=True`: 9 schemes, 2,048 evaluation and 4,096 calibration tokens; ~8 min on 2 cores)."""
+    (`full=True`: 9 schemes, 2,048 evaluation and 4,096 calibration tokens, AWQ's α on 21 values;
+    ~8 min on 2 cores)."""
     outliers = analyze_activation_outliers(model, device, n_windows=1 if quick else 4)
     print_table(outliers)
     table = measure_quantization(model, device, quick, full)
@@ -7103,16 +7108,23 @@ def _check_scalars(vtype: GGUFValueType, values: list, key: str) -> None:
         raise GGUFError(f"metadata {key!r}: a value beyond float32's range; use FLOAT64")
 
 
+_GGUF_LENGTH = struct.Struct("<Q")  # a string's length, before its bytes
+
+
+def _encode_string(value, key: str) -> bytes:
+    if not isinstance(value, str):
+        raise GGUFError(f"metadata {key!r}: STRING needs a str, got {type(value).__name__}")
+    try:
+        raw = value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise GGUFError(f"metadata {key!r}: not valid as UTF-8 ({exc.reason})") from None
+    return _GGUF_LENGTH.pack(len(raw)) + raw
+
+
 def _encode_value(vtype, value, key: str, etype=None) -> bytes:
     value = value.tolist() if isinstance(value, np.ndarray) else value
     if vtype == GGUFValueType.STRING:
-        if not isinstance(value, str):
-            raise GGUFError(f"metadata {key!r}: STRING needs a str, got {type(value).__name__}")
-        try:
-            raw = value.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise GGUFError(f"metadata {key!r}: not valid as UTF-8 ({exc.reason})") from None
-        return struct.pack("<Q", len(raw)) + raw
+        return _encode_string(value, key)
     if vtype == GGUFValueType.ARRAY:
         if not isinstance(value, (list, tuple)):
             raise GGUFError(f"metadata {key!r}: ARRAY needs a list, got {type(value).__name__}")
@@ -7123,6 +7135,8 @@ def _encode_value(vtype, value, key: str, etype=None) -> bytes:
         if etype in _GGUF_SCALARS:
             _check_scalars(etype, value, key)
             return head + np.asarray(value, dtype=_GGUF_SCALARS[etype][1]).tobytes()
+        if etype == GGUFValueType.STRING:  # a vocabulary: ~50,000 strings, in one loop
+            return head + b"".join([_encode_string(v, key) for v in value])
         return head + b"".join(_encode_value(etype, v, key, inner) for v in value)
     _check_scalars(vtype, [value], key)
     return struct.pack(_GGUF_SCALARS[vtype][0], value)
@@ -9468,7 +9482,7 @@ def _triton_quant_kernels():
         rows64 = rows.to(tl.int64)
         j, m = tl.arange(0, HALF), tl.arange(0, BLOCK_M)
         if DOT:  # GT groups a step, one after the other: (rows, G/2 bytes) tiles, tensor-core products
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # the output, transposed
             x_rows = X + m[:, None] * stride_xm
             in_m = (m < M)[:, None]
             for g0 in range(0, n_groups, GT):
@@ -9485,12 +9499,15 @@ def _triton_quant_kernels():
                                    other=0.0)
                     q_lo = ((codes & 15) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
                     q_hi = ((codes >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-                    qx = tl.dot(x_lo, tl.trans(q_lo.to(x_lo.dtype)), input_precision=PRECISION)  # q exact
-                    qx = tl.dot(x_hi, tl.trans(q_hi.to(x_hi.dtype)), qx, input_precision=PRECISION)
                     x_sum = tl.sum(x_lo.to(tl.float32), axis=1) + tl.sum(x_hi.to(tl.float32), axis=1)
-                    acc += qx * scale[None, :] + x_sum[:, None] * offset[None, :]
-            out_ptrs = Out + m[:, None] * stride_om + rows[None, :]
-            tl.store(out_ptrs, acc.to(Out.dtype.element_ty), mask=(m < M)[:, None] & in_n[None, :])
+                    # W·xᵀ, not x·Wᵀ: the unpacked codes are the first operand (the product's tall
+                    # side, BLOCK_N rows) and x's few rows the second. Written as x·Wᵀ the kernel took
+                    # 1.3–2.2× as long at 8 and 32 rows on an H100 (LLaMA-2-7B shapes, RESULTS.md)
+                    qx = tl.dot(q_lo.to(x_lo.dtype), tl.trans(x_lo), input_precision=PRECISION)  # q exact
+                    qx = tl.dot(q_hi.to(x_hi.dtype), tl.trans(x_hi), qx, input_precision=PRECISION)
+                    acc += qx * scale[:, None] + offset[:, None] * x_sum[None, :]
+            out_ptrs = Out + m[None, :] * stride_om + rows[:, None]
+            tl.store(out_ptrs, acc.to(Out.dtype.element_ty), mask=in_n[:, None] & (m < M)[None, :])
         else:  # one row of x: (ROWS, GT whole groups, G/2 bytes) tiles; ROWS as in w8_kernel
             r = tl.arange(0, ROWS)
             out_row = tl.program_id(0) * BLOCK_N + r % BLOCK_N
@@ -9550,7 +9567,8 @@ QUANT_CONFIGS = {"vec": tuple((*c, "columns") for c in (
                      (16, 128, 4, 3), (32, 128, 4, 3), (32, 256, 4, 3), (64, 128, 4, 3), (16, 256, 4, 4),
                      (64, 256, 8, 3), (128, 128, 8, 3), (16, 512, 4, 3))) +
                  tuple((*c, "groups") for c in (
-                     (16, 128, 4, 3), (32, 128, 4, 3), (32, 256, 4, 3), (64, 128, 4, 3), (16, 256, 4, 4)))}
+                     (16, 128, 4, 3), (32, 128, 4, 3), (32, 256, 4, 3), (64, 128, 4, 3), (16, 256, 4, 4),
+                     (128, 128, 8, 3), (64, 128, 4, 4), (64, 256, 4, 3)))}
 QUANT_TUNED: dict = {}  # quant_tuning_key(…) → the fastest config
 
 
