@@ -5460,16 +5460,15 @@ before gate/up, the up-projection's rows before the down-projection. The model c
 the same function before quantization.
 
 The scales: s = s_xᵅ with s_x the mean |activation| per input channel on calibration text, and
-α ∈ [0, 1] chosen on a grid (21 values, as in AWQ's reference code, with `full=True`; 11 in the
-default run, half the time) to minimize the error, after RTN quantization, of the *block*
+α ∈ [0, 1] chosen on a grid to minimize the error, after RTN quantization, of the *block*
 the layers feed: the attention block's output for q/k/v (through RoPE and softmax), the MLP's
 output for gate/up, the down-projection's own output for down (α = 0 is plain RTN, so the search
 never does worse on its own objective). Measured on SmolLM2 (1,024 evaluation, 2,048 calibration
-tokens, 21 values of α), the block objective gave perplexity 16.36 where the layers' own outputs
-gave 16.6. The output projection wo, fed by attention over GQA-shared values, is quantized
-without scaling (AWQ's reference code skips it too when v and o differ in shape). AWQ's second
-search, clipping each group's largest weights (`awq_search_clip`, `clip=True`), gained little
-here (16.34) for a third more time, so the default table leaves it to `full=True`.
+tokens), the block objective gave perplexity 16.36 where the layers' own outputs gave 16.6. The
+output projection wo, fed by attention over GQA-shared values, is quantized without scaling
+(AWQ's reference code skips it too when v and o differ in shape). AWQ's second search, clipping
+each group's largest weights (`awq_search_clip`, `clip=True`), gained little here (16.34) for a
+third more time, so the default table leaves it to `full=True`.
 """
 
 
@@ -5694,15 +5693,14 @@ def quantization_schemes(full: bool = False, quick: bool = False) -> dict[str, t
 
 
 def build_quantized(net: Transformer, kind: str, bits: int, group_size: int | None, act_order: bool,
-                    calib: torch.Tensor, awq_grid: int = 20) -> tuple[Transformer, Transformer]:
+                    calib: torch.Tensor, quick: bool = False) -> tuple[Transformer, Transformer]:
     """A quantized copy of `net` by one scheme of `quantization_schemes`, and the fp32 model
-    whose weights were rounded (AWQ rounds a rescaled copy; the others round `net` itself).
-    AWQ searches α on `awq_grid` + 1 values."""
+    whose weights were rounded (AWQ rounds a rescaled copy; the others round `net` itself)."""
     if kind == "rtn":
         return quantize_model(net, rtn_quantizer(bits, group_size)), net
     if kind == "gptq":
         return gptq_quantize_model(net, calib, bits, group_size, act_order, show_progress=False), net
-    scaled, _ = awq_scale_model(net, calib, bits, group_size, grid=awq_grid, max_tokens=512,
+    scaled, _ = awq_scale_model(net, calib, bits, group_size, grid=10 if quick else 20, max_tokens=512,
                                 clip=kind == "awq+clip", show_progress=False)
     return quantize_model(scaled, rtn_quantizer(bits, group_size)), scaled
 
@@ -5740,7 +5738,7 @@ def measure_quantization(model: str = "smollm2", device=None, quick: bool = Fals
     for name, (kind, bits, group, act) in progress(list(quantization_schemes(full, quick).items()), "schemes",
                                                    enabled=show_progress):
         with Timer() as t:
-            qnet, rounded = build_quantized(net, kind, bits, group, act, calib, 20 if full else 10)
+            qnet, rounded = build_quantized(net, kind, bits, group, act, calib, quick)
         qlins = {n: m for n, m in qnet.named_modules() if isinstance(m, QuantizedLinear)}
         before = {n: m.weight.detach() for n, m in linear_layers(rounded).items()}
         err = sum(float((before[n] - m.weight_dequantized()).square().sum(dtype=torch.float64))
@@ -5772,8 +5770,7 @@ def demonstrate_quantization(model: str = "smollm2", *, device=None, seed: int =
                              quick: bool = False, plots: bool = True, measured: dict | None = None,
                              full: bool = False) -> "Report":
     """Outliers, then each scheme's size, error, perplexity and decode speed on the real model
-    (`full=True`: 9 schemes, 2,048 evaluation and 4,096 calibration tokens, AWQ's α on 21 values;
-    ~8 min on 2 cores)."""
+    (`full=True`: 9 schemes, 2,048 evaluation and 4,096 calibration tokens; ~8 min on 2 cores)."""
     outliers = analyze_activation_outliers(model, device, n_windows=1 if quick else 4)
     print_table(outliers)
     table = measure_quantization(model, device, quick, full)
