@@ -9324,9 +9324,12 @@ timed on an H100 ran faster, the best one for each of LLaMA-2-7B's matrices by 7
 rows of x both kernels use `tl.dot` (tensor cores), x padded to 16 rows: `w4_kernel` rounds the
 dequantized tile to x's dtype, `w4_grouped_kernel` multiplies the codes themselves
 (2²³ + q less 2²³: exact in bf16) one group at a time and applies the scale and offset to each
-group's product. On an H100 the whole-group kernel takes half the per-column kernel's time and
-half of bf16 cuBLAS's for LLaMA-2-7B's matrices, yet streams its codes at only 1.0–1.4 TB/s: its
-arithmetic, not memory, sets the pace (`benchmarks/RESULTS.md`). INT8 is the same walk with one
+group's product. It computes W · xᵀ, the output transposed, so that the code tile (`BLOCK_N` rows,
+64–128 in its best tilings) is the product's first operand and x's few rows the second; written
+as x · Wᵀ, with the codes second, it took 1.3–2.2× as long on an H100 at 8 and 32 rows. At one
+row, on an H100, the whole-group kernel takes half the per-column kernel's time and half of bf16
+cuBLAS's for LLaMA-2-7B's matrices, yet streams its codes at only 1.0–1.4 TB/s: its arithmetic,
+not memory, sets the pace (`benchmarks/RESULTS.md`). INT8 is the same walk with one
 scale per row, applied once to the finished sums. A row whose length is not a whole number of
 groups ends in codes of padding, which meet activations masked to 0.
 
