@@ -5668,8 +5668,9 @@ def decode_speed(model: Transformer, prompt: Sequence[int], new_tokens: int = 16
     generate(model, prompt, 2)  # warm-up (compiles the fused kernels on first use)
     times = []
     for _ in range(repeat):
-        stamps = [time.perf_counter() for _ in stream_generate(model, prompt, new_tokens)]  # each token
-        times.append((stamps[-1] - stamps[0]) / (new_tokens - 1))  # is a Python int: the device has synced
+        # a time stamp as each token arrives (a Python int: the device has finished the step)
+        stamps = [time.perf_counter() for _ in stream_generate(model, prompt, new_tokens)]
+        times.append((stamps[-1] - stamps[0]) / (new_tokens - 1))
     return 1.0 / float(np.median(times))
 
 
@@ -9325,8 +9326,13 @@ rows of x both kernels use `tl.dot` (tensor cores), x padded to 16 rows: `w4_ker
 dequantized tile to x's dtype, `w4_grouped_kernel` multiplies the codes themselves
 (2²³ + q less 2²³: exact in bf16) one group at a time and applies the scale and offset to each
 group's product. It computes W · xᵀ, the output transposed, so that the code tile (`BLOCK_N` rows,
-64–128 in its best tilings) is the product's first operand and x's few rows the second; written
-as x · Wᵀ, with the codes second, it took 1.3–2.2× as long on an H100 at 8 and 32 rows. At one
+32–128 in its best tilings) is the product's first operand and x's few rows the second. Hopper's
+warpgroup MMA (wgmma) multiplies an operand of 64 or more rows held in registers by one read from
+shared memory: with the codes first and tiles of 64 rows or more, Triton compiles the product to
+it, the unpacked codes straight from registers and only x's small tile through shared memory (its
+TTGIR for sm_90, Triton 3.9); with x first, its 16 padded rows are too few for wgmma and the
+compiler uses the older MMA instead. Written that way the kernel took 1.3–2.2× as long on an H100
+at 8 and 32 rows (tilings of 32 rows, the older MMA either way, also ran faster codes-first). At one
 row, on an H100, the whole-group kernel takes half the per-column kernel's time and half of bf16
 cuBLAS's for LLaMA-2-7B's matrices, yet streams its codes at only 1.0–1.4 TB/s: its arithmetic,
 not memory, sets the pace (`benchmarks/RESULTS.md`). INT8 is the same walk with one
@@ -9500,9 +9506,9 @@ def _triton_quant_kernels():
                     q_lo = ((codes & 15) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
                     q_hi = ((codes >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
                     x_sum = tl.sum(x_lo.to(tl.float32), axis=1) + tl.sum(x_hi.to(tl.float32), axis=1)
-                    # W·xᵀ, not x·Wᵀ: the unpacked codes are the first operand (the product's tall
-                    # side, BLOCK_N rows) and x's few rows the second. Written as x·Wᵀ the kernel took
-                    # 1.3–2.2× as long at 8 and 32 rows on an H100 (LLaMA-2-7B shapes, RESULTS.md)
+                    # W·xᵀ, not x·Wᵀ: the unpacked codes are the first operand (BLOCK_N ≥ 64 rows:
+                    # Hopper's wgmma, from registers) and x's few rows the second. Written as x·Wᵀ
+                    # the kernel took 1.3–2.2× as long at 8 and 32 rows on an H100 (RESULTS.md)
                     qx = tl.dot(q_lo.to(x_lo.dtype), tl.trans(x_lo), input_precision=PRECISION)  # q exact
                     qx = tl.dot(q_hi.to(x_hi.dtype), tl.trans(x_hi), qx, input_precision=PRECISION)
                     acc += qx * scale[:, None] + offset[:, None] * x_sum[None, :]

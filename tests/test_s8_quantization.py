@@ -258,6 +258,27 @@ def test_gptq_model_runs_and_beats_rtn_on_calibration_error(llm, tiny):
     assert llm.generate(g, tokens[:5], 4) == llm.generate(g, tokens[:5], 4, use_cache=False)
 
 
+def test_decode_speed_times_the_decode_steps_and_not_the_prefill(llm, tiny, monkeypatch):
+    """A fake generation on a fake clock: the prefill costs 100 s, each decode step 0.5 s, so
+    `decode_speed` must report 2 tok/s whatever the prefill costs."""
+    import types
+
+    clock = [0.0]
+
+    def fake_stream(model, prompt, n, *args, **kwargs):
+        clock[0] += 100.0  # the prefill, then the first token
+        for i in range(n):
+            if i:
+                clock[0] += 0.5  # one decode step per later token
+            yield 7
+
+    monkeypatch.setattr(llm, "stream_generate", fake_stream)
+    monkeypatch.setattr(llm, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    assert llm.decode_speed(tiny, [1, 2, 3], new_tokens=5, repeat=3) == 2.0
+    with pytest.raises(llm.InvalidArgumentError, match="at least 2"):
+        llm.decode_speed(tiny, [1, 2, 3], new_tokens=1)
+
+
 # ----------------------------------------------------------------------------- AWQ
 def test_awq_scales_never_lose_to_rtn_on_their_objective(llm):
     g = torch.Generator().manual_seed(0)
