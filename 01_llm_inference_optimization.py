@@ -6714,6 +6714,9 @@ looping for hours.
 
 
 # %%
+_GGUF_LENGTH = struct.Struct("<Q")  # a string's length, before its bytes
+
+
 class _GGUFCursor:
     """Reads little-endian values from a buffer at `pos`, raising GGUFError past its end."""
 
@@ -6750,7 +6753,7 @@ class _GGUFCursor:
         """`count` strings one after another, each a u64 length and UTF-8 bytes, in one loop (a
         tokenizer's vocabulary: SmolLM2's file holds ~100k of them)."""
         buf, pos, size, out = self.buf, self.pos, self.size, []
-        length = struct.Struct("<Q").unpack_from
+        length = _GGUF_LENGTH.unpack_from
         for _ in range(count):
             if size - pos < 8:
                 self.pos = pos
@@ -7104,9 +7107,6 @@ def _check_scalars(vtype: GGUFValueType, values: list, key: str) -> None:
     elif vtype == GGUFValueType.FLOAT32 and any(math.isfinite(v) and abs(v) > 3.4028234663852886e38
                                                 for v in values):
         raise GGUFError(f"metadata {key!r}: a value beyond float32's range; use FLOAT64")
-
-
-_GGUF_LENGTH = struct.Struct("<Q")  # a string's length, before its bytes
 
 
 def _encode_string(value, key: str) -> bytes:
