@@ -9331,8 +9331,8 @@ warpgroup MMA (wgmma) multiplies an operand of 64 or more rows held in registers
 shared memory: with the codes first and tiles of 64 rows or more, Triton compiles the product to
 it, the unpacked codes straight from registers and only x's small tile through shared memory (its
 TTGIR for sm_90, Triton 3.9); with x first, its 16 padded rows are too few for wgmma and the
-compiler uses the older MMA instead. Written that way the kernel took 1.3–2.2× as long on an H100
-at 8 and 32 rows (tilings of 32 rows, the older MMA either way, also ran faster codes-first). At one
+compiler uses the older MMA instead. Written that way the kernel takes 1.3–2.2× as long on an H100
+at 8 and 32 rows (tilings of 32 rows, the older MMA either way, also run faster codes-first). At one
 row, on an H100, the whole-group kernel takes half the per-column kernel's time and half of bf16
 cuBLAS's for LLaMA-2-7B's matrices, yet streams its codes at only 1.0–1.4 TB/s: its arithmetic,
 not memory, sets the pace (`benchmarks/RESULTS.md`). INT8 is the same walk with one
@@ -9508,7 +9508,7 @@ def _triton_quant_kernels():
                     x_sum = tl.sum(x_lo.to(tl.float32), axis=1) + tl.sum(x_hi.to(tl.float32), axis=1)
                     # W·xᵀ, not x·Wᵀ: the unpacked codes are the first operand (BLOCK_N ≥ 64 rows:
                     # Hopper's wgmma, from registers) and x's few rows the second. Written as x·Wᵀ
-                    # the kernel took 1.3–2.2× as long at 8 and 32 rows on an H100 (RESULTS.md)
+                    # the kernel takes 1.3–2.2× as long at 8 and 32 rows on an H100 (RESULTS.md)
                     qx = tl.dot(q_lo.to(x_lo.dtype), tl.trans(x_lo), input_precision=PRECISION)  # q exact
                     qx = tl.dot(q_hi.to(x_hi.dtype), tl.trans(x_hi), qx, input_precision=PRECISION)
                     acc += qx * scale[:, None] + offset[:, None] * x_sum[None, :]
