@@ -1605,7 +1605,7 @@ def measure_prefill_vs_decode(model: ModelConfig | str = "smollm2-135m", device=
     bandwidth = bandwidth or machine_bandwidth(device)
     net = build_model(cfg, seed=seed, device=device, dtype=dtype)
     with torch.inference_mode():
-        return Rows([_measure_step(net, B, ctx, n, peak_flops, bandwidth, 2 if quick else 3)
+        return Rows([_measure_step(net, B, ctx, n, peak_flops, bandwidth, repeat=2)
                      for B, ctx, n in steps],
                     f"§2 One forward step of {cfg.name} (random weights) on {device}, measured")
 
@@ -1993,7 +1993,7 @@ def _integrate_steps(steps: Sequence[dict], P: int, n: int) -> tuple[float, floa
 
 def _kv_cache_sizes(quick: bool) -> dict:
     """The §3 demo's sizes (the §10 summary measures with the same ones)."""
-    return dict(new_tokens=(16, 64, 256) if quick else (64, 256, 1024), checked_tokens=8 if quick else 32,
+    return dict(new_tokens=(16, 64, 256) if quick else (64, 256, 1024), checked_tokens=8 if quick else 16,
                 num_positions=3 if quick else 7)
 
 
@@ -3207,7 +3207,7 @@ def demonstrate_paged_attention(model: str = "smollm2", *, device=None, seed: in
                                 quick: bool = False, plots: bool = True,
                                 measured: dict | None = None) -> "Report":
     """Print the §4 analyses with the paper's numbers beside ours; return their rows."""
-    out = Report({"real_model": measure_paged_generation(model, device, max_new_tokens=4 if quick else 48)})
+    out = Report({"real_model": measure_paged_generation(model, device, max_new_tokens=4 if quick else 24)})
     contiguous, paged, cached = out["real_model"]
     print_table(out["real_model"])
     kv = next(k for k in contiguous if k.startswith("KV held"))
@@ -4013,7 +4013,7 @@ def _slot_lanes(per_request: Sequence[Sequence[int]], width: int,
 
 def batching_sizes(quick: bool) -> dict:
     """The §5 demo's workload (the §10 summary measures with the same one)."""
-    return dict(num_requests=8 if quick else 12, mean_output=6 if quick else 24,
+    return dict(num_requests=8 if quick else 12, mean_output=6 if quick else 16,
                 max_num_seqs=4 if quick else 6,
                 preemption_modes=() if quick else ("recompute",))  # quick: too short to preempt
 
@@ -4488,7 +4488,7 @@ def measure_speculative_decoding(model: str = "smollm2", device=None, gammas: Se
 def _speculative_sizes(quick: bool) -> dict:
     """The §6 demo's sizes (the §10 summary measures with the same ones)."""
     return dict(gammas=(4,) if quick else (2, 4, 8), model_draft_gammas=(2,) if quick else (1,),
-                max_new_tokens=12 if quick else 48)
+                max_new_tokens=12 if quick else 32)
 
 
 def demonstrate_speculative_decoding(model: str = "smollm2", *, device=None, seed: int = 0,
@@ -5531,22 +5531,23 @@ def awq_scale_model(model: Transformer, tokens: torch.Tensor, bits: int = 4, gro
     the α chosen for each group of layers. Quantize it with `quantize_model(..., rtn_quantizer())`.
     `clip=True` then also clips the weights of v, o, gate, up and down by `awq_search_clip` (as
     AWQ's reference code does; q and k are left alone): the function changes by the clipping,
-    in exchange for less rounding error."""
+    in exchange for less rounding error. The search reads the first `max_tokens` calibration
+    tokens (whole windows of tokens (n, W), at least one), so only those windows run through the
+    blocks: windows do not attend to each other."""
     import copy
 
     from torch.func import functional_call
 
     smodel = copy.deepcopy(model)
-    x, cos, sin, meta = _calibration_context(smodel, tokens)
     W = tokens.shape[1]
-    n = max(1, min(max_tokens, len(x)) // W) * W  # the search runs on whole windows: attention needs them
-    meta_n = AttentionMetadata.without_cache([W] * (n // W))
+    tokens = tokens[: max(1, min(max_tokens, tokens.numel()) // W)]  # whole windows: attention needs them
+    x, cos, sin, meta = _calibration_context(smodel, tokens)
     chosen = []
 
     def scale_group(x_in, linears, fold, block_forward=None):
         names = [f"{name}.weight" for name in linears]
         forward = block_forward and (lambda ws: block_forward(dict(zip(names, ws))))
-        s, alpha, _ = awq_search_scales(x_in[:n], [m.weight for m in linears.values()], bits, group_size,
+        s, alpha, _ = awq_search_scales(x_in, [m.weight for m in linears.values()], bits, group_size,
                                         grid, forward)
         for m in linears.values():
             m.weight.mul_(s)  # W · diag(s)
@@ -5558,10 +5559,10 @@ def awq_scale_model(model: Transformer, tokens: torch.Tensor, bits: int = 4, gro
         seen = _record_inputs({"qkv": a.wq, "gate": mlp.w_gate, "down": mlp.w_down},
                               functools.partial(block, x, cos, sin, i, meta))
 
-        def attn_out(w, i=i, a=a, x_attn=seen["qkv"][:n]):  # the attention block's output
-            return functional_call(a, w, (x_attn, cos[:n], sin[:n], i, meta_n))
+        def attn_out(w, i=i, a=a, x_attn=seen["qkv"]):  # the attention block's output
+            return functional_call(a, w, (x_attn, cos, sin, i, meta))
 
-        def mlp_out(w, mlp=mlp, x_mlp=seen["gate"][:n]):  # the MLP's output (down not yet rounded)
+        def mlp_out(w, mlp=mlp, x_mlp=seen["gate"]):  # the MLP's output (down not yet rounded)
             return functional_call(mlp, w, (x_mlp,))
 
         chosen.append({"layer": i,
@@ -5693,6 +5694,9 @@ def quantization_schemes(full: bool = False, quick: bool = False) -> dict[str, t
     return schemes
 
 
+AWQ_SEARCH_TOKENS = 512  # calibration tokens AWQ's α search reads for the §8 table (its time grows with them)
+
+
 def build_quantized(net: Transformer, kind: str, bits: int, group_size: int | None, act_order: bool,
                     calib: torch.Tensor, quick: bool = False) -> tuple[Transformer, Transformer]:
     """A quantized copy of `net` by one scheme of `quantization_schemes`, and the fp32 model
@@ -5701,7 +5705,8 @@ def build_quantized(net: Transformer, kind: str, bits: int, group_size: int | No
         return quantize_model(net, rtn_quantizer(bits, group_size)), net
     if kind == "gptq":
         return gptq_quantize_model(net, calib, bits, group_size, act_order, show_progress=False), net
-    scaled, _ = awq_scale_model(net, calib, bits, group_size, grid=10 if quick else 20, max_tokens=512,
+    scaled, _ = awq_scale_model(net, calib, bits, group_size, grid=10 if quick else 20,
+                                max_tokens=AWQ_SEARCH_TOKENS,
                                 clip=kind == "awq+clip", show_progress=False)
     return quantize_model(scaled, rtn_quantizer(bits, group_size)), scaled
 
@@ -5755,7 +5760,8 @@ def measure_quantization(model: str = "smollm2", device=None, quick: bool = Fals
     for r in rows:
         r["perplexity vs fp32 %"] = 100 * (r["perplexity"] / base - 1)
     return Rows(rows, f"Quantizing {net.cfg.name} ({net.device}): {len(eval_ids)} evaluation tokens, "
-                      f"{calib.numel()} calibration tokens (measured; decode timed once per storage "
+                      f"{calib.numel()} calibration tokens, AWQ's search the first "
+                      f"{min(AWQ_SEARCH_TOKENS, calib.numel())} (measured; decode timed once per storage "
                       "format: the GPTQ and AWQ rows run INT4 RTN's kernel on the same layout)")
 
 
@@ -5772,7 +5778,7 @@ def demonstrate_quantization(model: str = "smollm2", *, device=None, seed: int =
                              full: bool = False) -> "Report":
     """Outliers, then each scheme's size, error, perplexity and decode speed on the real model
     (`full=True`: 9 schemes, 2,048 evaluation and 4,096 calibration tokens; ~8 min on 2 cores)."""
-    outliers = analyze_activation_outliers(model, device, n_windows=1 if quick else 4)
+    outliers = analyze_activation_outliers(model, device, n_windows=1 if quick else 2)
     print_table(outliers)
     table = measure_quantization(model, device, quick, full)
     print_table(table)
@@ -6454,7 +6460,7 @@ def demonstrate_fast_path(model: str = "smollm2", *, device=None, seed: int = 0,
     print_table(overhead)
     on_gpu = pick_device(device).type == "cuda"
     modes = measure_fast_path(model, device, (1, 8) if on_gpu and not quick else (1,),
-                              new_tokens=8 if quick else 32, seed=seed, compile_step=not quick,
+                              new_tokens=8 if quick else 24, seed=seed, compile_step=not quick,
                               repeat=1 if quick else 3)
     print_table(modes)
     if plots:
@@ -8787,8 +8793,8 @@ def text_slices(tokenizer) -> dict[str, list[int]]:
 
 def evaluation_tokens(tokenizer, quick: bool = False, full: bool = False) -> list[int]:
     """The tokens every perplexity of a run is measured on (§8, Appendices A and C): the first
-    1,024 of the `eval` slice (256 with `quick`, 2,048 with `full`), so one run has one baseline."""
-    return text_slices(tokenizer)["eval"][: 256 if quick else 2048 if full else 1024]
+    512 of the `eval` slice (256 with `quick`, 2,048 with `full`), so one run has one baseline."""
+    return text_slices(tokenizer)["eval"][: 256 if quick else 2048 if full else 512]
 
 
 _BASELINE_PPL: dict[tuple, float] = {}

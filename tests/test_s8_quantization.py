@@ -318,6 +318,21 @@ def test_awq_folding_leaves_the_model_unchanged(llm, tiny):
     assert len(chosen) == tiny.cfg.n_layers
 
 
+def test_awq_reads_only_the_first_max_tokens_windows(llm, tiny):
+    """Windows do not attend to each other, so the search runs the blocks on the first
+    max_tokens (whole windows) alone: what comes after them changes nothing."""
+    g = torch.Generator().manual_seed(3)
+    calib = torch.randint(0, tiny.cfg.vocab_size, (4, 32), generator=g)
+    other = torch.cat([calib[:2], torch.randint(0, tiny.cfg.vocab_size, (2, 32), generator=g)])
+    a, chosen_a = llm.awq_scale_model(tiny, calib, 4, 16, grid=5, max_tokens=64, show_progress=False)
+    b, chosen_b = llm.awq_scale_model(tiny, other, 4, 16, grid=5, max_tokens=64, show_progress=False)
+    assert chosen_a == chosen_b
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), name
+    c, _ = llm.awq_scale_model(tiny, calib, 4, 16, grid=5, max_tokens=128, show_progress=False)
+    assert any(not torch.equal(x, y) for x, y in zip(a.state_dict().values(), c.state_dict().values()))
+
+
 # ----------------------------------------------------------------------------- the real model
 def test_int4_g32_reproduces_q4_1_weights(llm, smollm2_gguf):
     """SmolLM2's weights are dequantized Q4_1 (d·q + m in blocks of 32, fp16 d and m): INT4 with
