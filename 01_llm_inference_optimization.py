@@ -5738,7 +5738,7 @@ def measure_quantization(model: str = "smollm2", device=None, quick: bool = Fals
              evaluate_perplexity(net, eval_ids, show_progress=False),
              **timed(net, (32, None)), "quantize (s)": 0.0}]
     def energy(weights) -> float:  # Σw², the SQNR's signal
-        return sum(float(w.square().sum(dtype=torch.float64)) for w in weights)
+        return sum(float(torch.linalg.vector_norm(w, dtype=torch.float64)) ** 2 for w in weights)
 
     net_energy = energy(fp32_weights.values())  # every scheme rounds net's weights but AWQ (a rescaled copy)
     for name, (kind, bits, group, act) in progress(list(quantization_schemes(full, quick).items()), "schemes",
@@ -5747,8 +5747,7 @@ def measure_quantization(model: str = "smollm2", device=None, quick: bool = Fals
             qnet, rounded = build_quantized(net, kind, bits, group, act, calib, quick)
         qlins = {n: m for n, m in qnet.named_modules() if isinstance(m, QuantizedLinear)}
         before = {n: m.weight.detach() for n, m in linear_layers(rounded).items()}
-        err = sum(float((before[n] - m.weight_dequantized()).square().sum(dtype=torch.float64))
-                  for n, m in qlins.items())
+        err = energy(before[n] - m.weight_dequantized() for n, m in qlins.items())
         signal = net_energy if rounded is net else energy(before.values())
         rows.append({"scheme": name, "bits/weight": sum(m.qw.bits_per_weight * m.qw.shape[0] * m.qw.shape[1]
                                                         for m in qlins.values()) / n_weights,
@@ -8036,7 +8035,7 @@ def demonstrate_gguf_formats(model: str = "smollm2", *, device=None, seed: int =
     err = {r["type"]: r["RMSE / RMS(w) %"] for r in errors}
     ppl = {r["scheme"]: r["perplexity"] for r in rows}
     note = ""
-    if {"Q4_1", "Q5_0", "Q5_1"} <= set(ppl):
+    if {"Q4_1", "Q5_0", "Q5_1"} <= set(ppl) and ppl["Q4_1"] < min(ppl["Q5_0"], ppl["Q5_1"]):
         note = (f" In the file table Q4_1 ({ppl['Q4_1']:.2f}) beats Q5_0 ({ppl['Q5_0']:.2f}) and Q5_1 "
                 f"({ppl['Q5_1']:.2f}) with fewer bits: SmolLM2's weights are already Q4_1 blocks, so "
                 "rewriting Q4_1 lands on the same grid, while the 5-bit grids do not contain those points "
@@ -10524,6 +10523,15 @@ def plot_perplexity_vs_bits(rows: Sequence[dict], title: str, gguf_rows: Sequenc
     styles = {"RTN": ("o", "C0"), "GPTQ": ("s", "C1"), "AWQ": ("^", "C2"), "GGUF": ("D", "C3")}
     points = [r for r in [*rows, *gguf_rows] if _scheme_family(r["scheme"]) != "fp32"
               and math.isfinite(r["bits/weight"])]
+
+    def spot(r) -> tuple[int, int]:  # where a point lands, to 0.05 bit and a quarter decade
+        y = r["perplexity vs fp32 %"]
+        return round(r["bits/weight"] * 20), round(4 * math.copysign(math.log10(1 + abs(y)), y))
+
+    crowd: dict[tuple, int] = {}  # points per spot
+    for r in points:
+        crowd[spot(r)] = crowd.get(spot(r), 0) + 1
+    labelled: dict[tuple, int] = {}  # labels drawn so far per spot
     for family, (marker, color) in styles.items():
         pts = [r for r in points if _scheme_family(r["scheme"]) == family]
         if not pts:
@@ -10531,13 +10539,19 @@ def plot_perplexity_vs_bits(rows: Sequence[dict], title: str, gguf_rows: Sequenc
         label = "GGUF file written and read back (file bits / parameter)" if family == "GGUF" else family
         ax.plot([r["bits/weight"] for r in pts], [r["perplexity vs fp32 %"] for r in pts], marker,
                 color=color, ms=7, label=label)
-        for r in pts:
+        for r in pts:  # a label right of its point; points that (nearly) coincide list theirs on the left
+            k, n = labelled.setdefault(spot(r), 0), crowd[spot(r)]
+            labelled[spot(r)] += 1
             ax.annotate(r["scheme"].removeprefix(family).strip() or r["scheme"], (r["bits/weight"],
-                        r["perplexity vs fp32 %"]), textcoords="offset points", xytext=(5, 3), fontsize=6,
-                        color=color)
+                        r["perplexity vs fp32 %"]), textcoords="offset points",
+                        xytext=(6, 3) if n == 1 else (-7, 4.5 * (n - 1) - 9 * k - 2),
+                        ha="left" if n == 1 else "right", fontsize=6, color=color)
     ax.axhline(0, color="grey", lw=0.8)
     ax.text(ax.get_xlim()[1], 0, "fp32 ", ha="right", va="bottom", fontsize=7, color="grey")
     ax.set_yscale("symlog", linthresh=1)
+    if points:  # room above the worst point for its label; below 0 only as far as a point goes
+        ys = [r["perplexity vs fp32 %"] for r in points]
+        ax.set_ylim(min(1.5 * min(ys), -0.3), max(2.5 * max(ys), 2.0))
     ax.set(xlabel="bits per weight (scales and offsets included)", ylabel="perplexity increase over fp32 (%)")
     ax.set_title(title, fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
