@@ -5463,8 +5463,9 @@ The scales: s = s_xᵅ with s_x the mean |activation| per input channel on calib
 α ∈ [0, 1] chosen on a grid to minimize the error, after RTN quantization, of the *block*
 the layers feed: the attention block's output for q/k/v (through RoPE and softmax), the MLP's
 output for gate/up, the down-projection's own output for down (α = 0 is plain RTN, so the search
-never does worse on its own objective). Measured on SmolLM2 (1,024 evaluation, 2,048 calibration
-tokens), the block objective gave perplexity 16.36 where the layers' own outputs gave 16.6. The
+never does worse on its own objective). Measured on SmolLM2 with 1,024 evaluation tokens (twice
+the default run's, so these perplexities are lower than its table's) and the search on 512
+calibration tokens, the block objective gave perplexity 16.36 where the layers' own outputs gave 16.6. The
 output projection wo, fed by attention over GQA-shared values, is quantized without scaling
 (AWQ's reference code skips it too when v and o differ in shape). AWQ's second search, clipping
 each group's largest weights (`awq_search_clip`, `clip=True`), gained little here (16.34) for a
