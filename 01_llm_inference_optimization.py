@@ -904,7 +904,7 @@ def build_model(config: ModelConfig | str = "tiny", seed: int = 0, device=None,
             if name.endswith("norm.weight"):
                 p.fill_(1.0)  # norms start at 1
             else:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+                p.normal_(0.0, 0.02, generator=gen)  # in place: the same numbers as randn(…) · 0.02
     return model.to(device=pick_device(device), dtype=dtype).eval()
 
 
