@@ -5463,13 +5463,13 @@ The scales: s = s_xᵅ with s_x the mean |activation| per input channel on calib
 α ∈ [0, 1] chosen on a grid to minimize the error, after RTN quantization, of the *block*
 the layers feed: the attention block's output for q/k/v (through RoPE and softmax), the MLP's
 output for gate/up, the down-projection's own output for down (α = 0 is plain RTN, so the search
-never does worse on its own objective). Measured on SmolLM2 with 1,024 evaluation tokens (twice
-the default run's, so these perplexities are lower than its table's) and the search on 512
-calibration tokens, the block objective gave perplexity 16.36 where the layers' own outputs gave 16.6. The
-output projection wo, fed by attention over GQA-shared values, is quantized without scaling
-(AWQ's reference code skips it too when v and o differ in shape). AWQ's second search, clipping
-each group's largest weights (`awq_search_clip`, `clip=True`), gained little here (16.34) for a
-third more time, so the default table leaves it to `full=True`.
+never does worse on its own objective). Measured on SmolLM2 with 1,024 evaluation tokens (the
+default run scores the first 512, harder text, so its table's perplexities are higher) and the
+search on 512 calibration tokens, the block objective gave perplexity 16.36 where the layers' own
+outputs gave 16.6. The output projection wo, fed by attention over GQA-shared values, is
+quantized without scaling (AWQ's reference code skips it too when v and o differ in shape). AWQ's
+second search, clipping each group's largest weights (`awq_search_clip`, `clip=True`), gained
+little here (16.34) for a third more time, so the default table leaves it to `full=True`.
 """
 
 
@@ -5532,9 +5532,9 @@ def awq_scale_model(model: Transformer, tokens: torch.Tensor, bits: int = 4, gro
     the α chosen for each group of layers. Quantize it with `quantize_model(..., rtn_quantizer())`.
     `clip=True` then also clips the weights of v, o, gate, up and down by `awq_search_clip` (as
     AWQ's reference code does; q and k are left alone): the function changes by the clipping,
-    in exchange for less rounding error. The search reads the first `max_tokens` calibration
-    tokens (whole windows of tokens (n, W), at least one), so only those windows run through the
-    blocks: windows do not attend to each other."""
+    in exchange for less rounding error. The search reads the first `max_tokens` of the calibration
+    windows tokens (n, W), rounded down to whole windows (at least one), and only those windows run
+    through the blocks (no window attends to another)."""
     import copy
 
     from torch.func import functional_call
