@@ -6363,6 +6363,10 @@ def count_dispatched_ops(fn: Callable[[], object]) -> int:
     class Counter(TorchDispatchMode):
         count = 0
 
+        @classmethod
+        def _should_skip_dynamo(cls) -> bool:  # PyTorch would wrap the method below in
+            return False  # torch._disable_dynamo, whose first call imports Dynamo (~2 s); nothing compiles it
+
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             Counter.count += 1
             return func(*args, **(kwargs or {}))
