@@ -205,6 +205,25 @@ def test_bad_input(llm, tiny):
         dec.generate([[1], [2]], 2)
 
 
+def test_op_count_equals_a_plain_dispatch_mode(llm):
+    """count_dispatched_ops opts out of PyTorch's Dynamo wrapper; it counts what a plain mode sees."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Plain(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    def fn():
+        return torch.nn.functional.silu(torch.arange(6.0).view(2, 3)) @ torch.ones(3, 2)
+
+    with Plain():
+        fn()
+    assert llm.count_dispatched_ops(fn) == len(seen) >= 3
+
+
 def test_launch_overhead_counts_ops(llm):
     rows = llm.measure_launch_overhead("tiny", "cpu", context=16)
     row = rows[0]
