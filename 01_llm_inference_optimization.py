@@ -6312,7 +6312,9 @@ class StaticDecoder:
             # A compiled step checks its guards (every weight's dtype, shape, …: 0.5 ms of a 22 ms
             # SmolLM2 step on a CPU) on each call. The first call of a generation checks them; the
             # rest reuse what it chose, since nothing can change the model inside this loop
-            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=i > 1):
+            compiled = self.mode.startswith("compile")  # (set_stance imports Dynamo: ~2 s, once)
+            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=i > 1) if compiled else \
+                    contextlib.nullcontext():
                 picked.append(self._run()[1].clone())  # clone: a graph's output buffer is reused
         outputs = torch.stack(picked, 1)[:n].tolist()  # the one wait for the device
         return [_cut_at_stop(row, stops) for row in outputs]
