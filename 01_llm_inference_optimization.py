@@ -6366,8 +6366,10 @@ def count_dispatched_ops(fn: Callable[[], object]) -> int:
         count = 0
 
         @classmethod
-        def _should_skip_dynamo(cls) -> bool:  # PyTorch would wrap the method below in
-            return False  # torch._disable_dynamo, whose first call imports Dynamo (~2 s); nothing compiles it
+        def _should_skip_dynamo(cls) -> bool:
+            """No: PyTorch would wrap __torch_dispatch__ in torch._disable_dynamo, whose first call
+            imports Dynamo (~2 s), and nothing compiles this counter."""
+            return False
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             Counter.count += 1
