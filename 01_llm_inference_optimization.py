@@ -6306,15 +6306,16 @@ class StaticDecoder:
         self._prefill(prompts)  # leaves each row's first token and its position in the decode buffers
         n, stops = len(prompts), set(stop_ids)
         picked = [self.tokens.clone()]
+        # A compiled step checks its guards (every weight's dtype, shape, …: 0.5 ms of a 22 ms
+        # SmolLM2 step on a CPU) on each call. The first call of a generation checks them; the rest
+        # reuse what it chose, since nothing can change the model inside this loop. Other modes
+        # skip set_stance, which imports Dynamo (~2 s, once)
+        compiled = self.mode.startswith("compile")
         for i in range(1, max_new_tokens):
             if stops and i % check_every == 0 and _all_stopped(torch.stack(picked, 1)[:n].tolist(), stops):
                 break
-            # A compiled step checks its guards (every weight's dtype, shape, …: 0.5 ms of a 22 ms
-            # SmolLM2 step on a CPU) on each call. The first call of a generation checks them; the
-            # rest reuse what it chose, since nothing can change the model inside this loop
-            compiled = self.mode.startswith("compile")  # (set_stance imports Dynamo: ~2 s, once)
-            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=i > 1) if compiled else \
-                    contextlib.nullcontext():
+            with (torch.compiler.set_stance("default", skip_guard_eval_unsafe=i > 1) if compiled
+                  else contextlib.nullcontext()):
                 picked.append(self._run()[1].clone())  # clone: a graph's output buffer is reused
         outputs = torch.stack(picked, 1)[:n].tolist()  # the one wait for the device
         return [_cut_at_stop(row, stops) for row in outputs]
